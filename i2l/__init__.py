@@ -1,0 +1,1 @@
+"""i2l: Image-to-LoRA for diffusion transformers, and the pipeline around it."""

@@ -1,0 +1,133 @@
+"""The Python API: `I2L.load(checkpoint_dir)`, `predict_lora(images)`, `gray_lora()`, `generate(...)`.
+
+    from i2l import I2L
+    model = I2L.load("data/runs/toy/train")
+    lora = model.predict_lora(["a.png", "b.png"])        # one LoRA from 1..N references
+    lora.save("style.safetensors")                         # loads in diffusers' load_lora_weights
+    images = model.generate(["one large circle in the center"], [lora], guidance=2.0, seed=0)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from i2l.backbones import load_backbone
+from i2l.backbones.base import Backbone
+from i2l.checkpoint import check_fits, checkpoint_config, latest_checkpoint, read_state
+from i2l.config import Config
+from i2l.encoder import ImageEncoder, load_encoder
+from i2l.flow_matching import sample
+from i2l.images import gray_image, load_image_file, to_pil, to_tensor
+from i2l.lora import LoRA
+from i2l.predictor import I2LPredictor, predict_lora
+
+
+class I2L:
+    """A trained predictor with its frozen encoder and backbone."""
+
+    def __init__(self, cfg: Config, backbone: Backbone, encoder: ImageEncoder, predictor: I2LPredictor,
+                 checkpoint: Path | None = None):
+        self.cfg, self.backbone, self.encoder, self.predictor = cfg, backbone, encoder, predictor
+        self.checkpoint = checkpoint
+        self._gray: LoRA | None = None
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | Path, device: str = "cpu", data_root: str | None = None) -> I2L:
+        """Load from a training run directory (its latest checkpoint) or one checkpoint directory."""
+        from safetensors.torch import load_file
+
+        ck = latest_checkpoint(checkpoint_dir)
+        if ck is None:
+            raise FileNotFoundError(f"no checkpoint under {checkpoint_dir}: train one with `i2l train`")
+        cfg = checkpoint_config(ck)
+        if data_root:
+            cfg.data_root = data_root
+        state = read_state(ck)
+        backbone = load_backbone(cfg).to(device)
+        check_fits(state, backbone, str(ck))
+        encoder = load_encoder(cfg.encoder).to(device)
+        predictor = I2LPredictor(cfg.predictor, backbone.lora_targets(), encoder.dim, backbone.backbone_id)
+        predictor.load_state_dict(load_file(str(ck / "predictor.safetensors")))
+        predictor.to(device).eval().requires_grad_(False)
+        return cls(cfg, backbone, encoder, predictor, ck)
+
+    @property
+    def checkpoint_id(self) -> str:
+        return f"{self.checkpoint.parent.parent.name}/{self.checkpoint.name}" if self.checkpoint else "untrained"
+
+    def _images(self, images) -> torch.Tensor:
+        pil = [im if isinstance(im, Image.Image) else load_image_file(im) for im in images]
+        if not pil:
+            raise ValueError("no reference images given: i2L needs at least one")
+        return to_tensor(pil, self.cfg.encoder.image_size)  # any size/mode in, one size out
+
+    @torch.no_grad()
+    def predict_lora(self, images, batch: list | None = None) -> LoRA:
+        """One LoRA from 1..N references (paths or PIL images), fused by token concatenation (paper §4.5)."""
+        refs = self._images(images).unsqueeze(0).to(self.encoder.device)  # (1, N, 3, S, S)
+        lora = predict_lora(self.predictor, self.encoder, refs)[0]
+        lora.meta.update({"checkpoint": self.checkpoint_id, "n_refs": refs.shape[1]})
+        return lora.to("cpu")
+
+    @torch.no_grad()
+    def predict_loras(self, ref_sets: list[list]) -> list[LoRA]:
+        """A batch of style LoRAs, one per reference set (sets may differ in size)."""
+        tensors = [self._images(s) for s in ref_sets]
+        N = max(t.shape[0] for t in tensors)
+        refs = torch.zeros(len(tensors), N, *tensors[0].shape[1:])
+        for i, t in enumerate(tensors):
+            refs[i, : t.shape[0]] = t
+        n = torch.tensor([t.shape[0] for t in tensors])
+        out = predict_lora(self.predictor, self.encoder, refs.to(self.encoder.device), n).to("cpu").unbind()
+        for lo, k in zip(out, n.tolist()):
+            lo.meta.update({"checkpoint": self.checkpoint_id, "n_refs": k})
+        return out
+
+    def gray_lora(self) -> LoRA:
+        """The neutral LoRA predicted from a pure gray image: the negative branch of asymmetric guidance."""
+        if self._gray is None:
+            self._gray = self.predict_lora([gray_image(self.cfg.encoder.image_size)])
+            self._gray.meta["kind"] = "gray"
+        return self._gray
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], loras: list[LoRA | None] | LoRA | None = None,
+                 negative_lora: LoRA | str | None = "gray", guidance: float | None = None, steps: int | None = None,
+                 seed: int = 0, strength: float = 1.0, negative_prompt: str = "",
+                 inpaint: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Image.Image]:
+        """Sample one image per prompt with its LoRA. negative_lora="gray" = the paper's asymmetric guidance;
+        None = plain CFG with the positive LoRA on both branches; a LoRA = that LoRA on the negative branch."""
+        guidance = self.cfg.eval.guidance if guidance is None else guidance
+        steps = steps or self.cfg.eval.sample_steps
+        n = len(prompts)
+        if isinstance(loras, LoRA) or loras is None:
+            loras = [loras] * n
+        if len(loras) != n:
+            raise ValueError(f"{n} prompts but {len(loras)} LoRAs")
+        base_targets = self.backbone.lora_targets()
+        for lo in loras:
+            if lo is not None:
+                from i2l.lora import check_compatible
+                check_compatible(lo, self.backbone)
+        zero = LoRA({k: torch.zeros(1, v[0]) for k, v in base_targets.items()},
+                    {k: torch.zeros(v[1], 1) for k, v in base_targets.items()}, self.backbone.backbone_id)
+        pos = LoRA.stack([lo if lo is not None else zero for lo in loras]).to(self.backbone.device)
+        if isinstance(negative_lora, str):
+            if negative_lora != "gray":
+                raise ValueError("negative_lora must be 'gray', None or a LoRA")
+            neg = LoRA.stack([self.gray_lora()] * n)
+        elif negative_lora is None:
+            neg = pos  # plain CFG: the same LoRA on both branches
+        else:
+            neg = LoRA.stack([negative_lora] * n)
+        g = torch.Generator().manual_seed(seed)
+        shape = self.backbone.latent_shape(self.cfg.backbone.image_size)
+        noise = torch.randn((n, *shape), generator=g).to(self.backbone.device, self.backbone.dtype)
+        cond = self.backbone.encode_prompts(prompts)
+        neg_cond = self.backbone.encode_prompts([negative_prompt] * n)
+        x = sample(self.backbone, cond, neg_cond, pos, neg.to(self.backbone.device), guidance, steps, noise=noise,
+                   strength=strength, inpaint=inpaint)
+        return to_pil(self.backbone.decode_latents(x))

@@ -1,0 +1,131 @@
+"""The one backbone interface every adapter implements: prompts -> conditioning, images <-> latents,
+velocity v(x_t, t, cond) in the paper's convention, and the adaptable linear layers.
+
+Convention (paper §3.2): x_t = (1 - t)·x0 + t·x1 with x0 noise, x1 data, t in [0, 1]; the velocity target is
+u = x1 - x0. Each adapter maps this onto its diffusers model's own time/sign convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from i2l.lora import BatchedLoRA, LoRA
+
+
+@dataclass
+class Cond:
+    """Text conditioning for a batch: embeds (B, L, D), optional mask (B, L) (True = real token)."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        L = max(c.embeds.shape[1] for c in conds)
+        embeds, masks = [], []
+        for c in conds:
+            pad = L - c.embeds.shape[1]
+            e = c.embeds if not pad else torch.cat([c.embeds, c.embeds.new_zeros(len(c), pad, c.embeds.shape[2])], 1)
+            m = c.mask if c.mask is not None else torch.ones(len(c), c.embeds.shape[1], dtype=torch.bool,
+                                                              device=c.embeds.device)
+            if pad:
+                m = torch.cat([m, m.new_zeros(len(c), pad)], 1)
+            embeds.append(e)
+            masks.append(m)
+        any_mask = any(c.mask is not None for c in conds) or any(c.embeds.shape[1] != L for c in conds)
+        return Cond(torch.cat(embeds), torch.cat(masks) if any_mask else None)
+
+    def index(self, idx) -> Cond:
+        return Cond(self.embeds[idx], None if self.mask is None else self.mask[idx])
+
+    def to(self, device) -> Cond:
+        return Cond(self.embeds.to(device), None if self.mask is None else self.mask.to(device))
+
+
+class Backbone:
+    """A frozen text-to-image transformer seen through i2l's interface."""
+
+    kind: str = ""
+    lora_prefix: str = "transformer"  # key prefix of diffusers LoRA files for this pipeline
+    transformer: nn.Module
+    backbone_id: str = ""  # names the architecture; LoRA files record it and loading checks it
+
+    def __init__(self, targets: tuple[str, ...]):
+        self.target_suffixes = tuple(targets)
+        self._lora: BatchedLoRA | None = None
+        self._targets: dict[str, tuple[int, int]] | None = None
+
+    # ----- to implement -----
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> latents x1."""
+        raise NotImplementedError
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents -> images (B, 3, H, W) in [-1, 1]."""
+        raise NotImplementedError
+
+    def latent_shape(self, image_size: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ----- shared -----
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, lora: LoRA | None = None,
+                 strength: float = 1.0) -> torch.Tensor:
+        """v(x_t, t, c) ≈ x1 - x0, with an optional (batched) LoRA on the target layers."""
+        if lora is None:
+            return self._velocity(x_t, t, cond)
+        with self.lora_adapter.use(lora, strength):
+            return self._velocity(x_t, t, cond)
+
+    def lora_targets(self) -> dict[str, tuple[int, int]]:
+        """Adaptable linear layers: module name (diffusers' spelling) -> (in_features, out_features)."""
+        if self._targets is None:
+            found = {}
+            for name, m in self.transformer.named_modules():
+                if isinstance(m, nn.Linear) and any(name == s or name.endswith("." + s) for s in self.target_suffixes):
+                    found[name] = (m.in_features, m.out_features)
+            if not found:
+                raise ValueError(f"no linear layer of {type(self.transformer).__name__} matches targets "
+                                 f"{self.target_suffixes}")
+            self._targets = found
+        return self._targets
+
+    @property
+    def lora_adapter(self) -> BatchedLoRA:
+        if self._lora is None:
+            self._lora = BatchedLoRA(self.transformer, list(self.lora_targets()))
+        return self._lora
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def modules(self) -> list[nn.Module]:
+        """All frozen modules of the backbone (for .to / freezing)."""
+        return [self.transformer]
+
+    def freeze(self) -> Backbone:
+        for m in self.modules():
+            m.eval()
+            m.requires_grad_(False)
+        return self
+
+    def to(self, device=None, dtype=None) -> Backbone:
+        for m in self.modules():
+            m.to(device=device, dtype=dtype)
+        return self

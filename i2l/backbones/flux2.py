@@ -1,0 +1,146 @@
+"""The FLUX.2-klein adapter: diffusers' Flux2KleinPipeline components (transformer, AutoencoderKLFlux2, Qwen3
+text encoder) behind i2l's Backbone interface, using the pipeline's own prompt encoding and latent packing.
+
+Shapes: B batch, C = transformer in_channels (4 × VAE latent channels: 2×2-patchified), h×w latent grid
+(image side / 16), T = h·w image tokens, L text tokens, D = joint_attention_dim.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                       Flux2Transformer2DModel)
+
+from i2l.backbones.base import Backbone, Cond
+from i2l.config import FLUX2_TARGETS, BackboneConfig
+
+QWEN3_LAYERS = (9, 18, 27)  # text-encoder hidden states the pipeline stacks into one prompt embedding
+MAX_TEXT_TOKENS = 512  # the pipeline pads every prompt to this length and attends to all of it
+
+
+class Flux2Backbone(Backbone):
+    """FLUX.2-klein seen through i2l: x_t latents (B, C, h, w) in the pipeline's normalised, patchified space."""
+
+    kind = "flux2"
+
+    def __init__(self, pipe: Flux2KleinPipeline, targets: tuple[str, ...] = FLUX2_TARGETS,
+                 text_encoder_out_layers: tuple[int, ...] = QWEN3_LAYERS, max_sequence_length: int = MAX_TEXT_TOKENS):
+        super().__init__(targets or FLUX2_TARGETS)
+        self.pipe = pipe  # kept whole: its methods encode prompts/images, and diffusers LoRA loading goes through it
+        self.transformer: Flux2Transformer2DModel = pipe.transformer
+        self.vae: AutoencoderKLFlux2 | None = getattr(pipe, "vae", None)
+        self.text_encoder = getattr(pipe, "text_encoder", None)
+        self.tokenizer = getattr(pipe, "tokenizer", None)
+        self.text_encoder_out_layers = tuple(text_encoder_out_layers)
+        self.max_sequence_length = max_sequence_length
+        c = self.transformer.config
+        if c.guidance_embeds:
+            raise ValueError("this transformer has guidance embeddings (FLUX.2-dev); the flux2 backbone expects a "
+                             "FLUX.2-klein checkpoint (guidance_embeds=False)")
+        if c.patch_size != 1:
+            raise ValueError(f"Flux2KleinPipeline packs latents itself and expects transformer patch_size=1, "
+                             f"got {c.patch_size}")
+        self.backbone_id = (f"flux2:c{c.in_channels}-d{c.num_attention_heads * c.attention_head_dim}"
+                            f"-l{c.num_layers}-s{c.num_single_layers}-j{c.joint_attention_dim}")
+        self._check_text_encoder()
+
+    @classmethod
+    def from_components(cls, transformer: Flux2Transformer2DModel, vae: AutoencoderKLFlux2 | None = None,
+                        text_encoder=None, tokenizer=None, scheduler=None, targets: tuple[str, ...] = FLUX2_TARGETS,
+                        **kwargs) -> Flux2Backbone:
+        """Build from ready modules (e.g. tiny random ones in tests); absent parts make their stage raise."""
+        pipe = Flux2KleinPipeline(scheduler=scheduler or FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                  text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+        return cls(pipe, targets, **kwargs)
+
+    def _check_text_encoder(self) -> None:
+        if self.text_encoder is None:
+            return
+        n = self.text_encoder.config.num_hidden_layers
+        if max(self.text_encoder_out_layers) > n:
+            raise ValueError(f"text_encoder_out_layers {self.text_encoder_out_layers} exceed the text encoder's "
+                             f"{n} layers")
+        D = len(self.text_encoder_out_layers) * self.text_encoder.config.hidden_size
+        if D != self.transformer.config.joint_attention_dim:
+            raise ValueError(f"{len(self.text_encoder_out_layers)} stacked text layers × hidden "
+                             f"{self.text_encoder.config.hidden_size} = {D}, but the transformer's "
+                             f"joint_attention_dim is {self.transformer.config.joint_attention_dim}")
+
+    def modules(self):
+        return [m for m in (self.transformer, self.vae, self.text_encoder) if m is not None]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor  # 8 for the real VAE (the pipeline assumes 8 when there is none)
+
+    def latent_shape(self, image_size: int) -> tuple[int, ...]:
+        n = image_size // (self.vae_scale_factor * 2)  # VAE downsampling, then the 2×2 patchify
+        return (self.transformer.config.in_channels, n, n)
+
+    # ----- text -----
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Prompt embeddings (B, L, D) exactly as Flux2KleinPipeline.encode_prompt makes them (no mask: the
+        pipeline pads to max_sequence_length and the transformer attends to the padding too)."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this flux2 backbone has no text encoder/tokenizer: load the full pipeline directory "
+                             "(text_encoder/ and tokenizer/) or pass a Cond of precomputed prompt embeddings")
+        embeds, _ = self.pipe.encode_prompt(prompt=list(prompts), device=self.device,
+                                            max_sequence_length=self.max_sequence_length,
+                                            text_encoder_out_layers=self.text_encoder_out_layers)
+        return Cond(embeds.to(self.dtype))  # (B, L, D)
+
+    # ----- images -----
+    def _require_vae(self) -> AutoencoderKLFlux2:
+        if self.vae is None:
+            raise ValueError("this flux2 backbone has no VAE: load the full pipeline directory (vae/) to encode or "
+                             "decode images, or work with latents directly")
+        return self.vae
+
+    def _bn_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self._require_vae()
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+        return mean, std  # (1, C, 1, 1) each
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> x1 (B, C, h, w): VAE mode, 2×2 patchify, batch-norm statistics
+        (the pipeline's `_encode_vae_image`)."""
+        vae = self._require_vae()
+        return self.pipe._encode_vae_image(images.to(vae.device, vae.dtype), generator=None).to(self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """x (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], undoing batch-norm and patchify as the pipeline does."""
+        vae = self._require_vae()
+        x = latents.to(vae.device, vae.dtype)
+        mean, std = self._bn_stats(x)
+        x = self.pipe._unpatchify_latents(x * std + mean)  # (B, C/4, 2h, 2w)
+        return vae.decode(x, return_dict=False)[0].clamp(-1, 1)
+
+    # ----- velocity -----
+    def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        B, C, h, w = x_t.shape
+        tokens = self.pipe._pack_latents(x_t)  # (B, T, C), row-major over the grid
+        img_ids = self.pipe._prepare_latent_ids(x_t).to(x_t.device)  # (B, T, 4): (0, row, col, 0)
+        txt_ids = self.pipe._prepare_text_ids(cond.embeds).to(x_t.device)  # (B, L, 4): (0, 0, 0, i)
+        out = self.transformer(
+            hidden_states=tokens, encoder_hidden_states=cond.embeds.to(tokens.dtype),
+            # the pipeline passes sigma = 1 - t (1 = pure noise); the model predicts noise - data = -(x1 - x0)
+            timestep=(1.0 - t).to(tokens.dtype), guidance=None, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+        )[0]  # (B, T, C)
+        return -out.transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
+
+
+def load_flux2_backbone(bcfg: BackboneConfig) -> Flux2Backbone:
+    """Load FLUX.2-klein from a local diffusers directory (`save_pretrained` layout; safetensors only)."""
+    path = Path(bcfg.path) if bcfg.path else None
+    if path is None or not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"no FLUX.2-klein pipeline directory at {bcfg.path!r}: set backbone.path (or "
+                                f"I2L_KLEIN4B_DIR) to a local diffusers directory with model_index.json")
+    dtype = getattr(torch, bcfg.dtype)
+    pipe = Flux2KleinPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
+                                              use_safetensors=True)
+    return Flux2Backbone(pipe, tuple(bcfg.targets) or FLUX2_TARGETS)

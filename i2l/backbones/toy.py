@@ -1,0 +1,168 @@
+"""The toy backbone: diffusers' own Flux2Transformer2DModel (tiny config) in pixel space through a patch
+codec, with a tiny text encoder over the toy vocabulary. Pretrained by i2l on the toy world.
+
+Shapes: B batch, T = (H/p)·(W/p) image tokens of C = 3·p² channels, L text tokens of D channels.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from diffusers import Flux2Transformer2DModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from i2l.backbones.base import Backbone, Cond
+from i2l.config import BackboneConfig
+
+PAD, UNK = "<pad>", "<unk>"
+
+
+def tokenize_words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+class ToyTextEncoder(nn.Module):
+    """Word embeddings + positions + one transformer layer: (B, L) ids -> (B, L, D)."""
+
+    def __init__(self, vocab: list[str], dim: int, max_tokens: int):
+        super().__init__()
+        self.vocab = list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.max_tokens = max_tokens
+        self.embed = nn.Embedding(len(vocab), dim)
+        self.pos = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
+        self.layer = nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=dim * 2, dropout=0.0,
+                                                batch_first=True, norm_first=True)
+
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        ids = torch.zeros(len(prompts), self.max_tokens, dtype=torch.long)  # 0 = <pad>
+        for i, p in enumerate(prompts):
+            words = tokenize_words(p)
+            if len(words) > self.max_tokens:
+                raise ValueError(f"prompt has {len(words)} words; the toy text encoder takes at most "
+                                 f"{self.max_tokens}: {p!r}")
+            for j, w in enumerate(words):
+                ids[i, j] = self.index.get(w, 1)
+        return ids
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids) + self.pos[: ids.shape[1]]  # (B, L, D)
+        return self.layer(h)  # (B, L, D)
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, T, 3·p·p), row-major over patches."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, size: int) -> torch.Tensor:
+    """(B, T, 3·p·p) -> (B, 3, H, W)."""
+    B, T, _ = tokens.shape
+    h = w = size // p
+    x = tokens.reshape(B, h, w, 3, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, 3, h, p, w, p)
+    return x.reshape(B, 3, size, size)
+
+
+def build_transformer(cfg: BackboneConfig) -> Flux2Transformer2DModel:
+    head_dim = cfg.dim // cfg.heads
+    if head_dim % 4:
+        raise ValueError("backbone.dim / backbone.heads must be divisible by 4 (4 rope axes)")
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=3 * cfg.patch**2, num_layers=cfg.double_layers,
+        num_single_layers=cfg.single_layers, attention_head_dim=head_dim, num_attention_heads=cfg.heads,
+        joint_attention_dim=cfg.text_dim, timestep_guidance_channels=64, mlp_ratio=3.0,
+        axes_dims_rope=(head_dim // 4,) * 4, guidance_embeds=False,
+    )
+
+
+class ToyBackbone(Backbone):
+    kind = "toy"
+
+    def __init__(self, cfg: BackboneConfig, transformer: Flux2Transformer2DModel, text_encoder: ToyTextEncoder):
+        super().__init__(cfg.targets)
+        self.cfg = cfg
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        c = transformer.config
+        self.backbone_id = (f"toy-flux2:c{c.in_channels}-d{c.num_attention_heads * c.attention_head_dim}"
+                            f"-l{c.num_layers}-s{c.num_single_layers}")
+        n = cfg.image_size // cfg.patch
+        rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        zeros = torch.zeros(n * n, dtype=torch.long)
+        self.img_ids = torch.stack([zeros, rows.flatten(), cols.flatten(), zeros], -1)  # (T, 4)
+        L = text_encoder.max_tokens
+        self.txt_ids = torch.stack([torch.zeros(L, dtype=torch.long)] * 3 + [torch.arange(L)], -1)  # (L, 4)
+
+    def modules(self):
+        return [self.transformer, self.text_encoder]
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        ids = self.text_encoder.token_ids(list(prompts)).to(self.device)
+        return Cond(self.text_encoder(ids))  # (B, L, D)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return images  # pixel space: the latent is the image in [-1, 1]
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.clamp(-1, 1)
+
+    def latent_shape(self, image_size: int) -> tuple[int, ...]:
+        return (3, image_size, image_size)
+
+    def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        tokens = patchify(x_t, self.cfg.patch)  # (B, T, C)
+        out = self.transformer(
+            hidden_states=tokens, encoder_hidden_states=cond.embeds,
+            # diffusers' Flux2 takes sigma = 1 - t (1 = pure noise) and predicts noise - data = -(x1 - x0)
+            timestep=(1.0 - t).to(tokens.dtype), img_ids=self.img_ids.to(tokens.device),
+            txt_ids=self.txt_ids.to(tokens.device), return_dict=False,
+        )[0]  # (B, T, C)
+        return -unpatchify(out, self.cfg.patch, x_t.shape[-1])  # (B, 3, H, W)
+
+    # ----- files -----
+    def save(self, out_dir: str | Path) -> Path:
+        """diffusers `save_pretrained` layout for the transformer; safetensors + json for the text encoder."""
+        out = Path(out_dir)
+        self.transformer.save_pretrained(out / "transformer", safe_serialization=True)
+        te = out / "text_encoder"
+        te.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.text_encoder.state_dict().items()},
+                  str(te / "model.safetensors"))
+        (te / "config.json").write_text(json.dumps({"vocab": self.text_encoder.vocab, "dim": self.cfg.text_dim,
+                                                     "max_tokens": self.text_encoder.max_tokens}))
+        meta = {k: getattr(self.cfg, k) for k in ("image_size", "patch", "dim", "heads", "double_layers",
+                                                   "single_layers", "text_dim", "max_text_tokens")}
+        (out / "backbone.json").write_text(json.dumps({"kind": "toy", "backbone_id": self.backbone_id, **meta},
+                                                      indent=2))
+        return out
+
+
+def build_vocab(prompts) -> list[str]:
+    words = sorted({w for p in prompts for w in tokenize_words(p)})
+    return [PAD, UNK, *words]
+
+
+def new_toy_backbone(cfg: BackboneConfig, vocab: list[str], seed: int = 0) -> ToyBackbone:
+    torch.manual_seed(seed)
+    return ToyBackbone(cfg, build_transformer(cfg), ToyTextEncoder(vocab, cfg.text_dim, cfg.max_text_tokens))
+
+
+def load_toy_backbone(cfg: BackboneConfig) -> ToyBackbone:
+    path = Path(cfg.path)
+    if not (path / "backbone.json").is_file():
+        raise FileNotFoundError(f"no toy backbone at {path}: run `i2l pretrain-backbone --preset toy` first "
+                                f"(or `make run`)")
+    meta = json.loads((path / "backbone.json").read_text())
+    for k in ("image_size", "patch", "dim", "heads", "double_layers", "single_layers", "text_dim", "max_text_tokens"):
+        setattr(cfg, k, meta[k])  # the saved model decides its architecture
+    transformer = Flux2Transformer2DModel.from_pretrained(path / "transformer")
+    te_cfg = json.loads((path / "text_encoder" / "config.json").read_text())
+    te = ToyTextEncoder(te_cfg["vocab"], te_cfg["dim"], te_cfg["max_tokens"])
+    te.load_state_dict(load_file(str(path / "text_encoder" / "model.safetensors")))
+    return ToyBackbone(cfg, transformer, te)

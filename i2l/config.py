@@ -1,0 +1,347 @@
+"""Dataclass configs and named presets: `debug` (tests, seconds), `toy` (embedded default, minutes),
+`klein4b` and `zimage` (real checkpoints from local directories). A preset plus a few overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ToyWorldConfig:
+    """The procedural dataset written in the MegaStyle parquet layout."""
+
+    styles: int = 400  # number of distinct styles; 8 rows each, as in MegaStyle
+    seed: int = 0  # same seed => same bytes
+    size: int = 32  # image side in pixels
+    rows_per_shard: int = 1024  # parquet shard size (MegaStyle ships many shards)
+
+    def __post_init__(self):
+        if self.styles < 2:
+            raise ValueError("toyworld.styles must be >= 2")
+        if self.size < 16 or self.size % 8:
+            raise ValueError("toyworld.size must be a multiple of 8 and >= 16")
+
+
+@dataclass
+class DataConfig:
+    """Preparation of MegaStyle-layout input into training-ready shards."""
+
+    resolution: int = 32  # output side after upscaling (paper: 1024 for real backbones)
+    val_fraction: float = 0.1  # share of styles held out (style-disjoint split)
+    val_samples: int = 64  # validation manifest size: each = 1 prompt + `val_refs` refs of its style
+    val_refs: int = 4
+    rows_per_shard: int = 512  # rows per output parquet shard
+    row_group_rows: int = 128  # parquet row group size, sized for streaming reads
+    image_format: str = "png"  # png | jpeg | webp (lossy ones at quality 95)
+    upscaler: str = "lanczos"  # lanczos (CPU) or a local diffusers pipeline dir
+    batch_size: int = 64  # rows per Ray batch
+    concurrency: int = 2  # Ray workers / actors
+    max_pixels: int = 4096 * 4096  # decompression-bomb guard
+    min_side: int = 16  # images smaller than this are quarantined
+    max_aspect: float = 2.0  # images more elongated than this are quarantined
+    min_text_chars: int = 3  # content/style shorter than this are quarantined
+    max_text_chars: int = 2000
+    seed: int = 0  # drives the split and the validation manifest
+    quality: int = 95  # jpeg/webp encoder quality
+    upscaler_device: str = "cuda"  # diffusers upscaler: cuda (GPU actors, num_gpus=1) or cpu (slow; tests)
+    upscaler_steps: int = 20  # diffusers upscaler denoising steps
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError("data.val_fraction must be in (0, 1)")
+        if self.image_format not in ("png", "jpeg", "webp"):
+            raise ValueError("data.image_format must be png, jpeg or webp")
+        if self.resolution < 8 or self.rows_per_shard < 1 or self.row_group_rows < 1 or self.batch_size < 1:
+            raise ValueError("data.resolution must be >= 8 and rows_per_shard, row_group_rows, batch_size >= 1")
+        if self.concurrency < 1:
+            raise ValueError("data.concurrency must be >= 1 (Ray workers)")
+        if self.val_refs < 1 or self.val_samples < 0:
+            raise ValueError("data.val_refs must be >= 1 and data.val_samples >= 0")
+        if self.upscaler_device not in ("cuda", "cpu"):
+            raise ValueError("data.upscaler_device must be cuda or cpu")
+        if not 1 <= self.quality <= 100:
+            raise ValueError("data.quality must be in [1, 100]")
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen text-to-image transformer that LoRAs adapt."""
+
+    kind: str = "toy"  # toy | flux2 | zimage
+    path: str = ""  # local directory with a diffusers layout (toy: written by `i2l pretrain-backbone`)
+    image_size: int = 32  # generation side in pixels
+    # toy backbone only: tiny Flux2Transformer2DModel in pixel space through a patch codec
+    patch: int = 4  # pixel patch side: one token = patch*patch*3 channels
+    dim: int = 128  # attention_head_dim * num_attention_heads
+    heads: int = 4
+    double_layers: int = 1
+    single_layers: int = 2
+    text_dim: int = 64  # toy text encoder width (= joint_attention_dim)
+    max_text_tokens: int = 12
+    # which linear layers carry LoRA: suffixes of module names (diffusers' spelling)
+    targets: tuple[str, ...] = ()
+    dtype: str = "float32"  # float32 | bfloat16 (GPU)
+
+    def __post_init__(self):
+        if self.kind not in ("toy", "flux2", "zimage"):
+            raise ValueError(f"backbone.kind must be toy, flux2 or zimage, not {self.kind!r}")
+        if self.kind == "toy" and self.image_size % self.patch:
+            raise ValueError("backbone.image_size must be a multiple of backbone.patch")
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen SigLIP-class image encoder that turns references into patch tokens."""
+
+    kind: str = "toy"  # toy (tiny SiglipVisionModel trained by i2l) | siglip2 | siglip
+    path: str = ""  # local directory (siglip2-* layout); toy: written by `i2l pretrain-encoder`
+    image_size: int = 32
+    patch: int = 8
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    pretrain_steps: int = 300  # toy only: sigmoid image<->style-description training
+
+    def __post_init__(self):
+        if self.kind not in ("toy", "siglip2", "siglip"):
+            raise ValueError(f"encoder.kind must be toy, siglip2 or siglip, not {self.kind!r}")
+
+
+@dataclass
+class PredictorConfig:
+    """The i2L predictor: LoRA queries + single-stream transformer + compressed linear heads."""
+
+    rank: int = 4  # k: LoRA rank
+    hidden: int = 128  # transformer width
+    depth: int = 2  # single-stream blocks
+    heads: int = 4
+    compress: int = 32  # c: width of the compressed linear decoders
+    max_refs: int = 4  # N: most references per sample in training
+    alpha: float = 1.0  # initial per-layer LoRA scale (learned)
+
+    def __post_init__(self):
+        if self.hidden % self.heads:
+            raise ValueError("predictor.hidden must be divisible by predictor.heads")
+
+
+@dataclass
+class TrainConfig:
+    """Flow-matching training of the predictor (and of the toy backbone)."""
+
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ckpt_every: int = 200
+    num_workers: int = 1  # Ray Train workers (DDP)
+    use_gpu: bool = False
+    seed: int = 0
+    backbone_steps: int = 2500  # toy backbone pretraining
+    backbone_lr: float = 2e-3
+    backbone_batch_size: int = 64
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation and generation."""
+
+    styles: int = 16  # held-out styles evaluated
+    guidance: float = 2.0
+    sample_steps: int = 20
+    fm_timesteps: int = 8  # fixed timestep grid for held-out FM loss
+    fm_noise_seeds: int = 2
+    optimize_budgets: tuple[int, ...] = (5, 25, 100)  # per-style LoRA step budgets
+    seed: int = 0
+
+
+@dataclass
+class ScorerConfig:
+    """Scorers: the toy open_clip model (trained by i2l) or real checkpoints from local paths."""
+
+    clip_model: str = "i2l-toy-clip"  # open_clip model name (custom config registered for toy)
+    clip_checkpoint: str = ""  # local checkpoint file or toy scorer dir; empty => <data_root>/scorer
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda[:N]
+    batch_size: int = 64  # images per scorer forward
+    # toy scorer pretraining (`i2l pretrain-scorer`)
+    pretrain_steps: int = 400
+    pretrain_batch_size: int = 128
+    pretrain_lr: float = 2e-3
+    pretrain_max_rows: int = 50_000  # cap on rows read (the toy world has 3,200)
+    image_size: int = 32  # toy CLIP input side
+    seed: int = 0
+    # plugins: empty path => skipped with a recorded reason
+    aesthetic_path: str = ""  # LAION improved-aesthetic MLP weights (.safetensors or .pth state dict)
+    aesthetic_clip_model: str = "ViT-L-14-quickgelu"  # open_clip arch of the MLP's CLIP (OpenAI ViT-L/14)
+    aesthetic_clip_checkpoint: str = ""  # its local checkpoint (OpenAI CLIP ViT-L/14 weights)
+    pickscore_path: str = ""  # transformers CLIPModel dir (PickScore_v1)
+    pickscore_processor_path: str = ""  # CLIPProcessor dir (CLIP-ViT-H-14); empty => pickscore_path
+    imagereward_path: str = ""  # ImageReward.pt (med_config.json beside it)
+    hpsv2_path: str = ""  # HPS_v2(.1) checkpoint on open_clip ViT-H-14
+    hpsv3_path: str = ""  # HPSv3 checkpoint
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.pretrain_batch_size < 2:
+            raise ValueError("scorer.batch_size must be >= 1 and scorer.pretrain_batch_size >= 2")
+
+
+@dataclass
+class Config:
+    """A whole run: one preset plus overrides."""
+
+    name: str = "toy"
+    data_root: str = "data"  # toy world, shards, checkpoints, results.duckdb
+    toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_root)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Flux2 LoRA targets (diffusers' module names): attention projections and MLPs of double and single blocks.
+FLUX2_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+    "attn.to_qkv_mlp_proj", "attn.to_out",
+)
+# Z-Image LoRA targets, as the authors' v1 release adapts them.
+ZIMAGE_TARGETS = (
+    "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+    "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+)
+
+
+def _toy() -> Config:
+    return Config(name="toy", backbone=BackboneConfig(targets=FLUX2_TARGETS))
+
+
+def _debug() -> Config:
+    # Seconds, for tests: few styles, tiny models, a handful of steps.
+    return Config(
+        name="debug",
+        toyworld=ToyWorldConfig(styles=12, size=32, rows_per_shard=40),
+        data=DataConfig(resolution=32, val_fraction=0.25, val_samples=6, rows_per_shard=32,
+                        row_group_rows=16, batch_size=16, concurrency=1),
+        backbone=BackboneConfig(dim=32, heads=2, double_layers=1, single_layers=1, text_dim=32,
+                                targets=FLUX2_TARGETS),
+        encoder=EncoderConfig(hidden=32, layers=1, heads=2, pretrain_steps=10),
+        predictor=PredictorConfig(rank=2, hidden=32, depth=1, heads=2, compress=8, max_refs=3),
+        train=TrainConfig(steps=20, batch_size=8, lr=3e-3, warmup=2, ckpt_every=10,
+                          backbone_steps=20, backbone_batch_size=16),
+        eval=EvalConfig(styles=3, sample_steps=4, fm_timesteps=3, fm_noise_seeds=1, optimize_budgets=(2, 5)),
+        scorer=ScorerConfig(pretrain_steps=10),
+    )
+
+
+def _klein4b() -> Config:
+    # FLUX.2-klein 4B from a local directory (diffusers layout); 1024^2 like the paper.
+    return Config(
+        name="klein4b",
+        data=DataConfig(resolution=1024, val_fraction=0.01, val_samples=1000, rows_per_shard=2048, row_group_rows=64,
+                        image_format="jpeg", batch_size=32, concurrency=8, min_side=256),
+        backbone=BackboneConfig(kind="flux2", path=os.environ.get("I2L_KLEIN4B_DIR", ""), image_size=1024,
+                                targets=FLUX2_TARGETS, dtype="bfloat16"),
+        encoder=EncoderConfig(kind="siglip2", path=os.environ.get("I2L_SIGLIP2_DIR", ""), image_size=512),
+        predictor=PredictorConfig(rank=8, hidden=1024, depth=8, heads=16, compress=64, max_refs=4),
+        train=TrainConfig(steps=200_000, batch_size=1, lr=1e-5, warmup=1000, ckpt_every=2000, num_workers=8,
+                          use_gpu=True),
+        eval=EvalConfig(styles=1000, guidance=4.0, sample_steps=28),
+        scorer=ScorerConfig(clip_model="ViT-H-14", clip_checkpoint=os.environ.get("I2L_CLIP_CKPT", "")),
+    )
+
+
+def _zimage() -> Config:
+    cfg = _klein4b()
+    cfg.name = "zimage"
+    cfg.backbone = BackboneConfig(kind="zimage", path=os.environ.get("I2L_ZIMAGE_DIR", ""), image_size=1024,
+                                  targets=ZIMAGE_TARGETS, dtype="bfloat16")
+    cfg.predictor = PredictorConfig(rank=4, hidden=1024, depth=8, heads=16, compress=64, max_refs=4)
+    return cfg
+
+
+PRESETS = {"debug": _debug, "toy": _toy, "klein4b": _klein4b, "zimage": _zimage}
+
+
+def _coerce(value: str, current: Any) -> Any:
+    """Parse an override string into the type of the field it replaces."""
+    if isinstance(current, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, tuple):
+        items = [v for v in value.split(",") if v]
+        return tuple(_coerce(v, current[0]) if current else v for v in items)
+    return value
+
+
+def get_config(preset: str = "toy", overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Build a preset and apply `section.field=value` overrides, e.g. ["train.steps=100"]."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]()
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides or []]
+    for key, value in items:
+        target, name = cfg, key
+        if "." in key:
+            section, name = key.split(".", 1)
+            if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)):
+                raise ValueError(f"unknown config section {section!r} in override {key!r}")
+            target = getattr(cfg, section)
+        if not hasattr(target, name):
+            fields = ", ".join(f.name for f in dataclasses.fields(target))
+            raise ValueError(f"unknown config field {key!r}; fields here: {fields}")
+        current = getattr(target, name)
+        setattr(target, name, _coerce(value, current) if isinstance(value, str) else value)
+        if hasattr(target, "__post_init__"):
+            target.__post_init__()  # re-validate after the change
+    return cfg
+
+
+def _split(override: str) -> tuple[str, str]:
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.field=value")
+    key, value = override.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with `to_dict` (e.g. from a checkpoint)."""
+    kwargs = {}
+    for f in dataclasses.fields(Config):
+        v = d.get(f.name)
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            sub = f.default_factory()  # type: ignore[misc]
+            known = {sf.name: sf for sf in dataclasses.fields(sub)}
+            clean = {k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items() if k in known}
+            kwargs[f.name] = type(sub)(**clean)
+        else:
+            kwargs[f.name] = v
+    return Config(**kwargs)

@@ -1,0 +1,25 @@
+"""One way to get a Ray cluster: join RAY_ADDRESS when set, else start a local one without a dashboard."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(num_cpus: int | None = None):
+    """Connect to Ray once per process and return the `ray` module.
+
+    RAY_ADDRESS set => join that cluster (num_cpus is the cluster's business then); else start a local
+    cluster with `num_cpus` CPUs (None: all of this machine's).
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # log_to_driver=False: workers' stdout would interleave with our progress bars.
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return ray

@@ -1,0 +1,49 @@
+"""Reading training-ready shards: a prepared directory (`<dir>/<split>/part-*.parquet`, binary `image`) or,
+for quick experiments, a raw MegaStyle-layout directory (`image` struct; every row counts as `train`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from i2l.images import decode
+
+
+def split_files(data_dir: str | Path, split: str) -> list[Path]:
+    d = Path(data_dir)
+    files = sorted((d / split).glob("*.parquet"))
+    if files:
+        return files
+    raw = sorted(p for p in d.glob("*.parquet"))
+    if raw and split == "train":
+        return raw
+    raise FileNotFoundError(f"no {split} shards under {d} (expected {d / split}/part-*.parquet from `i2l prepare`)")
+
+
+def iter_rows(data_dir: str | Path, split: str, columns=("id", "image", "content", "style")) -> Iterator[dict]:
+    """Stream rows (one row group at a time) with `style_id` derived when the shard lacks it."""
+    for f in split_files(data_dir, split):
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+        want = [c for c in {*columns, "id"} if c in names] + (["style_id"] if "style_id" in names else [])
+        for rg in range(pf.num_row_groups):
+            for row in pf.read_row_group(rg, columns=sorted(set(want))).to_pylist():
+                img = row.get("image")
+                if isinstance(img, dict):  # raw MegaStyle struct{bytes, path}: the path is never opened
+                    row["image"] = img["bytes"]
+                row.setdefault("style_id", row["id"].split("_")[0])
+                yield row
+
+
+def load_split(data_dir: str | Path, split: str, columns=("id", "image", "content", "style")) -> dict[str, list]:
+    """Materialise one split (toy-sized data only) with images decoded to PIL under key `images`."""
+    out: dict[str, list] = {}
+    for row in iter_rows(data_dir, split, columns):
+        for k, v in row.items():
+            if k == "image":
+                out.setdefault("images", []).append(decode(v))
+            else:
+                out.setdefault(k, []).append(v)
+    return out

@@ -1,0 +1,96 @@
+"""Training tuples (paper §3.3): 1..N references of a style + a target of the SAME style with DIFFERENT
+content; the prompt describes the target's content. Streamed row group by row group with a small style buffer,
+deterministic from the seed, so a resumed run sees exactly the tuples an uninterrupted run would."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from i2l.data.shards import iter_rows, split_files
+from i2l.images import decode, to_tensor
+
+
+@dataclass
+class StyleTuple:
+    style_id: str
+    prompt: str  # the target's content
+    target: bytes  # encoded image
+    refs: list[bytes]  # 1..N encoded images of the same style, other contents
+
+
+def _owner(style_id: str, world: int) -> int:
+    return int(hashlib.sha1(style_id.encode()).hexdigest(), 16) % world
+
+
+class TupleStream:
+    """Endless iterator of StyleTuples for one data-parallel rank (styles are partitioned by hash)."""
+
+    def __init__(self, data_dir, split: str = "train", max_refs: int = 4, seed: int = 0, rank: int = 0,
+                 world: int = 1, buffer_styles: int = 64, p_single: float = 0.25):
+        self.data_dir, self.split = data_dir, split
+        self.max_refs, self.seed, self.rank, self.world = max_refs, seed, rank, world
+        self.buffer_styles, self.p_single = buffer_styles, p_single
+        split_files(data_dir, split)  # fail early and clearly if there is no data
+
+    def _styles(self, epoch: int) -> Iterator[list[dict]]:
+        """Rows grouped by style (styles are consecutive in shards), this rank's styles only."""
+        cur, rows = None, []
+        for row in iter_rows(self.data_dir, self.split, columns=("id", "image", "content")):
+            if row["style_id"] != cur:
+                if rows and _owner(cur, self.world) == self.rank:
+                    yield rows
+                cur, rows = row["style_id"], []
+            rows.append(row)
+        if rows and _owner(cur, self.world) == self.rank:
+            yield rows
+
+    def __iter__(self) -> Iterator[StyleTuple]:
+        for epoch in itertools.count():
+            rng = np.random.default_rng([self.seed, self.rank, epoch])
+            buffer: list[list] = []  # [rows, tuples left]
+            source = self._styles(epoch)
+            exhausted = False
+            while True:
+                while not exhausted and len(buffer) < self.buffer_styles:
+                    rows = next(source, None)
+                    if rows is None:
+                        exhausted = True
+                    elif len(rows) >= 2:  # a style needs a target and at least one other reference
+                        buffer.append([rows, len(rows)])
+                if not buffer:
+                    break
+                i = int(rng.integers(len(buffer)))
+                rows, left = buffer[i]
+                yield self._make(rows, rng)
+                if left <= 1:
+                    buffer.pop(i)
+                else:
+                    buffer[i][1] = left - 1
+
+    def _make(self, rows: list[dict], rng: np.random.Generator) -> StyleTuple:
+        t = int(rng.integers(len(rows)))
+        others = [r for j, r in enumerate(rows) if j != t and r["content"] != rows[t]["content"]]
+        others = others or [r for j, r in enumerate(rows) if j != t]  # a style with one content repeated
+        hi = min(self.max_refs, len(others))
+        # single-reference tuples are kept on purpose: one-shot use must work (paper §3.3)
+        n = 1 if (hi == 1 or rng.random() < self.p_single) else int(rng.integers(2, hi + 1))
+        picks = rng.choice(len(others), size=n, replace=False)
+        return StyleTuple(rows[t]["style_id"], rows[t]["content"], rows[t]["image"],
+                          [others[j]["image"] for j in picks])
+
+
+def collate(tuples: list[StyleTuple], image_size: int, ref_size: int):
+    """-> targets (B, 3, H, W), prompts, refs (B, N, 3, h, w) zero-padded, n_refs (B,)."""
+    targets = to_tensor([decode(t.target) for t in tuples], image_size)
+    N = max(len(t.refs) for t in tuples)
+    refs = torch.zeros(len(tuples), N, 3, ref_size, ref_size)
+    for i, t in enumerate(tuples):
+        refs[i, : len(t.refs)] = to_tensor([decode(b) for b in t.refs], ref_size)
+    n_refs = torch.tensor([len(t.refs) for t in tuples])
+    return targets, [t.prompt for t in tuples], refs, n_refs

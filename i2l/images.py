@@ -1,0 +1,60 @@
+"""Image <-> tensor conversions shared by every stage: decoding with a pixel limit, [-1, 1] tensors, the gray
+reference image of asymmetric guidance, and safe reading of user image files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+MAX_PIXELS = 64_000_000  # decompression-bomb guard for user images
+
+
+def to_tensor(images: list[Image.Image], size: int | None = None) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) float in [-1, 1]; resized (Lanczos) to size x size when given."""
+    arrs = []
+    for im in images:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.LANCZOS)
+        arrs.append(np.asarray(im, dtype=np.float32))
+    if len({a.shape for a in arrs}) > 1:
+        raise ValueError(f"images have different sizes {sorted({a.shape[:2] for a in arrs})}: pass size= to resize")
+    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)  # (B, 3, H, W)
+    return x / 127.5 - 1.0
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, "RGB") for a in arr]
+
+
+def decode(data: bytes) -> Image.Image:
+    """Decode encoded image bytes to RGB, refusing decompression bombs before pixels are read."""
+    im = Image.open(io.BytesIO(data))
+    if im.size[0] * im.size[1] > MAX_PIXELS:
+        raise ValueError(f"image of {im.size[0]}x{im.size[1]} pixels exceeds the {MAX_PIXELS} pixel limit")
+    im.load()
+    return im.convert("RGB")
+
+
+def load_image_file(path: str | Path) -> Image.Image:
+    """Read a user image file with a clear error for missing/unreadable files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference image not found: {path}")
+    try:
+        return decode(path.read_bytes())
+    except ValueError:
+        raise
+    except Exception as e:  # PIL raises many types for bad files
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def gray_image(size: int) -> Image.Image:
+    """The pure gray (128) reference whose predicted LoRA is the style-neutral negative branch (paper §3.4)."""
+    return Image.new("RGB", (size, size), (128, 128, 128))

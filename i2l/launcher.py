@@ -1,0 +1,67 @@
+"""Launches predictor training on Ray Train: `TorchTrainer` + `ScalingConfig(num_workers, use_gpu)` with DDP.
+One CPU worker by default here, N GPU workers on a cluster, the same per-worker loop. The only module that
+imports `ray.train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from i2l.config import Config, config_from_dict
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: rank/world/device from Ray, DDP applied from outside the model code."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from i2l.training import World, train_predictor
+
+    ctx = ray.train.get_context()
+    cfg = config_from_dict(config["cfg"])
+    torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
+    device = ray.train.torch.get_device()
+    world = World(rank=ctx.get_world_rank(), size=ctx.get_world_size(), device=str(device))
+    wrap = ray.train.torch.prepare_model if world.size > 1 else None
+
+    def report(rec: dict) -> None:
+        if rec["step"] % 10 == 0 or rec["step"] == cfg.train.steps:
+            ray.train.report({k: v for k, v in rec.items()})
+
+    info = train_predictor(cfg, config["data_dir"], config["out_dir"], resume=config["resume"], world=world,
+                           wrap_model=wrap, report=report, progress=config.get("progress", True),
+                           stop_after=config.get("stop_after"))
+    ray.train.report({"done": 1, **{k: v for k, v in info.items() if isinstance(v, (int, float))}})
+
+
+def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
+                    progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train the predictor with `cfg.train.num_workers` Ray Train workers (DDP when > 1)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from i2l.data.ray_cluster import ensure_ray
+    from i2l.backbones import default_paths
+
+    default_paths(cfg)
+    ensure_ray()
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    workers = cfg.train.num_workers
+    config = {"cfg": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "out_dir": str(out),
+              "resume": resume, "progress": progress, "stop_after": stop_after,
+              "threads_per_worker": max(1, cpus // workers)}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": 1} if not cfg.train.use_gpu else None),
+        run_config=RunConfig(name=f"i2l-{cfg.name}", storage_path=str(out / "ray_results"),
+                             verbose=0 if not progress else 1),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return dict(result.metrics or {})

@@ -1,0 +1,262 @@
+"""LoRA weights and their batched application: each sample of a batch may carry its own LoRA.
+
+Vocabulary as in PEFT: `lora_A` is [r, in], `lora_B` is [out, r]; the layer computes y = W·x + s·B·A·x with
+the per-layer scale α already folded into B (ΔW = B·A, as the authors' release), so files load in diffusers
+with scaling 1. Shapes: B batch, T tokens, r rank, `in`/`out` the linear layer's features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class LoRA:
+    """LoRA matrices for named linear layers; unbatched ([r, in], [out, r]) or batched ([B, r, in], [B, out, r])."""
+
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    backbone: str = ""  # backbone id the LoRA was made for (checked on load)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if set(self.A) != set(self.B):
+            raise ValueError("LoRA A and B must cover the same layers")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.A)
+
+    @property
+    def batched(self) -> bool:
+        return next(iter(self.A.values())).dim() == 3
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.A.values())).shape[0] if self.batched else 1
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.A.values())).shape[-2]
+
+    def to(self, device=None, dtype=None) -> LoRA:
+        f = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}  # noqa: E731
+        return LoRA(f(self.A), f(self.B), self.backbone, dict(self.meta))
+
+    def detach(self) -> LoRA:
+        return LoRA({k: v.detach() for k, v in self.A.items()}, {k: v.detach() for k, v in self.B.items()},
+                    self.backbone, dict(self.meta))
+
+    def scaled(self, strength: float) -> LoRA:
+        """Strength control: ΔW -> strength·ΔW."""
+        return LoRA(dict(self.A), {k: v * strength for k, v in self.B.items()}, self.backbone, dict(self.meta))
+
+    def __getitem__(self, i: int) -> LoRA:
+        if not self.batched:
+            raise IndexError("an unbatched LoRA has no items")
+        return LoRA({k: v[i] for k, v in self.A.items()}, {k: v[i] for k, v in self.B.items()}, self.backbone,
+                    dict(self.meta))
+
+    def unbind(self) -> list[LoRA]:
+        return [self[i] for i in range(self.batch_size)]
+
+    def expand(self, n: int) -> LoRA:
+        """A batch of n copies (for broadcasting one LoRA over a batch)."""
+        one = self[0] if self.batched and self.batch_size == 1 else self
+        if one.batched:
+            raise ValueError(f"cannot expand a batch of {self.batch_size} LoRAs to {n}")
+        return LoRA({k: v.unsqueeze(0).expand(n, *v.shape) for k, v in one.A.items()},
+                    {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in one.B.items()}, self.backbone,
+                    dict(self.meta))
+
+    def delta(self, name: str) -> torch.Tensor:
+        """ΔW = B·A for one layer: [out, in] (or [B, out, in])."""
+        return self.B[name] @ self.A[name]
+
+    def norms(self) -> dict[str, float]:
+        """Frobenius norm of ΔW per layer (catalogued with produced LoRAs)."""
+        return {k: float(torch.linalg.matrix_norm(self.delta(k).float()).mean()) for k in self.names}
+
+    # ---------- combining ----------
+    @staticmethod
+    def stack(loras: list[LoRA]) -> LoRA:
+        """Batch several unbatched LoRAs; ranks are zero-padded to the largest (zeros add nothing)."""
+        items = [x for lo in loras for x in (lo.unbind() if lo.batched else [lo])]
+        r = max(x.rank for x in items)
+        names = items[0].names
+        for x in items:
+            if x.names != names:
+                raise ValueError("cannot batch LoRAs that adapt different layers")
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            extra = r - t.shape[dim]
+            if not extra:
+                return t
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        A = {k: torch.stack([pad(x.A[k], 0) for x in items]) for k in names}  # (B, r, in)
+        B = {k: torch.stack([pad(x.B[k], 1) for x in items]) for k in names}  # (B, out, r)
+        return LoRA(A, B, items[0].backbone, dict(items[0].meta))
+
+    @staticmethod
+    def mix(loras: list[LoRA], weights: list[float]) -> LoRA:
+        """Exact weighted sum in weight space, ΔW = Σ w_i·B_i·A_i, by concatenating ranks.
+
+        Zero weights are dropped, so mixing with (1, 0) returns the first LoRA itself."""
+        if len(loras) != len(weights) or not loras:
+            raise ValueError("mix needs one weight per LoRA")
+        kept = [(lo, w) for lo, w in zip(loras, weights) if w != 0]
+        if not kept:
+            return loras[0].scaled(0.0)
+        names = kept[0][0].names
+        A = {k: torch.cat([lo.A[k] for lo, _ in kept], dim=-2) for k in names}  # (Σr, in)
+        B = {k: torch.cat([lo.B[k] * w for lo, w in kept], dim=-1) for k in names}  # (out, Σr)
+        meta = dict(kept[0][0].meta, mixed=json.dumps([float(w) for _, w in kept]))
+        return LoRA(A, B, kept[0][0].backbone, meta)
+
+    # ---------- files ----------
+    def save(self, path: str | os.PathLike, prefix: str = "transformer") -> Path:
+        """Write a diffusers/PEFT-format safetensors file atomically (`<prefix>.<module>.lora_A.weight`)."""
+        if self.batched:
+            raise ValueError("save one LoRA at a time: index the batch first (lora[i])")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for k in self.names:
+            tensors[f"{prefix}.{k}.lora_A.weight"] = self.A[k].detach().contiguous().cpu()
+            tensors[f"{prefix}.{k}.lora_B.weight"] = self.B[k].detach().contiguous().cpu()
+        meta = {"format": "pt", "i2l.format_version": FORMAT_VERSION, "i2l.backbone": self.backbone,
+                "i2l.rank": str(self.rank), "i2l.alpha": "folded into lora_B (scaling 1)",
+                "i2l.meta": json.dumps(self.meta)}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # never a half-written LoRA file
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backbone=None, device="cpu") -> LoRA:
+        """Read a LoRA file (i2l's own, or PEFT/diffusers keys) and check it against `backbone` if given."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"LoRA file not found: {path}")
+        A, B = {}, {}
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            for key in f.keys():
+                name, kind = _parse_key(key)
+                if kind is None:
+                    continue
+                (A if kind == "A" else B)[name] = f.get_tensor(key)
+        if not A or set(A) != set(B):
+            raise ValueError(f"{path}: not a LoRA file (no matching lora_A/lora_B pairs)")
+        lora = cls(A, B, meta.get("i2l.backbone", ""), json.loads(meta.get("i2l.meta", "{}") or "{}"))
+        if backbone is not None:
+            check_compatible(lora, backbone, source=str(path))
+        return lora
+
+
+_PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.")
+
+
+def _parse_key(key: str) -> tuple[str, str | None]:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            key = key[len(p):]
+            break
+    for kind, marks in (("A", (".lora_A.default.weight", ".lora_A.weight")),
+                        ("B", (".lora_B.default.weight", ".lora_B.weight"))):
+        for m in marks:
+            if key.endswith(m):
+                return key[: -len(m)], kind
+    return key, None
+
+
+def check_compatible(lora: LoRA, backbone, source: str = "LoRA") -> None:
+    """Raise a ValueError naming every layer whose key or shape does not fit the backbone."""
+    targets = backbone.lora_targets()  # name -> (in, out)
+    problems = []
+    if lora.backbone and backbone.backbone_id and lora.backbone.split("@")[0] != backbone.backbone_id.split("@")[0]:
+        problems.append(f"made for backbone {lora.backbone!r}, this is {backbone.backbone_id!r}")
+    unknown = [k for k in lora.names if k not in targets]
+    if unknown:
+        problems.append(f"{len(unknown)} layer(s) not in the backbone, e.g. {unknown[:3]}")
+    for k in lora.names:
+        if k in targets:
+            d_in, d_out = targets[k]
+            if lora.A[k].shape[-1] != d_in or lora.B[k].shape[-2] != d_out:
+                problems.append(f"{k}: LoRA is {tuple(lora.B[k].shape[-2:])}x{tuple(lora.A[k].shape[-2:])}, "
+                                f"layer is in={d_in} out={d_out}")
+    if problems:
+        raise ValueError(f"{source} does not fit backbone {backbone.backbone_id}: " + "; ".join(problems[:6]))
+
+
+class BatchedLoRA:
+    """Applies (per-sample) LoRAs to named nn.Linear layers through forward hooks: no weight merging, no module
+    replacement, so the model's state dict and diffusers layout stay untouched, and no LoRA = bit-identical outputs."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.layers: dict[str, nn.Linear] = {}
+        for n in names:
+            m = model.get_submodule(n)
+            if not isinstance(m, nn.Linear):
+                raise TypeError(f"{n} is {type(m).__name__}, not nn.Linear")
+            self.layers[n] = m
+        self.active: LoRA | None = None
+        self.strength = 1.0
+        self._handles = [m.register_forward_hook(self._make_hook(n)) for n, m in self.layers.items()]
+
+    def _make_hook(self, name: str):
+        def hook(module, args, out):
+            lora = self.active
+            if lora is None or name not in lora.A:
+                return None  # None keeps the layer's own output: exactly the base model
+            x = args[0]
+            A, B = lora.A[name], lora.B[name]
+            if A.dim() == 3:  # per-sample: x (B, T, in) or (B, in)
+                if x.shape[0] != A.shape[0]:
+                    raise ValueError(f"{name}: batch of {x.shape[0]} inputs but {A.shape[0]} LoRAs")
+                squeeze = x.dim() == 2
+                xb = x.unsqueeze(1) if squeeze else x.reshape(x.shape[0], -1, x.shape[-1])
+                h = torch.bmm(xb, A.transpose(1, 2).to(xb.dtype))  # (B, T, r)
+                d = torch.bmm(h, B.transpose(1, 2).to(xb.dtype))  # (B, T, out)
+                d = d.squeeze(1) if squeeze else d.reshape(*x.shape[:-1], d.shape[-1])
+            else:  # one LoRA shared by the batch
+                d = (x @ A.t().to(x.dtype)) @ B.t().to(x.dtype)  # (..., out)
+            return out + d * self.strength if self.strength != 1.0 else out + d
+        return hook
+
+    @contextlib.contextmanager
+    def use(self, lora: LoRA | None, strength: float = 1.0):
+        """Within the block, the model runs with `lora` (batched: one per sample); None = base model."""
+        prev, prev_s = self.active, self.strength
+        self.active, self.strength = lora, strength
+        try:
+            yield
+        finally:
+            self.active, self.strength = prev, prev_s
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def zero_lora(targets: dict[str, tuple[int, int]], rank: int, backbone: str = "") -> LoRA:
+    """A LoRA whose B is zero (a no-op), with A small random: the usual trainable initialisation."""
+    g = torch.Generator().manual_seed(0)
+    A = {k: torch.randn(rank, i, generator=g) / i**0.5 for k, (i, o) in targets.items()}
+    B = {k: torch.zeros(o, rank) for k, (i, o) in targets.items()}
+    return LoRA(A, B, backbone)

@@ -1,0 +1,97 @@
+"""The i2L predictor (paper §3.1): learnable LoRA queries + image tokens -> single-stream transformer ->
+per-layer compressed linear heads -> LoRA A/B for every adapted layer, in one forward pass.
+
+Shapes: B batch, S = N·P image tokens, L adapted layers, k rank, Q = 2·k·L queries, H hidden, c compressed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from i2l.config import PredictorConfig
+from i2l.lora import LoRA
+
+MAX_REFS = 64  # learned per-reference signals: any N up to this works
+
+
+class CompressedHeads(nn.Module):
+    """Row = D·C·h per layer and matrix type (Eq. 4): C (H -> c) batched over layers, D (c -> d) per layer."""
+
+    def __init__(self, hidden: int, c: int, out_dims: list[int], zero: bool):
+        super().__init__()
+        L = len(out_dims)
+        self.C = nn.Parameter(torch.randn(L, hidden, c) / math.sqrt(hidden))  # (L, H, c)
+        self.D = nn.ParameterList([nn.Parameter(torch.zeros(c, d) if zero else torch.randn(c, d) / math.sqrt(c))
+                                   for d in out_dims])
+
+    def forward(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """h (B, L, k, H) -> per layer (B, k, d_l)."""
+        z = torch.einsum("blkh,lhc->blkc", h, self.C)  # (B, L, k, c)
+        return [z[:, i] @ D for i, D in enumerate(self.D)]  # (B, k, d_l)
+
+
+class I2LPredictor(nn.Module):
+    def __init__(self, cfg: PredictorConfig, targets: dict[str, tuple[int, int]], token_dim: int,
+                 backbone_id: str = ""):
+        super().__init__()
+        self.cfg = cfg
+        self.names = list(targets)
+        self.targets = dict(targets)
+        self.backbone_id = backbone_id
+        L, k, H = len(self.names), cfg.rank, cfg.hidden
+        self.in_proj = nn.Linear(token_dim, H)
+        self.ref_embed = nn.Embedding(MAX_REFS, H)  # which reference a token came from
+        # a query = its own free vector + layer, type (A rows / B columns) and rank-slot embeddings
+        self.query = nn.Parameter(torch.randn(L, 2, k, H) * 0.02)  # (L, 2, k, H)
+        self.layer_embed = nn.Parameter(torch.randn(L, 1, 1, H) * 0.02)
+        self.type_embed = nn.Parameter(torch.randn(1, 2, 1, H) * 0.02)
+        self.rank_embed = nn.Parameter(torch.randn(1, 1, k, H) * 0.02)
+        self.blocks = nn.ModuleList([
+            nn.TransformerEncoderLayer(H, cfg.heads, dim_feedforward=4 * H, dropout=0.0, batch_first=True,
+                                       norm_first=True, activation="gelu") for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(H)
+        self.head_A = CompressedHeads(H, cfg.compress, [targets[n][0] for n in self.names], zero=False)
+        # B's expansion starts at zero so an untrained predictor's LoRA is exactly a no-op (ΔW = B·A = 0)
+        self.head_B = CompressedHeads(H, cfg.compress, [targets[n][1] for n in self.names], zero=True)
+        self.log_alpha = nn.Parameter(torch.full((L,), math.log(cfg.alpha)))  # α per layer, learned
+        self.register_buffer("a_scale", torch.tensor([targets[n][0] ** -0.5 for n in self.names]))
+
+    @property
+    def num_queries(self) -> int:
+        return self.query.shape[0] * 2 * self.query.shape[2]
+
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor, ref_index: torch.Tensor) -> LoRA:
+        """tokens (B, S, D), keep (B, S) bool, ref_index (B, S) -> batched LoRA (A (B, k, in), B (B, out, k))."""
+        Bsz = tokens.shape[0]
+        L, _, k, H = self.query.shape
+        z = self.in_proj(tokens) + self.ref_embed(ref_index)  # (B, S, H)
+        q = (self.query + self.layer_embed + self.type_embed + self.rank_embed).reshape(1, -1, H)  # (1, Q, H)
+        x = torch.cat([q.expand(Bsz, -1, -1), z], dim=1)  # (B, Q+S, H)
+        pad = torch.cat([keep.new_zeros(Bsz, q.shape[1]), ~keep], dim=1)  # (B, Q+S): True = ignore
+        for blk in self.blocks:
+            x = blk(x, src_key_padding_mask=pad)  # (B, Q+S, H)
+        h = self.norm(x[:, : q.shape[1]]).reshape(Bsz, L, 2, k, H)  # only query states are decoded
+        rows_A = self.head_A(h[:, :, 0])  # L x (B, k, d_in)
+        cols_B = self.head_B(h[:, :, 1])  # L x (B, k, d_out)
+        alpha = self.log_alpha.exp()
+        A = {n: rows_A[i] * self.a_scale[i] for i, n in enumerate(self.names)}  # (B, k, in)
+        Bm = {n: cols_B[i].transpose(1, 2) * alpha[i] for i, n in enumerate(self.names)}  # (B, out, k)
+        return LoRA(A, Bm, self.backbone_id)
+
+
+def predict_lora(predictor: I2LPredictor, encoder, refs: torch.Tensor, n_refs: torch.Tensor | None = None) -> LoRA:
+    """refs (B, N, 3, H, W) in [-1, 1] (padded), n_refs (B,) -> a batched LoRA, one per sample."""
+    if refs.dim() == 4:
+        refs = refs.unsqueeze(0)  # one sample of N references
+    if n_refs is None:
+        n_refs = torch.full((refs.shape[0],), refs.shape[1], dtype=torch.long)
+    if refs.shape[1] == 0 or int(n_refs.min()) < 1:
+        raise ValueError("i2L needs at least one reference image per LoRA")
+    if refs.shape[1] > MAX_REFS:
+        raise ValueError(f"at most {MAX_REFS} reference images per LoRA, got {refs.shape[1]}")
+    tokens, keep, ref_index = encoder.encode_refs(refs, n_refs)
+    p = next(predictor.parameters())
+    return predictor(tokens.to(p.dtype), keep, ref_index)

@@ -1,0 +1,415 @@
+"""`Store`: the DuckDB results file. Short transactions through connections opened per use (so the file is
+free between writes and readers in other processes can open it), retrying while another process holds it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from i2l.store.schema import MIGRATIONS, parse_method
+
+RUN_STATUSES = ("running", "ok", "failed", "cancelled")
+_MIGRATE_LOCK = threading.Lock()  # threads of one process migrate one at a time
+
+
+class StoreBusyError(RuntimeError):
+    """The store file stayed locked by another process for longer than the store's lock timeout."""
+
+
+def now_utc() -> datetime:
+    """Naive UTC timestamp (all store times are UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str, sort_keys=True)
+
+
+def _is_busy(e: Exception) -> bool:
+    msg = str(e)
+    # Another process holds the file lock, or this process has it open with the other access mode.
+    return "Could not set lock" in msg or "different configuration" in msg
+
+
+class Store:
+    """One DuckDB results file; see the package docstring for the access pattern and the schema."""
+
+    def __init__(self, path: str | Path = "data/results.duckdb", read_only: bool = False,
+                 lock_timeout_s: float = 60.0, auto_migrate: bool = True):
+        self.path = Path(path)
+        self.read_only = read_only
+        self.lock_timeout_s = lock_timeout_s
+        self._local = threading.local()
+        if read_only:
+            if not self.path.exists():
+                raise FileNotFoundError(f"no results store at {self.path}; run a pipeline stage that writes "
+                                        "results first (e.g. `i2l run`), or pass the right --db path")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if auto_migrate:
+                self.migrate()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, read_only={self.read_only})"
+
+    # -- connections and transactions --------------------------------------------------------------
+
+    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.005
+        while True:
+            try:
+                if not read_only:
+                    return duckdb.connect(str(self.path))
+                try:
+                    return duckdb.connect(str(self.path), read_only=True)
+                except duckdb.ConnectionException as e:
+                    if "different configuration" not in str(e):
+                        raise
+                    # This process has the file open read-write (a writer thread): share that instance,
+                    # whose MVCC snapshot shows committed data only; the caller opens a read-only transaction.
+                    return duckdb.connect(str(self.path))
+            except (duckdb.IOException, duckdb.ConnectionException) as e:
+                if not _is_busy(e):
+                    raise
+                if time.monotonic() > deadline:
+                    raise StoreBusyError(
+                        f"results store {self.path} is locked by another process for more than "
+                        f"{self.lock_timeout_s:.0f} s ({e}); close long-lived connections to it (e.g. an "
+                        "open `duckdb` CLI session) or query through `i2l query`, which opens it briefly"
+                    ) from e
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """All writes inside appear together or not at all. Nested blocks (and the writer helpers called
+        inside one) join the outermost transaction of this thread."""
+        if self.read_only:
+            raise ValueError(f"{self!r} is read-only; open Store(path) to write")
+        outer = getattr(self._local, "con", None)
+        if outer is not None:
+            yield outer
+            return
+        con = self._connect(read_only=False)
+        self._local.con = con
+        try:
+            con.execute("BEGIN TRANSACTION")
+            yield con
+            con.execute("COMMIT")
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass  # already rolled back by DuckDB after a failed statement
+            raise
+        finally:
+            self._local.con = None
+            con.close()  # frees the file lock so other processes can read
+
+    def query(self, sql: str, params: list | dict | None = None) -> pd.DataFrame:
+        """One read query as a DataFrame; inside a transaction it sees that transaction's writes."""
+        return self._read(sql, params, lambda result: result.df())
+
+    def rows(self, sql: str, params: list | dict | None = None) -> list[tuple]:
+        """One read query as Python tuples (NULL -> None)."""
+        return self._read(sql, params, lambda result: result.fetchall())
+
+    def _read(self, sql: str, params, fetch):
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            return fetch(con.execute(sql, params))
+        con = self._connect(read_only=True)
+        try:
+            con.execute("BEGIN TRANSACTION READ ONLY")  # `i2l query` must never write
+            return fetch(con.execute(sql, params))
+        finally:
+            con.close()
+
+    # -- schema ------------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        try:
+            return int(self.rows("SELECT coalesce(max(version), 0) FROM schema_version")[0][0])
+        except duckdb.CatalogException:
+            return 0
+
+    def migrate(self, upto: int | None = None) -> int:
+        """Apply the pending migrations in one transaction; return the resulting schema version."""
+        target = len(MIGRATIONS) if upto is None else upto
+        with _MIGRATE_LOCK, self.transaction() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                        "(version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP)")
+            current = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()[0][0]
+            if current > len(MIGRATIONS):
+                raise RuntimeError(f"{self.path} has schema version {current} but this i2l knows only "
+                                   f"{len(MIGRATIONS)}; upgrade i2l or use another --db")
+            for version in range(current + 1, target + 1):
+                name, step = MIGRATIONS[version - 1]
+                step(con) if callable(step) else con.execute(step)
+                con.execute("INSERT INTO schema_version VALUES (?, ?, ?)", [version, name, now_utc()])
+            return max(current, target)
+
+    # -- bulk insert -------------------------------------------------------------------------------
+
+    def _insert(self, table: str, cols: list[str], rows: list[dict], replace: bool = False,
+                ignore: bool = False) -> int:
+        if not rows:
+            return 0
+        data = pa.Table.from_pydict({c: [r.get(c) for r in rows] for c in cols})
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE" if ignore else "INSERT"
+        name = f"_in_{uuid.uuid4().hex[:8]}"
+        col_list = ", ".join(cols)
+        with self.transaction() as con:
+            con.register(name, data)
+            try:
+                con.execute(f"{verb} INTO {table} ({col_list}) SELECT {col_list} FROM {name}").fetchall()
+            finally:
+                con.unregister(name)
+        return len(rows)
+
+    # -- runs, checkpoints, stages -----------------------------------------------------------------
+
+    def start_run(self, kind: str, preset: str | None, config: dict | None, run_id: str | None = None,
+                  parent_id: str | None = None) -> str:
+        """Record a run as 'running' and return its id; a known id (a resumed run) is set running again."""
+        run_id = run_id or f"{kind}-{now_utc():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        with self.transaction() as con:
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'running', ?, NULL, ?) "
+                "ON CONFLICT (run_id) DO UPDATE SET status = 'running', finished_at = NULL",
+                [run_id, parent_id, kind, preset, _json(config), now_utc(), socket.gethostname()]).fetchall()
+        return run_id
+
+    def finish_run(self, run_id: str, status: str = "ok") -> None:
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status must be one of {', '.join(RUN_STATUSES)}, not {status!r}")
+        with self.transaction() as con:
+            n = con.execute("UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?",
+                            [status, now_utc(), run_id]).fetchall()[0][0]
+        if n == 0:
+            raise ValueError(f"unknown run {run_id!r}; start it with start_run() first")
+
+    @contextmanager
+    def run(self, kind: str, preset: str | None, config: dict | None, run_id: str | None = None,
+            parent_id: str | None = None) -> Iterator[str]:
+        """`with store.run(...) as run_id:` marks the run ok on exit, failed on an exception."""
+        run_id = self.start_run(kind, preset, config, run_id=run_id, parent_id=parent_id)
+        try:
+            yield run_id
+        except BaseException:
+            self.finish_run(run_id, "failed")
+            raise
+        self.finish_run(run_id, "ok")
+
+    def record_checkpoint(self, run_id: str, path: str | Path, step: int, backbone: str, sha256: str,
+                          meta: dict | None = None) -> str:
+        checkpoint_id = f"{run_id}:{step}"
+        row = {"checkpoint_id": checkpoint_id, "run_id": run_id, "path": str(path), "step": step,
+               "backbone": backbone, "sha256": sha256, "meta": _json(meta), "created_at": now_utc()}
+        self._insert("checkpoints", list(row), [row], replace=True)
+        return checkpoint_id
+
+    def is_stage_done(self, stage: str, key: str) -> bool:
+        return bool(self.rows("SELECT count(*) FROM stages WHERE stage = ? AND key = ?", [stage, key])[0][0])
+
+    def stage_info(self, stage: str, key: str) -> dict | None:
+        """The `info` saved by mark_stage_done, or None when the stage has not finished."""
+        got = self.rows("SELECT info FROM stages WHERE stage = ? AND key = ?", [stage, key])
+        return json.loads(got[0][0]) if got and got[0][0] else ({} if got else None)
+
+    def mark_stage_done(self, stage: str, key: str, info: dict | None = None) -> None:
+        """Call inside the stage's transaction so results and the done-mark commit together."""
+        self._insert("stages", ["stage", "key", "info", "done_at"],
+                     [{"stage": stage, "key": key, "info": _json(info), "done_at": now_utc()}], replace=True)
+
+    # -- data --------------------------------------------------------------------------------------
+
+    def record_dataset(self, out_dir: str | Path, run_id: str | None = None) -> str:
+        """Ingest a prepared data directory (manifest.json + quarantine.parquet); re-ingesting replaces it."""
+        from i2l.store.ingest import read_prepared
+
+        d = read_prepared(Path(out_dir))
+        dataset_id = d["dataset"]["dataset_id"]
+        with self.transaction() as con:
+            for table in ("datasets", "dataset_inputs", "shards", "quarantine_counts", "quarantine"):
+                con.execute(f"DELETE FROM {table} WHERE dataset_id = ?", [dataset_id]).fetchall()
+            self._insert("datasets", list(d["dataset"]) + ["run_id", "recorded_at"],
+                         [{**d["dataset"], "run_id": run_id, "recorded_at": now_utc()}])
+            for table in ("dataset_inputs", "shards", "quarantine_counts"):
+                rows = [{**r, "dataset_id": dataset_id} for r in d[table]]
+                self._insert(table, list(rows[0]) if rows else [], rows)
+            if d["quarantine"] is not None and d["quarantine"].num_rows:
+                q = d["quarantine"]
+                q = q.append_column("dataset_id", pa.array([dataset_id] * q.num_rows))
+                con.register("_quarantine_in", q)
+                cols = "dataset_id, id, source_file, row_index, reason, detail"
+                try:
+                    con.execute(f"INSERT INTO quarantine ({cols}) SELECT {cols} FROM _quarantine_in")
+                finally:
+                    con.unregister("_quarantine_in")
+        return dataset_id
+
+    def record_styles(self, rows: Iterable[dict]) -> int:
+        """rows: style_id, split, description, dataset_id, ref_paths (list of image files)."""
+        rows = [{**r, "ref_paths": _json(r.get("ref_paths"))} for r in rows]
+        return self._insert("styles", ["style_id", "split", "description", "dataset_id", "ref_paths"],
+                            _dedupe(rows, "style_id"), replace=True)
+
+    # -- methods, LoRAs, samples, scores -----------------------------------------------------------
+
+    def record_method(self, run_id: str, method: str, wall_s: float | None = None, family: str | None = None,
+                      budget_steps: int | None = None, note: str | None = None) -> None:
+        """A method compared in a run, with its wall time to obtain one style's LoRA (for v_amortization)."""
+        info = parse_method(method)
+        self._insert("methods", ["run_id", "method", "family", "budget_steps", "wall_s", "note"],
+                     [{"run_id": run_id, "method": method, "family": family or info["family"],
+                           "budget_steps": budget_steps if budget_steps is not None else info["budget_steps"],
+                           "wall_s": wall_s, "note": note}], replace=True)
+
+    def _ensure_methods(self, pairs: set[tuple[str, str]]) -> None:
+        rows = [{"run_id": r, "method": m, "family": parse_method(m)["family"],
+                     "budget_steps": parse_method(m)["budget_steps"]} for r, m in sorted(pairs)]
+        self._insert("methods", ["run_id", "method", "family", "budget_steps"], rows, ignore=True)
+
+    def record_loras(self, rows: Iterable[dict]) -> list[str]:
+        """rows: style_id, method, checkpoint_id, path, sha256, rank, n_refs, norms (dict); returns lora ids
+        (`lora_id` if given, else '<method>:<style_id>:<sha256[:12]>')."""
+        out = []
+        for r in rows:
+            lora_id = r.get("lora_id") or f"{r['method']}:{r.get('style_id')}:{(r.get('sha256') or '')[:12]}"
+            out.append({**r, "lora_id": lora_id, "path": _str(r.get("path")), "norms": _json(r.get("norms")),
+                        "created_at": now_utc()})
+        self._insert("loras", ["lora_id", "style_id", "method", "checkpoint_id", "path", "sha256", "rank",
+                               "n_refs", "norms", "created_at"], _dedupe(out, "lora_id"), replace=True)
+        return [r["lora_id"] for r in out]
+
+    def record_samples(self, rows: Iterable[dict]) -> int:
+        """rows: sample_id, run_id, method, style_id, prompt, seed, lora_id, image_path, settings (dict)."""
+        out = []
+        for r in rows:
+            for key in ("sample_id", "run_id", "method"):
+                if not r.get(key):
+                    raise ValueError(f"sample row needs {key!r}: {r}")
+            out.append({**r, "image_path": _str(r.get("image_path")), "settings": _json(r.get("settings")),
+                        "created_at": now_utc()})
+        with self.transaction():
+            self._ensure_methods({(r["run_id"], r["method"]) for r in out})
+            return self._insert("samples", ["sample_id", "run_id", "method", "style_id", "prompt", "seed",
+                                            "lora_id", "image_path", "settings", "created_at"],
+                                _dedupe(out, "sample_id"), replace=True)
+
+    def record_scores(self, rows: Iterable[dict]) -> int:
+        """rows: sample_id, metric, value, scorer, scorer_version, status ('ok'|'skipped'), reason.
+        A skipped score must carry a reason and no value; an 'ok' score a finite value."""
+        out = []
+        for r in rows:
+            status = r.get("status") or ("ok" if r.get("value") is not None else None)
+            value, what = r.get("value"), f"{r.get('sample_id')}/{r.get('metric')}"
+            if status == "ok":
+                if value is None or not math.isfinite(float(value)):
+                    raise ValueError(f"score {what} has status 'ok' but value {value!r}; record it as "
+                                     "status='skipped' with a reason instead")
+                value = float(value)
+            elif status == "skipped":
+                if value is not None:
+                    raise ValueError(f"skipped score {what} must have value None")
+                if not r.get("reason"):
+                    raise ValueError(f"skipped score {what} needs a reason")
+            else:
+                raise ValueError(f"score status must be 'ok' or 'skipped', got {status!r} in {r}")
+            out.append({**r, "status": status, "value": value})
+        out = _dedupe(out, ("sample_id", "metric"))
+        return self._insert("scores", ["sample_id", "metric", "value", "scorer", "scorer_version", "status",
+                                       "reason"], out, replace=True)
+
+    # -- benchmarks, curves, evaluation losses -----------------------------------------------------
+
+    def record_benchmark(self, name: str, rows: Iterable[dict], device: str,
+                         run_id: str | None = None) -> int:
+        """Long rows {case, metric, value, unit}; a row without metric/value is wide: each numeric field
+        becomes one metric. Unknown fields are kept in `extra`."""
+        t = now_utc()
+        out = []
+        for r in rows:
+            case = r.get("case", r.get("case_name"))
+            base = {"bench": name, "case_name": None if case is None else str(case), "device": device,
+                    "time": t, "run_id": run_id}
+            if "metric" in r and "value" in r:
+                extra = {k: v for k, v in r.items()
+                         if k not in ("case", "case_name", "metric", "value", "unit")}
+                out.append({**base, "metric": r["metric"], "value": _num(r["value"]), "unit": r.get("unit"),
+                            "extra": _json(extra or None)})
+                continue
+            fixed = {k: v for k, v in r.items() if k in ("case", "case_name", "unit", "device")}
+            extra = {k: v for k, v in r.items() if k not in fixed and not _is_number(v)}
+            for k, v in r.items():
+                if k not in fixed and _is_number(v):
+                    out.append({**base, "metric": k, "value": float(v), "unit": r.get("unit"),
+                                "extra": _json(extra or None)})
+        return self._insert("benchmarks", ["bench", "case_name", "metric", "value", "unit", "device", "time",
+                                           "run_id", "extra"], out)
+
+    def record_curve(self, run_id: str, rows: Iterable[dict]) -> int:
+        """Training curve rows: step, loss, lr, anything else (kept in `extra`); a re-logged step replaces."""
+        t = now_utc()
+        out = [{"run_id": run_id, "step": int(r["step"]), "loss": _num(r.get("loss")),
+                "lr": _num(r.get("lr")), "time": t,
+                "extra": _json({k: v for k, v in r.items() if k not in ("step", "loss", "lr")} or None)}
+               for r in rows]
+        return self._insert("train_curves", ["run_id", "step", "loss", "lr", "extra", "time"],
+                            _dedupe(out, "step"), replace=True)
+
+    def record_eval_loss(self, run_id: str, rows: Iterable[dict]) -> int:
+        """Held-out loss rows: method, style_id, n_refs, steps (per-style budget), wall_s, loss."""
+        out = [{**r, "run_id": run_id} for r in rows]
+        with self.transaction():
+            self._ensure_methods({(run_id, r["method"]) for r in out})
+            return self._insert("eval_losses", ["run_id", "method", "style_id", "n_refs", "steps", "wall_s",
+                                                "loss"], out)
+
+
+def store_path(cfg) -> Path:
+    """Default store file of a config: <data_root>/results.duckdb."""
+    return Path(cfg.data_root) / "results.duckdb"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _str(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _dedupe(rows: list[dict], key: str | tuple[str, ...]) -> list[dict]:
+    # INSERT OR REPLACE rejects a key twice in one statement: the last row for a key wins.
+    keys = (key,) if isinstance(key, str) else key
+    return list({tuple(r.get(k) for k in keys): r for r in rows}.values())

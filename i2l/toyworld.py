@@ -1,0 +1,252 @@
+"""The toy world: procedural styles x contents written in the exact MegaStyle parquet layout.
+
+A style = palette + background pattern (kind, frequency, angle) + outline + finish; a content =
+shape + count + size + position. Deterministic from the seed: same seed => same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from i2l.config import ToyWorldConfig
+
+ROWS_PER_STYLE = 8  # as in MegaStyle: 8 contents per style, consecutive rows
+
+COLORS = {
+    "red": (214, 48, 49), "orange": (240, 140, 30), "yellow": (246, 214, 60), "lime": (150, 220, 60),
+    "green": (40, 150, 70), "teal": (20, 150, 150), "sky blue": (110, 180, 240), "navy": (30, 40, 110),
+    "purple": (130, 60, 170), "pink": (240, 130, 180), "brown": (120, 75, 40), "cream": (245, 235, 205),
+    "charcoal": (50, 50, 55), "white": (250, 250, 250), "maroon": (110, 20, 40), "gray": (140, 140, 140),
+}
+PATTERNS = ("plain", "horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard",
+            "polka dots", "grid lines")
+FREQUENCIES = ("wide", "fine")
+OUTLINES = ("no", "thin black", "thick black", "thick white")
+FINISHES = ("flat", "grainy", "vignette", "glossy gradient")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SIZES = ("small", "large")
+SINGLE_POSITIONS = ("in the center", "at the top left", "at the top right", "at the bottom left",
+                    "at the bottom right")
+PAIR_POSITIONS = ("at the top", "in the middle", "at the bottom")
+MEDIA = ("poster", "print", "tile", "sticker", "card", "mural")
+MOODS = ("bold", "calm", "playful", "retro", "crisp", "moody")
+
+
+@dataclass(frozen=True)
+class Style:
+    """The visual parameters shared by all images of one style."""
+
+    background: str
+    pattern_color: str
+    foreground: str
+    pattern: str
+    frequency: str
+    angle: int  # degrees, for diagonal stripes (45 or 135)
+    outline: str
+    finish: str
+    mood: str
+    medium: str
+
+    def describe(self) -> str:
+        """MegaStyle-like style description ("In the style of ...")."""
+        if self.pattern == "plain":
+            bg = f"a plain {self.background} background"
+        else:
+            slant = {45: " rising to the right", 135: " rising to the left"}.get(self.angle, "")
+            bg = (f"a {self.background} background with {self.frequency} {self.pattern_color} "
+                  f"{self.pattern}{slant if self.pattern == 'diagonal stripes' else ''}")
+        outline = "no outlines" if self.outline == "no" else f"{self.outline} outlines"
+        return (f"In the style of a {self.mood} {self.medium}: {self.background} and {self.foreground} palette, "
+                f"{bg}, solid {self.foreground} shapes with {outline}, and a {self.finish} finish.")
+
+
+@dataclass(frozen=True)
+class Content:
+    shape: str
+    count: int
+    size: str
+    position: str
+
+    def describe(self) -> str:
+        """Content prompt, e.g. "two small stars at the top"."""
+        noun = self.shape + ("es" if self.count == 2 and self.shape.endswith("s") else "s" if self.count == 2 else "")
+        return f"{'one' if self.count == 1 else 'two'} {self.size} {noun} {self.position}"
+
+
+def sample_style(rng: np.random.Generator) -> Style:
+    names = list(COLORS)
+    bg, pc, fg = rng.choice(len(names), size=3, replace=False)
+    return Style(
+        background=names[bg], pattern_color=names[pc], foreground=names[fg],
+        pattern=PATTERNS[rng.integers(len(PATTERNS))], frequency=FREQUENCIES[rng.integers(2)],
+        angle=int(rng.choice([45, 135])), outline=OUTLINES[rng.integers(len(OUTLINES))],
+        finish=FINISHES[rng.integers(len(FINISHES))], mood=MOODS[rng.integers(len(MOODS))],
+        medium=MEDIA[rng.integers(len(MEDIA))],
+    )
+
+
+def sample_content(rng: np.random.Generator) -> Content:
+    count = int(rng.integers(1, 3))
+    positions = SINGLE_POSITIONS if count == 1 else PAIR_POSITIONS
+    return Content(shape=SHAPES[rng.integers(len(SHAPES))], count=count, size=SIZES[rng.integers(2)],
+                   position=positions[rng.integers(len(positions))])
+
+
+def _centers(content: Content) -> list[tuple[float, float]]:
+    """Shape centres in unit coordinates (x right, y down)."""
+    single = {"in the center": (0.5, 0.5), "at the top left": (0.27, 0.27), "at the top right": (0.73, 0.27),
+              "at the bottom left": (0.27, 0.73), "at the bottom right": (0.73, 0.73)}
+    if content.count == 1:
+        return [single[content.position]]
+    y = {"at the top": 0.27, "in the middle": 0.5, "at the bottom": 0.73}[content.position]
+    return [(0.27, y), (0.73, y)]
+
+
+def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+    dx, dy = x - cx, y - cy
+    if shape == "circle":
+        return dx**2 + dy**2 <= r**2
+    if shape == "square":
+        return (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85)
+    if shape == "triangle":
+        # apex up; base at cy + 0.8r
+        return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.55)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= r
+    if shape == "cross":
+        w = r * 0.35
+        return ((np.abs(dx) <= w) & (np.abs(dy) <= r)) | ((np.abs(dy) <= w) & (np.abs(dx) <= r))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(style: Style, content: Content, size: int, rng: np.random.Generator) -> Image.Image:
+    """Draw one image: supersampled 4x, then box-downsampled so edges are anti-aliased."""
+    s = size * 4
+    y, x = np.mgrid[0:s, 0:s].astype(np.float32) / s  # unit coordinates
+    col = {k: np.array(v, np.float32) for k, v in COLORS.items()}
+    period = {"wide": 0.25, "fine": 0.125}[style.frequency]
+    if style.pattern == "horizontal stripes":
+        pat = (y % period) < period / 2
+    elif style.pattern == "vertical stripes":
+        pat = (x % period) < period / 2
+    elif style.pattern == "diagonal stripes":
+        u = (x + y) if style.angle == 135 else (x - y + 1.0)
+        pat = (u % period) < period / 2
+    elif style.pattern == "checkerboard":
+        pat = ((x // (period / 2) + y // (period / 2)) % 2) == 0
+    elif style.pattern == "polka dots":
+        pat = ((x % period - period / 2) ** 2 + (y % period - period / 2) ** 2) <= (period * 0.28) ** 2
+    elif style.pattern == "grid lines":
+        pat = ((x % period) < period * 0.18) | ((y % period) < period * 0.18)
+    else:
+        pat = np.zeros_like(x, dtype=bool)
+    img = np.where(pat[..., None], col[style.pattern_color], col[style.background])
+
+    r = {"small": 0.13, "large": 0.21}[content.size]
+    width = {"no": 0.0, "thin black": 0.025, "thick black": 0.055, "thick white": 0.055}[style.outline]
+    ocol = col["white"] if style.outline == "thick white" else np.array([15, 15, 15], np.float32)
+    for cx, cy in _centers(content):
+        if width:
+            outer = _shape_mask(content.shape, x, y, cx, cy, r + width)
+            img[outer] = ocol
+        img[_shape_mask(content.shape, x, y, cx, cy, r)] = col[style.foreground]
+
+    img = img.reshape(size, 4, size, 4, 3).mean(axis=(1, 3))  # (size, size, 3)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    if style.finish == "grainy":
+        img = img + rng.normal(0, 14, img.shape)
+    elif style.finish == "vignette":
+        d = np.sqrt((xx - 0.5) ** 2 + (yy - 0.5) ** 2)
+        img = img * (1.0 - 0.9 * np.clip(d - 0.25, 0, None))[..., None]
+    elif style.finish == "glossy gradient":
+        img = img + (60 * (0.5 - yy))[..., None]
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False)  # PIL writes no timestamp: deterministic bytes
+    return buf.getvalue()
+
+
+MEGASTYLE_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+    ("content", pa.string()),
+    ("style", pa.string()),
+])
+
+
+def generate_styles(cfg: ToyWorldConfig) -> list[Style]:
+    """`cfg.styles` distinct styles, deterministic from the seed."""
+    rng = np.random.default_rng(cfg.seed)
+    styles, seen = [], set()
+    while len(styles) < cfg.styles:
+        st = sample_style(rng)
+        key = (st.background, st.pattern_color, st.foreground, st.pattern, st.frequency, st.outline, st.finish)
+        if key not in seen:
+            seen.add(key)
+            styles.append(st)
+    return styles
+
+
+def generate_rows(cfg: ToyWorldConfig):
+    """Yield MegaStyle rows style by style (8 consecutive rows per style) with their Style."""
+    for si, style in enumerate(generate_styles(cfg)):
+        rng = np.random.default_rng([cfg.seed, si])
+        contents, seen = [], set()
+        while len(contents) < ROWS_PER_STYLE:
+            c = sample_content(rng)
+            if c not in seen:  # different contents within a style, as MegaStyle's tuples need
+                seen.add(c)
+                contents.append(c)
+        for ci, content in enumerate(contents):
+            rid = f"s{si:06d}_c{ci:02d}"
+            image = render(style, content, cfg.size, rng)
+            yield {"id": rid, "image": {"bytes": png_bytes(image), "path": f"images/{rid}.png"},
+                   "content": content.describe(), "style": style.describe()}, style
+
+
+def write_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
+    """Write parquet shards + metadata.csv under `out_dir`; returns a summary."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    total = cfg.styles * ROWS_PER_STYLE
+    n_shards = -(-total // cfg.rows_per_shard)
+    rows, meta, shard_idx, written = [], {}, 0, []
+
+    def flush():
+        nonlocal rows, shard_idx
+        path = out / f"train-{shard_idx:05d}-of-{n_shards:05d}.parquet"
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(pa.Table.from_pylist(rows, schema=MEGASTYLE_SCHEMA), tmp, compression="zstd")
+        os.replace(tmp, path)  # atomic: a reader never sees half a shard
+        written.append(path.name)
+        rows, shard_idx = [], shard_idx + 1
+
+    for row, style in tqdm(generate_rows(cfg), total=total, desc="toyworld", unit="img", disable=not progress):
+        rows.append(row)
+        meta.setdefault(row["id"].split("_")[0], style)
+        if len(rows) == cfg.rows_per_shard:
+            flush()
+    if rows:
+        flush()
+    with open(out / "metadata.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        fields = list(asdict(next(iter(meta.values()))))
+        w.writerow(["style_id", *fields, "brushwork", "light"])
+        for sid, st in meta.items():
+            # MegaStyle's metadata has attributes the toy world lacks: they read N/A, as there.
+            w.writerow([sid, *asdict(st).values(), "N/A", "N/A"])
+    return {"dir": str(out), "rows": total, "styles": cfg.styles, "shards": written}
