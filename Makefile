@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check i2l flows tests
 
 deploy: $(STAMP)
-	$(BIN)/prefect deploy --all
+	PATH="$(CURDIR)/$(BIN):$$PATH" infra/prefect/deploy.sh
 
 clean:
 	rm -rf $(VENV)

@@ -35,8 +35,12 @@ class I2L:
         self._gray: LoRA | None = None
 
     @classmethod
-    def load(cls, checkpoint_dir: str | Path, device: str = "cpu", data_root: str | None = None) -> I2L:
-        """Load from a training run directory (its latest checkpoint) or one checkpoint directory."""
+    def load(cls, checkpoint_dir: str | Path, device: str = "cpu", data_root: str | None = None,
+             backbone: bool = True) -> I2L:
+        """Load from a training run directory (its latest checkpoint) or one checkpoint directory.
+
+        backbone=False: predict-only (mass production): the adapted layers come from the checkpoint's record, so
+        the (large) backbone is not loaded; `generate` then refuses."""
         from safetensors.torch import load_file
 
         ck = latest_checkpoint(checkpoint_dir)
@@ -46,17 +50,36 @@ class I2L:
         if data_root:
             cfg.data_root = data_root
         state = read_state(ck)
-        backbone = load_backbone(cfg).to(device)
-        check_fits(state, backbone, str(ck))
+        if backbone:
+            bb = load_backbone(cfg).to(device)
+            check_fits(state, bb, str(ck))
+            targets, backbone_id = bb.lora_targets(), bb.backbone_id
+        else:
+            bb, backbone_id = None, state["backbone_id"]
+            targets = {k: tuple(v) for k, v in state["targets"].items()}
         encoder = load_encoder(cfg.encoder).to(device)
-        predictor = I2LPredictor(cfg.predictor, backbone.lora_targets(), encoder.dim, backbone.backbone_id)
+        predictor = I2LPredictor(cfg.predictor, targets, encoder.dim, backbone_id)
         predictor.load_state_dict(load_file(str(ck / "predictor.safetensors")))
         predictor.to(device).eval().requires_grad_(False)
-        return cls(cfg, backbone, encoder, predictor, ck)
+        return cls(cfg, bb, encoder, predictor, ck)
 
     @property
     def checkpoint_id(self) -> str:
         return f"{self.checkpoint.parent.parent.name}/{self.checkpoint.name}" if self.checkpoint else "untrained"
+
+    @property
+    def lora_prefix(self) -> str:
+        """Key prefix of this backbone's diffusers LoRA files (`LoRA.save(path, prefix=...)`)."""
+        if self.backbone is not None:
+            return self.backbone.lora_prefix
+        kind = self.cfg.backbone.kind  # read off the adapter class: no need to load the backbone
+        if kind == "flux2":
+            from i2l.backbones.flux2 import Flux2Backbone as cls
+        elif kind == "zimage":
+            from i2l.backbones.zimage import ZImageBackbone as cls
+        else:
+            from i2l.backbones.toy import ToyBackbone as cls
+        return cls.lora_prefix
 
     def _images(self, images) -> torch.Tensor:
         pil = [im if isinstance(im, Image.Image) else load_image_file(im) for im in images]
@@ -96,10 +119,14 @@ class I2L:
     @torch.no_grad()
     def generate(self, prompts: list[str], loras: list[LoRA | None] | LoRA | None = None,
                  negative_lora: LoRA | str | None = "gray", guidance: float | None = None, steps: int | None = None,
-                 seed: int = 0, strength: float = 1.0, negative_prompt: str = "",
+                 seed: int | list[int] = 0, strength: float = 1.0, negative_prompt: str = "",
                  inpaint: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Image.Image]:
         """Sample one image per prompt with its LoRA. negative_lora="gray" = the paper's asymmetric guidance;
-        None = plain CFG with the positive LoRA on both branches; a LoRA = that LoRA on the negative branch."""
+        None = plain CFG with the positive LoRA on both branches; a LoRA = that LoRA on the negative branch.
+        seed: one for the batch, or one per prompt (then an image does not depend on what it is batched with)."""
+        if self.backbone is None:
+            raise ValueError("this I2L was loaded with backbone=False (predict-only): load it with the backbone "
+                             "to generate")
         guidance = self.cfg.eval.guidance if guidance is None else guidance
         steps = steps or self.cfg.eval.sample_steps
         n = len(prompts)
@@ -123,9 +150,14 @@ class I2L:
             neg = pos  # plain CFG: the same LoRA on both branches
         else:
             neg = LoRA.stack([negative_lora] * n)
-        g = torch.Generator().manual_seed(seed)
         shape = self.backbone.latent_shape(self.cfg.backbone.image_size)
-        noise = torch.randn((n, *shape), generator=g).to(self.backbone.device, self.backbone.dtype)
+        if isinstance(seed, int):
+            noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+        elif len(seed) == n:
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seed])
+        else:
+            raise ValueError(f"{n} prompts but {len(seed)} seeds")
+        noise = noise.to(self.backbone.device, self.backbone.dtype)  # (B, *latent)
         cond = self.backbone.encode_prompts(prompts)
         neg_cond = self.backbone.encode_prompts([negative_prompt] * n)
         x = sample(self.backbone, cond, neg_cond, pos, neg.to(self.backbone.device), guidance, steps, noise=noise,

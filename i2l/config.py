@@ -86,6 +86,9 @@ class BackboneConfig:
     # which linear layers carry LoRA: suffixes of module names (diffusers' spelling)
     targets: tuple[str, ...] = ()
     dtype: str = "float32"  # float32 | bfloat16 (GPU)
+    # flux2 / zimage only: prompt encoding as the diffusers pipelines do it
+    max_sequence_length: int = 512  # prompt tokens (the pipelines' max_sequence_length)
+    text_encoder_layers: tuple[int, ...] = ()  # flux2: stacked Qwen3 hidden states; () = the pipeline's (9, 18, 27)
 
     def __post_init__(self):
         if self.kind not in ("toy", "flux2", "zimage"):
@@ -159,6 +162,22 @@ class EvalConfig:
     fm_noise_seeds: int = 2
     optimize_budgets: tuple[int, ...] = (5, 25, 100)  # per-style LoRA step budgets
     seed: int = 0
+    lora_lr: float = 1e-2  # Adam lr of the directly optimised LoRAs (per-style and mean-LoRA)
+    per_style_rows: int = 4  # rows per style per per-style optimisation step (its references, fresh noise)
+    baseline_steps: int = 0  # mean-LoRA / adapter training steps; 0 = the predictor's train.steps (fair budget)
+    gen_batch: int = 64  # images per batched sampling call (each runs 2 CFG rows per image)
+    save_loras: bool = True  # write every evaluated LoRA as a safetensors file (off for 1,000-style evals)
+    # adapter baseline: encoder tokens -> extra context tokens; 0 = the predictor's value (same capacity)
+    adapter_tokens: int = 8  # M context tokens appended to the prompt's
+    adapter_hidden: int = 0
+    adapter_depth: int = 0
+    adapter_heads: int = 0
+
+    def __post_init__(self):
+        if min(self.styles, self.sample_steps, self.gen_batch, self.adapter_tokens, self.per_style_rows) < 1:
+            raise ValueError("eval.styles, sample_steps, gen_batch, adapter_tokens and per_style_rows must be >= 1")
+        if any(b < 1 for b in self.optimize_budgets):
+            raise ValueError("eval.optimize_budgets must be positive step counts, e.g. 5,25,100")
 
 
 @dataclass
@@ -192,6 +211,21 @@ class ScorerConfig:
 
 
 @dataclass
+class ProduceConfig:
+    """Mass production of LoRAs on a Ray actor pool (`i2l produce`)."""
+
+    workers: int = 2  # actors; each loads the predictor (and encoder) once
+    batch_size: int = 8  # styles per actor call (one batched predictor forward)
+    num_gpus: float = 0.0  # GPUs per actor: 0 = CPU actors; real presets use 1 on a GPU cluster
+    max_retries: int = 3  # attempts per batch when its actor dies (then the run fails)
+
+    def __post_init__(self):
+        if self.workers < 1 or self.batch_size < 1 or self.max_retries < 0 or self.num_gpus < 0:
+            raise ValueError("produce.workers and produce.batch_size must be >= 1, produce.max_retries and "
+                             "produce.num_gpus >= 0")
+
+
+@dataclass
 class Config:
     """A whole run: one preset plus overrides."""
 
@@ -205,6 +239,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    produce: ProduceConfig = field(default_factory=ProduceConfig)
 
     @property
     def root(self) -> Path:
@@ -257,8 +292,9 @@ def _klein4b() -> Config:
     # FLUX.2-klein 4B from a local directory (diffusers layout); 1024^2 like the paper.
     return Config(
         name="klein4b",
-        data=DataConfig(resolution=1024, val_fraction=0.01, val_samples=1000, rows_per_shard=2048, row_group_rows=64,
-                        image_format="jpeg", batch_size=32, concurrency=8, min_side=256),
+        # val_fraction 0.01 of MegaStyle-1.4M's ~175k styles = ~1.75k held-out styles >= the paper's 1,000 samples
+        data=DataConfig(resolution=1024, val_fraction=0.01, val_samples=1000, rows_per_shard=2048,
+                        row_group_rows=64, image_format="jpeg", batch_size=32, concurrency=8, min_side=256),
         backbone=BackboneConfig(kind="flux2", path=os.environ.get("I2L_KLEIN4B_DIR", ""), image_size=1024,
                                 targets=FLUX2_TARGETS, dtype="bfloat16"),
         encoder=EncoderConfig(kind="siglip2", path=os.environ.get("I2L_SIGLIP2_DIR", ""), image_size=512),
@@ -267,6 +303,7 @@ def _klein4b() -> Config:
                           use_gpu=True),
         eval=EvalConfig(styles=1000, guidance=4.0, sample_steps=28),
         scorer=ScorerConfig(clip_model="ViT-H-14", clip_checkpoint=os.environ.get("I2L_CLIP_CKPT", "")),
+        produce=ProduceConfig(workers=8, batch_size=16, num_gpus=1.0),
     )
 
 

@@ -58,8 +58,7 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": 1} if not cfg.train.use_gpu else None),
-        run_config=RunConfig(name=f"i2l-{cfg.name}", storage_path=str(out / "ray_results"),
-                             verbose=0 if not progress else 1),
+        run_config=RunConfig(name=f"i2l-{cfg.name}", storage_path=str(out / "ray_results")),
     )
     result = trainer.fit()
     if result.error:

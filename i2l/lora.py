@@ -96,7 +96,7 @@ class LoRA:
         r = max(x.rank for x in items)
         names = items[0].names
         for x in items:
-            if x.names != names:
+            if set(x.names) != set(names):  # order may differ (files list keys sorted)
                 raise ValueError("cannot batch LoRAs that adapt different layers")
 
         def pad(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -44,6 +44,8 @@ class I2LPredictor(nn.Module):
         L, k, H = len(self.names), cfg.rank, cfg.hidden
         self.in_proj = nn.Linear(token_dim, H)
         self.ref_embed = nn.Embedding(MAX_REFS, H)  # which reference a token came from
+        # small like the other learned embeddings: N copies of one reference then fuse to ~its own LoRA
+        nn.init.normal_(self.ref_embed.weight, std=0.02)
         # a query = its own free vector + layer, type (A rows / B columns) and rank-slot embeddings
         self.query = nn.Parameter(torch.randn(L, 2, k, H) * 0.02)  # (L, 2, k, H)
         self.layer_embed = nn.Parameter(torch.randn(L, 1, 1, H) * 0.02)
@@ -70,9 +72,20 @@ class I2LPredictor(nn.Module):
         z = self.in_proj(tokens) + self.ref_embed(ref_index)  # (B, S, H)
         q = (self.query + self.layer_embed + self.type_embed + self.rank_embed).reshape(1, -1, H)  # (1, Q, H)
         x = torch.cat([q.expand(Bsz, -1, -1), z], dim=1)  # (B, Q+S, H)
-        pad = torch.cat([keep.new_zeros(Bsz, q.shape[1]), ~keep], dim=1)  # (B, Q+S): True = ignore
-        for blk in self.blocks:
-            x = blk(x, src_key_padding_mask=pad)  # (B, Q+S, H)
+        # Additive key bias: -inf drops padding; -log N on image tokens gives N fused references together the
+        # attention mass of one, so fusing copies of one reference reproduces its LoRA and the queries'
+        # share of attention does not shrink as N grows (token concatenation of Eq. 1 is unchanged).
+        n = (ref_index.masked_fill(~keep, -1).amax(1) + 1).clamp(min=1).to(z.dtype)  # (B,) references
+        img_bias = (-n.log())[:, None].expand_as(keep).masked_fill(~keep, float("-inf"))  # (B, S)
+        bias = torch.cat([z.new_zeros(Bsz, q.shape[1]), img_bias], dim=1)  # (B, Q+S)
+        fast = torch.backends.mha.get_fastpath_enabled()
+        # PyTorch's fused inference kernel reads a float key mask as a boolean one (any non-zero = masked)
+        torch.backends.mha.set_fastpath_enabled(fast and bool((n == 1).all()))
+        try:
+            for blk in self.blocks:
+                x = blk(x, src_key_padding_mask=bias)  # (B, Q+S, H)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
         h = self.norm(x[:, : q.shape[1]]).reshape(Bsz, L, 2, k, H)  # only query states are decoded
         rows_A = self.head_A(h[:, :, 0])  # L x (B, k, d_in)
         cols_B = self.head_B(h[:, :, 1])  # L x (B, k, d_out)

@@ -137,7 +137,7 @@ def test_text_checks(content, style, reason):
 
 def test_ids():
     assert style_id_of("s000012_c03") == "s000012"
-    for bad in ("../../etc/passwd", "", None, 12, "s1_c2/../x", "s_c1", "x" * 300):
+    for bad in ("../../etc/passwd", "", None, 12, "s1_c2/../x", "s_c1", "s1_c2\n", "x" * 300):
         assert style_id_of(bad) is None
 
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
-                       Flux2Transformer2DModel)
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+)
 
 from i2l.backbones.base import Backbone, Cond
 from i2l.config import FLUX2_TARGETS, BackboneConfig
@@ -122,8 +126,9 @@ class Flux2Backbone(Backbone):
 
     # ----- velocity -----
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        # cond.mask is not used: Flux2KleinPipeline passes no attention mask (its prompts are all padded to one length)
         B, C, h, w = x_t.shape
-        tokens = self.pipe._pack_latents(x_t)  # (B, T, C), row-major over the grid
+        tokens = self.pipe._pack_latents(x_t.to(self.dtype))  # (B, T, C), row-major over the grid
         img_ids = self.pipe._prepare_latent_ids(x_t).to(x_t.device)  # (B, T, 4): (0, row, col, 0)
         txt_ids = self.pipe._prepare_text_ids(cond.embeds).to(x_t.device)  # (B, L, 4): (0, 0, 0, i)
         out = self.transformer(
@@ -131,7 +136,7 @@ class Flux2Backbone(Backbone):
             # the pipeline passes sigma = 1 - t (1 = pure noise); the model predicts noise - data = -(x1 - x0)
             timestep=(1.0 - t).to(tokens.dtype), guidance=None, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
         )[0]  # (B, T, C)
-        return -out.transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
+        return -out.transpose(1, 2).reshape(B, C, h, w).to(x_t.dtype)  # (B, C, h, w)
 
 
 def load_flux2_backbone(bcfg: BackboneConfig) -> Flux2Backbone:
@@ -141,6 +146,8 @@ def load_flux2_backbone(bcfg: BackboneConfig) -> Flux2Backbone:
         raise FileNotFoundError(f"no FLUX.2-klein pipeline directory at {bcfg.path!r}: set backbone.path (or "
                                 f"I2L_KLEIN4B_DIR) to a local diffusers directory with model_index.json")
     dtype = getattr(torch, bcfg.dtype)
-    pipe = Flux2KleinPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
+    pipe = Flux2KleinPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True,
                                               use_safetensors=True)
-    return Flux2Backbone(pipe, tuple(bcfg.targets) or FLUX2_TARGETS)
+    layers = tuple(int(i) for i in bcfg.text_encoder_layers) or QWEN3_LAYERS
+    return Flux2Backbone(pipe, tuple(bcfg.targets) or FLUX2_TARGETS, text_encoder_out_layers=layers,
+                         max_sequence_length=bcfg.max_sequence_length)

@@ -57,9 +57,9 @@ def pretrain_backbone(cfg: Config, data_dir: str | Path, out_dir: str | Path, st
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         opt.step()
-        curve.append({"step": step, "loss": float(loss), "lr": opt.param_groups[0]["lr"]})
+        curve.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     bb.freeze()
     out = bb.save(out_dir)
     info = {"steps": steps, "images": len(images), "seconds": time.time() - t0,

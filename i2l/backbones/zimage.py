@@ -100,7 +100,7 @@ class ZImageBackbone(Backbone):
 
     # ----- velocity -----
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        frames = list(x_t.unsqueeze(2).unbind(0))  # B × (C, 1, h, w): one frame per sample
+        frames = list(x_t.to(self.dtype).unsqueeze(2).unbind(0))  # B × (C, 1, h, w): one frame per sample
         if cond.mask is None:
             caps = list(cond.embeds.unbind(0))  # B × (L, D)
         else:
@@ -109,9 +109,9 @@ class ZImageBackbone(Backbone):
             frames,
             # the pipeline passes (1000 − timestep)/1000 = 1 − sigma = t, and negates the output to get
             # noise − data, so the raw output is data − noise = x1 − x0 already
-            t.float(), [c.to(x_t.dtype) for c in caps], patch_size=self.patch_size, return_dict=False,
+            t.float(), [c.to(self.dtype) for c in caps], patch_size=self.patch_size, return_dict=False,
         )[0]  # B × (C, 1, h, w)
-        return torch.stack(out).squeeze(2)  # (B, C, h, w)
+        return torch.stack(out).squeeze(2).to(x_t.dtype)  # (B, C, h, w)
 
 
 def load_zimage_backbone(bcfg: BackboneConfig) -> ZImageBackbone:
@@ -121,5 +121,5 @@ def load_zimage_backbone(bcfg: BackboneConfig) -> ZImageBackbone:
         raise FileNotFoundError(f"no Z-Image pipeline directory at {bcfg.path!r}: set backbone.path (or "
                                 f"I2L_ZIMAGE_DIR) to a local diffusers directory with model_index.json")
     dtype = getattr(torch, bcfg.dtype)
-    pipe = ZImagePipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=True)
-    return ZImageBackbone(pipe, tuple(bcfg.targets) or ZIMAGE_TARGETS)
+    pipe = ZImagePipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True, use_safetensors=True)
+    return ZImageBackbone(pipe, tuple(bcfg.targets) or ZIMAGE_TARGETS, max_sequence_length=bcfg.max_sequence_length)

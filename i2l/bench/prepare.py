@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import shutil
 import tempfile
 import time
@@ -23,18 +24,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default=None, help="scratch directory (default: a temporary one, deleted)")
 
 
-def pil_loop(images: list[bytes], resolution: int, fmt: str, quality: int = 95) -> float:
-    """The baseline: decode -> RGB -> Lanczos resize -> encode, one image after the other. Returns seconds."""
+def pil_loop(images: list[bytes], resolution: int, fmt: str, quality: int = 95) -> tuple[float, float]:
+    """The baseline: decode -> RGB -> Lanczos resize -> encode, one image after the other.
+
+    Returns (wall, CPU) seconds."""
     from PIL import Image
 
     save = {"png": {"format": "PNG"}, "jpeg": {"format": "JPEG", "quality": quality, "subsampling": 0},
             "webp": {"format": "WEBP", "quality": quality, "method": 4}}[fmt]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for data in images:
         im = Image.open(io.BytesIO(data))
         im = im.convert("RGB").resize((resolution, resolution), Image.LANCZOS)
         im.save(io.BytesIO(), **save)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -52,17 +55,18 @@ def run(args: argparse.Namespace) -> list[dict]:
                              "data.batch_size": 32, "data.row_group_rows": 64})
     cfg.toyworld.styles, cfg.toyworld.size, cfg.toyworld.rows_per_shard = args.styles, args.size, 512
     try:
-        inp = work / "in"
+        inp = work / f"in-{args.styles}x{args.size}"  # a --work-dir may be reused: one input per shape
         if not inp.is_dir():
             write_toyworld(cfg.toyworld, inp, progress=False)
         images = [b for f in sorted(inp.glob("*.parquet")) for b in image_bytes(pq.read_table(f))]
         n = len(images)
-        base_s = pil_loop(images, args.resolution, args.format, cfg.data.quality)
+        base_s, base_cpu = pil_loop(images, args.resolution, args.format, cfg.data.quality)
         base = n / base_s
         common = {"bench": "prepare", "rows": n, "size": args.size, "resolution": args.resolution,
                   "format": args.format}
         results = [{**common, "variant": "pil_loop", "workers": 1, "seconds": round(base_s, 3),
-                    "rows_per_s": round(base, 1), "per_worker_vs_loop": 1.0, "vs_1_worker": None}]
+                    "rows_per_s": round(base, 1), "per_worker_vs_loop": 1.0, "vs_1_worker": None,
+                    "cpu_ms_per_row": round(1000 * base_cpu / n, 2), "cpu_vs_loop": 1.0}]
         ensure_ray(num_cpus=max(workers))  # cluster start-up is not the pipeline's cost
         one = None
         for w in workers:
@@ -72,10 +76,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             shutil.rmtree(out, ignore_errors=True)
             s = prepare(cfg, inp, out, progress=False)
             rate = n / s.seconds  # end to end: plan, actor start-up, units, finalize
+            # CPU spent in the workers per row: what the wall clock would show on idle cores
+            cpu = sum(json.loads(r.read_text())["cpu_seconds"] for r in (out / ".work" / "units").glob("*.json"))
             one = rate if w == 1 else one
             results.append({**common, "variant": "ray_pipeline", "workers": w, "seconds": round(s.seconds, 3),
                             "rows_per_s": round(rate, 1), "per_worker_vs_loop": round(rate / w / base, 3),
-                            "vs_1_worker": round(rate / one, 3) if one else None})
+                            "vs_1_worker": round(rate / one, 3) if one else None,
+                            "cpu_ms_per_row": round(1000 * cpu / n, 2), "cpu_vs_loop": round(base_cpu / cpu, 3)})
         return results
     finally:
         if not args.work_dir:
@@ -83,9 +90,10 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["variant", "workers", "rows", "seconds", "rows_per_s", "per_worker_vs_loop", "vs_1_worker"]
-    lines = ["  ".join(f"{c:>18}" for c in cols)]
-    lines += ["  ".join(f"{'' if r[c] is None else r[c]!s:>18}" for c in cols) for r in rows]
+    cols = ["variant", "workers", "rows", "seconds", "rows_per_s", "per_worker_vs_loop", "vs_1_worker",
+            "cpu_ms_per_row", "cpu_vs_loop"]
+    lines = ["  ".join(f"{c:>14}" for c in cols)]
+    lines += ["  ".join(f"{'' if r[c] is None else r[c]!s:>14}" for c in cols) for r in rows]
     return "\n".join(lines)
 
 

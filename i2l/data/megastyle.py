@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 # `s{style}_c{content}`; anything else (a path, an empty string, 10 kB of junk) is a bad id.
-ID_RE = re.compile(r"^(s[0-9A-Za-z]{1,32})_c[0-9A-Za-z]{1,32}$")
+ID_RE = re.compile(r"(s[0-9A-Za-z]{1,32})_c[0-9A-Za-z]{1,32}")  # used with fullmatch: no "\n" tail
 INPUT_COLUMNS = ("id", "image", "content", "style")
 SPLITS = ("train", "val")
 
@@ -46,7 +46,7 @@ QUARANTINE_SCHEMA = pa.schema([
 
 def style_id_of(row_id: object) -> str | None:
     """`s000012_c03` -> `s000012`; None for anything that is not a MegaStyle id."""
-    m = ID_RE.match(row_id) if isinstance(row_id, str) else None
+    m = ID_RE.fullmatch(row_id) if isinstance(row_id, str) else None
     return m.group(1) if m else None
 
 
@@ -158,11 +158,18 @@ def atomic_tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary file over `path`, flushed first: after a crash it is whole or absent."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_tmp(path)
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def encode_image(im, fmt: str, quality: int) -> bytes:
@@ -220,7 +227,7 @@ class ShardWriter:
         if self._writer is None:
             return None
         self._writer.close()
-        os.replace(self.tmp, self.path)  # atomic: readers never see half a shard
+        replace_durably(self.tmp, self.path)  # atomic: readers never see half a shard
         return {"name": f"{self.split}/{self.path.name}" if self.split in SPLITS else self.path.name,
                 "split": self.split, "rows": self.rows, "bytes": self.path.stat().st_size,
                 "sha256": file_sha256(self.path), "styles": len(self.styles)}

@@ -160,9 +160,9 @@ def make_plan(input_dir: str | os.PathLike, cfg: DataConfig, shards: list[InputS
         segs = styles.setdefault(sid, [])
         i = bisect.bisect_left(dup_pos, (fi << 40) | start)
         while i < len(dup_pos) and dup_pos[i] < (fi << 40) | stop:  # cut the run around its duplicates
-            row, first = dup_pos[i] & _ROW_MASK, dup[dup_pos[i]]
+            row, seen = dup_pos[i] & _ROW_MASK, dup[dup_pos[i]]
             rejects.append(_reject(None, shards[fi].path, row, "duplicate_id",
-                                   f"first seen in {shards[first >> 40].path} row {first & _ROW_MASK}"))
+                                   f"first seen in {shards[seen >> 40].path} row {seen & _ROW_MASK}"))
             if start < row:
                 segs.append((fi, start, row))
             start, i = row + 1, i + 1
@@ -212,7 +212,7 @@ def _make_units(styles: dict[str, list], val: set[str], rows_per_shard: int) -> 
 def process_unit(unit: Unit, shards: list[InputShard], input_dir, out_dir, cfg: DataConfig, upscaler,
                  fingerprint: str) -> dict:
     """Read, validate, upscale, encode and write one unit; returns (and writes, last) its record."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = Path(out_dir)
     reader = RowRangeReader(input_dir)
     writers = {s: ShardWriter(out / s / f"{unit.name}.parquet", s, cfg.row_group_rows) for s in ("train", "val")}
@@ -253,7 +253,8 @@ def process_unit(unit: Unit, shards: list[InputShard], input_dir, out_dir, cfg: 
             w.abort()
         raise
     record = {"fingerprint": fingerprint, "unit": unit.index, "rows_in": unit.rows, "shards": shard_records,
-              "quarantined": qwriter.rows, "seconds": round(time.perf_counter() - t0, 3)}
+              "quarantined": qwriter.rows, "seconds": round(time.perf_counter() - t0, 3),
+              "cpu_seconds": round(time.process_time() - c0, 3)}
     if sum(r["rows"] for r in shard_records) + qwriter.rows != unit.rows:
         raise RuntimeError(f"unit {unit.name}: {unit.rows} rows in but {record} out (a bug; please report)")
     write_json_atomic((out / WORK / "units" / f"{unit.name}.json"), record)  # last: the unit counts as done only now

@@ -13,7 +13,7 @@ from PIL import Image
 
 from i2l.config import ScorerConfig
 from i2l.metrics.leakage import leakage_scores
-from i2l.metrics.toy_clip import SCORER_FILE, WEIGHTS_FILE, register_model_config
+from i2l.metrics.toy_clip import SCORER_FILE, TOY_CLIP_NAME, WEIGHTS_FILE, register_model_config
 
 # Weight files we agree to open: safetensors, or torch pickles read with weights_only=True.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -136,19 +136,25 @@ class ClipScorer:
         return clip_version(self.path, self.model_name)
 
     def available(self) -> tuple[bool, str]:
-        if not self.path.exists():
-            return False, (f"CLIP scorer {self.path} not found: run `i2l pretrain-scorer` (toy) or set "
-                           f"scorer.clip_checkpoint to a local open_clip checkpoint")
-        if self.path.is_dir() and not ((self.path / SCORER_FILE).is_file()
-                                       or (self.path / "open_clip_config.json").is_file()):
-            return False, f"{self.path} holds no scorer.json: re-run `i2l pretrain-scorer --out {self.path}`"
+        p = self.path
+        if not p.exists():
+            if self.model_name == TOY_CLIP_NAME:
+                return False, f"toy CLIP scorer {p} not found: run `i2l pretrain-scorer` first"
+            return False, (f"no {self.model_name} checkpoint at {p}: set scorer.clip_checkpoint "
+                           f"(I2L_CLIP_CKPT for klein4b/zimage) to a local open_clip checkpoint file")
+        if p.is_dir() and (p / SCORER_FILE).is_file():
+            model = json.loads((p / SCORER_FILE).read_text()).get("model")
+            if model != self.model_name:
+                return False, (f"{p} holds a {model} scorer but scorer.clip_model is {self.model_name}: "
+                               f"set scorer.clip_checkpoint to a {self.model_name} checkpoint")
+        elif p.is_dir() and not (p / "open_clip_config.json").is_file():
+            return False, f"{p} holds no scorer.json: re-run `i2l pretrain-scorer --out {p}`"
         return True, ""
 
     @property
     def clip(self) -> ClipModel:
         if self._clip is None:
-            name = None if self.path.is_dir() else self.model_name
-            self._clip = load_clip_scorer(self.path, name, self.device)
+            self._clip = load_clip_scorer(self.path, self.model_name, self.device)
         return self._clip
 
     def score(self, batch) -> dict[str, list[float | None]]:

@@ -52,19 +52,21 @@ def register_model_config(config_path: str | os.PathLike) -> str:
     return path.stem
 
 
-def read_caption_rows(data_dir: str | os.PathLike, max_rows: int | None = None) -> list[dict]:
-    """Rows {id, image (encoded bytes), content, style} for training the scorer.
+def read_caption_rows(data_dir: str | os.PathLike, split: str = "train", max_rows: int | None = None) -> list[dict]:
+    """Rows {id, image (encoded bytes), content, style} for training (or checking) the scorer.
 
-    Accepts a prepared dir (`train/part-*.parquet`, binary `image`; only the train split is read, so held-out
-    styles stay unseen) or a raw MegaStyle-layout dir (`train-*.parquet`, `image` = struct{bytes, path}).
-    `image.path` is never opened. Reads row group by row group and stops at `max_rows`.
+    Accepts a prepared dir (`<split>/part-*.parquet`, binary `image`; the train split for training, so held-out
+    styles stay unseen) or a raw MegaStyle-layout dir (`train-*.parquet`, `image` = struct{bytes, path}; it has
+    no val split). `image.path` is never opened. Reads row group by row group and stops at `max_rows`.
     """
     root = Path(data_dir)
-    files = sorted(glob.glob(str(root / "train" / "part-*.parquet")))
-    prepared = bool(files)
-    if not prepared:
+    files = sorted(glob.glob(str(root / split / "part-*.parquet")))
+    prepared = bool(files) or (root / "train").is_dir()
+    if not prepared and split == "train":
         files = sorted(glob.glob(str(root / "train-*.parquet")))
     if not files:
+        if split != "train":
+            return []
         raise FileNotFoundError(
             f"no training shards in {root}: expected a prepared dir (train/part-*.parquet, from `i2l prepare`) "
             f"or a MegaStyle-layout dir (train-*.parquet, e.g. from `i2l toyworld`)")
@@ -148,7 +150,7 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
     t0 = time.time()
     torch.manual_seed(sc.seed)
     rng = np.random.default_rng(sc.seed)
-    rows = read_caption_rows(data_dir, max_rows=sc.pretrain_max_rows)
+    rows = read_caption_rows(data_dir, "train", max_rows=sc.pretrain_max_rows)
     if len(rows) < 2:
         raise ValueError(f"need at least 2 training rows in {data_dir}, found {len(rows)}")
 
@@ -174,7 +176,11 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
     # would cost a dense gradient and Adam update per step, so it stays at its seeded random init (saved as is).
     model.token_embedding.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=sc.pretrain_lr, weight_decay=0.05)
+    # as open_clip's trainer: no weight decay on gains, biases, embeddings and the temperature
+    decay = [p for p in params if p.ndim >= 2 and p is not model.positional_embedding]
+    rest = [p for p in params if not any(p is q for q in decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+                            lr=sc.pretrain_lr)
     steps, bs, warmup = sc.pretrain_steps, min(sc.pretrain_batch_size, len(rows)), max(sc.pretrain_steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0)))))
@@ -190,8 +196,9 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
         img = model.encode_image(images[idx], normalize=True)  # (B, D)
         txt = model.encode_text(tokens[torch.cat([c_uniq, s_uniq])], normalize=True)  # (Uc+Us, D)
         scale = model.logit_scale.exp()
-        loss = 0.5 * (multi_positive_clip_loss(img, txt[:len(c_uniq)], c_lab, scale)
-                      + multi_positive_clip_loss(img, txt[len(c_uniq):], s_lab, scale))
+        cw = float(os.environ.get("I2L_CW", "0.5"))
+        loss = (cw * multi_positive_clip_loss(img, txt[:len(c_uniq)], c_lab, scale)
+                + (1 - cw) * multi_positive_clip_loss(img, txt[len(c_uniq):], s_lab, scale))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -203,6 +210,13 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
 
     model.eval()
+    heldout = None
+    val_rows = read_caption_rows(data_dir, "val", max_rows=512)
+    if val_rows:  # a prepared dir: check the scorer on styles it never saw
+        from i2l.metrics.clip import ClipModel
+
+        clip = ClipModel(model, tokenizer, preprocess, torch.device("cpu"), TOY_CLIP_NAME, SCORER_VERSION)
+        heldout = {"rows": len(val_rows), **pair_accuracy(clip, val_rows)}
     weights_path = out / WEIGHTS_FILE
     tmp = weights_path.with_suffix(".safetensors.tmp")
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -213,7 +227,7 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
         "contents": len(set(contents)), "data_hash": data_hash(rows), "data_dir": str(data_dir),
         "first_loss": losses[0] if losses else None,
         "final_loss": float(np.mean(losses[-10:])) if losses else None,
-        "seconds": round(time.time() - t0, 2),
+        "heldout": heldout, "seconds": round(time.time() - t0, 2),
     }
     _write_atomic(out / SCORER_FILE, json.dumps(info, indent=2))
     return info

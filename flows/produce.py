@@ -1,0 +1,53 @@
+"""Flow `produce`: mass-produce LoRAs from a checkpoint (default: the newest) for every style of a validation
+manifest on a Ray actor pool (GPU actors on a cluster), into runs/<preset>/loras/<checkpoint>/ and the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.stages import TASK_OPTIONS, StageContext, digest, jsonable, path_exists
+from flows.train import checkpoint_identity
+from i2l.checkpoint import latest_checkpoint
+from i2l.production import CATALOG_FILE, jobs_from_manifest
+from i2l.production import produce as produce_loras
+from i2l.store import file_sha256
+
+
+@task(name="produce-loras", **TASK_OPTIONS)
+def produce_task(cfg, checkpoint: str, manifest: str, out_dir: str, store, progress: bool) -> dict:
+    p = cfg.produce
+    summary = produce_loras(checkpoint, jobs_from_manifest(manifest), out_dir, store, workers=p.workers,
+                            batch_size=p.batch_size, num_gpus=p.num_gpus, max_retries=p.max_retries,
+                            progress=progress)
+    return jsonable(summary)
+
+
+def resolve_checkpoint(ctx: StageContext, checkpoint: str | None) -> Path:
+    """`checkpoint` (a run or checkpoint directory), else the newest checkpoint of this preset's training run."""
+    where = checkpoint or ctx.paths.train_dir
+    ck = latest_checkpoint(where)
+    if ck is None:
+        raise FileNotFoundError(f"no checkpoint under {where}: run the train flow first, or pass checkpoint=DIR")
+    return ck
+
+
+@flow(name="produce")
+def produce(preset: str = "toy", overrides: list[str] | None = None, data_root: str | None = None,
+            checkpoint: str | None = None, manifest: str | None = None, parent_run_id: str | None = None,
+            progress: bool = True, force: list[str] | None = None) -> list[dict]:
+    """checkpoint: None = the newest of runs/<preset>/train; manifest: None = the prepared validation manifest."""
+    ctx = StageContext.open(preset, overrides, data_root, parent_run_id, progress, force)
+    ck = resolve_checkpoint(ctx, checkpoint)
+    manifest_path = Path(manifest) if manifest else ctx.paths.val_manifest_path
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no manifest at {manifest_path}: run prepare_data first, or pass manifest=FILE")
+    ident = checkpoint_identity(ck)
+    # One directory per checkpoint: a production directory holds the LoRAs of exactly one checkpoint.
+    out = ctx.paths.loras_dir / f"{ck.name}-{ident['sha256'][:12]}"
+    key = digest(ident, file_sha256(manifest_path), str(out.resolve()))
+    result = ctx.run_stage(
+        "produce", key, path_exists(out / CATALOG_FILE),
+        lambda run_id: produce_task(ctx.cfg, str(ck), str(manifest_path), str(out), ctx.store, progress))
+    return [result.to_dict()]

@@ -1,0 +1,186 @@
+"""What every flow shares: the config (a preset + a few overrides), stage keys, skip-if-done by what the
+results store says, store runs for the work done, and which failures are worth a retry. Orchestration only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.cache_policies import NONE
+
+from i2l.backbones import default_paths
+from i2l.config import Config, get_config
+from i2l.paths import Paths, paths_for
+from i2l.store import Store, StoreBusyError
+
+STAGES = ("toyworld", "prepare", "pretrain_backbone", "pretrain_encoder", "pretrain_scorer", "train", "produce",
+          "evaluate", "report")
+
+# Failures worth another try: a store locked by a long reader, a Ray worker or node lost, a dropped connection.
+# User errors (bad config, missing input) and bugs fail at once: retrying them only repeats the message.
+_TRANSIENT_NAMES = frozenset({
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
+    "ObjectLostError", "OwnerDiedError", "ObjectFetchTimedOutError", "RaySystemError", "GetTimeoutError",
+    "OutOfMemoryError", "ObjectStoreFullError", "StoreBusyError",
+})
+_USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError,
+                AssertionError, PermissionError)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True when the exception (or one it was raised from) is a transient failure and none is a user error."""
+    seen, transient = set(), False
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, _USER_ERRORS):
+            return False  # Ray's RayTaskError(ValueError) is a ValueError too: a bug in the task, not the cluster
+        names = {t.__name__ for t in type(exc).__mro__}
+        transient |= isinstance(exc, (StoreBusyError, ConnectionError, TimeoutError)) or bool(names & _TRANSIENT_NAMES)
+        exc = exc.__cause__ or exc.__context__
+    return transient
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry only transient failures (the failed state carries the exception)."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    return is_transient(exc)
+
+
+# Options of every task that calls into i2l: retries on transient failures; no Prefect result caching, because
+# the results store decides what is done (and the inputs hold configs that Prefect cannot hash).
+TASK_OPTIONS: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": float(os.environ.get("I2L_RETRY_DELAY_S", "10")),
+    "retry_condition_fn": retry_if_transient,
+    "cache_policy": NONE,
+}
+
+
+def load_config(preset: str, overrides: Iterable[str] | None = None, data_root: str | None = None) -> Config:
+    """The preset with its overrides, on `data_root` (else $I2L_DATA_ROOT, else the preset's, `data`)."""
+    cfg = get_config(preset, list(overrides or []))
+    # Absolute: paths recorded in the store stay valid whatever the reader's working directory.
+    cfg.data_root = str(Path(data_root or os.environ.get("I2L_DATA_ROOT") or cfg.data_root).resolve())
+    return cfg
+
+
+def digest(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (dataclasses become dicts)."""
+    norm = [asdict(p) if is_dataclass(p) else p for p in parts]
+    return hashlib.sha256(json.dumps(norm, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_without_paths(cfg: Config) -> dict:
+    """The config minus where things live: the same work on another data root has the same key."""
+    d = cfg.to_dict()
+    d.pop("data_root", None)
+    return d
+
+
+@dataclass
+class StageResult:
+    """What one stage did: skipped (done earlier, by the store) or ran, how long it took, and its info."""
+
+    stage: str
+    key: str
+    skipped: bool
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StageContext:
+    """One flow's view of a data root: config, layout, results store, and the pipeline run it belongs to."""
+
+    cfg: Config
+    paths: Paths
+    store: Store
+    parent_run_id: str | None = None
+    progress: bool = True
+    force: frozenset[str] = frozenset()
+    keyed: dict = field(default_factory=dict)  # the config as stage keys see it (no data root, no filled paths)
+
+    @classmethod
+    def open(cls, preset: str, overrides: Iterable[str] | None, data_root: str | None,
+             parent_run_id: str | None = None, progress: bool = True, force: Iterable[str] | None = None,
+             reports_root: str | None = None) -> StageContext:
+        cfg = load_config(preset, overrides, data_root)
+        unknown = set(force or ()) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stage(s) in force: {sorted(unknown)}; stages are {', '.join(STAGES)}")
+        paths = paths_for(cfg, reports_root)
+        # The keys are taken before default_paths fills in the toy model locations (which follow data_root).
+        keyed = config_without_paths(cfg)
+        default_paths(cfg)
+        return cls(cfg, paths, Store(paths.store_path), parent_run_id, progress, frozenset(force or ()), keyed)
+
+    def section(self, *names: str) -> dict:
+        """Config sections as they were before paths were filled in (for stage keys)."""
+        return {n: self.keyed[n] for n in names}
+
+    def done(self, stage: str, key: str) -> dict | None:
+        """The info recorded when `stage` finished under `key`, or None if the store has no such mark."""
+        return self.store.stage_info(stage, key)
+
+    def run_stage(self, stage: str, key: str, outputs_exist: Callable[[], bool], work: Callable[[str], dict],
+                  record: Callable[[str, dict], None] | None = None, own_run: bool = True) -> StageResult:
+        """Skip when the store marks (stage, key) done and its outputs are on disk. Else run `work(run_id)` inside
+        a store run (own_run; else the work records its own run), then `record(run_id, info)` and the done-mark
+        in one store transaction."""
+        log = get_run_logger()
+        info = self.done(stage, key)
+        if info is not None and stage not in self.force:
+            if outputs_exist():
+                log.info(f"{stage}: done earlier (key {key}), skipped")
+                return StageResult(stage, key, True, 0.0, info)
+            log.warning(f"{stage}: the store marks it done but its outputs are gone; running it again")
+        t0 = time.perf_counter()
+        run_id = f"{stage}-{self.cfg.name}-{key}"
+        if self.parent_run_id:
+            # The pipeline's run is recorded once there is work to record under it (a re-run that skips every
+            # stage leaves the store unchanged); starting a known run again just sets it running.
+            self.store.start_run("pipeline", self.cfg.name, self.keyed, run_id=self.parent_run_id)
+        with self.store.run(stage, self.cfg.name, self.keyed, run_id=run_id, parent_id=self.parent_run_id) \
+                if own_run else nullcontext():
+            info = dict(work(run_id) or {})
+            if own_run:
+                info["run_id"] = run_id
+            info["parent_run_id"] = self.parent_run_id
+            with self.store.transaction():
+                if record:
+                    record(run_id, info)
+                self.store.mark_stage_done(stage, key, info)
+        seconds = time.perf_counter() - t0
+        log.info(f"{stage}: finished in {seconds:.1f} s (key {key})")
+        return StageResult(stage, key, False, seconds, info)
+
+
+def data_id(ctx: StageContext) -> str:
+    """Identity of the prepared data on disk (its plan fingerprint): what downstream stage keys build on."""
+    manifest = ctx.paths.prepared_dir / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no prepared data at {ctx.paths.prepared_dir}: run the prepare_data flow first "
+                                f"(or `i2l run --flow prepare_data --preset {ctx.cfg.name}`)")
+    return json.loads(manifest.read_text())["fingerprint"]
+
+
+def jsonable(value: Any) -> Any:
+    """Library summaries (dataclasses, paths) as plain JSON for the store and Prefect."""
+    if is_dataclass(value):
+        value = asdict(value)
+    return json.loads(json.dumps(value, default=str))
+
+
+def path_exists(*paths: Path) -> Callable[[], bool]:
+    return lambda: all(Path(p).exists() for p in paths)

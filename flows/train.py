@@ -1,0 +1,67 @@
+"""Flow `train`: train the i2L predictor on Ray Train (TorchTrainer; RAY_ADDRESS = a cluster, else a local Ray),
+always resuming from the latest checkpoint, so a killed or retried run continues where it stopped. Records the
+final checkpoint and the loss curve in the results store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.pretrain_toy import toy_model_keys
+from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, jsonable
+from i2l.checkpoint import latest_checkpoint, read_state
+from i2l.launcher import launch_training
+from i2l.store import file_sha256
+
+
+@task(name="train-predictor", **TASK_OPTIONS)
+def train_task(cfg, data_dir: str, out_dir: str, progress: bool) -> dict:
+    # resume=True always: a retry of this task, or a re-run of a killed flow, resumes from the last checkpoint.
+    return jsonable(launch_training(cfg, data_dir, out_dir, resume=True, progress=progress))
+
+
+def train_key(ctx: StageContext) -> str:
+    data = data_id(ctx)
+    return digest(data, toy_model_keys(ctx, data), ctx.section("backbone", "encoder", "predictor", "train"))
+
+
+def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
+    """The latest checkpoint of run_dir if it reached `steps`, else None."""
+    ck = latest_checkpoint(run_dir)
+    return ck if ck is not None and read_state(ck)["step"] >= steps else None
+
+
+def checkpoint_identity(ck: Path) -> dict:
+    """What a checkpoint is, for the keys of the stages that use it: its step and its weights' sha256."""
+    state = read_state(ck)
+    return {"path": str(ck), "step": state["step"], "backbone": state["backbone_id"],
+            "sha256": file_sha256(Path(ck) / "predictor.safetensors")}
+
+
+def record_training(ctx: StageContext, run_id: str, info: dict) -> None:
+    """The final checkpoint and the loss curve, into the store (inside the stage's transaction)."""
+    ck = finished_checkpoint(ctx.paths.train_dir, ctx.cfg.train.steps)
+    if ck is None:
+        raise RuntimeError(f"training ended without a checkpoint at step {ctx.cfg.train.steps} in "
+                           f"{ctx.paths.train_dir}; see the Ray Train logs under its ray_results/")
+    ident = checkpoint_identity(ck)
+    info["checkpoint_id"] = ctx.store.record_checkpoint(run_id, ck, ident["step"], ident["backbone"],
+                                                        ident["sha256"], meta={"preset": ctx.cfg.name})
+    info["checkpoint"] = str(ck)
+    curve = json.loads((ck / "curve.json").read_text())
+    ctx.store.record_curve(run_id, curve)
+
+
+@flow(name="train")
+def train(preset: str = "toy", overrides: list[str] | None = None, data_root: str | None = None,
+          parent_run_id: str | None = None, progress: bool = True, force: list[str] | None = None) -> list[dict]:
+    ctx = StageContext.open(preset, overrides, data_root, parent_run_id, progress, force)
+    cfg, paths = ctx.cfg, ctx.paths
+    result = ctx.run_stage(
+        "train", train_key(ctx),
+        lambda: finished_checkpoint(paths.train_dir, cfg.train.steps) is not None,
+        lambda run_id: train_task(cfg, str(paths.prepared_dir), str(paths.train_dir), progress),
+        record=lambda run_id, info: record_training(ctx, run_id, info))
+    return [result.to_dict()]

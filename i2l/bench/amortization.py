@@ -1,0 +1,67 @@
+"""Amortization: one i2L forward (per style) vs the per-style LoRA optimisation time needed to reach the same
+held-out FM loss, measured side by side on the same held-out styles in one run. Goal >= 1000x.
+
+Needs a trained checkpoint and prepared data (`make run` makes both on the toy world).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="data/runs/toy/train", help="training run or checkpoint dir")
+    p.add_argument("--data", default="data/prepared/toy", help="prepared data dir (val split + manifest)")
+    p.add_argument("--styles", type=int, default=4, help="held-out styles")
+    p.add_argument("--max-steps", type=int, default=300, help="most per-style optimisation steps tried")
+    p.add_argument("--data-root", default=None, help="data root of the checkpoint's toy models")
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from i2l.api import I2L
+    from i2l.evaluation import heldout_loss, load_val_samples
+    from i2l.images import to_tensor
+    from i2l.per_style import optimize_lora
+
+    model = I2L.load(args.checkpoint, data_root=args.data_root)
+    cfg, bb = model.cfg, model.backbone
+    size, T, S = cfg.backbone.image_size, cfg.eval.fm_timesteps, cfg.eval.fm_noise_seeds
+    samples = load_val_samples(args.data, limit=args.styles)
+    snaps = tuple(sorted({1, 2, 3, 5, 8, 12, 20, 30, 50, 80, 120, 200, 300, args.max_steps}
+                         & set(range(1, args.max_steps + 1))))
+    rows, ratios = [], []
+    for i, s in enumerate(samples):
+        model.predict_lora(s.refs)  # warm-up
+        fwd = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            lora = model.predict_lora(s.refs)
+            fwd.append(time.perf_counter() - t0)
+        t_fwd = statistics.median(fwd)
+        target = heldout_loss(bb, s, lora, size, T, S, i)
+        base = heldout_loss(bb, s, None, size, T, S, i)
+        _, curve = optimize_lora(bb, to_tensor(s.refs, size), s.ref_prompts, cfg.predictor.rank, args.max_steps,
+                                 seed=i, snapshots=snaps)
+        reached = None
+        for snap in curve:
+            if heldout_loss(bb, s, snap["lora"], size, T, S, i) <= target:
+                reached = snap
+                break
+        wall = reached["wall_s"] if reached else curve[-1]["wall_s"]
+        ratio = wall / t_fwd
+        ratios.append(ratio)
+        rows += [
+            {"case": s.style_id, "metric": "i2l_forward_s", "value": t_fwd, "unit": "s"},
+            {"case": s.style_id, "metric": "i2l_loss", "value": target, "unit": "fm"},
+            {"case": s.style_id, "metric": "base_loss", "value": base, "unit": "fm"},
+            {"case": s.style_id, "metric": "per_style_steps_to_match",
+             "value": reached["steps"] if reached else float("nan"), "unit": "steps"},
+            {"case": s.style_id, "metric": "per_style_s_to_match" if reached else "per_style_s_not_reached",
+             "value": wall, "unit": "s"},
+            {"case": s.style_id, "metric": "amortization" if reached else "amortization_lower_bound",
+             "value": ratio, "unit": "x"},
+        ]
+    rows.append({"case": "median", "metric": "amortization", "value": statistics.median(ratios), "unit": "x"})
+    return rows

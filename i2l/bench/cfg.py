@@ -1,0 +1,153 @@
+"""Benchmark of asymmetric LoRA guidance: i2l's sampler runs both CFG branches of B samples, each sample with its own
+style LoRA and the gray LoRA on its negative branch, as ONE forward of 2B rows per step. Timed against
+(plain) plain CFG with one LoRA shared by the whole batch, same batch (goal: asymmetric <= 1.05x plain), and against
+two passes per step that load and clear a LoRA around each branch as the authors' release does, (two_pass_batch) with
+the same batch, and (two_pass_per_sample) one sample at a time, as one loaded LoRA per model forces.
+
+Interleaved rounds after warmup, medians of wall and of process CPU time; ratios use CPU time, which a shared
+machine's other processes disturb far less than the wall clock (on an idle machine both agree).
+`python -m i2l.bench.cfg`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+GOALS = {"asymmetric/plain": ("<=", 1.05)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="toy", help="config preset whose toy backbone is timed (default: toy)")
+    p.add_argument("--batch", type=int, default=8, help="samples per batch (B); each step runs 2B rows")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps per timed call")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the preset's predictor.rank)")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every case once)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _load(lora):
+    """What loading a LoRA into a model costs at the least: its matrices copied into the layers' parameters."""
+    from i2l.lora import LoRA
+
+    return LoRA({k: v.clone() for k, v in lora.A.items()}, {k: v.clone() for k, v in lora.B.items()}, lora.backbone)
+
+
+def sample_two_pass(bb, cond, neg_cond, loras: list, gray, guidance: float, steps: int, noise, per_sample: bool):
+    """Reference CFG with separate branch forwards: per step, load the style LoRA, run the positive branch, clear it,
+    load the gray LoRA, run the negative branch, clear it. per_sample: one sample at a time (one LoRA per model)."""
+    import torch
+
+    from i2l.flow_matching import timestep_schedule
+    from i2l.lora import LoRA
+
+    n = len(cond)
+    groups = [[i] for i in range(n)] if per_sample else [list(range(n))]
+    x = noise.clone()
+    ts = timestep_schedule(steps).to(x.device)
+    for s in range(steps):
+        t, dt = ts[s], ts[s + 1] - ts[s]
+        v = torch.empty_like(x)
+        for idx in groups:
+            pos = _load(loras[idx[0]] if per_sample else LoRA.stack([loras[i] for i in idx]))
+            neg = _load(gray)  # one LoRA shared by the group's rows
+            xi, ti = x[idx], t.expand(len(idx)).to(x.dtype)
+            v_pos = bb.velocity(xi, ti, cond.index(idx), pos)  # (b, *latent)
+            v_neg = bb.velocity(xi, ti, neg_cond.index(idx), neg)
+            v[idx] = v_neg + guidance * (v_pos - v_neg)
+        x = x + dt * v
+    return x
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    import torch
+
+    from i2l.backbones.base import Cond
+    from i2l.backbones.toy import new_toy_backbone
+    from i2l.config import get_config
+    from i2l.flow_matching import sample, timestep_schedule
+    from i2l.lora import LoRA
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = get_config(args.preset)
+    if cfg.backbone.kind != "toy":
+        raise ValueError("bench cfg times the toy backbone: use --preset toy or debug")
+    n, rank, steps, s = args.batch, args.rank or cfg.predictor.rank, args.steps, cfg.eval.guidance
+    words = "one two small large circle square star triangle at the top bottom left right in middle".split()
+    bb = new_toy_backbone(cfg.backbone, ["<pad>", "<unk>", *words], seed=args.seed).freeze()
+    g = torch.Generator().manual_seed(args.seed)
+
+    def random_lora(scale=0.05):
+        return LoRA({k: torch.randn(rank, i, generator=g) * scale for k, (i, o) in bb.lora_targets().items()},
+                    {k: torch.randn(o, rank, generator=g) * scale for k, (i, o) in bb.lora_targets().items()},
+                    bb.backbone_id)
+
+    styles, gray, shared = [random_lora() for _ in range(n)], random_lora(), random_lora()
+    size = cfg.backbone.image_size
+    noise = torch.randn(n, 3, size, size, generator=g)  # (B, 3, H, W)
+    cond = bb.encode_prompts([" ".join(words[i % 6: i % 6 + 5]) for i in range(n)])
+    neg_cond = bb.encode_prompts([""] * n)
+    pos = LoRA.stack(styles)  # (B, ...) one LoRA per sample
+
+    def plain():  # one LoRA for every row of both branches: what a pipeline with one loaded LoRA does
+        both = Cond.cat([cond, neg_cond])
+        x, ts = noise.clone(), timestep_schedule(steps)
+        for i in range(steps):
+            v = bb.velocity(torch.cat([x, x]), ts[i].expand(2 * n), both, shared)  # (2B, *latent)
+            x = x + (ts[i + 1] - ts[i]) * (v[n:] + s * (v[:n] - v[n:]))
+        return x
+
+    cases = {
+        "plain": plain,
+        "asymmetric": lambda: sample(bb, cond, neg_cond, pos, gray, s, steps, noise=noise),
+        "two_pass_batch": lambda: sample_two_pass(bb, cond, neg_cond, styles, gray, s, steps, noise, False),
+        "two_pass_per_sample": lambda: sample_two_pass(bb, cond, neg_cond, styles, gray, s, steps, noise, True),
+    }
+    with torch.no_grad():
+        outs = {k: f() for k, f in cases.items()}
+        wall: dict[str, list[float]] = {k: [] for k in cases}
+        cpu: dict[str, list[float]] = {k: [] for k in cases}
+        for r in range(args.warmup + args.rounds):
+            for k, f in cases.items():  # interleaved: drift of a shared machine hits every case alike
+                t0, c0 = time.perf_counter(), time.process_time()
+                f()
+                if r >= args.warmup:
+                    wall[k].append(time.perf_counter() - t0)
+                    cpu[k].append(time.process_time() - c0)
+    ms = {k: 1000 * statistics.median(v) / steps for k, v in cpu.items()}
+    ms_wall = {k: 1000 * statistics.median(v) / steps for k, v in wall.items()}
+    common = {"batch": n, "rows_per_forward": 2 * n, "steps": steps, "rank": rank, "threads": torch.get_num_threads()}
+    rows = [{"case": k, "metric": "cpu_ms_per_step", "value": round(v, 3), "unit": "ms", **common} for k, v in ms.items()]
+    rows += [{"case": k, "metric": "wall_ms_per_step", "value": round(v, 3), "unit": "ms", **common}
+             for k, v in ms_wall.items()]
+    for num, den in (("asymmetric", "plain"), ("two_pass_batch", "asymmetric"), ("two_pass_per_sample", "asymmetric")):
+        name, ratio = f"{num}/{den}", ms[num] / ms[den]
+        goal = GOALS.get(name)
+        met = None if goal is None else (ratio <= goal[1] if goal[0] == "<=" else ratio >= goal[1])
+        rows.append({"case": name, "metric": "ratio", "value": round(ratio, 3), "unit": "x",
+                     "goal": f"{goal[0]} {goal[1]}" if goal else None, "goal_met": met, **common})
+        rows.append({"case": name, "metric": "wall_ratio", "value": round(ms_wall[num] / ms_wall[den], 3),
+                     "unit": "x", **common})
+    # the batched sampler and the two-pass reference must give the same images
+    for k in ("two_pass_batch", "two_pass_per_sample"):
+        rows.append({"case": f"asymmetric_vs_{k}", "metric": "max_abs_diff",
+                     "value": float((outs["asymmetric"] - outs[k]).abs().max()), "unit": "", **common})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'case':<36}{'metric':<14}{'value':>12}  {'unit':<4} goal"]
+    for r in rows:
+        goal = f"{r.get('goal')} ({'met' if r.get('goal_met') else 'NOT met'})" if r.get("goal") else ""
+        lines.append(f"{r['case']:<36}{r['metric']:<14}{r['value']:>12.4g}  {r['unit']:<4} {goal}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    print(format_table(run(parser.parse_args())))

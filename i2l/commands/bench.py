@@ -1,0 +1,62 @@
+"""Run a benchmark (`i2l bench NAME ...`): print its table and store its figures in the results store.
+
+Each benchmark measures its ratios side by side in one run (interleaved rounds, medians), because these
+machines are noisy. NAME is a module of i2l/bench/ (lora, cfg, prepare, produce, amortization, train-step).
+"""
+
+import importlib
+import pkgutil
+
+
+def _benches():
+    import i2l.bench
+
+    return sorted(m.name for m in pkgutil.iter_modules(i2l.bench.__path__) if not m.name.startswith("_"))
+
+
+def add_arguments(p):
+    sub = p.add_subparsers(dest="bench", metavar="NAME", required=True)
+    for name in _benches():
+        mod = importlib.import_module(f"i2l.bench.{name}")
+        doc = (mod.__doc__ or "").strip()
+        sp = sub.add_parser(name.replace("_", "-"), help=doc.splitlines()[0] if doc else None, description=doc)
+        mod.add_arguments(sp)
+        sp.add_argument("--store", default=None, help="results store (default: data/results.duckdb)")
+        sp.add_argument("--no-store", action="store_true", help="print only; record nothing")
+        sp.set_defaults(_bench_module=mod, _bench_name=name)
+
+
+def device_label() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return f"cpu:{platform.machine()}x{__import__('os').cpu_count()}"
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'case':<36}{'metric':<22}{'value':>14}  unit"]
+    for r in rows:
+        v = r.get("value")
+        vs = f"{v:>14.4g}" if isinstance(v, (int, float)) else f"{str(v):>14}"
+        lines.append(f"{str(r.get('case', '')):<36}{str(r.get('metric', '')):<22}{vs}  {r.get('unit', '')}")
+    return "\n".join(lines)
+
+
+def main(args):
+    import os
+    from pathlib import Path
+
+    mod, name = args._bench_module, args._bench_name
+    rows = mod.run(args)
+    print((mod.format_table if hasattr(mod, "format_table") else format_rows)(rows))
+    if not args.no_store:
+        from i2l.store import Store
+
+        root = getattr(args, "data_root", None) or os.environ.get("I2L_DATA_ROOT", "data")
+        store = Store(args.store or Path(root) / "results.duckdb")
+        store.record_benchmark(name, rows, device=device_label())
+        print(f"recorded {len(rows)} figures of bench {name!r} in {store.path}")
+    return 0

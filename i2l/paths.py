@@ -1,0 +1,87 @@
+"""Where each stage reads and writes under the data root: the one place for the directory layout that the
+flows and commands share (see data/README.md). Only path arithmetic here: nothing is created or read."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from i2l.config import Config
+
+REPORTS_ENV = "I2L_REPORTS_DIR"  # overrides the reports root (default: reports/ in the working directory)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The layout for one data root and one preset."""
+
+    root: Path  # the data root (cfg.data_root)
+    preset: str  # cfg.name
+    reports_root: Path = Path("reports")
+
+    @property
+    def toyworld_dir(self) -> Path:
+        # Per preset: presets write toy worlds of different sizes, and a smaller one written over a larger
+        # would leave the larger one's extra shards behind.
+        return self.root / "toyworld" / self.preset
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.root / "prepared" / self.preset
+
+    @property
+    def toy_dir(self) -> Path:
+        """The toy world's own models (i2l.backbones.default_paths puts them here too)."""
+        return self.root / "toy" / self.preset
+
+    @property
+    def backbone_dir(self) -> Path:
+        return self.toy_dir / "backbone"
+
+    @property
+    def encoder_dir(self) -> Path:
+        return self.toy_dir / "encoder"
+
+    @property
+    def scorer_dir(self) -> Path:
+        return self.toy_dir / "scorer"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs" / self.preset
+
+    @property
+    def train_dir(self) -> Path:
+        """The predictor's training run: checkpoints/step_XXXXXXX/."""
+        return self.runs_dir / "train"
+
+    @property
+    def loras_dir(self) -> Path:
+        """Mass-produced LoRAs (one safetensors file per style) and their catalog."""
+        return self.runs_dir / "loras"
+
+    @property
+    def eval_dir(self) -> Path:
+        """Evaluation: baselines, generated samples."""
+        return self.runs_dir / "eval"
+
+    @property
+    def store_path(self) -> Path:
+        return self.root / "results.duckdb"
+
+    @property
+    def val_manifest_path(self) -> Path:
+        return self.prepared_dir / "val_manifest.jsonl"
+
+    def report_dir(self, run_id: str) -> Path:
+        """reports/<run_id>/ (run ids made safe as a directory name, as i2l.report does)."""
+        return self.reports_root / re.sub(r"[^A-Za-z0-9._@-]", "_", run_id)
+
+
+def paths_for(cfg: Config, reports_root: str | os.PathLike | None = None) -> Paths:
+    """The layout of `cfg` (its data root and preset); reports under `reports_root`, else $I2L_REPORTS_DIR,
+    else reports/."""
+    reports = reports_root or os.environ.get(REPORTS_ENV) or "reports"
+    return Paths(Path(cfg.data_root), cfg.name, Path(reports))

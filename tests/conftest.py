@@ -1,0 +1,66 @@
+"""Shared fixtures: the offline environment, one local Ray cluster per session (`ray_session`), and `debug_run`, a
+debug-preset world built once per session (toy world -> prepared shards -> toy backbone + encoder -> a 2-step
+predictor checkpoint). Untrained but valid: enough for every stage that needs a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from conftest_ray import ray_session  # noqa: E402,F401  (one Ray cluster for the whole session)
+
+# Tiny budgets: the fixture must take seconds, and no test may depend on training quality.
+DEBUG_OVERRIDES = {"train.steps": 2, "train.ckpt_every": 2, "train.backbone_steps": 2, "encoder.pretrain_steps": 2}
+
+
+@dataclass
+class DebugRun:
+    """Where the session's debug world lives. `cfg` is the debug preset with the overrides used to build it."""
+
+    data_root: Path  # toyworld/, prepared/, toy/debug/{backbone,encoder}/, runs/train/
+    toyworld_dir: Path
+    prepared_dir: Path  # train/ + val/ shards, val_manifest.jsonl
+    run_dir: Path  # training run: checkpoints/step_0000002/
+    cfg: object
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        from i2l.checkpoint import latest_checkpoint
+
+        return latest_checkpoint(self.run_dir)
+
+
+def build_debug_run(root: Path) -> DebugRun:
+    """Build the debug world under root with the library calls the CLI makes (Ray is used by prepare)."""
+    from i2l.backbones import default_paths
+    from i2l.backbones.pretrain import pretrain_backbone
+    from i2l.config import get_config
+    from i2l.data.prepare import prepare
+    from i2l.encoder_pretrain import pretrain_encoder
+    from i2l.toyworld import write_toyworld
+    from i2l.training import train_predictor
+
+    cfg = get_config("debug", DEBUG_OVERRIDES)
+    cfg.data_root = str(root)
+    default_paths(cfg)
+    toy, prepared, run = root / "toyworld", root / "prepared", root / "runs" / "train"
+    write_toyworld(cfg.toyworld, toy, progress=False)
+    prepare(cfg, toy, prepared, progress=False)
+    pretrain_backbone(cfg, prepared, cfg.backbone.path, progress=False)
+    pretrain_encoder(cfg, prepared, cfg.encoder.path, progress=False)
+    train_predictor(cfg, prepared, run, progress=False)
+    return DebugRun(root, toy, prepared, run, cfg)
+
+
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory, ray_session) -> DebugRun:  # noqa: F811
+    """A debug world + 2-step checkpoint, built once per test session (~30 s on 2 cores)."""
+    return build_debug_run(tmp_path_factory.mktemp("debug_run"))

@@ -1,0 +1,156 @@
+"""Generation: batched asymmetric LoRA CFG against a straightforward two-pass implementation, plain CFG as the
+special case of identical LoRAs, and the `i2l generate` command (PNGs + table, batching, bad input)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+from test_backbones import random_lora, tiny_flux2, tiny_toy
+
+from i2l.cli import main as cli
+from i2l.flow_matching import sample, timestep_schedule
+from i2l.lora import LoRA
+
+PROMPTS = ["a red cat", "a blue dog in the garden", "the green house"]
+
+
+def two_pass_cfg(bb, cond, neg_cond, pos: list[LoRA], neg: list[LoRA], s: float, steps: int, noise):
+    """The straightforward way: every sample alone, per step one forward with its positive LoRA and prompt and
+    one with its negative LoRA and prompt, v = v_neg + s·(v_pos − v_neg)."""
+    out = []
+    ts = timestep_schedule(steps)
+    for i in range(len(cond)):
+        x = noise[i:i + 1]
+        for k in range(steps):
+            t = ts[k].expand(1)
+            v_pos = bb.velocity(x, t, cond.index(slice(i, i + 1)), pos[i])
+            v_neg = bb.velocity(x, t, neg_cond.index(slice(i, i + 1)), neg[i])
+            x = x + (ts[k + 1] - ts[k]) * (v_neg + s * (v_pos - v_neg))
+        out.append(x)
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    bb = tiny_toy()
+    n = len(PROMPTS)
+    noise = torch.randn(n, *bb.latent_shape(32), generator=torch.Generator().manual_seed(0))
+    return bb, bb.encode_prompts(PROMPTS), bb.encode_prompts([""] * n), noise
+
+
+@torch.no_grad()
+def test_batched_asymmetric_cfg_equals_two_passes(toy):
+    bb, cond, neg_cond, noise = toy
+    styles = random_lora(bb, len(PROMPTS), scale=0.1, seed=1)  # a different LoRA per sample
+    gray = random_lora(bb, None, scale=0.1, seed=2)
+    batched = sample(bb, cond, neg_cond, styles, gray, guidance=3.0, steps=3, noise=noise)
+    reference = two_pass_cfg(bb, cond, neg_cond, styles.unbind(), [gray] * len(PROMPTS), 3.0, 3, noise)
+    assert (batched - reference).abs().max() < 1e-5
+    plain = sample(bb, cond, neg_cond, styles, styles, guidance=3.0, steps=3, noise=noise)
+    assert (batched - plain).abs().max() > 1e-3, "the gray LoRA on the negative branch must matter"
+
+
+@torch.no_grad()
+def test_identical_loras_on_both_branches_are_plain_cfg(toy):
+    bb, cond, neg_cond, noise = toy
+    lora = random_lora(bb, None, scale=0.1, seed=3)
+    n = len(PROMPTS)
+    asym_same = sample(bb, cond, neg_cond, lora.expand(n), lora.expand(n), guidance=2.5, steps=3, noise=noise)
+    # plain CFG as a pipeline with one loaded LoRA runs it: the same LoRA on every row of both branches
+    x, ts = noise.clone(), timestep_schedule(3)
+    for k in range(3):
+        v = bb.velocity(torch.cat([x, x]), ts[k].expand(2 * n), type(cond).cat([cond, neg_cond]), lora)
+        x = x + (ts[k + 1] - ts[k]) * (v[n:] + 2.5 * (v[:n] - v[n:]))
+    assert (asym_same - x).abs().max() < 1e-5
+
+
+# ---------- the command ----------
+@pytest.fixture(scope="module")
+def setup(debug_run, tmp_path_factory):
+    from i2l.api import I2L
+    from i2l.evaluation import load_val_samples
+
+    model = I2L.load(debug_run.run_dir)
+    s = load_val_samples(debug_run.prepared_dir)
+    d = tmp_path_factory.mktemp("gen")
+    for i, im in enumerate(s[1].refs):  # user reference files: odd sizes and modes on purpose
+        im.convert(["RGB", "RGBA", "L", "P"][i]).resize((24 + 8 * i, 24 + 8 * i)).save(d / f"ref{i}.png")
+    lora_path = model.predict_lora(s[0].refs).save(d / "style-a.safetensors", prefix=model.lora_prefix)
+    return model, s, d, lora_path
+
+
+def run_cli(debug_run, out, *extra) -> int:
+    return cli(["generate", "--checkpoint", str(debug_run.run_dir), "--out", str(out), "--steps", "2",
+                "--no-progress", *extra])
+
+
+def test_generate_writes_every_sample_and_its_table(debug_run, setup, tmp_path):
+    model, s, d, lora_path = setup
+    out = tmp_path / "out"
+    rc = run_cli(debug_run, out, "--lora", str(lora_path), "--images", str(d / "ref*.png"),
+                 "--prompt", s[0].prompt, "--prompt", s[1].prompt, "--samples", "2", "--batch-size", "3",
+                 "--guidance", "3")
+    assert rc == 0
+    with open(out / "samples.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2  # styles x prompts x seeds
+    assert len({r["sample_id"] for r in rows}) == 8 and {r["seed"] for r in rows} == {"0", "1"}
+    assert {r["lora_id"] for r in rows} >= {"style-a"} and len({r["lora_id"] for r in rows}) == 2
+    for r in rows:
+        st = json.loads(r["settings"])
+        assert st["cfg"] == "asymmetric" and st["guidance"] == 3.0 and st["steps"] == 2
+        assert Image.open(out / r["image"]).size == (32, 32)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(r["image"] for r in rows), "samples.csv"])
+    # the same samples one per batch: batching must not change an image
+    one = tmp_path / "one"
+    assert run_cli(debug_run, one, "--lora", str(lora_path), "--prompt", s[1].prompt, "--samples", "2",
+                   "--batch-size", "1", "--guidance", "3") == 0
+    for name in ("style-a_p00_s1.png",):
+        a = torch.tensor(list(Image.open(one / name).getdata()))
+        b = torch.tensor(list(Image.open(out / name.replace("_p00_", "_p01_")).getdata()))
+        assert (a - b).abs().max() <= 1
+
+
+def test_plain_cfg_mixing_and_strength_options(debug_run, setup, tmp_path):
+    model, s, d, lora_path = setup
+    out = tmp_path / "out"
+    assert run_cli(debug_run, out, "--lora", str(lora_path), "--images", str(d / "ref0.png"), "--mix", "1,0",
+                   "--prompt", s[0].prompt, "--plain-cfg", "--strength", "0.5") == 0
+    rows = list(csv.DictReader(open(out / "samples.csv", newline="")))
+    assert len(rows) == 1 and rows[0]["lora_id"].startswith("mix-")
+    st = json.loads(rows[0]["settings"])
+    assert st["cfg"] == "plain" and st["strength"] == 0.5
+    # weights (1, 0) keep only the first style: the same image as that style alone
+    assert run_cli(debug_run, tmp_path / "alone", "--lora", str(lora_path), "--prompt", s[0].prompt,
+                   "--plain-cfg", "--strength", "0.5") == 0
+    a = list(Image.open(out / rows[0]["image"]).getdata())
+    assert a == list(Image.open(tmp_path / "alone" / "style-a_p00_s0.png").getdata())
+
+
+def test_bad_input_names_the_problem_and_writes_nothing(debug_run, setup, tmp_path, capsys):
+    model, s, d, lora_path = setup
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    other = random_lora(tiny_flux2(parts=False), None).save(tmp_path / "flux.safetensors")
+    cases = [
+        (["--images", str(tmp_path / "nothing-*.png")], "no image matches"),
+        (["--images", str(broken)], "cannot read image .*broken.png"),
+        (["--lora", str(other)], "does not fit backbone"),
+        (["--lora", str(lora_path), "--mix", "1,2"], "1 styles but 2 mixing weights"),
+        ([], "no style given"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert run_cli(debug_run, out, *args, "--prompt", s[0].prompt) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), (message, err)
+        assert not out.exists() or not any(out.iterdir()), f"{args} left files behind"
+    long = " ".join(["circle"] * 40)  # the debug text encoder takes 12 words
+    out = tmp_path / "long"
+    assert run_cli(debug_run, out, "--lora", str(lora_path), "--prompt", long) == 2
+    assert "at most 12" in capsys.readouterr().err and not out.exists()

@@ -1,0 +1,104 @@
+"""Predictor training: loss falls, exact resume after a stop, refusal of foreign checkpoints, Ray Train DDP."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from i2l.api import I2L
+from i2l.backbones import load_backbone
+from i2l.checkpoint import latest_checkpoint
+from i2l.config import get_config
+from i2l.data.tuples import TupleStream, collate
+from i2l.encoder import load_encoder
+from i2l.flow_matching import fm_loss
+from i2l.predictor import I2LPredictor, predict_lora
+from i2l.training import train_predictor
+
+
+def _cfg(debug_run, **over):
+    cfg = get_config("debug", {"train.ckpt_every": 3, **over})
+    cfg.data_root = str(debug_run.data_root)
+    cfg.backbone.path, cfg.encoder.path = debug_run.cfg.backbone.path, debug_run.cfg.encoder.path
+    return cfg
+
+
+@torch.no_grad()
+def _fixed_loss(cfg, run_dir, batch):
+    """FM loss of a checkpoint on one fixed batch with a fixed noise/timestep grid."""
+    bb, enc = load_backbone(cfg), load_encoder(cfg.encoder)
+    pred = I2LPredictor(cfg.predictor, bb.lora_targets(), enc.dim, bb.backbone_id)
+    ck = latest_checkpoint(run_dir)
+    if ck is not None:
+        pred.load_state_dict(load_file(str(ck / "predictor.safetensors")))
+    targets, prompts, refs, n = batch
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(len(prompts), generator=g)
+    noise = torch.randn(targets.shape, generator=g)
+    lora = predict_lora(pred, enc, refs, n)
+    return float(fm_loss(bb, targets, bb.encode_prompts(prompts), lora, t=t, noise=noise))
+
+
+def test_loss_falls_over_20_steps(debug_run, tmp_path):
+    cfg = _cfg(debug_run, **{"train.steps": 20, "train.lr": 1e-2})
+    batch = collate(list(__import__("itertools").islice(iter(TupleStream(debug_run.prepared_dir, seed=7)), 16)),
+                    32, cfg.encoder.image_size)
+    before = _fixed_loss(cfg, tmp_path / "none", batch)
+    info = train_predictor(cfg, debug_run.prepared_dir, tmp_path / "run", progress=False)
+    after = _fixed_loss(cfg, tmp_path / "run", batch)
+    assert info["steps"] == 20
+    assert after < before * 0.98, (before, after)
+
+
+def test_stop_then_resume_reaches_the_same_weights(debug_run, tmp_path):
+    cfg = _cfg(debug_run, **{"train.steps": 6})
+    train_predictor(cfg, debug_run.prepared_dir, tmp_path / "straight", progress=False)
+    info = train_predictor(cfg, debug_run.prepared_dir, tmp_path / "stopped", progress=False, stop_after=4)
+    assert info["steps"] == 4
+    assert latest_checkpoint(tmp_path / "stopped").name == "step_0000003"  # step 4 was lost with the "kill"
+    info = train_predictor(cfg, debug_run.prepared_dir, tmp_path / "stopped", resume=True, progress=False)
+    assert info["steps"] == 6
+    a = load_file(str(latest_checkpoint(tmp_path / "straight") / "predictor.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "stopped") / "predictor.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    curve = json.loads((latest_checkpoint(tmp_path / "stopped") / "curve.json").read_text())
+    assert [r["step"] for r in curve] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_for_another_backbone_or_targets_is_refused(debug_run, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(debug_run.checkpoint_dir, ck)
+    state = json.loads((ck / "state.json").read_text())
+    (ck / "state.json").write_text(json.dumps({**state, "backbone_id": "zimage:elsewhere"}))
+    with pytest.raises(ValueError, match="trained for backbone 'zimage:elsewhere'"):
+        I2L.load(ck, data_root=str(debug_run.data_root))
+    state["config"]["backbone"]["targets"] = ["attn.to_q", "attn.to_k"]
+    (ck / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="different set of layers"):
+        I2L.load(ck, data_root=str(debug_run.data_root))
+
+
+def test_tuples_vary_n_keep_single_refs_and_never_reuse_the_target(debug_run):
+    stream = iter(TupleStream(debug_run.prepared_dir, max_refs=3, seed=1))
+    tuples = [next(stream) for _ in range(120)]
+    ns = {len(t.refs) for t in tuples}
+    assert 1 in ns and max(ns) == 3
+    assert all(t.target not in t.refs for t in tuples)
+    targets, prompts, refs, n = collate(tuples[:8], 32, 32)
+    assert refs.shape[:2] == (8, int(n.max())) and targets.shape == (8, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_ray_train_with_two_cpu_workers(debug_run, tmp_path, ray_session):
+    from i2l.launcher import launch_training
+
+    cfg = _cfg(debug_run, **{"train.steps": 3, "train.num_workers": 2, "train.batch_size": 4})
+    launch_training(cfg, debug_run.prepared_dir, tmp_path / "ddp", progress=False)
+    ck = latest_checkpoint(tmp_path / "ddp")
+    assert ck is not None and ck.name == "step_0000003"
+    curve = json.loads((ck / "curve.json").read_text())
+    assert len(curve) == 3
