@@ -21,7 +21,7 @@ def report_task(store, run_id: str, out_dir: str, image_roots: list[str]) -> dic
 
 def markdown_section(markdown: str, title_prefix: str) -> str | None:
     """The `## <title_prefix>...` section of a markdown document, heading included; None if absent."""
-    m = re.search(rf"^## {re.escape(title_prefix)}.*?(?=^## |\Z)", markdown, flags=re.M | re.S)
+    m = re.search(rf"^## {re.escape(title_prefix)}.*?(?=^## |\Z)", markdown, flags=re.MULTILINE | re.DOTALL)
     return m.group(0).strip() if m else None
 
 

@@ -29,7 +29,7 @@ STAGES = ("toyworld", "prepare", "pretrain_backbone", "pretrain_encoder", "pretr
 _TRANSIENT_NAMES = frozenset({
     "RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
     "ObjectLostError", "OwnerDiedError", "ObjectFetchTimedOutError", "RaySystemError", "GetTimeoutError",
-    "OutOfMemoryError", "ObjectStoreFullError", "StoreBusyError",
+    "OutOfMemoryError", "ObjectStoreFullError",
 })
 _USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError,
                 AssertionError, PermissionError)
@@ -58,7 +58,7 @@ def retry_if_transient(task, task_run, state) -> bool:
 # the results store decides what is done (and the inputs hold configs that Prefect cannot hash).
 TASK_OPTIONS: dict[str, Any] = {
     "retries": 2,
-    "retry_delay_seconds": float(os.environ.get("I2L_RETRY_DELAY_S", "10")),
+    "retry_delay_seconds": float(os.environ.get("I2L_RETRY_DELAY_S", "10")),  # tests set 0
     "retry_condition_fn": retry_if_transient,
     "cache_policy": NONE,
 }

@@ -1,7 +1,7 @@
-"""The adapter baseline (IP-Adapter-like): the same frozen encoder's patch tokens become M extra context tokens
-appended to the prompt's, instead of a LoRA. Trained by flow matching through the frozen backbone on the same
-tuples, with the same step budget and batch size as the i2L predictor: the paper's central comparison.
-Shapes: B batch, S = N·P image tokens, D encoder width, M context tokens, H hidden, E text width, L text tokens.
+"""The adapter baseline (IP-Adapter-like): the same frozen encoder's patch tokens become M extra context
+tokens appended to the prompt's, instead of a LoRA; trained through the frozen backbone on the predictor's
+tuples with its budget. Shapes: B batch, S = N·P image tokens, D encoder width, M context tokens, H hidden,
+E text width, L text tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ MAX_REFS = 64
 
 
 class AdapterProjector(nn.Module):
-    """Learned queries + image tokens -> single-stream transformer (as the predictor's) -> M context tokens."""
+    """Learned queries + image tokens -> single-stream transformer (the predictor's) -> M context tokens."""
 
     def __init__(self, token_dim: int, text_dim: int, tokens: int = 8, hidden: int = 128, depth: int = 2,
                  heads: int = 4):
@@ -37,8 +37,9 @@ class AdapterProjector(nn.Module):
         self.ref_embed = nn.Embedding(MAX_REFS, hidden)  # which reference a token came from
         self.query = nn.Parameter(torch.randn(tokens, hidden) * 0.02)  # (M, H)
         self.blocks = nn.ModuleList([
-            nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=4 * hidden, dropout=0.0, batch_first=True,
-                                       norm_first=True, activation="gelu") for _ in range(depth)])
+            nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=4 * hidden, dropout=0.0,
+                                       batch_first=True, norm_first=True, activation="gelu")
+            for _ in range(depth)])
         self.norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, text_dim)
         # zero output: the untrained adapter appends constant tokens that carry no reference information
@@ -97,8 +98,8 @@ def context_positions(backbone: Backbone, length: int):
     if ids is None or ids.shape[0] == length:
         yield
         return
-    zeros = torch.zeros(length, dtype=ids.dtype)
-    backbone.txt_ids = torch.stack([zeros, zeros, zeros, torch.arange(length, dtype=ids.dtype)], -1)  # (L+M, 4)
+    zeros, pos = torch.zeros(length, dtype=ids.dtype), torch.arange(length, dtype=ids.dtype)
+    backbone.txt_ids = torch.stack([zeros, zeros, zeros, pos], -1)  # (L+M, 4): (0, 0, 0, i) as the prompt's
     try:
         yield
     finally:
@@ -126,12 +127,13 @@ class ConditionedBackbone:
 @torch.no_grad()
 def generate_with_adapter(backbone: Backbone, extra: torch.Tensor, prompts: list[str], noise: torch.Tensor,
                           guidance: float, steps: int, negative_prompt: str = "") -> torch.Tensor:
-    """Sample latents (B, *latent) for prompts with adapter tokens extra (B, M, E). CFG keeps the image tokens on
-    both branches (only the prompt is guided), as plain CFG keeps a LoRA on both branches."""
+    """Sample latents (B, *latent) for prompts with adapter tokens extra (B, M, E). CFG keeps the image tokens
+    on both branches (only the prompt is guided), as plain CFG keeps a LoRA on both branches."""
     view = ConditionedBackbone(backbone, extra.to(backbone.device, backbone.dtype))
     cond = view.encode_prompts(prompts)
     neg = view.encode_prompts([negative_prompt] * len(prompts))
-    return sample(view, cond, neg, None, None, guidance, steps, noise=noise.to(backbone.device, backbone.dtype))
+    noise = noise.to(backbone.device, backbone.dtype)
+    return sample(view, cond, neg, None, None, guidance, steps, noise=noise)
 
 
 def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps: int | None = None,
@@ -180,8 +182,8 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
         bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
     secs = time.time() - t0
     info = {"steps": steps, "batch_size": bs, "seconds": secs, "first_loss": _mean(curve[:20]),
-            "last_loss": _mean(curve[-20:]), "backbone_id": backbone.backbone_id, "encoder_id": encoder.encoder_id,
-            "dims": adapter.dims}
+            "last_loss": _mean(curve[-20:]), "backbone_id": backbone.backbone_id,
+            "encoder_id": encoder.encoder_id, "dims": adapter.dims}
     save_adapter(adapter, out_dir, {**info, "curve": curve, "config": cfg.to_dict()})
     return {"dir": str(out_dir), **info}
 
@@ -206,8 +208,8 @@ def load_adapter(out_dir: str | Path, backbone: Backbone | None = None, encoder=
     info = json.loads((out / INFO_FILE).read_text())
     for what, have, key in (("backbone", backbone, "backbone_id"), ("encoder", encoder, "encoder_id")):
         if have is not None and getattr(have, key) != info[key]:
-            raise ValueError(f"adapter {out} was trained for {what} {info[key]!r}, not {getattr(have, key)!r}: "
-                             f"retrain it with `i2l train-adapter`")
+            raise ValueError(f"adapter {out} was trained for {what} {info[key]!r}, not "
+                             f"{getattr(have, key)!r}: retrain it with `i2l train-adapter`")
     adapter = AdapterProjector(**info["dims"])
     adapter.load_state_dict(load_file(str(out / WEIGHTS_FILE)))
     return adapter.to(device).eval().requires_grad_(False), info

@@ -1,6 +1,6 @@
-"""The methods compared on held-out samples (the toy world's Table 1), each as per-sample conditioning: a LoRA
-(or none) for base, mean-LoRA, per-style optimisation at several step budgets and i2L with 1 / 4 references,
-and context tokens for the adapter baseline; with the wall time each takes to make one style's conditioning.
+"""The methods compared on held-out samples, as per-sample conditioning: a LoRA (or none: base) for mean-LoRA,
+per-style optimisation at step budgets and i2L with 1 / 4 references, context tokens for the adapter; with the
+wall time to make one style's conditioning, and each method's held-out FM loss.
 Shapes: S samples, N references, k rows per style and step, r rank.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from i2l.backbones.base import Backbone, Cond
-from i2l.evaluation import ValSample
+from i2l.evaluation import ValSample, heldout_loss
 from i2l.flow_matching import fm_loss
 from i2l.images import to_tensor
 from i2l.lora import LoRA, zero_lora
@@ -56,6 +56,7 @@ def i2l_conditionings(model, samples: list[ValSample], ref_counts: tuple[int, ..
     model.gray_lora()  # made once up front: not part of any style's time
     out = []
     for k in ref_counts:
+        model.predict_lora(samples[0].refs[:k])  # warm-up: first-call allocations are no style's time
         loras, walls = [], []
         for s in tqdm(samples, desc=f"i2L {k}-ref LoRAs", disable=not progress):
             t0 = time.perf_counter()
@@ -73,15 +74,15 @@ def optimize_loras(backbone: Backbone, images: torch.Tensor, prompts: list[list[
                    lr: float = 1e-2, seed: int = 0, snapshots: tuple[int, ...] = (), rows: int = 4,
                    progress: bool = False) -> dict[int, LoRA]:
     """Per-style LoRAs for S styles optimised side by side in one batched forward per step: images
-    (S, N, 3, H, W), prompts S x N. Each style's loss is its own mean, so Adam moves each LoRA exactly as if it
-    were optimised alone with `rows` rows per step (i2l.per_style). -> {steps: batched LoRA (S)} per snapshot."""
+    (S, N, 3, H, W), prompts S x N. Each style's loss is its own mean, so Adam moves each LoRA as if it were
+    optimised alone with `rows` rows per step (i2l.per_style). -> {steps: batched LoRA (S)} per snapshot."""
     from tqdm import tqdm
 
     S, N = images.shape[:2]
     init = zero_lora(backbone.lora_targets(), rank, backbone.backbone_id)
     dev = backbone.device
-    A = {k: v.to(dev).unsqueeze(0).repeat(S, 1, 1).requires_grad_(True) for k, v in init.A.items()}  # (S, r, in)
-    B = {k: v.to(dev).unsqueeze(0).repeat(S, 1, 1).requires_grad_(True) for k, v in init.B.items()}  # (S, out, r)
+    A = {k: v.to(dev).repeat(S, 1, 1).requires_grad_(True) for k, v in init.A.items()}  # (S, r, in)
+    B = {k: v.to(dev).repeat(S, 1, 1).requires_grad_(True) for k, v in init.B.items()}  # (S, out, r)
     opt = torch.optim.Adam([*A.values(), *B.values()], lr=lr)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -94,8 +95,9 @@ def optimize_loras(backbone: Backbone, images: torch.Tensor, prompts: list[list[
         lora = LoRA({k: v.repeat_interleave(rows, 0) for k, v in A.items()},  # (S·k, r, in)
                     {k: v.repeat_interleave(rows, 0) for k, v in B.items()}, backbone.backbone_id)
         with backbone.lora_adapter.use(lora):
-            per = fm_loss(backbone, x_all[idx], cond_all.index(idx), lora, generator=g, reduce=False)  # (S·k,)
-            loss = per.view(S, rows).mean(1).sum()  # a sum of per-style means: styles do not share a step size
+            x1, cond = x_all[idx], cond_all.index(idx)  # (S·k, *latent)
+            per = fm_loss(backbone, x1, cond, lora, generator=g, reduce=False)  # (S·k,)
+            loss = per.view(S, rows).mean(1).sum()  # a sum of per-style means: no style's step depends on S
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
@@ -116,9 +118,9 @@ def per_style_conditionings(backbone: Backbone, samples: list[ValSample], budget
     budgets = tuple(sorted(set(budgets)))
     N = min(len(s.refs) for s in samples)
     images = torch.stack([to_tensor(s.refs[:N], image_size) for s in samples])  # (S, N, 3, H, W)
-    snaps = optimize_loras(backbone, images, [s.ref_prompts[:N] for s in samples], rank, budgets[-1], lr, seed,
-                           budgets, rows, progress)
-    _, timed = optimize_lora(backbone, images[0], samples[0].ref_prompts[:N], rank, budgets[-1], lr=lr, seed=seed,
+    prompts = [s.ref_prompts[:N] for s in samples]
+    snaps = optimize_loras(backbone, images, prompts, rank, budgets[-1], lr, seed, budgets, rows, progress)
+    _, timed = optimize_lora(backbone, images[0], prompts[0], rank, budgets[-1], lr=lr, seed=seed,
                              snapshots=budgets, batch_size=rows)
     wall = {t["steps"]: t["wall_s"] for t in timed}
     return [Conditioning(f"per_style@{b}", loras=[lo.detach().to("cpu") for lo in snaps[b].unbind()],
@@ -129,17 +131,50 @@ def per_style_conditionings(backbone: Backbone, samples: list[ValSample], budget
 
 def adapter_conditioning(adapter, encoder, samples: list[ValSample], n_refs: int = 4,
                          progress: bool = False) -> Conditioning:
-    """Adapter context tokens from each sample's first n_refs references (one encoder + projector forward each)."""
+    """Adapter context tokens from each sample's first n_refs references (one encoder + projector forward)."""
     from tqdm import tqdm
 
     from i2l.adapter import adapter_tokens
 
     extras, walls = [], []
     with torch.no_grad():
+        size = encoder.cfg.image_size
+        adapter_tokens(adapter, encoder, to_tensor(samples[0].refs[:n_refs], size))  # warm-up, untimed
         for s in tqdm(samples, desc="adapter tokens", disable=not progress):
             t0 = time.perf_counter()
-            refs = to_tensor(s.refs[:n_refs], encoder.cfg.image_size).to(encoder.device)  # (N, 3, h, w)
+            refs = to_tensor(s.refs[:n_refs], size).to(encoder.device)  # (N, 3, h, w)
             extras.append(adapter_tokens(adapter, encoder, refs)[0].cpu())  # (M, E)
             walls.append(time.perf_counter() - t0)
     return Conditioning("adapter", extra=torch.stack(extras), wall_s=walls, n_refs=n_refs,
                         note="frozen encoder tokens -> extra context tokens, one forward")
+
+
+def heldout_losses(model, samples: list[ValSample], conds: list[Conditioning], progress: bool) -> list[dict]:
+    """Rows {method, style_id, n_refs, steps, wall_s, loss} on evaluation.heldout_loss's fixed grid, for each
+    method's own conditioning (CFG plays no part, so asym variants are left out), plus the gray-image LoRA and
+    a wrong style's i2L LoRA as sanity checks."""
+    from tqdm import tqdm
+
+    from i2l.adapter import ConditionedBackbone
+
+    cfg, bb = model.cfg, model.backbone
+    size, T, S = cfg.backbone.image_size, cfg.eval.fm_timesteps, cfg.eval.fm_noise_seeds
+    i2l = [c for c in conds if c.method.startswith("i2l") and not c.asym]
+    rows = []
+    for i, s in enumerate(tqdm(samples, desc="held-out FM loss", disable=not progress)):
+        def add(method, n_refs, steps, wall, lora=None, backbone=bb, s=s, i=i):
+            rows.append({"method": method, "style_id": s.style_id, "n_refs": n_refs, "steps": steps,
+                         "wall_s": wall, "loss": heldout_loss(backbone, s, lora, size, T, S, i)})
+
+        for c in conds:
+            if c.asym:
+                continue
+            if c.extra is not None:
+                add(c.method, c.n_refs, 0, c.wall_s[i], backbone=ConditionedBackbone(bb, c.extra[i:i + 1]))
+            else:
+                add(c.method, c.n_refs, c.budget, c.wall_s[i], lora=c.loras[i])
+        if i2l:
+            add("gray_lora", 0, 0, 0.0, lora=model.gray_lora())
+            if len(samples) > 1:  # the most-references i2L LoRA of the next sample's style
+                add("i2l_wrong_style", i2l[-1].n_refs, 0, 0.0, lora=i2l[-1].loras[(i + 1) % len(samples)])
+    return rows

@@ -1,10 +1,6 @@
-"""The evaluation stage (the toy world's Table 1): for cfg.eval.styles held-out samples, every method's LoRA (or
-adapter tokens), one image per sample and method from the same prompt and noise, its scores and the held-out FM
-loss, recorded in the results store in one transaction. Re-running with the same inputs does no work.
-
-Methods: base, mean_lora, per_style@{steps}, i2l_1ref, i2l_4ref, i2l_1ref_asym, i2l_4ref_asym, adapter; the FM
-loss table adds gray_lora and i2l_wrong_style (another style's LoRA) as sanity checks.
-"""
+"""The evaluation stage (the toy world's Table 1): each method's conditioning for cfg.eval.styles held-out
+samples (i2l/eval_methods.py), one image per sample and method from the same prompt and noise, scores and
+held-out FM loss, recorded in the results store in one transaction. Re-running the same does no work."""
 
 from __future__ import annotations
 
@@ -18,9 +14,16 @@ import torch
 
 from i2l.checkpoint import checkpoint_config, latest_checkpoint, read_state
 from i2l.config import Config
-from i2l.eval_methods import (Conditioning, adapter_conditioning, base_conditioning, i2l_conditionings,
-                              mean_lora_conditioning, per_style_conditionings)
-from i2l.evaluation import ValSample, heldout_loss, load_val_samples
+from i2l.eval_methods import (
+    Conditioning,
+    adapter_conditioning,
+    base_conditioning,
+    heldout_losses,
+    i2l_conditionings,
+    mean_lora_conditioning,
+    per_style_conditionings,
+)
+from i2l.evaluation import ValSample, load_val_samples
 from i2l.images import to_pil
 from i2l.lora import LoRA
 from i2l.store import Store, file_sha256
@@ -29,8 +32,9 @@ FAMILIES = ("base", "mean_lora", "per_style", "i2l", "adapter")
 
 
 def evaluate(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, store: Store,
-             out_dir: str | Path | None = None, parent_id: str | None = None, families: tuple[str, ...] = FAMILIES,
-             baselines_dir: str | Path | None = None, device: str | None = None, progress: bool = True) -> dict:
+             out_dir: str | Path | None = None, parent_id: str | None = None,
+             families: tuple[str, ...] = FAMILIES, baselines_dir: str | Path | None = None,
+             device: str | None = None, progress: bool = True) -> dict:
     """Evaluate the predictor of `run_dir` (a training run or one checkpoint dir) on `prepared_dir`'s held-out
     samples. `cfg` supplies the eval and scorer settings (and data root); the model, and the budget of the
     mean-LoRA and adapter baselines, come from the checkpoint. Images go under out_dir (default run_dir/eval).
@@ -62,12 +66,12 @@ def evaluate(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, store: 
         model = I2L.load(ck, device=device, data_root=ecfg.data_root)
         model.cfg.eval, model.cfg.scorer = ecfg.eval, ecfg.scorer
         base_dir = Path(baselines_dir) if baselines_dir else out_dir / "baselines"
-        conds = make_conditionings(model, samples, families, prepared_dir, base_dir, store, run_id, dataset_id,
-                                   progress)
+        conds = make_conditionings(model, samples, families, prepared_dir, base_dir, store, run_id,
+                                   dataset_id, progress)
         losses = heldout_losses(model, samples, conds, progress)
         run_out = out_dir / run_id
         refs = save_references(samples, run_out / "refs", store.path.parent)
-        loras = save_loras(conds, samples, run_out / "loras", model, store, run_id) if ecfg.eval.save_loras \
+        loras = save_loras(conds, samples, run_out / "loras", model, run_id) if ecfg.eval.save_loras \
             else lora_rows(conds, samples, run_id, model)
         sample_rows, score_rows = generate_and_score(model, samples, conds, refs, loras, run_out / "samples",
                                                      store, run_id, progress)
@@ -77,7 +81,8 @@ def evaluate(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, store: 
                 "seconds": time.perf_counter() - t0, "summary": summary}
         with store.transaction():  # the stage's results land whole or not at all
             store.record_styles([{"style_id": s.style_id, "split": "val", "description": s.style,
-                                  "dataset_id": dataset_id, "ref_paths": refs[i]} for i, s in enumerate(samples)])
+                                  "dataset_id": dataset_id, "ref_paths": refs[i]}
+                                 for i, s in enumerate(samples)])
             for c in conds:
                 store.record_method(run_id, c.method, wall_s=c.mean_wall_s, budget_steps=c.budget or None,
                                     note=c.note)
@@ -104,7 +109,7 @@ def eval_config(cfg: Config, ck: Path) -> Config:
     ecfg = checkpoint_config(ck)
     ecfg.eval, ecfg.scorer, ecfg.data_root = replace(cfg.eval), replace(cfg.scorer), cfg.data_root
     clip = Path(ecfg.scorer.clip_checkpoint)
-    # `i2l pretrain-scorer` may have written the toy scorer to <data_root>/scorer instead of <data_root>/toy/..
+    # the toy scorer may live at <data_root>/scorer (metrics' default) instead of <data_root>/toy/<preset>/
     if not clip.exists() and Path(default_scorer_dir(ecfg)).exists():
         ecfg.scorer.clip_checkpoint = default_scorer_dir(ecfg)
     return ecfg
@@ -126,11 +131,14 @@ def eval_key(ecfg: Config, ck: Path, dataset_id: str, families: tuple[str, ...])
     """Same predictor weights, data, eval + scorer settings, baselines' budget and methods => same key."""
     from i2l.metrics.clip import clip_version
 
+    # how generation and scoring run, not their numbers (an image does not depend on its batch)
+    scorer = {k: v for k, v in asdict(ecfg.scorer).items() if k not in ("device", "batch_size")}
+    ev = {k: v for k, v in asdict(ecfg.eval).items() if k != "gen_batch"}
     return _digest({"predictor": file_sha256(Path(ck) / "predictor.safetensors"), "data": dataset_id,
-                    "eval": asdict(ecfg.eval), "scorer": asdict(ecfg.scorer),
+                    "eval": ev, "scorer": scorer, "families": sorted(families),
                     "clip": clip_version(ecfg.scorer.clip_checkpoint, ecfg.scorer.clip_model),
-                    "families": sorted(families), "mean_lora": baseline_budget(ecfg, ck, dataset_id, "mean_lora"),
-                    "adapter": baseline_budget(ecfg, ck, dataset_id, "adapter")})
+                    "baselines": [baseline_budget(ecfg, ck, dataset_id, k)
+                                  for k in ("mean_lora", "adapter")]})
 
 
 def baseline_budget(ecfg: Config, ck: Path, dataset_id: str, kind: str) -> dict:
@@ -144,10 +152,10 @@ def baseline_budget(ecfg: Config, ck: Path, dataset_id: str, kind: str) -> dict:
     if kind == "mean_lora":
         out["lr"] = ecfg.eval.lora_lr
     else:
-        e = ecfg.eval
+        e, p = ecfg.eval, ecfg.predictor
         out.update(lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip, tokens=e.adapter_tokens,
-                   hidden=e.adapter_hidden or ecfg.predictor.hidden, depth=e.adapter_depth or ecfg.predictor.depth,
-                   heads=e.adapter_heads or ecfg.predictor.heads)
+                   hidden=e.adapter_hidden or p.hidden, depth=e.adapter_depth or p.depth,
+                   heads=e.adapter_heads or p.heads)
     return out
 
 
@@ -164,7 +172,7 @@ def ensure_baseline(kind: str, model, prepared_dir, base_dir: Path, store: Store
     out = base_dir / f"{kind}-{key}"
     load = (lambda: load_mean_lora(out, model.backbone)) if kind == "mean_lora" else \
         (lambda: load_adapter(out, model.backbone, model.encoder, device=str(model.encoder.device)))
-    if store.is_stage_done(kind, key):
+    if store.is_stage_done(f"train_{kind}", key):
         try:
             return load()
         except FileNotFoundError:
@@ -175,7 +183,7 @@ def ensure_baseline(kind: str, model, prepared_dir, base_dir: Path, store: Store
         curve = json.loads((out / f"{kind}.json").read_text())["curve"]
         with store.transaction():
             store.record_curve(run_id, curve)
-            store.mark_stage_done(kind, key, {"dir": str(out), "run_id": run_id,
+            store.mark_stage_done(f"train_{kind}", key, {"dir": str(out), "run_id": run_id,
                                               **{k: v for k, v in info.items() if k != "dims"}})
     return load()
 
@@ -183,56 +191,27 @@ def ensure_baseline(kind: str, model, prepared_dir, base_dir: Path, store: Store
 def make_conditionings(model, samples: list[ValSample], families, prepared_dir, base_dir: Path, store: Store,
                        run_id: str, dataset_id: str, progress: bool) -> list[Conditioning]:
     cfg, n = model.cfg, len(samples)
+
+    def baseline(kind):
+        return ensure_baseline(kind, model, prepared_dir, base_dir, store, run_id, dataset_id, progress)
+
     conds = []
     if "base" in families:
         conds.append(base_conditioning(n))
     if "mean_lora" in families:
-        lora, info = ensure_baseline("mean_lora", model, prepared_dir, base_dir, store, run_id, dataset_id, progress)
+        lora, info = baseline("mean_lora")
         conds.append(mean_lora_conditioning(lora, n, info["seconds"]))
     if "per_style" in families:
-        conds += per_style_conditionings(model.backbone, samples, cfg.eval.optimize_budgets, cfg.predictor.rank,
-                                         cfg.backbone.image_size, cfg.eval.lora_lr, cfg.eval.per_style_rows,
-                                         cfg.eval.seed, progress)
+        e = cfg.eval
+        conds += per_style_conditionings(model.backbone, samples, e.optimize_budgets, cfg.predictor.rank,
+                                         cfg.backbone.image_size, e.lora_lr, e.per_style_rows, e.seed,
+                                         progress)
     if "i2l" in families:
         conds += i2l_conditionings(model, samples, (1, min(4, min(len(s.refs) for s in samples))), progress)
     if "adapter" in families:
-        adapter, _ = ensure_baseline("adapter", model, prepared_dir, base_dir, store, run_id, dataset_id, progress)
+        adapter, _ = baseline("adapter")
         conds.append(adapter_conditioning(adapter, model.encoder, samples, 4, progress))
     return conds
-
-
-# ----- held-out flow-matching loss -------------------------------------------------------------------------
-
-def heldout_losses(model, samples: list[ValSample], conds: list[Conditioning], progress: bool) -> list[dict]:
-    """Rows {method, style_id, n_refs, steps, wall_s, loss} on evaluation.heldout_loss's fixed grid, for each
-    method's own conditioning (CFG plays no part, so asym variants are left out), plus the gray-image LoRA and
-    a wrong style's i2L LoRA as sanity checks."""
-    from tqdm import tqdm
-
-    from i2l.adapter import ConditionedBackbone
-
-    cfg, bb = model.cfg, model.backbone
-    size, T, S = cfg.backbone.image_size, cfg.eval.fm_timesteps, cfg.eval.fm_noise_seeds
-    by_method = {c.method: c for c in conds}
-    rows = []
-    for i, s in enumerate(tqdm(samples, desc="held-out FM loss", disable=not progress)):
-        def add(method, n_refs, steps, wall, lora=None, backbone=bb):
-            rows.append({"method": method, "style_id": s.style_id, "n_refs": n_refs, "steps": steps,
-                         "wall_s": wall, "loss": heldout_loss(backbone, s, lora, size, T, S, i)})
-
-        for c in conds:
-            if c.asym:
-                continue
-            if c.extra is not None:
-                add(c.method, c.n_refs, 0, c.wall_s[i], backbone=ConditionedBackbone(bb, c.extra[i:i + 1]))
-            else:
-                add(c.method, c.n_refs, c.budget, c.wall_s[i], lora=c.loras[i])
-        if "i2l_4ref" in by_method or "i2l_1ref" in by_method:
-            add("gray_lora", 0, 0, 0.0, lora=model.gray_lora())
-            if len(samples) > 1:
-                src = by_method.get("i2l_4ref") or by_method["i2l_1ref"]
-                add("i2l_wrong_style", src.n_refs, 0, 0.0, lora=src.loras[(i + 1) % len(samples)])
-    return rows
 
 
 # ----- images, LoRA files, samples and scores --------------------------------------------------------------
@@ -259,7 +238,7 @@ def lora_rows(conds: list[Conditioning], samples: list[ValSample], run_id: str, 
     for c in conds:
         if c.lora_of or not c.loras:
             continue
-        for i, (s, lo) in enumerate(zip(samples, c.loras)):
+        for i, (s, lo) in enumerate(zip(samples, c.loras, strict=True)):
             if lo is None:
                 continue
             path = (paths or {}).get((c.method, i))
@@ -271,7 +250,7 @@ def lora_rows(conds: list[Conditioning], samples: list[ValSample], run_id: str, 
     return rows
 
 
-def save_loras(conds, samples, loras_dir: Path, model, store: Store, run_id: str) -> dict:
+def save_loras(conds, samples, loras_dir: Path, model, run_id: str) -> dict:
     """Write each evaluated LoRA as a diffusers-format safetensors file, then its store rows."""
     paths = {}
     for c in conds:
@@ -297,13 +276,13 @@ def _relative(path: Path, root: Path) -> str:
 def generate_and_score(model, samples: list[ValSample], conds: list[Conditioning], refs: list[list[str]],
                        loras: dict, samples_dir: Path, store: Store, run_id: str,
                        progress: bool) -> tuple[list[dict], list[dict]]:
-    """One image per (method, sample) with the sample's prompt and seed, many styles per batched sampling call;
-    each chunk is saved and scored as soon as it is drawn. -> (sample rows, score rows)."""
+    """One image per (method, sample) with the sample's prompt and seed, many styles per batched sampling
+    call; each chunk is saved and scored as soon as it is drawn. -> (sample rows, score rows)."""
     from tqdm import tqdm
 
     from i2l.metrics import ScoreBatch, build_scorers, score_samples
 
-    cfg, bb = model.cfg, model.backbone
+    cfg = model.cfg
     jobs = [(c, i) for c in conds for i in range(len(samples))]
     # LoRA methods share batches; adapter rows carry longer contexts, so they are batched among themselves
     groups = [[j for j in jobs if j[0].extra is None], [j for j in jobs if j[0].extra is not None]]
@@ -314,7 +293,7 @@ def generate_and_score(model, samples: list[ValSample], conds: list[Conditioning
         seeds = [cfg.eval.seed + i for _, i in chunk]
         images = draw(model, [samples[i].prompt for _, i in chunk], chunk, seeds)
         ids = []
-        for (c, i), im, seed in zip(chunk, images, seeds):
+        for (c, i), im, seed in zip(chunk, images, seeds, strict=True):
             s = samples[i]
             path = samples_dir / c.method / f"{s.sample_id}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,8 +309,9 @@ def generate_and_score(model, samples: list[ValSample], conds: list[Conditioning
                              "budget_steps": c.budget or None, "val_sample": s.sample_id,
                              "refs": refs[i][:c.n_refs]}})
         # every method is judged against the sample's full reference set, whatever it saw
-        batch = ScoreBatch(images, [samples[i].prompt for _, i in chunk], [samples[i].style for _, i in chunk],
-                           [samples[i].refs for _, i in chunk], [samples[i].ref_prompts for _, i in chunk])
+        chosen = [samples[i] for _, i in chunk]
+        batch = ScoreBatch(images, [s.prompt for s in chosen], [s.style for s in chosen],
+                           [s.refs for s in chosen], [s.ref_prompts for s in chosen])
         for r in score_samples(scorers, batch):
             score_rows.append({**{k: v for k, v in r.items() if k != "index"}, "sample_id": ids[r["index"]]})
     return sample_rows, score_rows
@@ -339,14 +319,15 @@ def generate_and_score(model, samples: list[ValSample], conds: list[Conditioning
 
 @torch.no_grad()
 def draw(model, prompts: list[str], jobs: list[tuple[Conditioning, int]], seeds: list[int]) -> list:
-    """Images for one chunk of (method, sample) jobs: CFG with each row's own positive LoRA and negative branch
-    (same LoRA, or the gray-image LoRA for asym), or the adapter's tokens on both branches."""
+    """Images for one chunk of (method, sample) jobs: CFG with each row's own positive LoRA and negative
+    branch (same LoRA, or the gray-image LoRA for asym), or the adapter's tokens on both branches."""
     from i2l.adapter import generate_with_adapter
     from i2l.flow_matching import sample
 
     cfg, bb = model.cfg, model.backbone
     shape = bb.latent_shape(cfg.backbone.image_size)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])  # (B, ...)
+    # one generator per image: its noise depends on its seed only, not on what it is batched with
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     guidance, steps = cfg.eval.guidance, cfg.eval.sample_steps
     if jobs[0][0].extra is not None:
         extra = torch.stack([c.extra[i] for c, i in jobs])  # (B, M, E)
@@ -355,7 +336,7 @@ def draw(model, prompts: list[str], jobs: list[tuple[Conditioning, int]], seeds:
     zero = LoRA({k: torch.zeros(1, v[0]) for k, v in targets.items()},
                 {k: torch.zeros(v[1], 1) for k, v in targets.items()}, bb.backbone_id)  # the base model
     pos = [c.loras[i] if c.loras[i] is not None else zero for c, i in jobs]
-    neg = [model.gray_lora() if c.asym else p for (c, _), p in zip(jobs, pos)]
+    neg = [model.gray_lora() if c.asym else p for (c, _), p in zip(jobs, pos, strict=True)]
     n = len(prompts)
     x = sample(bb, bb.encode_prompts(prompts), bb.encode_prompts([""] * n), LoRA.stack(pos).to(bb.device),
                LoRA.stack(neg).to(bb.device), guidance, steps, noise=noise.to(bb.device, bb.dtype))

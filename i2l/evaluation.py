@@ -81,7 +81,7 @@ def eval_loss_table(model, samples: list[ValSample], budgets: tuple[int, ...], p
     rows = []
     gray = model.gray_lora()
     for i, s in enumerate(tqdm(samples, desc="eval-loss", disable=not progress)):
-        def add(method, lora, secs):
+        def add(method, lora, secs, s=s, i=i):
             rows.append({"method": method, "style_id": s.style_id, "sample_id": s.sample_id,
                          "loss": heldout_loss(bb, s, lora, size, T, S, i), "lora_seconds": secs})
 

@@ -51,7 +51,7 @@ def load_image_file(path: str | Path) -> Image.Image:
         return decode(path.read_bytes())
     except ValueError:
         raise
-    except Exception as e:  # PIL raises many types for bad files
+    except Exception as e:  # noqa: BLE001  (PIL raises many types for bad files)
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 

@@ -41,8 +41,8 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from i2l.data.ray_cluster import ensure_ray
     from i2l.backbones import default_paths
+    from i2l.data.ray_cluster import ensure_ray
 
     default_paths(cfg)
     ensure_ray()

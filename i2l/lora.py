@@ -51,7 +51,7 @@ class LoRA:
         return next(iter(self.A.values())).shape[-2]
 
     def to(self, device=None, dtype=None) -> LoRA:
-        f = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}  # noqa: E731
+        f = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}
         return LoRA(f(self.A), f(self.B), self.backbone, dict(self.meta))
 
     def detach(self) -> LoRA:
@@ -155,7 +155,7 @@ class LoRA:
         A, B = {}, {}
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
                 name, kind = _parse_key(key)
                 if kind is None:
                     continue

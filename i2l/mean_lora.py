@@ -67,7 +67,8 @@ def train_mean_lora(cfg: Config, data_dir: str | Path, out_dir: str | Path, step
                  backbone.backbone_id, {"method": "mean_lora", "steps": steps})
     out = Path(out_dir)
     final.save(out / LORA_FILE, prefix=backbone.lora_prefix)
-    (out / (INFO_FILE + ".tmp")).write_text(json.dumps({**info, "curve": curve, "config": cfg.to_dict()}, indent=2))
+    record = {**info, "curve": curve, "config": cfg.to_dict()}
+    (out / (INFO_FILE + ".tmp")).write_text(json.dumps(record, indent=2))
     (out / (INFO_FILE + ".tmp")).replace(out / INFO_FILE)  # written last: marks the directory complete
     return {"dir": str(out), **info}
 

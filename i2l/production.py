@@ -25,7 +25,7 @@ from i2l.store import Store, file_sha256
 PRODUCTION_FILE = "production.json"
 CATALOG_FILE = "catalog.parquet"
 GRAY_FILE = "gray.safetensors"
-STORE_FLUSH_S = 2.0  # catalog rows reach the results store at most this late (and always by the end of a run)
+FLUSH_S = 2.0  # catalog + store are written at most this late (always at the end; a kill's files are adopted)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # style ids become file names
 
@@ -146,6 +146,20 @@ class LoRAProducer:
 
         self.model = I2L.load(checkpoint_dir, device=device, backbone=False)
         self.out, self.checkpoint_id, self.sha = Path(out_dir), checkpoint_id, checkpoint_sha
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One throw-away LoRA through the whole path (decode, 2-reference prediction, save, hash): the lazy imports
+        and first kernels cost seconds, which belong to start-up, not to the first batch."""
+        import io
+        import tempfile
+
+        from i2l.images import gray_image
+
+        buf = io.BytesIO()
+        gray_image(self.model.cfg.encoder.image_size).save(buf, format="PNG")
+        with tempfile.TemporaryDirectory() as tmp:
+            self.make([StyleJob("warm-up", ["a", "b"], [buf.getvalue()] * 2)], Path(tmp))
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "backbone": self.model.predictor.backbone_id}
@@ -153,26 +167,48 @@ class LoRAProducer:
     def make_gray(self) -> dict:
         return self._save("gray_lora", None, ["gray"], self.model.gray_lora(), self.out / GRAY_FILE)
 
-    def make(self, jobs: list[StyleJob]) -> list[dict]:
+    def make(self, jobs: list[StyleJob], out: Path | None = None) -> list[dict]:
         from i2l.images import decode
 
+        out = out or self.out
         loras = self.model.predict_loras([[decode(b) for b in j.images] for j in jobs])  # one batched forward
         return [self._save(f"i2l_{len(j.ref_ids)}ref", j.style_id, j.ref_ids, lo,
-                           self.out / "styles" / f"{j.style_id}.safetensors") for j, lo in zip(jobs, loras)]
+                           out / "styles" / f"{j.style_id}.safetensors", out) for j, lo in zip(jobs, loras)]
 
-    def _save(self, method: str, style_id: str | None, ref_ids: list[str], lora, path: Path) -> dict:
+    def _save(self, method: str, style_id: str | None, ref_ids: list[str], lora, path: Path,
+              out: Path | None = None) -> dict:
+        # the file describes itself: a file written just before a kill is adopted by the next run, not redone
         lora.meta.update({"style_id": style_id or "", "ref_ids": json.dumps(ref_ids), "checkpoint_sha256": self.sha,
-                          "checkpoint_id": self.checkpoint_id})
+                          "checkpoint_id": self.checkpoint_id, "method": method})
         lora.save(path, prefix=self.model.lora_prefix)  # atomic (temporary name, then rename)
-        return {"lora_id": lora_id(style_id, self.sha), "style_id": style_id, "method": method,
-                "checkpoint_id": self.checkpoint_id, "checkpoint_sha256": self.sha, "ref_ids": list(ref_ids),
-                "n_refs": len(ref_ids), "rank": lora.rank, "path": str(path.relative_to(self.out)),
-                "sha256": file_sha256(path), "bytes": path.stat().st_size, "norms": lora.norms()}
+        return catalog_row(out or self.out, path, lora)
 
 
 def lora_id(style_id: str | None, checkpoint_sha: str) -> str:
     """Catalog key: one LoRA per (style, checkpoint); the gray LoRA is the checkpoint's own."""
     return f"{'gray_lora' if style_id is None else 'i2l:' + style_id}@{checkpoint_sha[:12]}"
+
+
+def catalog_row(out: Path, path: Path, lora) -> dict:
+    """The catalog row of a written LoRA file, from the LoRA and the metadata it was saved with."""
+    m = lora.meta
+    style_id, ref_ids = m["style_id"] or None, json.loads(m["ref_ids"])
+    return {"lora_id": lora_id(style_id, m["checkpoint_sha256"]), "style_id": style_id, "method": m["method"],
+            "checkpoint_id": m["checkpoint_id"], "checkpoint_sha256": m["checkpoint_sha256"], "ref_ids": ref_ids,
+            "n_refs": len(ref_ids), "rank": lora.rank, "path": str(path.relative_to(out)),
+            "sha256": file_sha256(path), "bytes": path.stat().st_size, "norms": lora.norms()}
+
+
+def _adopt(out: Path, path: Path, ref_ids: list[str], sha: str) -> dict | None:
+    """A complete file this checkpoint made for these references but the catalog lacks (killed before a flush)."""
+    from i2l.lora import LoRA
+
+    try:
+        lora = LoRA.load(path)
+        ok = lora.meta.get("checkpoint_sha256") == sha and json.loads(lora.meta.get("ref_ids", "null")) == ref_ids
+        return catalog_row(out, path, lora) if ok else None
+    except (ValueError, KeyError, OSError):
+        return None  # not ours or unreadable: made again
 
 
 # ---------- catalog ----------
@@ -231,7 +267,7 @@ def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: st
             progress: bool = True, on_batch: Callable[[list[dict], object], None] | None = None) -> ProduceSummary:
     """Make the LoRAs of `jobs` (and the gray LoRA) that `out_dir`'s catalog lacks, on a pool of Ray actors.
 
-    on_batch(rows, actor) runs in the driver after each batch is catalogued (tests kill that actor here)."""
+    on_batch(rows, actor) runs in the driver after each batch returns (tests kill that actor here)."""
     t0 = time.perf_counter()
     check_jobs(jobs)
     ck = latest_checkpoint(checkpoint_dir)
@@ -252,11 +288,20 @@ def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: st
         return (r is not None and list(r["ref_ids"]) == list(ref_ids) and (out / r["path"]).is_file()
                 and (out / r["path"]).stat().st_size == r["bytes"])
 
+    adopted = []
+    for style_id, ref_ids, path in [(None, ["gray"], out / GRAY_FILE),
+                                    *((j.style_id, j.ref_ids, out / "styles" / f"{j.style_id}.safetensors")
+                                      for j in jobs)]:
+        if not done(style_id, ref_ids) and path.is_file() and (row := _adopt(out, path, ref_ids, sha)):
+            catalog[row["lora_id"]] = row
+            adopted.append(row)
+    if adopted:
+        _write_catalog(out, list(catalog.values()))
     todo = [j for j in jobs if not done(j.style_id, j.ref_ids)]
     need_gray = not done(None, ["gray"])
     kept = [r for k, r in catalog.items() if k not in {lora_id(j.style_id, sha) for j in todo}]
     missing = [r for r in kept if r["lora_id"] not in in_store]
-    if missing:  # catalogued here but not in this store (another --db, or a kill between the two writes)
+    if missing:  # catalogued here (or adopted) but not in this store: another --db, or a kill between writes
         _record(store, out, missing)
     summary = ProduceSummary(out, checkpoint_id, len(jobs), 0, len(jobs) - len(todo), 0, 0, 0.0, 0.0)
     if todo or need_gray:
@@ -306,6 +351,11 @@ def _run_pool(ck: str, out: Path, checkpoint_id: str, sha: str, todo: list[Style
     by_id = {r["lora_id"]: r for r in rows}
     unrecorded: list[dict] = []
     last_flush = time.perf_counter()
+
+    def flush() -> None:
+        _write_catalog(out, list(by_id.values()))  # the catalog decides what a re-run skips
+        _record(store, out, unrecorded)
+
     bar = tqdm(total=len(todo) + need_gray, desc=f"produce ({n} actors)", unit="LoRA", disable=not progress)
     try:
         try:  # start-up (imports, weights) is paid once per actor, not per LoRA: keep it out of the pool's rate
@@ -338,10 +388,9 @@ def _run_pool(ck: str, out: Path, checkpoint_id: str, sha: str, todo: list[Style
             submit(i)
             for r in new:
                 by_id[r["lora_id"]] = r
-            _write_catalog(out, list(by_id.values()))  # the catalog decides what a re-run skips
             unrecorded += new
-            if time.perf_counter() - last_flush > STORE_FLUSH_S:  # a store transaction costs ~0.1 s: batch them
-                _record(store, out, unrecorded)
+            if time.perf_counter() - last_flush > FLUSH_S:  # writes cost the driver ~0.1 s: batch them
+                flush()
                 unrecorded, last_flush = [], time.perf_counter()
             summary.produced += len(new)
             bar.update(len(new))
@@ -350,8 +399,8 @@ def _run_pool(ck: str, out: Path, checkpoint_id: str, sha: str, todo: list[Style
         summary.pool_seconds = time.perf_counter() - t_pool
     finally:
         bar.close()
-        if unrecorded:  # also after a failure: what is catalogued is in the store (a re-run would add it too)
-            _record(store, out, unrecorded)
+        if unrecorded:  # also after a failure: what was made is catalogued
+            flush()
         summary.workers = n
         for a in actors:
             ray.kill(a)

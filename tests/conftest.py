@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from conftest_ray import ray_session  # noqa: E402,F401  (one Ray cluster for the whole session)
+from conftest_ray import ray_session  # noqa: F401  (one Ray cluster for the whole session)
 
 # Tiny budgets: the fixture must take seconds, and no test may depend on training quality.
 DEBUG_OVERRIDES = {"train.steps": 2, "train.ckpt_every": 2, "train.backbone_steps": 2, "encoder.pretrain_steps": 2}

@@ -90,7 +90,7 @@ def run_cli(debug_run, out, *extra) -> int:
 
 
 def test_generate_writes_every_sample_and_its_table(debug_run, setup, tmp_path):
-    model, s, d, lora_path = setup
+    _, s, d, lora_path = setup
     out = tmp_path / "out"
     rc = run_cli(debug_run, out, "--lora", str(lora_path), "--images", str(d / "ref*.png"),
                  "--prompt", s[0].prompt, "--prompt", s[1].prompt, "--samples", "2", "--batch-size", "3",
@@ -117,11 +117,12 @@ def test_generate_writes_every_sample_and_its_table(debug_run, setup, tmp_path):
 
 
 def test_plain_cfg_mixing_and_strength_options(debug_run, setup, tmp_path):
-    model, s, d, lora_path = setup
+    _, s, d, lora_path = setup
     out = tmp_path / "out"
     assert run_cli(debug_run, out, "--lora", str(lora_path), "--images", str(d / "ref0.png"), "--mix", "1,0",
                    "--prompt", s[0].prompt, "--plain-cfg", "--strength", "0.5") == 0
-    rows = list(csv.DictReader(open(out / "samples.csv", newline="")))
+    with open(out / "samples.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["lora_id"].startswith("mix-")
     st = json.loads(rows[0]["settings"])
     assert st["cfg"] == "plain" and st["strength"] == 0.5
@@ -133,7 +134,7 @@ def test_plain_cfg_mixing_and_strength_options(debug_run, setup, tmp_path):
 
 
 def test_bad_input_names_the_problem_and_writes_nothing(debug_run, setup, tmp_path, capsys):
-    model, s, d, lora_path = setup
+    _, s, _, lora_path = setup
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     other = random_lora(tiny_flux2(parts=False), None).save(tmp_path / "flux.safetensors")
@@ -154,3 +155,12 @@ def test_bad_input_names_the_problem_and_writes_nothing(debug_run, setup, tmp_pa
     out = tmp_path / "long"
     assert run_cli(debug_run, out, "--lora", str(lora_path), "--prompt", long) == 2
     assert "at most 12" in capsys.readouterr().err and not out.exists()
+
+
+def test_prompts_longer_than_a_real_text_encoder_takes_are_refused():
+    from i2l.generation import check_prompt_lengths
+
+    bb = tiny_flux2()  # Qwen3 text encoder + tokenizer, max_sequence_length 16 (the pipeline would truncate)
+    check_prompt_lengths(bb, ["a red cat"])
+    with pytest.raises(ValueError, match=r"tokens but the flux2 text encoder takes at most 16"):
+        check_prompt_lengths(bb, [" ".join(["red cat"] * 10)])

@@ -147,7 +147,7 @@ def test_aesthetic_mlp_scores_like_laion_on_normalised_embedding(tmp_path):
         emb = clip.eval().encode_image(x)
         want = mlp.eval()(emb / emb.norm(dim=-1, keepdim=True))
     assert got == pytest.approx(want.tolist(), abs=1e-4)
-    assert len(set(round(v, 5) for v in got)) == 3  # different images, different scores
+    assert len({round(v, 5) for v in got}) == 3  # different images, different scores
 
     sc.aesthetic_path = str(tmp_path / "aesthetic.pth")
     assert AestheticScorer(sc.aesthetic_path, sc).score(batch)["aesthetic"] == pytest.approx(got, abs=1e-5)
@@ -174,11 +174,11 @@ def _tiny_pickscore(path):
                                                             crop_size={"height": 32, "width": 32}), tokenizer=tok)
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+                         "pad_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "image_size": 32, "patch_size": 8},
         projection_dim=16)
     model = CLIPModel(cfg).eval()
     model.save_pretrained(path / "model")

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from test_backbones import tiny_flux2, tiny_zimage
 
 from i2l.backbones.toy import build_vocab, new_toy_backbone
 from i2l.config import get_config
 from i2l.encoder import new_toy_encoder
 from i2l.flow_matching import fm_loss
 from i2l.predictor import I2LPredictor, predict_lora
-from test_backbones import tiny_flux2, tiny_zimage
 
 
 def _toy():

@@ -88,7 +88,7 @@ def test_tuples_vary_n_keep_single_refs_and_never_reuse_the_target(debug_run):
     ns = {len(t.refs) for t in tuples}
     assert 1 in ns and max(ns) == 3
     assert all(t.target not in t.refs for t in tuples)
-    targets, prompts, refs, n = collate(tuples[:8], 32, 32)
+    targets, _, refs, n = collate(tuples[:8], 32, 32)
     assert refs.shape[:2] == (8, int(n.max())) and targets.shape == (8, 3, 32, 32)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from i2l.backbones.base import Backbone, Cond
 from i2l.config import Config
 
-__all__ = ["Backbone", "Cond", "load_backbone", "default_paths"]
+__all__ = ["Backbone", "Cond", "default_paths", "load_backbone"]
 
 
 def default_paths(cfg: Config) -> Config:

@@ -63,7 +63,7 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
 
 def unpatchify(tokens: torch.Tensor, p: int, size: int) -> torch.Tensor:
     """(B, T, 3·p·p) -> (B, 3, H, W)."""
-    B, T, _ = tokens.shape
+    B = tokens.shape[0]
     h = w = size // p
     x = tokens.reshape(B, h, w, 3, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, 3, h, p, w, p)
     return x.reshape(B, 3, size, size)

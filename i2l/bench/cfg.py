@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     if cfg.backbone.kind != "toy":
         raise ValueError("bench cfg times the toy backbone: use --preset toy or debug")
     n, rank, steps, s = args.batch, args.rank or cfg.predictor.rank, args.steps, cfg.eval.guidance
-    words = "one two small large circle square star triangle at the top bottom left right in middle".split()
+    words = ["one", "two", "small", "large", "circle", "square", "star", "triangle", "at", "the", "top", "bottom",
+             "left", "right", "in", "middle"]
     bb = new_toy_backbone(cfg.backbone, ["<pad>", "<unk>", *words], seed=args.seed).freeze()
     g = torch.Generator().manual_seed(args.seed)
 

@@ -43,7 +43,8 @@ def write_untrained_checkpoint(cfg, root: Path) -> Path:
         raise ValueError("an untrained checkpoint can be made for toy presets only: pass --checkpoint")
     cfg.data_root = str(root)
     default_paths(cfg)
-    words = "one two small large circle square star triangle at the top bottom left right in middle".split()
+    words = ["one", "two", "small", "large", "circle", "square", "star", "triangle", "at", "the", "top", "bottom",
+             "left", "right", "in", "middle"]
     bb = new_toy_backbone(cfg.backbone, ["<pad>", "<unk>", *words]).freeze()
     bb.save(cfg.backbone.path)
     enc = new_toy_encoder(cfg.encoder)

@@ -40,8 +40,8 @@ def format_rows(rows: list[dict]) -> str:
     lines = [f"{'case':<36}{'metric':<22}{'value':>14}  unit"]
     for r in rows:
         v = r.get("value")
-        vs = f"{v:>14.4g}" if isinstance(v, (int, float)) else f"{str(v):>14}"
-        lines.append(f"{str(r.get('case', '')):<36}{str(r.get('metric', '')):<22}{vs}  {r.get('unit', '')}")
+        vs = f"{v:>14.4g}" if isinstance(v, (int, float)) else f"{v!s:>14}"
+        lines.append(f"{r.get('case', '')!s:<36}{r.get('metric', '')!s:<22}{vs}  {r.get('unit', '')}")
     return "\n".join(lines)
 
 

@@ -1,11 +1,11 @@
 """Evaluate a trained predictor on held-out styles against the baselines (the toy world's Table 1).
 
 Methods: base (no LoRA), mean-LoRA (one LoRA trained on all training styles), per-style LoRAs optimised for
-eval.optimize_budgets steps (with wall time), i2L with 1 and 4 references with plain and asymmetric CFG, and the
-adapter baseline (encoder tokens as extra context tokens). mean-LoRA and the adapter are trained here with the
-predictor's step budget unless already trained. One image per sample and method (same prompt and seed), scored
-(CLIP-Text, CLIP-Style, style similarity, leakage; plugins or skipped with the reason), plus the held-out FM loss,
-all recorded in the results store. Re-running with the same inputs does nothing.
+eval.optimize_budgets steps (with wall time), i2L with 1 and 4 references with plain and asymmetric CFG, and
+the adapter baseline (encoder tokens as extra context tokens). mean-LoRA and the adapter are trained here with
+the predictor's step budget unless already trained. One image per sample and method (same prompt and seed),
+scored (CLIP-Text, CLIP-Style, style similarity, leakage; plugins, or skipped with the reason), plus the
+held-out FM loss, all recorded in the results store. Re-running with the same inputs does nothing.
 """
 
 from i2l.cli import add_preset_args, config_from_args
@@ -19,7 +19,7 @@ def add_arguments(p):
     p.add_argument("--out", default=None, help="where images and LoRAs go (default: CHECKPOINT/eval)")
     p.add_argument("--styles", type=int, default=None, help="held-out samples (default: eval.styles)")
     p.add_argument("--methods", default=None,
-                   help="method families to run, comma-separated (default: base,mean_lora,per_style,i2l,adapter)")
+                   help="method families, comma-separated (default: base,mean_lora,per_style,i2l,adapter)")
     p.add_argument("--parent-run", default=None, help="pipeline run id this evaluation belongs to")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 

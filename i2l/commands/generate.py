@@ -34,8 +34,14 @@ def add_arguments(p):
 
 def main(args):
     from i2l.api import I2L
-    from i2l.generation import (GenerateSettings, generate_samples, load_inpaint, mix_styles, style_from_file,
-                                style_from_images)
+    from i2l.generation import (
+        GenerateSettings,
+        generate_samples,
+        load_inpaint,
+        mix_styles,
+        style_from_file,
+        style_from_images,
+    )
 
     if not args.lora and not args.images:
         raise ValueError("no style given: pass --lora FILE and/or --images IMG [IMG ...]")

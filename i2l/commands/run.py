@@ -49,7 +49,9 @@ def use_local_prefect(data_root: str) -> None:
     """No Prefect server configured: keep the temporary server's database with the data, not in ~/.prefect
     (concurrent runs on one machine would otherwise share, and lock, one SQLite file)."""
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
-        os.environ["PREFECT_HOME"] = str(Path(data_root) / "prefect")
+        home = Path(data_root) / "prefect"
+        home.mkdir(parents=True, exist_ok=True)  # Prefect creates its home but not the data root above it
+        os.environ["PREFECT_HOME"] = str(home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Its first start creates the database: on a busy 2-core machine that can take longer than the default 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -58,11 +60,10 @@ def use_local_prefect(data_root: str) -> None:
 def print_summary(stages: list[dict], wall_s: float) -> None:
     print(f"\n{'stage':<20}{'status':<10}{'seconds':>9}")
     for s in stages:
-        status = "skipped" if s["skipped"] else "ran"
-        print(f"{s['stage']:<20}{status:<10}{'-' if s['skipped'] else format(s['seconds'], '.1f'):>9}")
-    work = sum(s["seconds"] for s in stages)
-    print(f"{'total (stages)':<30}{work:>9.1f}")
-    print(f"{'total (wall, with Prefect and Ray start-up)':<44}{wall_s:.1f} s")
+        status, secs = ("skipped", "-") if s["skipped"] else ("ran", f"{s['seconds']:.1f}")
+        print(f"{s['stage']:<20}{status:<10}{secs:>9}")
+    print(f"{'stages':<30}{sum(s['seconds'] for s in stages):>9.1f}")
+    print(f"{'wall (with start-up)':<30}{wall_s:>9.1f}")
 
 
 def main(args):

@@ -1,8 +1,8 @@
 """Train the adapter baseline: the frozen encoder's patch tokens -> extra context tokens for the backbone.
 
-Trained by flow matching through the frozen backbone on the same training tuples, with the same step budget and
-batch size as the i2L predictor (train.steps x train.batch_size; eval.baseline_steps overrides the steps).
-Writes OUT/adapter.safetensors + adapter.json (config, loss curve). `i2l evaluate` trains it itself when needed.
+Trained by flow matching through the frozen backbone on the same training tuples, with the same step budget
+and batch size as the i2L predictor (train.steps x train.batch_size; eval.baseline_steps overrides the steps).
+Writes OUT/adapter.safetensors + adapter.json (config, loss curve). `i2l evaluate` trains it when needed.
 """
 
 from i2l.cli import add_preset_args, config_from_args

@@ -2,7 +2,7 @@
 
 Optimised directly by flow matching on the training tuples' targets and prompts (no references), with the
 predictor's step budget and batch size (eval.baseline_steps overrides the steps) at eval.lora_lr. Writes
-OUT/mean_lora.safetensors (diffusers LoRA format) + mean_lora.json. `i2l evaluate` trains it itself when needed.
+OUT/mean_lora.safetensors (diffusers LoRA format) + mean_lora.json. `i2l evaluate` trains it when needed.
 """
 
 from i2l.cli import add_preset_args, config_from_args

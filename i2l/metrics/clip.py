@@ -53,7 +53,7 @@ class ClipModel:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else 0
+        return int(self.model.visual.output_dim)
 
 
 def clip_version(path: str | os.PathLike, model_name: str = "") -> str:

@@ -1,0 +1,305 @@
+"""The Prefect flows on the debug preset inside `prefect_test_harness`: the pipeline runs every flow end to end;
+re-running it repeats no work and leaves the store unchanged; each flow run on its own finds its stage done; a
+train flow killed mid-run resumes from its checkpoint; only transient failures are retried."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("I2L_RETRY_DELAY_S", "0")  # read when flows.stages is imported: no waiting in tests
+
+REPO = Path(__file__).resolve().parents[1]
+# Tiny budgets: these tests check orchestration, not model quality.
+OVERRIDES = ["train.steps=2", "train.ckpt_every=1", "train.backbone_steps=2", "encoder.pretrain_steps=2",
+             "scorer.pretrain_steps=2", "eval.styles=2", "eval.optimize_budgets=1,2", "produce.workers=1"]
+
+
+# ---------- fixtures ----------
+
+@pytest.fixture(scope="module")
+def harness():
+    """A temporary Prefect API for this module (its start-up is slow on a busy 2-core machine)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipeline_world(harness, ray_session, tmp_path_factory):
+    """The pipeline flow run once from scratch on a fresh data root."""
+    from flows.pipeline import pipeline
+
+    base = tmp_path_factory.mktemp("flows")
+    root, reports = base / "data", base / "reports"
+    result = pipeline(preset="debug", overrides=OVERRIDES, data_root=str(root), reports_dir=str(reports),
+                      progress=False)
+    return {"root": root, "reports": reports, "result": result,
+            "stages": {s["stage"]: s for s in result["stages"]}}
+
+
+def store_of(root: Path):
+    from i2l.store import Store
+
+    return Store(root / "results.duckdb", read_only=True)
+
+
+def snapshot(root: Path) -> dict[str, list]:
+    """Every table's rows: equal snapshots = the store was left unchanged."""
+    store = store_of(root)
+    tables = [r[0] for r in store.rows("SELECT table_name FROM information_schema.tables "
+                                       "WHERE table_type = 'BASE TABLE' ORDER BY 1")]
+    return {t: sorted(map(repr, store.rows(f"SELECT * FROM {t}"))) for t in tables}
+
+
+# ---------- orchestration pieces (fast) ----------
+
+def test_paths_layout():
+    from i2l.backbones import default_paths
+    from i2l.config import get_config
+    from i2l.paths import paths_for
+
+    cfg = get_config("debug")
+    cfg.data_root = "/d"
+    p = paths_for(cfg, reports_root="/r")
+    assert p.prepared_dir == Path("/d/prepared/debug") and p.toyworld_dir == Path("/d/toyworld/debug")
+    assert p.train_dir == Path("/d/runs/debug/train") and p.store_path == Path("/d/results.duckdb")
+    assert p.report_dir("pipeline-debug-x/1") == Path("/r/pipeline-debug-x_1")
+    default_paths(cfg)  # the toy models' default places agree with the layout
+    assert (cfg.backbone.path, cfg.encoder.path, cfg.scorer.clip_checkpoint) == (
+        str(p.backbone_dir), str(p.encoder_dir), str(p.scorer_dir))
+
+
+@pytest.mark.parametrize("make, transient", [
+    (lambda: _store_busy(), True),
+    (lambda: ConnectionError("GCS unreachable"), True),
+    (lambda: _named("ActorDiedError", RuntimeError)("actor died"), True),
+    (lambda: _chain(RuntimeError("training failed"), _named("NodeDiedError", RuntimeError)("node lost")), True),
+    (lambda: ValueError("backbone.kind must be toy"), False),
+    (lambda: FileNotFoundError("no checkpoint"), False),
+    (lambda: _chain(_named("ActorDiedError", RuntimeError)("x"), ValueError("bad input in the actor")), False),
+    (lambda: RuntimeError("a bug"), False),
+])
+def test_is_transient(make, transient):
+    from flows.stages import is_transient
+
+    assert is_transient(make()) is transient
+
+
+@pytest.mark.slow  # the Prefect test server takes 10-40 s to start on a busy 2-core machine
+def test_retries_transient_failures_only(harness):
+    from prefect import flow, task
+
+    from flows.stages import TASK_OPTIONS
+    from i2l.store import StoreBusyError
+
+    calls = {"busy": 0, "bad": 0}
+
+    @task(**TASK_OPTIONS)
+    def busy_once():
+        calls["busy"] += 1
+        if calls["busy"] == 1:
+            raise StoreBusyError("locked by another process")
+        return "ok"
+
+    @task(**TASK_OPTIONS)
+    def bad_config():
+        calls["bad"] += 1
+        raise ValueError("unknown preset")
+
+    @flow
+    def retried():
+        return busy_once()
+
+    @flow
+    def not_retried():
+        return bad_config()
+
+    assert retried() == "ok" and calls["busy"] == 2
+    with pytest.raises(ValueError):
+        not_retried()
+    assert calls["bad"] == 1
+
+
+# ---------- the flows end to end ----------
+
+@pytest.mark.slow
+def test_pipeline_runs_every_flow(pipeline_world):
+    stages, root = pipeline_world["stages"], pipeline_world["root"]
+    expected = ["toyworld", "prepare", "pretrain_backbone", "pretrain_encoder", "pretrain_scorer", "train",
+                "produce", "evaluate", "report"]
+    assert [s["stage"] for s in pipeline_world["result"]["stages"]] == expected
+    assert not any(s["skipped"] for s in stages.values()), "a fresh data root has nothing to skip"
+    store = store_of(root)
+    for stage in expected:
+        assert store.is_stage_done(stage, stages[stage]["key"]), stage
+    run_id = pipeline_world["result"]["run_id"]
+    runs = dict(store.rows("SELECT kind, status FROM runs WHERE parent_id = ? OR run_id = ?", [run_id, run_id]))
+    assert {"pipeline", "prepare", "train", "produce", "eval"} <= set(runs) and set(runs.values()) == {"ok"}
+    # each stage's results: data, toy models, a checkpoint + curve, LoRAs, evaluation samples and scores
+    assert store.rows("SELECT count(*) FROM datasets")[0][0] == 1
+    for name in ("backbone/pretrain.json", "encoder/encoder.json", "scorer/scorer.json"):
+        assert (root / "toy" / "debug" / name).is_file(), name
+    assert store.rows("SELECT step FROM checkpoints")[0][0] == 2
+    assert store.rows("SELECT count(DISTINCT step) FROM train_curves")[0][0] == 2
+    from i2l.production import jobs_from_manifest
+
+    styles = len(jobs_from_manifest(root / "prepared" / "debug" / "val_manifest.jsonl"))
+    produced = store.rows("SELECT lora_id FROM loras WHERE lora_id LIKE 'i2l:%' OR lora_id LIKE 'gray_lora@%'")
+    assert len(produced) == styles + 1, "one LoRA per held-out style, plus the gray LoRA"
+    assert store.rows("SELECT count(*) FROM samples")[0][0] > 0
+    assert store.rows("SELECT count(*) FROM scores WHERE status = 'ok'")[0][0] > 0
+
+
+@pytest.mark.slow
+def test_pipeline_report_and_artifacts(pipeline_world):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    index = Path(pipeline_world["result"]["report"])
+    assert index.is_file() and index.is_relative_to(pipeline_world["reports"])
+    assert index.parent.name == pipeline_world["result"]["run_id"]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["table-1-debug", "report-debug"])))
+    by_key = {a.key: a for a in arts}
+    assert "| method |" in by_key["table-1-debug"].data and "i2l_4ref_asym" in by_key["table-1-debug"].data
+    assert str(index.name) in by_key["report-debug"].data
+
+
+@pytest.mark.slow
+def test_pipeline_rerun_repeats_no_work(pipeline_world):
+    from flows.pipeline import pipeline
+
+    root = pipeline_world["root"]
+    index = Path(pipeline_world["result"]["report"])
+    before, mtime = snapshot(root), index.stat().st_mtime_ns
+    again = pipeline(preset="debug", overrides=OVERRIDES, data_root=str(root),
+                     reports_dir=str(pipeline_world["reports"]), progress=False)
+    assert [s["stage"] for s in again["stages"] if not s["skipped"]] == []
+    assert snapshot(root) == before, "a re-run that skips every stage must not write to the store"
+    assert again["report"] == str(index) and index.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["prepare_data", "pretrain_toy", "train", "produce", "evaluate"])
+def test_each_flow_alone_finds_its_stages_done(pipeline_world, name):
+    """Run on their own (as the deployments do), the flows compute the same stage keys as in the pipeline."""
+    from flows import load_flow
+
+    root = pipeline_world["root"]
+    before = snapshot(root)
+    results = load_flow(name)(preset="debug", overrides=OVERRIDES, data_root=str(root), progress=False)
+    assert results and all(r["skipped"] for r in results)
+    assert {r["key"] for r in results} <= {s["key"] for s in pipeline_world["stages"].values()}
+    assert snapshot(root) == before
+
+
+@pytest.mark.slow
+def test_report_flow_alone_rebuilds_when_forced(pipeline_world):
+    from flows.report import report
+
+    root, reports = pipeline_world["root"], pipeline_world["reports"]
+    run_id = pipeline_world["result"]["run_id"]
+    index = Path(pipeline_world["result"]["report"])
+    mtime = index.stat().st_mtime_ns
+    (r,) = report(preset="debug", data_root=str(root), run_id=run_id, reports_dir=str(reports),
+                  force=["report"], progress=False)
+    assert not r["skipped"] and Path(r["info"]["index"]) == index and index.stat().st_mtime_ns > mtime
+
+
+# ---------- a killed train flow resumes ----------
+
+@pytest.mark.slow
+def test_killed_train_flow_resumes_from_checkpoint(pipeline_world, tmp_path):
+    """Kill `i2l run --flow train` (its whole process group, Ray included) once a checkpoint exists; the re-run
+    continues from it: the early checkpoint is not rewritten and the loss curve has every step exactly once."""
+    from prefect.settings import PREFECT_API_URL
+
+    src, root = pipeline_world["root"], tmp_path / "data"
+    for sub in ("prepared", "toy"):  # the trained toy models and prepared data of the pipeline run
+        shutil.copytree(src / sub, root / sub, symlinks=True)
+    steps = 60
+    cmd = [sys.executable, "-m", "i2l.cli", "run", "--flow", "train", "--preset", "debug", "--data-root",
+           str(root), "--no-progress", *[a for o in OVERRIDES for a in ("--set", o)],
+           "--set", f"train.steps={steps}", "--set", "train.ckpt_every=5"]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    ck_dir = root / "runs" / "debug" / "train" / "checkpoints"
+    first = ck_dir / "step_0000005" / "predictor.safetensors"
+
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not first.is_file():
+            assert proc.poll() is None, f"train flow exited early: {(tmp_path / 'killed.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 400 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the flow, its local Ray and the training worker
+        proc.wait(60)
+    _wait_group_gone(proc.pid)
+    steps_done = sorted(ck_dir.glob("step_*"))
+    assert steps_done and steps_done[-1].name < f"step_{steps:07d}", "killed too late: raise `steps`"
+    stat = first.stat()
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    after = first.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns), "training restarted from 0"
+    from i2l.checkpoint import latest_checkpoint, read_state
+
+    assert read_state(latest_checkpoint(ck_dir.parent))["step"] == steps
+    store = store_of(root)
+    assert store.rows("SELECT count(*), count(DISTINCT step), min(step), max(step) FROM train_curves")[0] == (
+        steps, steps, 1, steps)
+    assert store.rows("SELECT status FROM runs WHERE kind = 'train'") == [("ok",)]
+
+
+# ---------- helpers ----------
+
+def _wait_group_gone(pgid: int, timeout: float = 60) -> None:
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in psutil.process_iter() if _pgid(p) == pgid]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            for p in left:
+                p.kill()
+            pytest.fail(f"processes of the killed flow still alive after {timeout} s: {left}")
+        time.sleep(0.5)
+
+
+def _pgid(p) -> int | None:
+    try:
+        return os.getpgid(p.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _store_busy():
+    from i2l.store import StoreBusyError
+
+    return StoreBusyError("locked")
+
+
+def _named(name: str, base: type) -> type:
+    return type(name, (base,), {})
+
+
+def _chain(outer: BaseException, cause: BaseException) -> BaseException:
+    outer.__cause__ = cause
+    return outer
