@@ -385,7 +385,6 @@ def _run_pool(ck: str, out: Path, checkpoint_id: str, sha: str, todo: list[Style
                 submit(i)
                 continue
             new = [got] if isinstance(got, dict) else got
-            submit(i)
             for r in new:
                 by_id[r["lora_id"]] = r
             unrecorded += new
@@ -396,6 +395,7 @@ def _run_pool(ck: str, out: Path, checkpoint_id: str, sha: str, todo: list[Style
             bar.update(len(new))
             if on_batch:
                 on_batch(new, actors[i])
+            submit(i)  # after the hook, so a batch given to an actor the hook killed is retried for sure
         summary.pool_seconds = time.perf_counter() - t_pool
     finally:
         bar.close()

@@ -112,7 +112,7 @@ def test_pretrain_scorer_cli_writes_a_loadable_open_clip_scorer(toy_dir, tmp_pat
     assert not ok and "scorer.clip_checkpoint" in reason
 
 
-def _heldout_batch(n_styles=40, seed=11):
+def _heldout_batch(n_styles=60, seed=11):
     """Toy images from styles the scorer never saw, with the refs (other images of the same style)."""
     rows = [r for r, _ in generate_rows(ToyWorldConfig(styles=n_styles, seed=seed))]
     by_style = [rows[i:i + 8] for i in range(0, len(rows), 8)]
@@ -135,12 +135,12 @@ def _values(rows, metric):
 
 @pytest.mark.slow
 def test_trained_toy_scorer_prefers_own_prompt_style_and_references(tmp_path):
-    """~1 min on 2 cores: the toy preset's scorer training on 200 styles, scored on 40 unseen styles."""
+    """~1.5 min on 2 cores: the toy preset's scorer (400 styles, 300 steps), scored on 60 unseen styles."""
     from i2l.metrics.toy_clip import pretrain_toy_clip
 
     cfg = get_config("toy")
     cfg.data_root = str(tmp_path)
-    write_toyworld(ToyWorldConfig(styles=200, seed=0), tmp_path / "toyworld", progress=False)
+    write_toyworld(cfg.toyworld, tmp_path / "toyworld", progress=False)
     pretrain_toy_clip(cfg, tmp_path / "toyworld", tmp_path / "scorer", progress=False)
     scorer = build_scorers(cfg)[:1]
 
@@ -174,3 +174,17 @@ def test_trained_toy_scorer_prefers_own_prompt_style_and_references(tmp_path):
     valid = np.array([p != q for p, q in zip(b.prompts, shift(b.prompts, 2))])
     assert (leaked[valid] > honest[valid]).mean() > 0.7
     assert np.nanmean(honest) < 0 < np.mean(leaked[valid])
+
+
+@pytest.mark.slow
+def test_pretrain_reads_the_prepared_train_split_and_checks_val(debug_run, tmp_path):
+    """On `i2l prepare` output: trains on train/ only and records pair accuracy on the held-out val/ styles."""
+    from i2l.metrics.toy_clip import pretrain_toy_clip
+
+    cfg = get_config("debug")
+    info = pretrain_toy_clip(cfg, debug_run.prepared_dir, tmp_path / "scorer", progress=False)
+    train_ids = {r["id"] for r in read_caption_rows(debug_run.prepared_dir, "train")}
+    val_ids = {r["id"] for r in read_caption_rows(debug_run.prepared_dir, "val")}
+    assert info["rows"] == len(train_ids) > 0 and val_ids and not train_ids & val_ids
+    assert info["heldout"]["rows"] == len(val_ids)
+    assert 0.0 <= info["heldout"]["text_pair_acc"] <= 1.0 and 0.0 <= info["heldout"]["style_pair_acc"] <= 1.0

@@ -146,7 +146,7 @@ def test_killed_actor_is_retried_and_every_lora_exists_once(debug_run, tmp_path,
     killed = []
 
     def kill_once(new_rows, actor):
-        if not killed:  # this actor has a batch queued right now: it must be redone elsewhere
+        if not killed:  # its next batch is submitted after this hook: it must be redone elsewhere
             ray.kill(actor)
             killed.append(actor)
 

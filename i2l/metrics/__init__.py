@@ -91,4 +91,6 @@ def score_samples(scorers: list[Scorer], batch: ScoreBatch) -> list[dict]:
 
 def default_scorer_dir(cfg) -> str:
     """Where `i2l pretrain-scorer` writes the toy scorer by default and build_scorers looks for it."""
-    return os.path.join(cfg.data_root, "scorer")
+    from i2l.metrics.toy_clip import DEFAULT_DIR
+
+    return os.path.join(cfg.data_root, DEFAULT_DIR)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from i2l.config import ScorerConfig
 from i2l.metrics.leakage import leakage_scores
-from i2l.metrics.toy_clip import SCORER_FILE, TOY_CLIP_NAME, WEIGHTS_FILE, register_model_config
+from i2l.metrics.toy_clip import DEFAULT_DIR, SCORER_FILE, TOY_CLIP_NAME, WEIGHTS_FILE, register_model_config
 
 # Weight files we agree to open: safetensors, or torch pickles read with weights_only=True.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -116,7 +116,7 @@ def load_clip_scorer(path: str | os.PathLike, model_name: str | None = None, dev
 
 def default_clip_path(sc: ScorerConfig, data_root: str | os.PathLike) -> Path:
     """Where the CLIP scorer is read from: scorer.clip_checkpoint, else the toy scorer under the data root."""
-    return Path(sc.clip_checkpoint) if sc.clip_checkpoint else Path(data_root) / "scorer"
+    return Path(sc.clip_checkpoint) if sc.clip_checkpoint else Path(data_root) / DEFAULT_DIR
 
 
 class ClipScorer:
