@@ -159,6 +159,8 @@ def test_killed_actor_is_retried_and_every_lora_exists_once(debug_run, tmp_path,
     catalog = read_catalog(out)
     assert sorted(r["style_id"] or "" for r in catalog) == ["", *[j.style_id for j in jobs]]
     assert all(r["sha256"] == file_sha256(out / r["path"]) for r in catalog)
+    refs = dict(Store(db, read_only=True).rows("SELECT style_id, ref_ids FROM loras WHERE style_id IS NOT NULL"))
+    assert {k: __import__("json").loads(v) for k, v in refs.items()} == {j.style_id: list(j.ref_ids) for j in jobs}
     stored = Store(db, read_only=True).rows("SELECT style_id, count(*) FROM loras GROUP BY style_id")
     assert sorted((a or "", n) for a, n in stored) == sorted((r["style_id"] or "", 1) for r in catalog)
 

@@ -13,8 +13,8 @@ from i2l.cli import add_preset_args, config_from_args
 
 def add_arguments(p):
     add_preset_args(p)
-    p.add_argument("--input", default=None, help="MegaStyle-layout directory (default: <data-root>/toyworld)")
-    p.add_argument("--out", default=None, help="output directory (default: <data-root>/prepared)")
+    p.add_argument("--input", default=None, help="MegaStyle-layout directory (default: <data-root>/toyworld/<preset>)")
+    p.add_argument("--out", default=None, help="output directory (default: <data-root>/prepared/<preset>)")
     p.add_argument("--format", choices=("png", "jpeg", "webp"), default=None,
                    help="image encoding of the shards (default: the preset's data.image_format)")
     p.add_argument("--upscaler", default=None,
@@ -33,8 +33,10 @@ def main(args):
         if getattr(args, flag) is not None:
             setattr(cfg.data, name, getattr(args, flag))
     cfg.data.__post_init__()
-    input_dir = Path(args.input) if args.input else cfg.root / "toyworld"
-    out = Path(args.out) if args.out else cfg.root / "prepared"
+    from i2l.paths import paths_for
+
+    input_dir = Path(args.input) if args.input else paths_for(cfg).toyworld_dir
+    out = Path(args.out) if args.out else paths_for(cfg).prepared_dir
     if not input_dir.is_dir():
         raise FileNotFoundError(f"input directory {input_dir} not found: pass --input DIR (a MegaStyle "
                                 "directory) or write the toy world first with `i2l toyworld`")

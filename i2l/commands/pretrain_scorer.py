@@ -15,7 +15,7 @@ def add_arguments(p):
     p.add_argument("--data", default=None,
                    help="training rows: a prepared dir or a toy world dir (default: <data-root>/prepared if it "
                         "exists, else <data-root>/toyworld)")
-    p.add_argument("--out", default=None, help="output dir (default: <data-root>/scorer)")
+    p.add_argument("--out", default=None, help="output dir (default: <data-root>/toy/<preset>/scorer)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: scorer.pretrain_steps)")
 
 

@@ -11,7 +11,7 @@ from i2l.cli import add_preset_args, config_from_args
 
 def add_arguments(p):
     add_preset_args(p)
-    p.add_argument("--out", default=None, help="output directory (default: <data-root>/toyworld)")
+    p.add_argument("--out", default=None, help="output directory (default: <data-root>/toyworld/<preset>)")
     p.add_argument("--styles", type=int, default=None, help="number of styles (8 images each)")
     p.add_argument("--seed", type=int, default=None, help="random seed (same seed => same bytes)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels")
@@ -26,7 +26,9 @@ def main(args):
         if getattr(args, name) is not None:
             setattr(tw, name, getattr(args, name))
     tw.__post_init__()
-    out = Path(args.out) if args.out else cfg.root / "toyworld"
+    from i2l.paths import paths_for
+
+    out = Path(args.out) if args.out else paths_for(cfg).toyworld_dir
     summary = write_toyworld(tw, out)
     print(f"toy world: {summary['rows']} images, {summary['styles']} styles, "
           f"{len(summary['shards'])} shards -> {out}")

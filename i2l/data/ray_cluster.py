@@ -20,6 +20,7 @@ def ensure_ray(num_cpus: int | None = None):
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        # address="local": never silently join a cluster a `ray start` left behind on this machine.
         # log_to_driver=False: workers' stdout would interleave with our progress bars.
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return ray

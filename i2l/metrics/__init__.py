@@ -4,7 +4,6 @@ reason, never numbers. Metric definitions: clip.py (CLIP), leakage.py (semantic 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -91,6 +90,6 @@ def score_samples(scorers: list[Scorer], batch: ScoreBatch) -> list[dict]:
 
 def default_scorer_dir(cfg) -> str:
     """Where `i2l pretrain-scorer` writes the toy scorer by default and build_scorers looks for it."""
-    from i2l.metrics.toy_clip import DEFAULT_DIR
+    from i2l.paths import paths_for
 
-    return os.path.join(cfg.data_root, DEFAULT_DIR)
+    return str(paths_for(cfg).scorer_dir)  # <data_root>/toy/<preset>/scorer, where the flows put it

@@ -288,15 +288,16 @@ class Store:
         self._insert("methods", ["run_id", "method", "family", "budget_steps"], rows, ignore=True)
 
     def record_loras(self, rows: Iterable[dict]) -> list[str]:
-        """rows: style_id, method, checkpoint_id, path, sha256, rank, n_refs, norms (dict); returns lora ids
+        """rows: style_id, method, checkpoint_id, path, sha256, rank, n_refs, norms (dict), ref_ids (list); returns ids
         (`lora_id` if given, else '<method>:<style_id>:<sha256[:12]>')."""
         out = []
         for r in rows:
             lora_id = r.get("lora_id") or f"{r['method']}:{r.get('style_id')}:{(r.get('sha256') or '')[:12]}"
+            ref_ids = r.get("ref_ids")
             out.append({**r, "lora_id": lora_id, "path": _str(r.get("path")), "norms": _json(r.get("norms")),
-                        "created_at": now_utc()})
+                        "ref_ids": _json(list(ref_ids)) if ref_ids is not None else None, "created_at": now_utc()})
         self._insert("loras", ["lora_id", "style_id", "method", "checkpoint_id", "path", "sha256", "rank",
-                               "n_refs", "norms", "created_at"], _dedupe(out, "lora_id"), replace=True)
+                               "n_refs", "norms", "ref_ids", "created_at"], _dedupe(out, "lora_id"), replace=True)
         return [r["lora_id"] for r in out]
 
     def record_samples(self, rows: Iterable[dict]) -> int:

@@ -194,6 +194,8 @@ MIGRATIONS: list[tuple[str, Any]] = [
     ("tables", _TABLES),
     ("metrics", _seed_metrics),
     ("views", _VIEWS),
+    # the catalog of produced LoRAs names the reference images each was predicted from
+    ("loras_ref_ids", "ALTER TABLE loras ADD COLUMN IF NOT EXISTS ref_ids JSON"),
 ]
 
 # Canonical method order for tables and grids (names used across the project).
