@@ -6,7 +6,6 @@ E text width, L text tokens.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import time
@@ -90,22 +89,6 @@ def with_context(cond: Cond, extra: torch.Tensor) -> Cond:
     return Cond(embeds, mask)
 
 
-@contextlib.contextmanager
-def context_positions(backbone: Backbone, length: int):
-    """The toy backbone precomputes its text position ids for `max_text_tokens`; longer contexts need longer
-    ids. Flux2/Z-Image derive them per call, and then this does nothing."""
-    ids = getattr(backbone, "txt_ids", None)
-    if ids is None or ids.shape[0] == length:
-        yield
-        return
-    zeros, pos = torch.zeros(length, dtype=ids.dtype), torch.arange(length, dtype=ids.dtype)
-    backbone.txt_ids = torch.stack([zeros, zeros, zeros, pos], -1)  # (L+M, 4): (0, 0, 0, i) as the prompt's
-    try:
-        yield
-    finally:
-        backbone.txt_ids = ids
-
-
 class ConditionedBackbone:
     """The backbone seen with adapter tokens appended to every prompt: usable wherever a Backbone is read
     (held-out FM loss, sampling). extra: (1, M, E) for one style, or (B, M, E) for B prompts."""
@@ -120,8 +103,7 @@ class ConditionedBackbone:
         return with_context(self.backbone.encode_prompts(prompts), self.extra)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, lora=None, strength: float = 1.0):
-        with context_positions(self.backbone, cond.embeds.shape[1]):
-            return self.backbone.velocity(x_t, t, cond, lora, strength)
+        return self.backbone.velocity(x_t, t, cond, lora, strength)
 
 
 @torch.no_grad()
@@ -171,8 +153,7 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
                 x1 = backbone.encode_images(targets.to(device))
             extra = adapter_tokens(adapter, encoder, refs.to(device), n_refs)  # (B, M, E)
             cond = with_context(cond, extra)
-            with context_positions(backbone, cond.embeds.shape[1]):
-                loss = fm_loss(backbone, x1, cond, generator=g)
+            loss = fm_loss(backbone, x1, cond, generator=g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.train.grad_clip)

@@ -72,7 +72,7 @@ def pretrain_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path, ste
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        curve.append(float(loss))
+        curve.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{float(loss):.4f}")
     vision.eval()

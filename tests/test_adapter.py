@@ -9,7 +9,6 @@ import torch
 from i2l.adapter import (
     ConditionedBackbone,
     build_adapter,
-    context_positions,
     generate_with_adapter,
     load_adapter,
     train_adapter,
@@ -73,14 +72,10 @@ def test_untrained_adapter_ignores_references_and_longer_contexts_run(debug_run)
     tok = adapter_tokens(adapter, enc, refs, n)
     assert tok.shape == (4, cfg.eval.adapter_tokens, text_dim)
     assert torch.equal(tok, torch.zeros_like(tok))  # zero-initialised output: no reference information yet
-    ids = bb.txt_ids
     extra = torch.randn(2, cfg.eval.adapter_tokens, text_dim)
     x = generate_with_adapter(bb, extra, ["one circle", "two stars"], torch.randn(2, *bb.latent_shape(32)),
                               guidance=2.0, steps=2)
-    assert x.shape == (2, *bb.latent_shape(32)) and torch.isfinite(x).all()
-    assert bb.txt_ids is ids  # the longer position ids were only borrowed
-    with context_positions(bb, ids.shape[0]):
-        assert bb.txt_ids is ids  # the prompt's own length: nothing to change
+    assert x.shape == (2, *bb.latent_shape(32)) and torch.isfinite(x).all()  # a longer context just works
 
 
 def test_adapter_trains_loss_falls_and_round_trips(debug_run, tmp_path):

@@ -69,6 +69,12 @@ def unpatchify(tokens: torch.Tensor, p: int, size: int) -> torch.Tensor:
     return x.reshape(B, 3, size, size)
 
 
+def text_ids(L: int, device) -> torch.Tensor:
+    """Rope ids (0, 0, 0, i) of L text tokens: per call, so contexts of any length work."""
+    z = torch.zeros(L, dtype=torch.long, device=device)
+    return torch.stack([z, z, z, torch.arange(L, device=device)], -1)  # (L, 4)
+
+
 def build_transformer(cfg: BackboneConfig) -> Flux2Transformer2DModel:
     head_dim = cfg.dim // cfg.heads
     if head_dim % 4:
@@ -96,8 +102,6 @@ class ToyBackbone(Backbone):
         rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
         zeros = torch.zeros(n * n, dtype=torch.long)
         self.img_ids = torch.stack([zeros, rows.flatten(), cols.flatten(), zeros], -1)  # (T, 4)
-        L = text_encoder.max_tokens
-        self.txt_ids = torch.stack([torch.zeros(L, dtype=torch.long)] * 3 + [torch.arange(L)], -1)  # (L, 4)
 
     def modules(self):
         return [self.transformer, self.text_encoder]
@@ -121,7 +125,7 @@ class ToyBackbone(Backbone):
             hidden_states=tokens, encoder_hidden_states=cond.embeds,
             # diffusers' Flux2 takes sigma = 1 - t (1 = pure noise) and predicts noise - data = -(x1 - x0)
             timestep=(1.0 - t).to(tokens.dtype), img_ids=self.img_ids.to(tokens.device),
-            txt_ids=self.txt_ids.to(tokens.device), return_dict=False,
+            txt_ids=text_ids(cond.embeds.shape[1], tokens.device), return_dict=False,
         )[0]  # (B, T, C)
         return -unpatchify(out, self.cfg.patch, x_t.shape[-1])  # (B, 3, H, W)
 
