@@ -158,7 +158,7 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
             loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.train.grad_clip)
         opt.step()
-        curve.append({"step": step + 1, "loss": float(loss), "lr": opt.param_groups[0]["lr"],
+        curve.append({"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
                       "grad_norm": float(gnorm)})
         bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
     secs = time.time() - t0

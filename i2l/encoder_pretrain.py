@@ -74,7 +74,7 @@ def pretrain_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path, ste
         opt.step()
         curve.append(loss.item())
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     vision.eval()
     out = Path(out_dir)
     vision.save_pretrained(out, safe_serialization=True)

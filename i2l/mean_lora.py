@@ -58,7 +58,7 @@ def train_mean_lora(cfg: Config, data_dir: str | Path, out_dir: str | Path, step
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
         opt.step()
-        curve.append({"step": step + 1, "loss": float(loss), "lr": opt.param_groups[0]["lr"]})
+        curve.append({"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
         bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
     secs = time.time() - t0
     info = {"steps": steps, "batch_size": bs, "lr": lr, "seconds": secs, "first_loss": _mean(curve[:20]),

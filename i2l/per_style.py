@@ -41,7 +41,7 @@ def optimize_lora(backbone: Backbone, images: torch.Tensor, prompts: list[str], 
             loss.backward()
         opt.step()
         if step in snapshots:
-            out.append({"steps": step, "wall_s": time.perf_counter() - t0, "loss": float(loss),
+            out.append({"steps": step, "wall_s": time.perf_counter() - t0, "loss": loss.item(),
                         "lora": LoRA({k: v.detach().clone() for k, v in A.items()},
                                      {k: v.detach().clone() for k, v in B.items()}, backbone.backbone_id)})
     final = LoRA({k: v.detach().clone() for k, v in A.items()}, {k: v.detach().clone() for k, v in B.items()},

@@ -86,7 +86,7 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
                 loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(predictor.parameters(), cfg.train.grad_clip)
         opt.step()
-        rec = {"step": step + 1, "loss": float(loss), "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
+        rec = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
                "n_refs_mean": float(n_refs.float().mean())}
         curve.append(rec)
         if report:
