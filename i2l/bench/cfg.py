@@ -15,6 +15,8 @@ import argparse
 import statistics
 import time
 
+from i2l.bench import format_rows
+
 GOALS = {"asymmetric/plain": ("<=", 1.05)}
 
 
@@ -140,15 +142,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'case':<36}{'metric':<14}{'value':>12}  {'unit':<4} goal"]
-    for r in rows:
-        goal = f"{r.get('goal')} ({'met' if r.get('goal_met') else 'NOT met'})" if r.get("goal") else ""
-        lines.append(f"{r['case']:<36}{r['metric']:<14}{r['value']:>12.4g}  {r['unit']:<4} {goal}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    print(format_table(run(parser.parse_args())))
+    print(format_rows(run(parser.parse_args())))

@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from i2l.bench import format_rows
+
 GOALS = {"2_actors/1_actor": (">=", 1.7)}
 
 
@@ -129,12 +131,6 @@ def run(args: argparse.Namespace) -> list[dict]:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'case':<20}{'metric':<16}{'value':>10}  {'unit':<7} goal"]
-    for r in rows:
-        goal = f"{r.get('goal')} ({'met' if r.get('goal_met') else 'NOT met'})" if r.get("goal") else ""
-        lines.append(f"{r['case']:<20}{r['metric']:<16}{r['value']:>10.4g}  {r['unit']:<7} {goal}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
@@ -144,4 +140,4 @@ if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    print(format_table(run(parser.parse_args())))
+    print(format_rows(run(parser.parse_args())))

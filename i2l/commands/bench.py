@@ -36,18 +36,13 @@ def device_label() -> str:
     return f"cpu:{platform.machine()}x{__import__('os').cpu_count()}"
 
 
-def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'case':<36}{'metric':<22}{'value':>14}  unit"]
-    for r in rows:
-        v = r.get("value")
-        vs = f"{v:>14.4g}" if isinstance(v, (int, float)) else f"{v!s:>14}"
-        lines.append(f"{r.get('case', '')!s:<36}{r.get('metric', '')!s:<22}{vs}  {r.get('unit', '')}")
-    return "\n".join(lines)
 
 
 def main(args):
     import os
     from pathlib import Path
+
+    from i2l.bench import format_rows
 
     mod, name = args._bench_module, args._bench_name
     rows = mod.run(args)
