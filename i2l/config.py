@@ -136,8 +136,11 @@ class PredictorConfig:
 class TrainConfig:
     """Flow-matching training of the predictor (and of the toy backbone)."""
 
-    steps: int = 500
-    batch_size: int = 32
+    steps: int = 600
+    batch_size: int = 32  # targets per step (backbone samples)
+    # G targets of one style share one reference set and so one predicted LoRA: the predictor runs on
+    # batch_size / G reference sets per step (its cost per backbone sample falls G-fold)
+    targets_per_lora: int = 4
     lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.0

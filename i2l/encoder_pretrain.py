@@ -40,7 +40,8 @@ def pretrain_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path, ste
                      progress: bool = True) -> dict:
     if cfg.encoder.kind != "toy":
         raise ValueError("pretrain-encoder trains the toy encoder only; real presets load SigLIP2 from a local dir")
-    steps = steps or cfg.encoder.pretrain_steps
+    # steps = 0 writes the frozen RANDOM encoder (the ablation: does the toy encoder need training?)
+    steps = cfg.encoder.pretrain_steps if steps is None else steps
     rows = load_split(data_dir, "train", columns=("image", "style"))
     images = to_tensor(rows["images"], cfg.encoder.image_size)  # (N, 3, S, S)
     styles = rows["style"]
@@ -78,8 +79,9 @@ def pretrain_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path, ste
     vision.eval()
     out = Path(out_dir)
     vision.save_pretrained(out, safe_serialization=True)
-    info = {"steps": steps, "seconds": time.time() - t0, "first_loss": sum(curve[:10]) / min(10, len(curve)),
-            "last_loss": sum(curve[-10:]) / min(10, len(curve))}
+    info = {"steps": steps, "seconds": time.time() - t0,
+            "first_loss": sum(curve[:10]) / max(1, min(10, len(curve))) if curve else None,
+            "last_loss": sum(curve[-10:]) / max(1, min(10, len(curve))) if curve else None}
     (out / "encoder.json").write_text(json.dumps({"kind": "toy", "image_size": cfg.encoder.image_size, **info}))
     return {"dir": str(out), **info}
 

@@ -68,6 +68,13 @@ class LoRA:
         return LoRA({k: v[i] for k, v in self.A.items()}, {k: v[i] for k, v in self.B.items()}, self.backbone,
                     dict(self.meta))
 
+    def take(self, index: torch.Tensor) -> LoRA:
+        """Rows of a batched LoRA by index (B',) -> a batch of B' (differentiable): one LoRA serving many samples."""
+        if not self.batched:
+            raise IndexError("an unbatched LoRA has no items")
+        return LoRA({k: v[index] for k, v in self.A.items()}, {k: v[index] for k, v in self.B.items()},
+                    self.backbone, dict(self.meta))
+
     def unbind(self) -> list[LoRA]:
         return [self[i] for i in range(self.batch_size)]
 

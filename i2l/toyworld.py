@@ -27,6 +27,13 @@ COLORS = {
     "purple": (130, 60, 170), "pink": (240, 130, 180), "brown": (120, 75, 40), "cream": (245, 235, 205),
     "charcoal": (50, 50, 55), "white": (250, 250, 250), "maroon": (110, 20, 40), "gray": (140, 140, 140),
 }
+# Figure/ground contrast, as in most illustrations: backgrounds (and their patterns) are light, shapes dark.
+# It gives content a style-independent first-order signal (a dark blob where the prompt puts the shape); with
+# foreground and background drawn from one palette the mean image given a prompt was flat, and the toy backbone
+# learned to ignore its prompt.
+_LUMA = {k: 0.299 * r + 0.587 * g + 0.114 * b for k, (r, g, b) in COLORS.items()}
+LIGHT = tuple(k for k in COLORS if _LUMA[k] >= 130)  # cream, white, yellow, lime, sky blue, pink, orange, gray
+DARK = tuple(k for k in COLORS if _LUMA[k] < 130)
 PATTERNS = ("plain", "horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard",
             "polka dots", "grid lines")
 FREQUENCIES = ("wide", "fine")
@@ -83,10 +90,10 @@ class Content:
 
 
 def sample_style(rng: np.random.Generator) -> Style:
-    names = list(COLORS)
-    bg, pc, fg = rng.choice(len(names), size=3, replace=False)
+    bg, pc = rng.choice(len(LIGHT), size=2, replace=False)
+    fg = rng.integers(len(DARK))
     return Style(
-        background=names[bg], pattern_color=names[pc], foreground=names[fg],
+        background=LIGHT[bg], pattern_color=LIGHT[pc], foreground=DARK[fg],
         pattern=PATTERNS[rng.integers(len(PATTERNS))], frequency=FREQUENCIES[rng.integers(2)],
         angle=int(rng.choice([45, 135])), outline=OUTLINES[rng.integers(len(OUTLINES))],
         finish=FINISHES[rng.integers(len(FINISHES))], mood=MOODS[rng.integers(len(MOODS))],

@@ -17,7 +17,7 @@ from i2l.backbones import load_backbone
 from i2l.backbones.pretrain import lr_at
 from i2l.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from i2l.config import Config
-from i2l.data.tuples import TupleStream, collate
+from i2l.data.tuples import TupleStream, collate_groups
 from i2l.encoder import load_encoder
 from i2l.flow_matching import fm_loss
 from i2l.predictor import I2LPredictor, predict_lora
@@ -59,7 +59,8 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     use_amp = device.type == "cuda" and cfg.backbone.dtype == "bfloat16"
     if device.type == "cuda":
         backbone.transformer.enable_gradient_checkpointing()  # memory: recompute blocks in backward
-    stream = TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed, world.rank, world.size)
+    stream = TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed, world.rank, world.size,
+                         targets_per_lora=cfg.train.targets_per_lora)
     bs = cfg.train.batch_size // world.size
     batches = _batches(stream, bs)
     for _ in range(start):  # skip what earlier runs consumed: identical data order after a resume
@@ -72,13 +73,14 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, cfg.train.lr, cfg.train.warmup)
-        targets, prompts, refs, n_refs = collate(next(batches), cfg.backbone.image_size, cfg.encoder.image_size)
+        targets, prompts, refs, n_refs, owner = collate_groups(next(batches), cfg.backbone.image_size,
+                                                               cfg.encoder.image_size)
         g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + world.rank)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             with torch.no_grad():
                 cond = backbone.encode_prompts(prompts)  # frozen text encoder
                 x1 = backbone.encode_images(targets.to(device))
-            lora = predict_lora(model, encoder, refs.to(device), n_refs)
+            lora = predict_lora(model, encoder, refs.to(device), n_refs).take(owner.to(device))  # (U) -> (B)
             # The LoRA stays active through backward: checkpointed blocks recompute with it.
             with backbone.lora_adapter.use(lora):
                 loss = fm_loss(backbone, x1, cond, lora, generator=g)

@@ -11,7 +11,7 @@ from i2l.api import I2L
 from i2l.backbones import load_backbone
 from i2l.checkpoint import latest_checkpoint
 from i2l.config import get_config
-from i2l.data.tuples import TupleStream, collate
+from i2l.data.tuples import TupleStream, collate, collate_groups
 from i2l.encoder import load_encoder
 from i2l.flow_matching import fm_loss
 from i2l.predictor import I2LPredictor, predict_lora
@@ -90,6 +90,42 @@ def test_tuples_vary_n_keep_single_refs_and_never_reuse_the_target(debug_run):
     assert all(t.target not in t.refs for t in tuples)
     targets, _, refs, n = collate(tuples[:8], 32, 32)
     assert refs.shape[:2] == (8, int(n.max())) and targets.shape == (8, 3, 32, 32)
+
+
+def test_grouped_tuples_share_one_reference_set_of_other_contents(debug_run):
+    stream = iter(TupleStream(debug_run.prepared_dir, max_refs=3, seed=2, targets_per_lora=4))
+    tuples = [next(stream) for _ in range(64)]
+    groups: dict[int, list] = {}
+    for t in tuples:
+        groups.setdefault(t.group, []).append(t)
+    assert len(groups) >= 64 // 4 and max(len(g) for g in groups.values()) == 4
+    for g in groups.values():
+        assert len({t.style_id for t in g}) == 1 and all(t.refs is g[0].refs for t in g)
+        assert len({t.target for t in g}) == len(g)  # G different targets
+        assert not {t.target for t in g} & set(g[0].refs)  # none of them is a reference
+    # single-reference sets are still drawn with groups
+    assert 1 in {len(g[0].refs) for g in groups.values()}
+    targets, prompts, refs, n, owner = collate_groups(tuples[:8], 32, 32)
+    assert targets.shape[0] == len(prompts) == 8 and refs.shape[0] == n.shape[0] == int(owner.max()) + 1
+    for i, t in enumerate(tuples[:8]):  # each target points at its own reference set
+        first = [j for j, u in enumerate(tuples[:8]) if u.group == t.group][0]
+        assert owner[i] == owner[first] and len(t.refs) == int(n[owner[i]])
+
+
+def test_a_predicted_lora_serves_its_whole_group(debug_run):
+    """take(owner) gives each target exactly the LoRA of its reference set, and gradients flow back through it."""
+    cfg = _cfg(debug_run)
+    bb, enc = load_backbone(cfg), load_encoder(cfg.encoder)
+    pred = I2LPredictor(cfg.predictor, bb.lora_targets(), enc.dim, bb.backbone_id)
+    torch.nn.init.normal_(pred.head_B.D[0], std=0.1)  # a non-zero LoRA
+    refs = torch.rand(2, 2, 3, 32, 32) * 2 - 1
+    owner = torch.tensor([0, 0, 1, 1, 1])
+    lora = predict_lora(pred, enc, refs).take(owner)
+    name = pred.names[0]
+    assert lora.batch_size == 5 and torch.equal(lora.B[name][1], lora.B[name][0])
+    assert torch.allclose(lora.B[name][4], predict_lora(pred, enc, refs[1:2]).B[name][0], atol=1e-6)
+    lora.B[name].sum().backward()
+    assert pred.head_B.D[0].grad is not None and pred.head_B.D[0].grad.abs().sum() > 0
 
 
 @pytest.mark.slow

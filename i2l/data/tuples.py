@@ -1,6 +1,10 @@
 """Training tuples (paper §3.3): 1..N references of a style + a target of the SAME style with DIFFERENT
 content; the prompt describes the target's content. Streamed row group by row group with a small style buffer,
-deterministic from the seed, so a resumed run sees exactly the tuples an uninterrupted run would."""
+deterministic from the seed, so a resumed run sees exactly the tuples an uninterrupted run would.
+
+With targets_per_lora = G > 1 the stream yields G consecutive tuples that share one reference set (same style,
+G different targets): training predicts that LoRA once and applies it to all G targets, so the predictor's
+cost per backbone sample falls G-fold while every target still has references of other contents."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ class StyleTuple:
     prompt: str  # the target's content
     target: bytes  # encoded image
     refs: list[bytes]  # 1..N encoded images of the same style, other contents
+    group: int = 0  # tuples with the same group share this reference set (one predicted LoRA)
 
 
 def _owner(style_id: str, world: int) -> int:
@@ -32,7 +37,10 @@ class TupleStream:
     """Endless iterator of StyleTuples for one data-parallel rank (styles are partitioned by hash)."""
 
     def __init__(self, data_dir, split: str = "train", max_refs: int = 4, seed: int = 0, rank: int = 0,
-                 world: int = 1, buffer_styles: int = 64, p_single: float = 0.25):
+                 world: int = 1, buffer_styles: int = 64, p_single: float = 0.25, targets_per_lora: int = 1):
+        if targets_per_lora < 1:
+            raise ValueError("targets_per_lora must be >= 1")
+        self.targets_per_lora = targets_per_lora
         self.data_dir, self.split = data_dir, split
         self.max_refs, self.seed, self.rank, self.world = max_refs, seed, rank, world
         self.buffer_styles, self.p_single = buffer_styles, p_single
@@ -56,6 +64,7 @@ class TupleStream:
             buffer: list[list] = []  # [rows, tuples left]
             source = self._styles(epoch)
             exhausted = False
+            group = epoch << 32  # unique across epochs, so a batch never merges two reference sets
             while True:
                 while not exhausted and len(buffer) < self.buffer_styles:
                     rows = next(source, None)
@@ -67,30 +76,50 @@ class TupleStream:
                     break
                 i = int(rng.integers(len(buffer)))
                 rows, left = buffer[i]
-                yield self._make(rows, rng)
-                if left <= 1:
+                made = self._make(rows, rng, group)
+                yield from made
+                group += 1
+                if left <= len(made):
                     buffer.pop(i)
                 else:
-                    buffer[i][1] = left - 1
+                    buffer[i][1] = left - len(made)
 
-    def _make(self, rows: list[dict], rng: np.random.Generator) -> StyleTuple:
-        t = int(rng.integers(len(rows)))
-        others = [r for j, r in enumerate(rows) if j != t and r["content"] != rows[t]["content"]]
-        others = others or [r for j, r in enumerate(rows) if j != t]  # a style with one content repeated
+    def _make(self, rows: list[dict], rng: np.random.Generator, group: int) -> list[StyleTuple]:
+        """Up to G targets of one style + one reference set drawn from its rows of other contents."""
+        g = max(1, min(self.targets_per_lora, len(rows) - 1))  # leave at least one row for references
+        targets = [int(j) for j in rng.choice(len(rows), size=g, replace=False)]
+        contents = {rows[t]["content"] for t in targets}
+        others = [r for j, r in enumerate(rows) if j not in targets and r["content"] not in contents]
+        others = others or [r for j, r in enumerate(rows) if j not in targets]  # one content repeated
         hi = min(self.max_refs, len(others))
         # single-reference tuples are kept on purpose: one-shot use must work (paper §3.3)
         n = 1 if (hi == 1 or rng.random() < self.p_single) else int(rng.integers(2, hi + 1))
         picks = rng.choice(len(others), size=n, replace=False)
-        return StyleTuple(rows[t]["style_id"], rows[t]["content"], rows[t]["image"],
-                          [others[j]["image"] for j in picks])
+        refs = [others[j]["image"] for j in picks]
+        return [StyleTuple(rows[t]["style_id"], rows[t]["content"], rows[t]["image"], refs, group)
+                for t in targets]
+
+
+def _refs(tuples: list[StyleTuple], ref_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> refs (B, N, 3, h, w) zero-padded to the largest N, n_refs (B,)."""
+    N = max(len(t.refs) for t in tuples)
+    refs = torch.zeros(len(tuples), N, 3, ref_size, ref_size)
+    for i, t in enumerate(tuples):
+        refs[i, : len(t.refs)] = to_tensor([decode(b) for b in t.refs], ref_size)
+    return refs, torch.tensor([len(t.refs) for t in tuples])
 
 
 def collate(tuples: list[StyleTuple], image_size: int, ref_size: int):
     """-> targets (B, 3, H, W), prompts, refs (B, N, 3, h, w) zero-padded, n_refs (B,)."""
     targets = to_tensor([decode(t.target) for t in tuples], image_size)
-    N = max(len(t.refs) for t in tuples)
-    refs = torch.zeros(len(tuples), N, 3, ref_size, ref_size)
-    for i, t in enumerate(tuples):
-        refs[i, : len(t.refs)] = to_tensor([decode(b) for b in t.refs], ref_size)
-    n_refs = torch.tensor([len(t.refs) for t in tuples])
-    return targets, [t.prompt for t in tuples], refs, n_refs
+    return (targets, [t.prompt for t in tuples], *_refs(tuples, ref_size))
+
+
+def collate_groups(tuples: list[StyleTuple], image_size: int, ref_size: int):
+    """Like `collate`, but each shared reference set once: -> targets (B, 3, H, W), prompts,
+    refs (U, N, 3, h, w), n_refs (U,), owner (B,) = the reference set (so the predicted LoRA) of each target."""
+    slot: dict[int, int] = {}
+    owner = torch.tensor([slot.setdefault(t.group, len(slot)) for t in tuples])  # (B,) in first-seen order
+    firsts = [tuples[owner.tolist().index(u)] for u in range(len(slot))]
+    targets = to_tensor([decode(t.target) for t in tuples], image_size)
+    return (targets, [t.prompt for t in tuples], *_refs(firsts, ref_size), owner)
