@@ -147,6 +147,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ckpt_every: int = 200
     num_workers: int = 1  # Ray Train workers (DDP)
+    max_failures: int = 2  # worker-group restarts after a worker dies (each resumes from the latest checkpoint)
     use_gpu: bool = False
     seed: int = 0
     backbone_steps: int = 800  # toy backbone pretraining

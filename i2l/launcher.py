@@ -4,6 +4,8 @@ imports `ray.train`."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from i2l.config import Config, config_from_dict
@@ -19,26 +21,44 @@ def train_loop_per_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     cfg = config_from_dict(config["cfg"])
+    # Ray Train restarts the worker group after a worker dies (FailureConfig) and hands every worker the last
+    # reported checkpoint: then resume from the latest i2l checkpoint instead of starting over.
+    resume = config["resume"] or ray.train.get_checkpoint() is not None
     torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
     device = ray.train.torch.get_device()
     world = World(rank=ctx.get_world_rank(), size=ctx.get_world_size(), device=str(device))
     wrap = ray.train.torch.prepare_model if world.size > 1 else None
 
     def report(rec: dict) -> None:
-        if rec["step"] % 10 == 0 or rec["step"] == cfg.train.steps:
-            ray.train.report({k: v for k, v in rec.items()})
+        if rec.get("checkpointed"):
+            # Ray keeps a tiny pointer (the weights stay in out_dir, written once): it marks progress to resume
+            with tempfile.TemporaryDirectory() as d:
+                Path(d, "i2l_step.txt").write_text(str(rec["step"]))
+                ckpt = ray.train.Checkpoint.from_directory(d) if ctx.get_world_rank() == 0 else None
+                ray.train.report(dict(rec), checkpoint=ckpt)
+        elif rec["step"] % 10 == 0:
+            ray.train.report(dict(rec))
 
-    info = train_predictor(cfg, config["data_dir"], config["out_dir"], resume=config["resume"], world=world,
-                           wrap_model=wrap, report=report, progress=config.get("progress", True),
+    crash_at = config.get("crash_at") if not resume else None  # tests: a real worker death, first attempt only
+
+    def report_or_crash(rec: dict) -> None:
+        report(rec)
+        if crash_at is not None and rec["step"] == crash_at:
+            os._exit(1)
+
+    info = train_predictor(cfg, config["data_dir"], config["out_dir"], resume=resume, world=world,
+                           wrap_model=wrap, report=report_or_crash, progress=config.get("progress", True),
                            stop_after=config.get("stop_after"))
     ray.train.report({"done": 1, **{k: v for k, v in info.items() if isinstance(v, (int, float))}})
 
 
 def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
-                    progress: bool = True, stop_after: int | None = None) -> dict:
-    """Train the predictor with `cfg.train.num_workers` Ray Train workers (DDP when > 1)."""
+                    progress: bool = True, stop_after: int | None = None, crash_at: int | None = None) -> dict:
+    """Train the predictor with `cfg.train.num_workers` Ray Train workers (DDP when > 1). A worker that dies
+    restarts the group up to train.max_failures times, resuming from the latest checkpoint.
+    crash_at: kill a worker process at this step on the first attempt (tests of recovery)."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from i2l.backbones import default_paths
@@ -52,13 +72,14 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     workers = cfg.train.num_workers
     config = {"cfg": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "out_dir": str(out),
               "resume": resume, "progress": progress, "stop_after": stop_after,
-              "threads_per_worker": max(1, cpus // workers)}
+              "threads_per_worker": max(1, cpus // workers), "crash_at": crash_at}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": 1} if not cfg.train.use_gpu else None),
-        run_config=RunConfig(name=f"i2l-{cfg.name}", storage_path=str(out / "ray_results")),
+        run_config=RunConfig(name=f"i2l-{cfg.name}", storage_path=str(out / "ray_results"),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     result = trainer.fit()
     if result.error:

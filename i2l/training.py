@@ -91,13 +91,14 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
         rec = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
                "n_refs_mean": float(n_refs.float().mean())}
         curve.append(rec)
-        if report:
-            report(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}")
         done += 1
-        last = step + 1 == steps
-        if world.rank == 0 and ((step + 1) % cfg.train.ckpt_every == 0 or last):
-            save_checkpoint(out, step + 1, predictor, opt, backbone, encoder, cfg, curve)
+        if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == steps:
+            if world.rank == 0:
+                save_checkpoint(out, step + 1, predictor, opt, backbone, encoder, cfg, curve)
+            rec = {**rec, "checkpointed": True}  # every rank says so: reporters stay in step
+        if report:
+            report(rec)  # after the save: a reporter may point at the checkpoint just written
         if stop_after is not None and done >= stop_after:
             break
     secs = time.time() - t0

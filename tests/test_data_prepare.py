@@ -20,8 +20,9 @@ from PIL import Image
 from test_data_validate import check_converted, read_split_images, write_bad_dataset
 
 from i2l.config import get_config
-from i2l.data.megastyle import QUARANTINE_SCHEMA, read_prepared
+from i2l.data.megastyle import QUARANTINE_SCHEMA
 from i2l.data.prepare import make_plan, prepare
+from i2l.data.shards import iter_rows
 from i2l.toyworld import write_toyworld
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def test_toy_round_trip(ray_session, toy_dir, tmp_path):
     assert (s.styles_train, s.styles_val) == (len(train), len(val))
     assert len(m["shards"]) == s.shards and {i["file"] for i in m["inputs"]} >= {p.name for p in toy_dir.glob("*")}
     assert pq.read_schema(tmp_path / "out" / "quarantine.parquet").equals(QUARANTINE_SCHEMA)
-    assert sum(t.num_rows for t in read_prepared(tmp_path / "out", "val", columns=["id"])) == len(
+    assert sum(1 for _ in iter_rows(tmp_path / "out", "val", columns=("id",))) == len(
         [r for r in rows.values() if r["split"] == "val"])
 
 
@@ -136,7 +137,7 @@ def test_rerun_skips_and_refuses_stale(ray_session, toy_dir, tmp_path):
         prepare(_cfg(**{"data.resolution": 48}), toy_dir, out, progress=False)
     forced = prepare(_cfg(**{"data.resolution": 48}), toy_dir, out, progress=False, force=True)
     assert forced.rows_written == 96 and forced.units_skipped == 0
-    first_row = next(read_prepared(out, "train", columns=["width", "height"])).to_pylist()[0]
+    first_row = next(iter_rows(out, "train", columns=("width", "height")))
     assert (first_row["width"], first_row["height"]) == (48, 48)
 
 

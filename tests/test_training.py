@@ -108,7 +108,7 @@ def test_grouped_tuples_share_one_reference_set_of_other_contents(debug_run):
     targets, prompts, refs, n, owner = collate_groups(tuples[:8], 32, 32)
     assert targets.shape[0] == len(prompts) == 8 and refs.shape[0] == n.shape[0] == int(owner.max()) + 1
     for i, t in enumerate(tuples[:8]):  # each target points at its own reference set
-        first = [j for j, u in enumerate(tuples[:8]) if u.group == t.group][0]
+        first = next(j for j, u in enumerate(tuples[:8]) if u.group == t.group)
         assert owner[i] == owner[first] and len(t.refs) == int(n[owner[i]])
 
 
@@ -138,3 +138,21 @@ def test_ray_train_with_two_cpu_workers(debug_run, tmp_path, ray_session):
     assert ck is not None and ck.name == "step_0000003"
     curve = json.loads((ck / "curve.json").read_text())
     assert len(curve) == 3
+
+
+@pytest.mark.slow
+def test_ray_train_restarts_a_dead_worker_and_resumes_from_the_checkpoint(debug_run, tmp_path, ray_session):
+    """A worker process killed at step 4 (after the step-3 checkpoint): FailureConfig restarts the group, which
+    resumes at step 3 — the run finishes with one curve entry per step, none lost or repeated."""
+    from i2l.launcher import launch_training
+
+    cfg = _cfg(debug_run, **{"train.steps": 6, "train.batch_size": 4, "train.max_failures": 1})
+    launch_training(cfg, debug_run.prepared_dir, tmp_path / "crash", progress=False, crash_at=4)
+    ck = latest_checkpoint(tmp_path / "crash")
+    assert ck is not None and ck.name == "step_0000006"
+    assert [r["step"] for r in json.loads((ck / "curve.json").read_text())] == [1, 2, 3, 4, 5, 6]
+
+    cfg.train.max_failures = 0  # without restarts the same death fails the launch loudly
+    with pytest.raises(Exception):  # noqa: B017  (Ray wraps the worker's death in its own error types)
+        launch_training(cfg, debug_run.prepared_dir, tmp_path / "fatal", progress=False, crash_at=4)
+    assert latest_checkpoint(tmp_path / "fatal").name == "step_0000003"  # finished work kept

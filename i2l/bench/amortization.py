@@ -1,5 +1,7 @@
 """Amortization: one i2L forward (per style) vs the per-style LoRA optimisation time needed to reach the same
 held-out FM loss, measured side by side on the same held-out styles in one run. Goal >= 1000x.
+The i2L forward is timed alone (one style, batch of 1) and as mass production runs it (all styles of the run in
+one batched forward, time per style); both ratios are reported.
 
 Needs a trained checkpoint and prepared data (`make run` makes both on the toy world).
 """
@@ -63,5 +65,23 @@ def run(args: argparse.Namespace) -> list[dict]:
             {"case": s.style_id, "metric": "amortization" if reached else "amortization_lower_bound",
              "value": ratio, "unit": "x"},
         ]
-    rows.append({"case": "median", "metric": "amortization", "value": statistics.median(ratios), "unit": "x"})
+    model.predict_loras([s.refs for s in samples])  # warm-up
+    batched = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        model.predict_loras([s.refs for s in samples])
+        batched.append((time.perf_counter() - t0) / len(samples))
+    t_batched = statistics.median(batched)
+    per_style_s = [r["value"] for r in rows if r["metric"].startswith("per_style_s_")]
+    med = statistics.median(ratios)
+    med_b = statistics.median(w / t_batched for w in per_style_s)
+    reached_all = all(r["metric"] == "amortization" for r in rows if r["metric"].startswith("amortization"))
+    note = {} if reached_all else {"unit": "x (lower bound: some styles never reached i2L's loss)"}
+    rows += [
+        {"case": "all", "metric": "i2l_forward_batched_s", "value": t_batched, "unit": "s per style"},
+        {"case": "median", "metric": "amortization", "value": med, "unit": "x", **note,
+         "goal": ">= 1000", "goal_met": med >= 1000},
+        {"case": "median", "metric": "amortization_batched", "value": med_b, "unit": "x", **note,
+         "goal": ">= 1000", "goal_met": med_b >= 1000},
+    ]
     return rows

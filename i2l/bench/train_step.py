@@ -79,9 +79,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 times[name].append(time.perf_counter() - t0)
     rows = [{"case": k, "metric": "median_ms", "value": 1000 * statistics.median(v), "unit": "ms"}
             for k, v in times.items()]
-    for k in times:
+    for k, ts in times.items():
         if k.startswith("i2l"):  # ratio per interleaved round, then the median: robust to machine noise
-            ratio = statistics.median([a / b for a, b in zip(times[k], times["per_style_lora_step"])])
+            ratio = statistics.median([a / b for a, b in zip(ts, times["per_style_lora_step"])])
             goal = {"goal": "<= 1.3", "goal_met": ratio <= 1.3} if k == f"i2l_step_G{G}" else {}
             rows.append({"case": f"{k}/per_style_lora_step", "metric": "ratio", "value": ratio, "unit": "x", **goal})
     return rows

@@ -252,21 +252,3 @@ def write_quarantine(path: Path, rows: list[dict], pieces: list[Path], progress:
             w.write_table(table)
     os.replace(tmp, path)
     return by_reason
-
-
-def prepared_shards(out_dir: str | os.PathLike, split: str) -> list[Path]:
-    """The finished shards of one split (`train` or `val`) of a prepared directory, in order."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
-    return sorted((Path(out_dir) / split).glob("part-*.parquet"))
-
-
-def read_prepared(out_dir: str | os.PathLike, split: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Stream a prepared split row group by row group (pass columns=[...] to skip the image bytes)."""
-    shards = prepared_shards(out_dir, split)
-    if not shards:
-        raise FileNotFoundError(f"no {split} shards under {out_dir}: run `i2l prepare --out {out_dir}` first")
-    for path in shards:
-        pf = pq.ParquetFile(path)
-        for g in range(pf.num_row_groups):
-            yield pf.read_row_group(g, columns=columns)

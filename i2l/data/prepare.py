@@ -347,10 +347,10 @@ def write_val_manifest(out_dir: str | os.PathLike, cfg: DataConfig, progress: bo
     target row as prompt + cfg.val_refs OTHER rows of its style as references. Deterministic from cfg.seed."""
     from tqdm import tqdm
 
-    from i2l.data.megastyle import prepared_shards
+    from i2l.data.shards import split_files
 
     rows: dict[str, list[tuple[str, str, str]]] = {}  # style_id -> [(id, content, style)], no image bytes
-    for path in tqdm(prepared_shards(out_dir, "val"), desc="val manifest", unit="shard", disable=not progress):
+    for path in tqdm(split_files(out_dir, "val"), desc="val manifest", unit="shard", disable=not progress):
         t = pq.read_table(path, columns=["id", "style_id", "content", "style"])
         for rid, sid, content, style in zip(*(t.column(c).to_pylist() for c in t.column_names)):
             rows.setdefault(sid, []).append((rid, content, style))

@@ -12,8 +12,9 @@ from i2l.images import decode
 
 
 def split_files(data_dir: str | Path, split: str) -> list[Path]:
+    """The finished shards of one split, in order (unfinished writes are dot-prefixed .tmp files: never listed)."""
     d = Path(data_dir)
-    files = sorted((d / split).glob("*.parquet"))
+    files = sorted((d / split).glob("part-*.parquet"))
     if files:
         return files
     raw = sorted(p for p in d.glob("*.parquet"))
