@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from i2l.config import Config, config_from_dict
@@ -21,9 +22,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     cfg = config_from_dict(config["cfg"])
-    # Ray Train restarts the worker group after a worker dies (FailureConfig) and hands every worker the last
-    # reported checkpoint: then resume from the latest i2l checkpoint instead of starting over.
-    resume = config["resume"] or ray.train.get_checkpoint() is not None
+    # Ray Train restarts the worker group after a worker dies (FailureConfig). A restarted attempt resumes from
+    # the latest checkpoint instead of starting over: it finds this launch's marker (Ray's own last checkpoint
+    # may not have reached the controller before the death). Every rank reads before rank 0 writes.
+    marker = Path(config["out_dir"]) / f".launch-{config['launch_id']}"
+    resume = config["resume"] or marker.exists() or ray.train.get_checkpoint() is not None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if ctx.get_world_rank() == 0:
+        marker.touch()
     torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
     device = ray.train.torch.get_device()
     world = World(rank=ctx.get_world_rank(), size=ctx.get_world_size(), device=str(device))
@@ -63,7 +70,9 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
 
     from i2l.backbones import default_paths
     from i2l.data.ray_cluster import ensure_ray
+    from i2l.training import refuse_mixing_runs
 
+    refuse_mixing_runs(out_dir, resume)  # before Ray: a worker error would be retried, not reported
     default_paths(cfg)
     ensure_ray()
     out = Path(out_dir).resolve()
@@ -72,7 +81,8 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     workers = cfg.train.num_workers
     config = {"cfg": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "out_dir": str(out),
               "resume": resume, "progress": progress, "stop_after": stop_after,
-              "threads_per_worker": max(1, cpus // workers), "crash_at": crash_at}
+              "threads_per_worker": max(1, cpus // workers), "crash_at": crash_at,
+              "launch_id": uuid.uuid4().hex[:12]}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -81,7 +91,10 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
         run_config=RunConfig(name=f"i2l-{cfg.name}", storage_path=str(out / "ray_results"),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        (out / f".launch-{config['launch_id']}").unlink(missing_ok=True)
     if result.error:
         raise result.error
     return dict(result.metrics or {})

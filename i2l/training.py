@@ -47,6 +47,7 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     world = world or World()
     device = torch.device(world.device)
     out = Path(out_dir)
+    refuse_mixing_runs(out, resume)
     backbone = load_backbone(cfg).to(device)
     encoder = load_encoder(cfg.encoder).to(device)
     predictor = build_predictor(cfg, backbone, encoder).to(device)
@@ -104,6 +105,13 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     secs = time.time() - t0
     return {"out_dir": str(out), "steps": start + done, "seconds": secs, "steps_per_s": done / max(secs, 1e-9),
             "first_loss": _mean(curve[:20]), "last_loss": _mean(curve[-20:])}
+
+
+def refuse_mixing_runs(out_dir: str | Path, resume: bool) -> None:
+    """A fresh run into a directory with another run's checkpoints would interleave the two runs' files."""
+    if not resume and (ck := latest_checkpoint(out_dir)) is not None:
+        raise FileExistsError(f"{out_dir} already holds a training run (latest checkpoint {ck.name}): pass --resume "
+                              f"to continue it, or choose another --out for a new run")
 
 
 def _mean(recs: list[dict]) -> float:

@@ -73,3 +73,20 @@ def test_no_references_is_a_clear_error(encoder):
     pred = I2LPredictor(get_config("debug").predictor, bb.lora_targets(), encoder.dim, bb.backbone_id)
     with pytest.raises(ValueError, match="at least one reference"):
         predict_lora(pred, encoder, torch.zeros(1, 0, 3, 32, 32))
+
+
+def test_zero_pretraining_steps_write_the_frozen_random_encoder(debug_run, tmp_path):
+    """`i2l pretrain-encoder --steps 0`: the ablation baseline is exactly the seeded random initialisation."""
+    from dataclasses import replace
+
+    from i2l.encoder import load_encoder
+    from i2l.encoder_pretrain import pretrain_encoder
+
+    cfg = get_config("debug")
+    info = pretrain_encoder(cfg, debug_run.prepared_dir, tmp_path / "random", steps=0, progress=False)
+    assert info["steps"] == 0 and info["last_loss"] is None
+    loaded = load_encoder(replace(cfg.encoder, path=str(tmp_path / "random")))
+    fresh = new_toy_encoder(cfg.encoder, seed=cfg.train.seed)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), fresh(x), atol=1e-6)

@@ -69,6 +69,13 @@ def test_stop_then_resume_reaches_the_same_weights(debug_run, tmp_path):
     assert [r["step"] for r in curve] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_fresh_run_into_another_runs_directory_is_refused(debug_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(debug_run.run_dir, run)
+    with pytest.raises(FileExistsError, match="pass --resume to continue it"):
+        train_predictor(_cfg(debug_run), debug_run.prepared_dir, run, progress=False)
+
+
 def test_checkpoint_for_another_backbone_or_targets_is_refused(debug_run, tmp_path):
     ck = tmp_path / "ck"
     shutil.copytree(debug_run.checkpoint_dir, ck)

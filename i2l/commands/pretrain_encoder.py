@@ -11,7 +11,9 @@ def add_arguments(p):
     add_preset_args(p)
     p.add_argument("--data", required=True, help="prepared data dir (train split) or a raw toy world dir")
     p.add_argument("--out", default=None, help="output dir (default: <data-root>/toy/<preset>/encoder)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: encoder.pretrain_steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: encoder.pretrain_steps; 0 writes the frozen random encoder, "
+                        "the ablation baseline)")
 
 
 def main(args):
@@ -20,6 +22,9 @@ def main(args):
 
     cfg = default_paths(config_from_args(args))
     info = pretrain_encoder(cfg, args.data, args.out or cfg.encoder.path, steps=args.steps)
-    print(f"toy encoder: loss {info['first_loss']:.4f} -> {info['last_loss']:.4f} ({info['seconds']:.0f}s) "
-          f"-> {info['dir']}")
+    if info["steps"]:
+        print(f"toy encoder: loss {info['first_loss']:.4f} -> {info['last_loss']:.4f} ({info['seconds']:.0f}s) "
+              f"-> {info['dir']}")
+    else:
+        print(f"toy encoder: random initialisation (0 steps) -> {info['dir']}")
     return 0
