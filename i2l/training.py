@@ -62,7 +62,10 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
         backbone.transformer.enable_gradient_checkpointing()  # memory: recompute blocks in backward
     stream = TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed, world.rank, world.size,
                          targets_per_lora=cfg.train.targets_per_lora)
-    bs = cfg.train.batch_size // world.size
+    bs = cfg.train.batch_size // world.size  # train.batch_size is the global batch
+    if bs < 1:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is the global batch: it must be at least "
+                         f"train.num_workers={world.size} (one target per worker)")
     batches = _batches(stream, bs)
     for _ in range(start):  # skip what earlier runs consumed: identical data order after a resume
         next(batches)

@@ -21,5 +21,8 @@ def test_overrides_are_typed_and_validated():
         get_config("debug", ["nope.steps=1"])
     with pytest.raises(ValueError, match="val_fraction"):
         get_config("debug", ["data.val_fraction=2"])
+    with pytest.raises(ValueError, match="global batch"):
+        get_config("debug", ["train.num_workers=16"])  # 8 targets cannot feed 16 data-parallel workers
+    assert get_config("debug", ["train.num_workers=16", "train.batch_size=64"]).train.num_workers == 16  # any order
     with pytest.raises(ValueError, match="unknown preset"):
         get_config("huge")
