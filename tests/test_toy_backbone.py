@@ -41,15 +41,15 @@ def _darkness_by_quadrant(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_pretrained_samples_draw_the_prompted_content_where_the_prompt_says(tmp_path, ray_session):
-    """A short toy pretraining (~1 min) already places the prompted shape: for "one <size> <shape> at the
-    <corner>" the darkest quadrant of the sample is the prompted corner far above chance (1/4); an untrained
-    backbone is at chance. (Shape classes are not told apart at this budget: 32 px, blobby samples.)"""
+    """Half the toy pretraining (400 of 800 steps, ~2 min) already places the prompted shape: for
+    "one <size> <shape> at the <corner>" the darkest quadrant of the sample is the prompted corner far above
+    chance (1/4); an untrained backbone is at chance. (Shape classes are not told apart at this budget.)"""
     from i2l.data.prepare import prepare
     from i2l.flow_matching import sample
     from i2l.toyworld import write_toyworld
 
     torch.set_num_threads(2)
-    cfg = get_config("toy", {"toyworld.styles": 160, "train.backbone_steps": 400, "train.backbone_batch_size": 32})
+    cfg = get_config("toy", {"train.backbone_steps": 400})
     write_toyworld(cfg.toyworld, tmp_path / "world", progress=False)
     prepare(cfg, tmp_path / "world", tmp_path / "prepared", progress=False)
     corners = ("at the top left", "at the top right", "at the bottom left", "at the bottom right")
@@ -70,4 +70,4 @@ def test_pretrained_samples_draw_the_prompted_content_where_the_prompt_says(tmp_
     trained = load_toy_backbone(cfg.backbone).freeze()
     before, after = accuracy(untrained), accuracy(trained)
     print(f"prompted-corner accuracy: untrained {before:.2f}, pretrained {after:.2f} (chance 0.25)")
-    assert after >= 0.45 and after > before + 0.15, (before, after)  # chance = 0.25 (80 samples: 0.45 is 4σ)
+    assert after >= 0.6 and after > before + 0.25, (before, after)  # chance 0.25; measured 0.86 (80 samples)
