@@ -5,7 +5,6 @@ imports `ray.train`."""
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -22,11 +21,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     cfg = config_from_dict(config["cfg"])
-    # Ray Train restarts the worker group after a worker dies (FailureConfig). A restarted attempt resumes from
-    # the latest checkpoint instead of starting over: it finds this launch's marker (Ray's own last checkpoint
-    # may not have reached the controller before the death). Every rank reads before rank 0 writes.
+    # Ray Train restarts the worker group after a worker dies (FailureConfig). A restarted attempt finds this
+    # launch's marker and resumes from the latest checkpoint instead of starting over (Ray's own checkpoint
+    # reports are polled off the workers and may not reach the controller before a death). Every rank reads
+    # before rank 0 writes.
     marker = Path(config["out_dir"]) / f".launch-{config['launch_id']}"
-    resume = config["resume"] or marker.exists() or ray.train.get_checkpoint() is not None
+    resume = config["resume"] or marker.exists()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if ctx.get_world_rank() == 0:
@@ -37,13 +37,7 @@ def train_loop_per_worker(config: dict) -> None:
     wrap = ray.train.torch.prepare_model if world.size > 1 else None
 
     def report(rec: dict) -> None:
-        if rec.get("checkpointed"):
-            # Ray keeps a tiny pointer (the weights stay in out_dir, written once): it marks progress to resume
-            with tempfile.TemporaryDirectory() as d:
-                Path(d, "i2l_step.txt").write_text(str(rec["step"]))
-                ckpt = ray.train.Checkpoint.from_directory(d) if ctx.get_world_rank() == 0 else None
-                ray.train.report(dict(rec), checkpoint=ckpt)
-        elif rec["step"] % 10 == 0:
+        if rec["step"] % 10 == 0 or rec["step"] == cfg.train.steps:
             ray.train.report(dict(rec))
 
     crash_at = config.get("crash_at") if not resume else None  # tests: a real worker death, first attempt only

@@ -97,12 +97,10 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
         curve.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}")
         done += 1
-        if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == steps:
-            if world.rank == 0:
-                save_checkpoint(out, step + 1, predictor, opt, backbone, encoder, cfg, curve)
-            rec = {**rec, "checkpointed": True}  # every rank says so: reporters stay in step
+        if world.rank == 0 and ((step + 1) % cfg.train.ckpt_every == 0 or step + 1 == steps):
+            save_checkpoint(out, step + 1, predictor, opt, backbone, encoder, cfg, curve)
         if report:
-            report(rec)  # after the save: a reporter may point at the checkpoint just written
+            report(rec)  # after the save: a reporter that stops the run never loses this step's checkpoint
         if stop_after is not None and done >= stop_after:
             break
     secs = time.time() - t0

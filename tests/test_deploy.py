@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import inspect
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from servers import free_ports, stop_group, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -58,40 +55,21 @@ def test_deploy_refuses_without_a_server(tmp_path):
     assert r.returncode == 2 and "PREFECT_API_URL" in r.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def prefect_server(tmp_path):
     """`prefect server start` on 127.0.0.1 with its own home; yields (api_url, env); stopped afterwards."""
     home = tmp_path / "prefect-home"
-    port = _free_port()
+    (port,) = free_ports(1)
     url = f"http://127.0.0.1:{port}/api"
     env = prefect_env(home)
     with open(tmp_path / "server.log", "w") as log:
         proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                                  str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240  # the first start creates its database: slow on a busy machine
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "prefect server did not become healthy"
-                time.sleep(1)
+        wait_until_up(f"{url}/health", proc, tmp_path / "server.log", "prefect server")
         yield url, prefect_env(home, url)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn children (a session of their own)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        stop_group(proc)  # the server and its uvicorn children (a session of their own)
 
 
 @pytest.mark.slow

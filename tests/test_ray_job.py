@@ -8,17 +8,14 @@ import copy
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from servers import free_ports, stop_group, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -93,21 +90,11 @@ def test_docs_entry_points_are_valid_commands():
 
 # ---------- a real head node and a real job ----------
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """`ray start --head --block` in a session of its own, with its own temp dir (so no other process's
     `ray.init()` finds it) and free ports; yields (job API URL, env); its process group is killed afterwards."""
-    gcs, dash, client, agent, agent_grpc, rte, metrics, nm, om = _free_ports(9)
+    gcs, dash, client, agent, agent_grpc, rte, metrics, nm, om = free_ports(9)
     temp = Path("/tmp") / f"i2l-rj-{os.getpid()}-{dash}"  # short: Ray's socket paths must stay < 108 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PATH": f"{BIN}:{os.environ['PATH']}",
            "PYTHONPATH": str(REPO)}
@@ -122,24 +109,10 @@ def ray_head(tmp_path):
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "ray-head.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "ray head did not come up"
-                time.sleep(1)
+        wait_until_up(f"{url}/api/version", proc, tmp_path / "ray-head.log", "ray head")
         yield url, env
     finally:
-        # --block ties the head's processes to this one (they die with it): SIGTERM, then make sure.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        stop_group(proc, wait_s=60)  # --block ties the head's processes to this one (they die with it)
 
 
 @pytest.mark.slow

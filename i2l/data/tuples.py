@@ -118,8 +118,12 @@ def collate(tuples: list[StyleTuple], image_size: int, ref_size: int):
 def collate_groups(tuples: list[StyleTuple], image_size: int, ref_size: int):
     """Like `collate`, but each shared reference set once: -> targets (B, 3, H, W), prompts,
     refs (U, N, 3, h, w), n_refs (U,), owner (B,) = the reference set (so the predicted LoRA) of each target."""
-    slot: dict[int, int] = {}
-    owner = torch.tensor([slot.setdefault(t.group, len(slot)) for t in tuples])  # (B,) in first-seen order
-    firsts = [tuples[owner.tolist().index(u)] for u in range(len(slot))]
+    slot: dict[int, int] = {}  # group -> index of its reference set, in first-seen order
+    firsts: list[StyleTuple] = []
+    for t in tuples:
+        if t.group not in slot:
+            slot[t.group] = len(firsts)
+            firsts.append(t)
+    owner = torch.tensor([slot[t.group] for t in tuples])  # (B,)
     targets = to_tensor([decode(t.target) for t in tuples], image_size)
     return (targets, [t.prompt for t in tuples], *_refs(firsts, ref_size), owner)
