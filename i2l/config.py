@@ -108,7 +108,9 @@ class EncoderConfig:
     hidden: int = 64
     layers: int = 2
     heads: int = 2
-    pretrain_steps: int = 300  # toy only: sigmoid image<->style-description training
+    # toy only: sigmoid image<->style-description training. 2000 steps (~45 s): linear probes of pattern 0.76 and
+    # frequency 0.85 vs 0.32 / 0.52 at 300 steps, and i2L held-out loss -8.3 % vs -7.5 % at 600 predictor steps
+    pretrain_steps: int = 2000
 
     def __post_init__(self):
         if self.kind not in ("toy", "siglip2", "siglip"):

@@ -5,7 +5,6 @@ step budgets, a wrong-style LoRA as a sanity check)."""
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from i2l.data.shards import iter_rows
 from i2l.flow_matching import fm_loss
 from i2l.images import decode, to_tensor
 from i2l.lora import LoRA
-from i2l.per_style import optimize_lora
 
 
 @dataclass
@@ -70,45 +68,13 @@ def heldout_loss(backbone: Backbone, sample: ValSample, lora: LoRA | None, image
     return float(fm_loss(backbone, x1.expand(n, *x1.shape[1:]), cond, lora, t=t, noise=noise))
 
 
-def eval_loss_table(model, samples: list[ValSample], budgets: tuple[int, ...], progress: bool = True,
-                    per_style_lr: float = 1e-2) -> list[dict]:
-    """Rows {method, style_id, sample_id, loss, lora_seconds} for every method on every held-out sample.
-    `model` is an `i2l.api.I2L`."""
-    from tqdm import tqdm
-
-    cfg, bb = model.cfg, model.backbone
-    size, T, S = cfg.backbone.image_size, cfg.eval.fm_timesteps, cfg.eval.fm_noise_seeds
-    rows = []
-    gray = model.gray_lora()
-    for i, s in enumerate(tqdm(samples, desc="eval-loss", disable=not progress)):
-        def add(method, lora, secs, s=s, i=i):
-            rows.append({"method": method, "style_id": s.style_id, "sample_id": s.sample_id,
-                         "loss": heldout_loss(bb, s, lora, size, T, S, i), "lora_seconds": secs})
-
-        add("base", None, 0.0)
-        add("gray_lora", gray, 0.0)
-        for k in (1, 4):
-            t0 = time.perf_counter()
-            lora = model.predict_lora(s.refs[:k])
-            add(f"i2l_{k}ref", lora, time.perf_counter() - t0)
-        other = samples[(i + 1) % len(samples)]
-        add("i2l_wrong_style", model.predict_lora(other.refs), 0.0)
-        if budgets:
-            refs = to_tensor(s.refs, size)
-            _, snaps = optimize_lora(bb, refs, s.ref_prompts, cfg.predictor.rank, max(budgets), lr=per_style_lr,
-                                     seed=i, snapshots=tuple(budgets))
-            for snap in snaps:
-                add(f"per_style@{snap['steps']}", snap["lora"], snap["wall_s"])
-    return rows
-
-
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean loss and LoRA time per method, in a stable order."""
+    """Mean loss and conditioning time per method (rows of eval_methods.heldout_losses), highest loss first."""
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["method"], []).append(r)
     out = [{"method": m, "loss": sum(r["loss"] for r in rs) / len(rs),
-            "lora_seconds": sum(r["lora_seconds"] for r in rs) / len(rs), "styles": len(rs)} for m, rs in by.items()]
+            "wall_s": sum(r["wall_s"] for r in rs) / len(rs), "styles": len(rs)} for m, rs in by.items()]
     return sorted(out, key=lambda r: r["loss"], reverse=True)
 
 
@@ -117,5 +83,5 @@ def format_table(summary: list[dict]) -> str:
     lines = [f"{'method':<22}{'held-out FM loss':>18}{'vs base':>10}{'LoRA time (s)':>15}{'styles':>8}"]
     for r in summary:
         rel = f"{100 * (r['loss'] / base - 1):+.1f}%" if base else ""
-        lines.append(f"{r['method']:<22}{r['loss']:>18.4f}{rel:>10}{r['lora_seconds']:>15.4f}{r['styles']:>8}")
+        lines.append(f"{r['method']:<22}{r['loss']:>18.4f}{rel:>10}{r['wall_s']:>15.4f}{r['styles']:>8}")
     return "\n".join(lines)

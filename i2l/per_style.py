@@ -4,6 +4,7 @@ on one style's reference images (prompts = their contents) by flow matching, for
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -14,9 +15,10 @@ from i2l.lora import LoRA, zero_lora
 
 def optimize_lora(backbone: Backbone, images: torch.Tensor, prompts: list[str], rank: int, steps: int,
                   lr: float = 1e-2, seed: int = 0, snapshots: tuple[int, ...] = (), batch_size: int = 16,
-                  ) -> tuple[LoRA, list[dict]]:
+                  stop: Callable[[dict], bool] | None = None) -> tuple[LoRA, list[dict]]:
     """Optimise one LoRA on (images (N, 3, H, W), prompts). Returns the final LoRA and, for each step count in
-    `snapshots`, {steps, wall_s, lora} measured on the same run (cumulative wall time, not re-runs)."""
+    `snapshots`, {steps, wall_s, lora} measured on the same run (cumulative wall time, not re-runs).
+    stop(snapshot) -> True ends the run at that snapshot; the time spent in it is not counted in wall_s."""
     targets = backbone.lora_targets()
     init = zero_lora(targets, rank, backbone.backbone_id)
     A = {k: v.clone().to(backbone.device).requires_grad_(True) for k, v in init.A.items()}
@@ -26,7 +28,7 @@ def optimize_lora(backbone: Backbone, images: torch.Tensor, prompts: list[str], 
     with torch.no_grad():
         cond_all = backbone.encode_prompts(prompts)
         x_all = backbone.encode_images(images.to(backbone.device))
-    out, t0 = [], time.perf_counter()
+    out, t0, paused, done_steps = [], time.perf_counter(), 0.0, 0
     if 0 in snapshots:
         out.append({"steps": 0, "wall_s": 0.0, "lora": LoRA({k: v.detach().clone() for k, v in A.items()},
                                                              {k: v.detach().clone() for k, v in B.items()},
@@ -40,10 +42,16 @@ def optimize_lora(backbone: Backbone, images: torch.Tensor, prompts: list[str], 
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
+        done_steps = step
         if step in snapshots:
-            out.append({"steps": step, "wall_s": time.perf_counter() - t0, "loss": loss.item(),
+            out.append({"steps": step, "wall_s": time.perf_counter() - t0 - paused, "loss": loss.item(),
                         "lora": LoRA({k: v.detach().clone() for k, v in A.items()},
                                      {k: v.detach().clone() for k, v in B.items()}, backbone.backbone_id)})
+            t_stop = time.perf_counter()
+            done = stop is not None and stop(out[-1])
+            paused += time.perf_counter() - t_stop
+            if done:
+                break
     final = LoRA({k: v.detach().clone() for k, v in A.items()}, {k: v.detach().clone() for k, v in B.items()},
-                 backbone.backbone_id, {"method": "per_style", "steps": steps})
+                 backbone.backbone_id, {"method": "per_style", "steps": done_steps})
     return final, out

@@ -1,0 +1,96 @@
+"""The per-style baseline as the amortization benchmark times it, and `i2l bench amortization` itself on the
+debug world: early stop at i2L's loss, the checking time left out of the per-style wall time, the fastest
+per-style set-up counted, and the goal arithmetic."""
+
+import argparse
+import math
+import time
+
+import torch
+
+from i2l.backbones import load_backbone
+from i2l.config import get_config
+from i2l.per_style import optimize_lora
+
+
+def _debug_backbone(debug_run):
+    cfg = get_config("debug")
+    cfg.data_root = str(debug_run.data_root)
+    return cfg, load_backbone(cfg)
+
+
+def test_per_style_stops_when_asked_and_does_not_count_the_check(debug_run):
+    cfg, bb = _debug_backbone(debug_run)
+    images = torch.rand(3, 3, cfg.backbone.image_size, cfg.backbone.image_size) * 2 - 1
+    prompts = ["one small circle in the center"] * 3
+    seen = []
+
+    def stop(snap):
+        seen.append(snap["steps"])
+        time.sleep(0.5)  # a slow check (a held-out loss) must not count as optimisation time
+        return snap["steps"] == 4
+
+    final, curve = optimize_lora(bb, images, prompts, rank=2, steps=10, seed=0, snapshots=(2, 4, 8),
+                                 batch_size=2, stop=stop)
+    assert seen == [2, 4] and [c["steps"] for c in curve] == [2, 4]
+    assert final.meta["steps"] == 4
+    assert curve[1]["wall_s"] < 0.5 + curve[0]["wall_s"]  # one sleep would already exceed this
+    # stopping changes nothing before the stop: same seed, same LoRA at step 4 as a run to 10 steps
+    _, full = optimize_lora(bb, images, prompts, rank=2, steps=10, seed=0, snapshots=(4,), batch_size=2)
+    name = next(iter(final.A))
+    assert torch.equal(full[0]["lora"].B[name], curve[1]["lora"].B[name])
+
+
+def test_bench_amortization_counts_the_fastest_per_style_setup(debug_run):
+    from i2l.bench import format_rows
+    from i2l.bench.amortization import GOAL, add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--checkpoint", str(debug_run.run_dir), "--data", str(debug_run.prepared_dir),
+                         "--data-root", str(debug_run.data_root), "--styles", "2", "--max-steps", "3",
+                         "--per-style-batches", "2,4"])
+    rows = run(args)
+    by = {(r["case"], r["metric"]): r["value"] for r in rows}
+    styles = [c for c, m in by if m == "i2l_forward_s"]
+    assert len(styles) == 2
+    for s in styles:
+        setups = {}
+        for b in (2, 4):
+            hit = (f"{s}/rows{b}", "per_style_s_to_match") in by
+            wall = by[(f"{s}/rows{b}", "per_style_s_to_match" if hit else "per_style_s_not_reached")]
+            steps = by[(f"{s}/rows{b}", "per_style_steps_to_match" if hit else "per_style_steps_not_reached")]
+            assert wall > 0 and 1 <= steps <= 3 and (hit or steps == 3)
+            setups[b] = (hit, wall)
+        # a set-up that reached i2L's loss wins over one that did not, then the faster one
+        hit, wall = max(setups.values(), key=lambda hw: (hw[0], -hw[1]))
+        ratio = by[(s, "amortization" if hit else "amortization_lower_bound")]
+        assert math.isclose(ratio, wall / by[(s, "i2l_forward_s")])
+    t_alone = sorted(by[(s, "i2l_forward_s")] for s in styles)
+    for b in (2, 4):
+        t_step = by[(f"rows{b}", "per_style_step_s")]
+        assert by[(f"rows{b}/alone", "goal_needs_steps")] == math.ceil(GOAL * sum(t_alone) / 2 / t_step)
+        assert by[(f"rows{b}/batched", "goal_needs_steps")] == math.ceil(
+            GOAL * by[("all", "i2l_forward_batched_s")] / t_step)
+    med = next(r for r in rows if r["case"] == "median" and r["metric"] == "amortization")
+    assert med["goal_met"] == (med["unit"] == "x" and med["value"] >= GOAL)
+    assert "goal" in format_rows(rows)
+
+
+def test_eval_loss_command_places_i2l_on_the_per_style_curve(debug_run, tmp_path, capsys):
+    """`i2l eval-loss`: every method's held-out loss on the same grid, recorded in the store."""
+    from i2l.cli import main as cli
+    from i2l.store import Store
+
+    store = tmp_path / "results.duckdb"
+    assert cli(["eval-loss", "--preset", "debug", "--data-root", str(debug_run.data_root), "--checkpoint",
+                str(debug_run.run_dir), "--data", str(debug_run.prepared_dir), "--styles", "2", "--budgets", "1,3",
+                "--store", str(store)]) == 0
+    table = capsys.readouterr().out
+    methods = {"base", "gray_lora", "i2l_1ref", "i2l_4ref", "i2l_wrong_style", "per_style@1", "per_style@3"}
+    assert all(m in table for m in methods)
+    got = Store(store).query("SELECT method, style_id, n_refs, steps, wall_s, loss FROM eval_losses")
+    assert set(got.method) == methods and (got.groupby("method").size() == 2).all()
+    m = got.groupby("method").first()
+    assert m.loc["per_style@3", "steps"] == 3 and m.loc["per_style@3", "wall_s"] > m.loc["per_style@1", "wall_s"]
+    assert m.loc["i2l_4ref", "n_refs"] == 4 and m.loc["base", "wall_s"] == 0
