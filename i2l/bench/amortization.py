@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     size, T, S = cfg.backbone.image_size, cfg.eval.fm_timesteps, cfg.eval.fm_noise_seeds
     samples = load_val_samples(args.data, limit=args.styles)
     batches = [int(b) for b in str(args.per_style_batches).split(",") if b.strip()]
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--per-style-batches must list rows per step >= 1, e.g. 4,16 (got {args.per_style_batches!r})")
     snaps = tuple(sorted({1, 2, 3, 5, 8, 12, 20, 30, 50, 80, 120, 200, 300, args.max_steps}
                          & set(range(1, args.max_steps + 1))))
     rows, best_walls, step_s = [], [], {b: [] for b in batches}
