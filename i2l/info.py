@@ -1,5 +1,6 @@
 """Model sizes for `i2l info`: the backbone's adapted layers, the encoder and the predictor (queries, params).
-Real presets are sized from the diffusers configs in their local directories (no weights are read)."""
+Real presets are sized from the diffusers configs in their local directories, or from the published
+architectures when none is set (no weights are read)."""
 
 from __future__ import annotations
 
@@ -29,15 +30,10 @@ def _meta_targets(cfg: Config) -> tuple[dict[str, tuple[int, int]], int, str]:
                 from diffusers import Flux2Transformer2DModel
 
                 tr = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(Path(bc.path, "transformer")))
-        else:
-            cls_name = "Flux2Transformer2DModel" if bc.kind == "flux2" else "ZImageTransformer2DModel"
-            import diffusers
+        else:  # the local config.json if the preset names a directory, else the published architecture
+            from i2l.backbones.shapes import transformer_class, transformer_config
 
-            cls = getattr(diffusers, cls_name)
-            cfg_path = Path(bc.path, "transformer")
-            if not (cfg_path / "config.json").is_file():
-                raise FileNotFoundError(f"{cfg_path}/config.json not found: set backbone.path (or the preset's env var)")
-            tr = cls.from_config(json.loads((cfg_path / "config.json").read_text()))
+            tr = transformer_class(bc.kind).from_config(transformer_config(bc))
     probe = Backbone(bc.targets)
     probe.transformer = tr
     return probe.lora_targets(), _count(tr), type(tr).__name__

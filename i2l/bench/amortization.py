@@ -7,7 +7,11 @@ size in --per-style-batches and the fastest to reach i2L's loss counts (few rows
 The table also says what the goal asks of i2L's quality on this machine: at t_step seconds per per-style step
 and t_fwd per forward, 1000x needs i2L to match per-style optimisation after 1000 * t_fwd / t_step steps.
 
-Needs a trained checkpoint and prepared data (`make run` makes both on the toy world).
+Needs a trained checkpoint and prepared data (`make run` makes both on the toy world). With --random-init it
+needs neither and measures the cost half alone, at a preset's full size with random weights (`--preset klein4b`
+on a GPU): the i2L forward and the per-style step side by side, so `goal_needs_steps` says how far along the
+per-style curve a real checkpoint's i2L must land for 1000x. It cannot say where i2L does land: that needs
+trained weights.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-style-batches", default="4,16",
                    help="per-style rows per step to try; the fastest to reach i2L's loss counts")
     p.add_argument("--data-root", default=None, help="data root of the checkpoint's toy models")
+    p.add_argument("--random-init", action="store_true",
+                   help="cost only: time the forward and the per-style steps at --preset's size, random weights")
+    p.add_argument("--preset", default="klein4b", help="with --random-init: the preset whose sizes are timed")
+    p.add_argument("--refs", type=int, default=4, help="with --random-init: references per style")
+    p.add_argument("--rounds", type=int, default=5, help="with --random-init: timed rounds (after one warm-up)")
+    p.add_argument("--device", default=None, help="with --random-init: cpu or cuda (default: cuda when available)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="with --random-init: override one config field (repeatable)")
 
 
 def _median_time(fn, rounds: int = 5, warmup: bool = True) -> float:
@@ -41,7 +53,74 @@ def _median_time(fn, rounds: int = 5, warmup: bool = True) -> float:
     return statistics.median(times)
 
 
+def _goal_rows(case: str, t_step: float, forwards: dict[str, float]) -> list[dict]:
+    """What the goal asks of i2L's quality at this per-style step cost: 1000x needs i2L to match per-style
+    optimisation after 1000 * t_fwd / t_step steps."""
+    return [{"case": f"{case}/{how}", "metric": "goal_needs_steps", "value": math.ceil(GOAL * t / t_step),
+             "unit": "steps"} for how, t in forwards.items()]
+
+
+def _parse_batches(text: str) -> list[int]:
+    batches = [int(b) for b in str(text).split(",") if b.strip()]
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--per-style-batches must list rows per step >= 1, e.g. 4,16 (got {text!r})")
+    return batches
+
+
+def run_cost(args: argparse.Namespace) -> list[dict]:
+    """The cost half at full size with random weights: one i2L forward (alone, and batched over --styles) vs one
+    per-style LoRA step at each --per-style-batches, interleaved. The per-style step gets its best set-up: no
+    gradient checkpointing unless memory forces it (then the unit says so)."""
+    import torch
+
+    from i2l.bench._steps import Steps, interleaved, setup_rows
+
+    batches = _parse_batches(args.per_style_batches)
+    st = Steps.build(args.preset, args.device, args.overrides)
+    data = st.batch(max(batches), args.refs, styles=args.styles)
+    A, Bm = st.lora_params()
+    opt = torch.optim.Adam([*A.values(), *Bm.values()], lr=1e-2)
+    st.bb.transformer.disable_gradient_checkpointing()  # per-style optimisation has no predictor to fit beside it
+    cases = {"i2l_forward_alone": lambda: st.i2l_forward(data["refs"][:1]),
+             "i2l_forward_batched": lambda: st.i2l_forward(data["refs"])}
+    ckpt = {}
+    for b in batches:
+        part = {"x1": data["x1"][:b], "cond": data["cond"].index(slice(0, b)), "refs": None}
+        try:
+            st.lora_step(part, A, Bm, opt)
+            ckpt[b] = False
+        except torch.OutOfMemoryError:  # too big without recomputation: time it as it would have to run
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            st.bb.transformer.enable_gradient_checkpointing()
+            ckpt[b] = True
+        cases[f"per_style_step_rows{b}"] = (lambda part=part, on=ckpt[b]: _lora_step(st, part, A, Bm, opt, on))
+    times = interleaved(cases, args.rounds, warmup=1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    fwd = {"alone": med["i2l_forward_alone"], "batched": med["i2l_forward_batched"] / args.styles}
+    rows = [{"case": "i2l", "metric": "forward_alone_s", "value": fwd["alone"], "unit": "s"},
+            {"case": "i2l", "metric": "forward_batched_s", "value": fwd["batched"],
+             "unit": f"s per style ({args.styles} styles)"}]
+    for b in batches:
+        t = med[f"per_style_step_rows{b}"]
+        unit = "s (gradient checkpointing: no memory without)" if ckpt[b] else "s"
+        rows += [{"case": f"rows{b}", "metric": "per_style_step_s", "value": t, "unit": unit},
+                 {"case": f"rows{b}", "metric": "forwards_per_step", "value": t / fwd["alone"], "unit": "x"}]
+        rows += _goal_rows(f"rows{b}", t, fwd)
+    return rows + setup_rows(st, max(batches), args.refs)
+
+
+def _lora_step(st, part: dict, A: dict, Bm: dict, opt, checkpointing: bool) -> float:
+    if checkpointing:
+        st.bb.transformer.enable_gradient_checkpointing()
+    else:
+        st.bb.transformer.disable_gradient_checkpointing()
+    return st.lora_step(part, A, Bm, opt)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
+    if args.random_init:
+        return run_cost(args)
     from i2l.api import I2L
     from i2l.evaluation import heldout_loss, load_val_samples
     from i2l.images import to_tensor
@@ -51,9 +130,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     cfg, bb = model.cfg, model.backbone
     size, T, S = cfg.backbone.image_size, cfg.eval.fm_timesteps, cfg.eval.fm_noise_seeds
     samples = load_val_samples(args.data, limit=args.styles)
-    batches = [int(b) for b in str(args.per_style_batches).split(",") if b.strip()]
-    if not batches or min(batches) < 1:
-        raise ValueError(f"--per-style-batches must list rows per step >= 1, e.g. 4,16 (got {args.per_style_batches!r})")
+    batches = _parse_batches(args.per_style_batches)
     snaps = tuple(sorted({1, 2, 3, 5, 8, 12, 20, 30, 50, 80, 120, 200, 300, args.max_steps}
                          & set(range(1, args.max_steps + 1))))
     rows, best_walls, fwd_s, ratios, step_s = [], [], [], [], {b: [] for b in batches}
@@ -95,8 +172,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for b in batches:  # what the goal asks of i2L's quality at this machine's per-style step cost
         t_step = statistics.median(step_s[b])
         rows.append({"case": f"rows{b}", "metric": "per_style_step_s", "value": t_step, "unit": "s"})
-        rows += [{"case": f"rows{b}/{how}", "metric": "goal_needs_steps", "value": math.ceil(GOAL * t / t_step),
-                  "unit": "steps"} for how, t in (("alone", t_alone), ("batched", t_batched))]
+        rows += _goal_rows(f"rows{b}", t_step, {"alone": t_alone, "batched": t_batched})
     all_reached = all(ok for _, ok in best_walls)
     unit = "x" if all_reached else "x (lower bound: some styles never reached i2L's loss)"
     for metric, ratio in (("amortization", statistics.median(ratios)),

@@ -1,0 +1,146 @@
+"""The timed steps the cost benchmarks share (train-step, amortization --random-init): a preset's backbone, encoder
+and predictor at full size with random weights, and the three things they time — an i2L forward, an i2L training
+step and a per-style LoRA training step — run exactly as training and production run them (bf16 autocast and
+gradient checkpointing of the backbone on a GPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Steps:
+    """Models, data and optimisers for timing; every method runs one complete, synchronised unit of work."""
+
+    cfg: object
+    bb: object
+    enc: object
+    pred: object
+    device: torch.device
+    amp: bool
+
+    @classmethod
+    def build(cls, preset: str, device: str | None = None, overrides: list[str] | None = None) -> Steps:
+        from i2l.backbones.shapes import random_backbone, random_encoder
+        from i2l.config import get_config
+        from i2l.predictor import I2LPredictor
+
+        cfg = get_config(preset, overrides)
+        dev = torch.device(device or default_device())
+        bb = random_backbone(cfg, dev)
+        enc = random_encoder(cfg.encoder, dev)
+        pred = I2LPredictor(cfg.predictor, bb.lora_targets(), enc.dim, bb.backbone_id).to(dev)
+        amp = dev.type == "cuda" and cfg.backbone.dtype == "bfloat16"
+        if dev.type == "cuda":
+            bb.transformer.enable_gradient_checkpointing()  # as training runs it
+        return cls(cfg, bb, enc, pred, dev, amp)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def batch(self, rows: int, refs: int, styles: int, seed: int = 0) -> dict:
+        """Random targets (rows, latent) with their prompt conditioning, and `styles` sets of `refs` references."""
+        from i2l.backbones.shapes import random_cond
+
+        g = torch.Generator().manual_seed(seed)
+        x1 = torch.randn(rows, *self.bb.latent_shape(self.cfg.backbone.image_size), generator=g)
+        s = self.cfg.encoder.image_size
+        ref = torch.rand(styles, refs, 3, s, s, generator=g) * 2 - 1
+        with torch.no_grad():
+            cond = random_cond(self.bb, ["one small circle at the top left"] * rows, g)
+        return {"x1": x1.to(self.device, self.bb.dtype), "cond": cond, "refs": ref.to(self.device)}
+
+    def lora_params(self) -> tuple[dict, dict]:
+        """A per-style LoRA's trainable A/B (fp32, B non-zero so every path carries gradient)."""
+        from i2l.lora import zero_lora
+
+        init = zero_lora(self.bb.lora_targets(), self.cfg.predictor.rank, self.bb.backbone_id)
+        A = {k: v.to(self.device).requires_grad_(True) for k, v in init.A.items()}
+        B = {k: (v + 0.01).to(self.device).requires_grad_(True) for k, v in init.B.items()}
+        return A, B
+
+    @torch.no_grad()
+    def i2l_forward(self, refs: torch.Tensor):
+        """One batched i2L forward: reference sets (U, N, 3, S, S) -> U LoRAs (as `I2L.predict_loras` runs it)."""
+        from i2l.predictor import predict_lora
+
+        with self.autocast():
+            lora = predict_lora(self.pred, self.enc, refs)
+        self.sync()
+        return lora
+
+    def i2l_step(self, data: dict, opt, group: int) -> float:
+        """One training step: `group` targets share one predicted LoRA (train.targets_per_lora)."""
+        from i2l.flow_matching import fm_loss
+        from i2l.predictor import predict_lora
+
+        B = data["x1"].shape[0]
+        owner = torch.arange(B, device=self.device) // group  # (B,) which predicted LoRA each target uses
+        with self.autocast():
+            lora = predict_lora(self.pred, self.enc, data["refs"][: int(owner[-1]) + 1]).take(owner)
+            with self.bb.lora_adapter.use(lora):
+                loss = fm_loss(self.bb, data["x1"], data["cond"], lora)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+        opt.step()
+        self.sync()
+        return loss.item()
+
+    def lora_step(self, data: dict, A: dict, Bm: dict, opt) -> float:
+        """One per-style LoRA step (what `optimize_lora` runs): FM loss through the backbone, backward, Adam."""
+        from i2l.flow_matching import fm_loss
+        from i2l.lora import LoRA
+
+        lora = LoRA(A, Bm, self.bb.backbone_id)
+        with self.autocast(), self.bb.lora_adapter.use(lora):
+            loss = fm_loss(self.bb, data["x1"], data["cond"], lora)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        self.sync()
+        return loss.item()
+
+
+def interleaved(cases: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each case, cases run in turn each round (machine noise hits them alike)."""
+    times = {k: [] for k in cases}
+    for r in range(warmup + rounds):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    """Median of per-round ratios: robust to a noisy round."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def setup_rows(st: Steps, rows: int, refs: int) -> list[dict]:
+    """What was timed: sizes, precision and (on a GPU) peak memory, as rows of the bench's table."""
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    out = [{"case": f"setup/{st.cfg.name}", "metric": "backbone_params", "value": n(st.bb.transformer), "unit": "params"},
+           {"case": f"setup/{st.cfg.name}", "metric": "encoder_params", "value": n(st.enc), "unit": "params"},
+           {"case": f"setup/{st.cfg.name}", "metric": "predictor_params", "value": n(st.pred), "unit": "params"},
+           {"case": f"setup/{st.cfg.name}", "metric": "rows_per_step", "value": rows, "unit": "targets"},
+           {"case": f"setup/{st.cfg.name}", "metric": "refs_per_style", "value": refs, "unit": "images"},
+           {"case": f"setup/{st.cfg.name}", "metric": "bf16_autocast", "value": int(st.amp), "unit": "0/1"}]
+    if st.device.type == "cuda":
+        out.append({"case": f"setup/{st.cfg.name}", "metric": "peak_gpu_memory",
+                    "value": torch.cuda.max_memory_allocated() / 2**30, "unit": "GiB"})
+    return out

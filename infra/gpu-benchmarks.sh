@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Real-size speed benchmarks on one GPU: FLUX.2-klein 4B and Z-Image 6B with SigLIP2 so400m and each preset's
+# default predictor, all with random weights (no checkpoint is read: speed and memory only). Each bench prints its
+# table and records its figures in the results store under $I2L_DATA_ROOT (default data/).
+#   bash infra/gpu-benchmarks.sh            # both presets
+#   PRESETS=klein4b bash infra/gpu-benchmarks.sh
+set -uo pipefail
+I2L=${I2L:-i2l}
+status=0
+for preset in ${PRESETS:-klein4b zimage}; do
+    echo "=== $preset"
+    $I2L info --preset "$preset" || status=1
+    # one target per GPU per step, as the paper trains (global batch 8 on 8 GPUs)
+    $I2L bench train-step --preset "$preset" --batch 1 --rounds 5 --warmup 2 || status=1
+    # the cost half of amortization: one i2L forward vs one per-style step, at 1 and 4 rows per step
+    $I2L bench amortization --random-init --preset "$preset" --styles 16 --per-style-batches 1,4 --rounds 5 || status=1
+done
+exit $status

@@ -1,0 +1,131 @@
+"""Same-size random models of the real presets (speed and sizing without a checkpoint), the cost benchmarks that
+time them on any preset, and the predictor's grouped heads that keep the real-size forward from being
+launch-bound."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_backbones import tiny_flux2
+
+from i2l.backbones.shapes import random_backbone, random_cond, random_encoder
+from i2l.config import get_config
+from i2l.encoder import new_toy_encoder
+from i2l.predictor import I2LPredictor, predict_lora
+
+
+def _count(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("preset,params,layers,ident", [
+    ("klein4b", 3.876e9, 100, "flux2:c128-d3072-l5-s20-j7680"),
+    ("zimage", 6.155e9, 238, "zimage:c16-d3840-l30-r2-cap2560"),
+])
+def test_real_presets_build_at_their_published_size_without_weights(preset, params, layers, ident):
+    cfg = get_config(preset)
+    assert not cfg.backbone.path  # nothing to read: the published architecture decides
+    bb = random_backbone(cfg, "meta")
+    assert abs(_count(bb.transformer) / params - 1) < 1e-3
+    assert len(bb.lora_targets()) == layers and bb.backbone_id == ident
+    assert bb.dtype == torch.bfloat16 and not any(p.requires_grad for p in bb.transformer.parameters())
+    enc = random_encoder(cfg.encoder, "meta")  # SigLIP2 so400m at 512 px: 32 x 32 patches of width 1152
+    assert enc.dim == 1152 and enc.tokens_per_image == 1024 and abs(_count(enc) / 428.8e6 - 1) < 1e-3
+
+
+def _tiny_flux2_dir(tmp_path):
+    d = tmp_path / "klein" / "transformer"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(dict(tiny_flux2(parts=False).transformer.config)))
+    return d.parent
+
+
+def test_a_local_checkpoint_config_decides_the_architecture(tmp_path):
+    from i2l.info import describe
+
+    path = _tiny_flux2_dir(tmp_path)
+    cfg = get_config("klein4b", [f"backbone.path={path}", "backbone.dtype=float32"])
+    bb = random_backbone(cfg, "cpu")
+    assert _count(bb.transformer) == _count(tiny_flux2(parts=False).transformer)
+    cond = random_cond(bb, ["a", "b"])  # no text encoder: embeddings of the pipeline's length and width
+    assert cond.embeds.shape == (2, 512, bb.transformer.config.joint_attention_dim)
+    text = "\n".join(describe(get_config("klein4b", [f"backbone.path={path}"])))
+    assert f"{_count(bb.transformer) / 1e6:.2f} M params" in text
+    # and without a directory, info sizes the published model instead of giving up
+    assert "3875.54 M params" in "\n".join(describe(get_config("klein4b")))
+
+
+def test_cost_benchmarks_time_a_real_preset_and_record_what_the_goal_asks(tmp_path, capsys):
+    from i2l.cli import main
+    from i2l.store import Store
+
+    store = tmp_path / "results.duckdb"
+    sets = ["--set", f"backbone.path={_tiny_flux2_dir(tmp_path)}", "--set", "backbone.dtype=float32",
+            "--set", "backbone.image_size=64", "--set", "encoder.kind=toy", "--set", "encoder.image_size=32",
+            "--set", "predictor.hidden=32", "--set", "predictor.depth=1", "--set", "predictor.heads=2"]
+    assert main(["bench", "amortization", "--random-init", "--preset", "klein4b", "--styles", "2", "--refs", "2",
+                 "--per-style-batches", "1,2", "--rounds", "2", "--device", "cpu", "--store", str(store), *sets]) == 0
+    assert main(["bench", "train-step", "--preset", "klein4b", "--batch", "2", "--rounds", "2", "--warmup", "1",
+                 "--device", "cpu", "--store", str(store), *sets]) == 0
+    assert "goal_needs_steps" in capsys.readouterr().out
+    rows = Store(store).query("SELECT bench, case_name, metric, value FROM benchmarks")
+    fig = {(r.bench, r.case_name, r.metric): r.value for r in rows.itertuples()}
+    fwd = fig[("amortization", "i2l", "forward_alone_s")]
+    for b in (1, 2):
+        step = fig[("amortization", f"rows{b}", "per_style_step_s")]
+        assert fwd > 0 and step > 0
+        assert fig[("amortization", f"rows{b}/alone", "goal_needs_steps")] == math.ceil(1000 * fwd / step)
+    ratio = fig[("train_step", "i2l_step_G1/per_style_lora_step", "ratio")]  # klein4b: one target per LoRA
+    assert ratio > 0 and fig[("train_step", "setup/klein4b", "rows_per_step")] == 2
+
+
+def _predictor():
+    bb = tiny_flux2(parts=False)  # layers of several widths: several groups per head
+    enc = new_toy_encoder(get_config("debug").encoder)
+    torch.manual_seed(1)
+    pred = I2LPredictor(get_config("debug").predictor, bb.lora_targets(), enc.dim, bb.backbone_id)
+    with torch.no_grad():
+        for p in pred.head_B.D:
+            p.normal_(0, 0.1)  # a non-trivial predictor
+        pred.log_alpha.uniform_(-0.5, 0.5)
+    return pred, enc, torch.rand(2, 2, 3, 32, 32) * 2 - 1
+
+
+def test_grouped_heads_equal_one_matrix_per_layer():
+    pred, enc, refs = _predictor()
+    assert 1 < len(pred.head_A.D) < pred.head_A.num_layers  # grouped: fewer matmuls than layers
+    lora = predict_lora(pred, enc, refs)
+    with torch.no_grad():  # the paper's Eq. 4, one layer at a time
+        tokens, keep, ref_index = enc.encode_refs(refs, torch.tensor([2, 2]))
+        seen = {}
+        pred.norm.register_forward_hook(lambda m, i, o: seen.update(h=o))
+        pred(tokens, keep, ref_index)
+        L, _, k, H = pred.query.shape
+        h = seen["h"].reshape(2, L, 2, k, H)
+        for head, t in ((pred.head_A, 0), (pred.head_B, 1)):
+            for g, idx in enumerate(head.groups):
+                for j, i in enumerate(idx):
+                    name = pred.names[i]
+                    y = h[:, i, t] @ head.C[i] @ head.D[g][j]  # (B, k, d)
+                    want = y * pred.a_scale[i] if t == 0 else (y * pred.log_alpha[i].exp()).transpose(1, 2)
+                    got = lora.A[name] if t == 0 else lora.B[name]
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_with_one_matrix_per_layer_still_load():
+    pred, enc, refs = _predictor()
+    old = {}
+    for key, v in pred.state_dict().items():  # write the layout of checkpoints made before the grouping
+        head = key.split(".D.")[0] if ".D." in key else None
+        if head is None:
+            old[key] = v
+            continue
+        g = int(key.rsplit(".", 1)[1])
+        for j, i in enumerate(getattr(pred, head).groups[g]):
+            old[f"{head}.D.{i}"] = v[j].clone()
+    fresh = I2LPredictor(pred.cfg, pred.targets, enc.dim, pred.backbone_id)
+    fresh.load_state_dict(old)
+    a, b = predict_lora(pred, enc, refs), predict_lora(fresh, enc, refs)
+    for n in a.names:
+        assert torch.equal(a.A[n], b.A[n]) and torch.equal(a.B[n], b.B[n])
