@@ -22,7 +22,7 @@ from i2l.encoder import ImageEncoder, load_encoder
 from i2l.flow_matching import sample
 from i2l.images import gray_image, load_image_file, to_pil, to_tensor
 from i2l.lora import LoRA
-from i2l.predictor import I2LPredictor, predict_lora
+from i2l.predictor import I2LPredictor, mixed_precision, predict_lora
 
 
 class I2L:
@@ -91,9 +91,10 @@ class I2L:
     def predict_lora(self, images, batch: list | None = None) -> LoRA:
         """One LoRA from 1..N references (paths or PIL images), fused by token concatenation (paper §4.5)."""
         refs = self._images(images).unsqueeze(0).to(self.encoder.device)  # (1, N, 3, S, S)
-        lora = predict_lora(self.predictor, self.encoder, refs)[0]
+        with mixed_precision(self.encoder.device, self.cfg.backbone.dtype):
+            lora = predict_lora(self.predictor, self.encoder, refs)[0]
         lora.meta.update({"checkpoint": self.checkpoint_id, "n_refs": refs.shape[1]})
-        return lora.to("cpu")
+        return lora.to("cpu", torch.float32)  # files and mixing stay fp32 whatever the forward ran in
 
     @torch.no_grad()
     def predict_loras(self, ref_sets: list[list]) -> list[LoRA]:
@@ -104,7 +105,9 @@ class I2L:
         for i, t in enumerate(tensors):
             refs[i, : t.shape[0]] = t
         n = torch.tensor([t.shape[0] for t in tensors])
-        out = predict_lora(self.predictor, self.encoder, refs.to(self.encoder.device), n).to("cpu").unbind()
+        with mixed_precision(self.encoder.device, self.cfg.backbone.dtype):
+            out = predict_lora(self.predictor, self.encoder, refs.to(self.encoder.device), n)
+        out = out.to("cpu", torch.float32).unbind()
         for lo, k in zip(out, n.tolist()):
             lo.meta.update({"checkpoint": self.checkpoint_id, "n_refs": k})
         return out

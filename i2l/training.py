@@ -20,7 +20,7 @@ from i2l.config import Config
 from i2l.data.tuples import TupleStream, collate_groups
 from i2l.encoder import load_encoder
 from i2l.flow_matching import fm_loss
-from i2l.predictor import I2LPredictor, predict_lora
+from i2l.predictor import I2LPredictor, mixed_precision, predict_lora
 
 
 @dataclass
@@ -57,7 +57,6 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
         start, curve = load_checkpoint(ck, predictor, opt, backbone, cfg)
         print(f"resuming from {ck} at step {start}")
     model = wrap_model(predictor) if wrap_model else predictor
-    use_amp = device.type == "cuda" and cfg.backbone.dtype == "bfloat16"
     if device.type == "cuda":
         backbone.transformer.enable_gradient_checkpointing()  # memory: recompute blocks in backward
     stream = TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed, world.rank, world.size,
@@ -80,7 +79,7 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
         targets, prompts, refs, n_refs, owner = collate_groups(next(batches), cfg.backbone.image_size,
                                                                cfg.encoder.image_size)
         g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + world.rank)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with mixed_precision(device, cfg.backbone.dtype):
             with torch.no_grad():
                 cond = backbone.encode_prompts(prompts)  # frozen text encoder
                 x1 = backbone.encode_images(targets.to(device))

@@ -129,3 +129,15 @@ def test_checkpoints_with_one_matrix_per_layer_still_load():
     a, b = predict_lora(pred, enc, refs), predict_lora(fresh, enc, refs)
     for n in a.names:
         assert torch.equal(a.A[n], b.A[n]) and torch.equal(a.B[n], b.B[n])
+
+
+def test_predictor_precision_follows_the_backbone_on_a_gpu_only():
+    from contextlib import nullcontext
+
+    from i2l.predictor import mixed_precision
+
+    assert isinstance(mixed_precision("cpu", "bfloat16"), nullcontext)  # CPU: exact fp32, as the toy world runs
+    assert isinstance(mixed_precision("cuda", "float32"), nullcontext)
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else nullcontext():
+        ctx = mixed_precision("cuda", "bfloat16")  # a bf16 backbone on a GPU: bf16 autocast, as in training
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16

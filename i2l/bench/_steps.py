@@ -5,7 +5,6 @@ gradient checkpointing of the backbone on a GPU)."""
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,20 +31,22 @@ class Steps:
     def build(cls, preset: str, device: str | None = None, overrides: list[str] | None = None) -> Steps:
         from i2l.backbones.shapes import random_backbone, random_encoder
         from i2l.config import get_config
-        from i2l.predictor import I2LPredictor
+        from i2l.predictor import I2LPredictor, mixed_precision
 
         cfg = get_config(preset, overrides)
         dev = torch.device(device or default_device())
         bb = random_backbone(cfg, dev)
         enc = random_encoder(cfg.encoder, dev)
         pred = I2LPredictor(cfg.predictor, bb.lora_targets(), enc.dim, bb.backbone_id).to(dev)
-        amp = dev.type == "cuda" and cfg.backbone.dtype == "bfloat16"
+        amp = isinstance(mixed_precision(dev, cfg.backbone.dtype), torch.autocast)
         if dev.type == "cuda":
             bb.transformer.enable_gradient_checkpointing()  # as training runs it
         return cls(cfg, bb, enc, pred, dev, amp)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        from i2l.predictor import mixed_precision
+
+        return mixed_precision(self.device, self.cfg.backbone.dtype)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -74,13 +75,13 @@ class Steps:
 
     @torch.no_grad()
     def i2l_forward(self, refs: torch.Tensor):
-        """One batched i2L forward: reference sets (U, N, 3, S, S) -> U LoRAs (as `I2L.predict_loras` runs it)."""
+        """One batched i2L forward: reference sets (U, N, 3, S, S) -> U LoRAs in fp32 on the CPU, ready to save
+        (as `I2L.predict_loras` runs it, image decoding aside)."""
         from i2l.predictor import predict_lora
 
         with self.autocast():
             lora = predict_lora(self.pred, self.enc, refs)
-        self.sync()
-        return lora
+        return lora.to("cpu", torch.float32)  # waits for the GPU
 
     def i2l_step(self, data: dict, opt, group: int) -> float:
         """One training step: `group` targets share one predicted LoRA (train.targets_per_lora)."""
