@@ -85,27 +85,25 @@ class Steps:
 
     def i2l_step(self, data: dict, opt, group: int) -> float:
         """One training step: `group` targets share one predicted LoRA (train.targets_per_lora)."""
-        from i2l.flow_matching import fm_loss
         from i2l.predictor import predict_lora
 
         B = data["x1"].shape[0]
         owner = torch.arange(B, device=self.device) // group  # (B,) which predicted LoRA each target uses
         with self.autocast():
             lora = predict_lora(self.pred, self.enc, data["refs"][: int(owner[-1]) + 1]).take(owner)
-            with self.bb.lora_adapter.use(lora):
-                loss = fm_loss(self.bb, data["x1"], data["cond"], lora)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-        opt.step()
-        self.sync()
-        return loss.item()
+        return self._descend(lora, data, opt)
 
     def lora_step(self, data: dict, A: dict, Bm: dict, opt) -> float:
         """One per-style LoRA step (what `optimize_lora` runs): FM loss through the backbone, backward, Adam."""
-        from i2l.flow_matching import fm_loss
         from i2l.lora import LoRA
 
-        lora = LoRA(A, Bm, self.bb.backbone_id)
+        return self._descend(LoRA(A, Bm, self.bb.backbone_id), data, opt)
+
+    def _descend(self, lora, data: dict, opt) -> float:
+        """FM loss through the backbone with `lora` active (through backward too: checkpointed blocks recompute
+        with it), backward, one optimiser step; waits for the GPU."""
+        from i2l.flow_matching import fm_loss
+
         with self.autocast(), self.bb.lora_adapter.use(lora):
             loss = fm_loss(self.bb, data["x1"], data["cond"], lora)
             opt.zero_grad(set_to_none=True)
@@ -113,7 +111,6 @@ class Steps:
         opt.step()
         self.sync()
         return loss.item()
-
 
 def interleaved(cases: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per call of each case, cases run in turn each round (machine noise hits them alike)."""
