@@ -27,7 +27,8 @@ GOAL = 1000.0
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="data/runs/toy/train", help="training run or checkpoint dir")
     p.add_argument("--data", default="data/prepared/toy", help="prepared data dir (val split + manifest)")
-    p.add_argument("--styles", type=int, default=4, help="held-out styles")
+    p.add_argument("--styles", type=int, default=4,
+                   help="held-out styles (with --random-init: styles sharing one batched forward)")
     p.add_argument("--max-steps", type=int, default=300, help="most per-style optimisation steps tried")
     p.add_argument("--per-style-batches", default="4,16",
                    help="per-style rows per step to try; the fastest to reach i2L's loss counts")
