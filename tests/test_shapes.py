@@ -54,6 +54,9 @@ def test_a_local_checkpoint_config_decides_the_architecture(tmp_path):
     assert f"{_count(bb.transformer) / 1e6:.2f} M params" in text
     # and without a directory, info sizes the published model instead of giving up
     assert "3875.54 M params" in "\n".join(describe(get_config("klein4b")))
+    # a directory that is named but holds no pipeline is an error, never a silent fall-back to the published size
+    with pytest.raises(FileNotFoundError, match="backbone.path must be a diffusers pipeline directory"):
+        random_backbone(get_config("klein4b", [f"backbone.path={tmp_path / 'missing'}"]), "meta")
 
 
 def test_cost_benchmarks_time_a_real_preset_and_record_what_the_goal_asks(tmp_path, capsys):

@@ -16,15 +16,19 @@ from i2l.config import BackboneConfig, Config, EncoderConfig
 
 # FLUX.2-klein 4B transformer: hidden 3072 (24 heads × 128), 5 double-stream + 20 single-stream blocks, MLP ratio 3,
 # text width 7680 = 3 stacked Qwen3-4B layers × 2560; no guidance embedding (klein is guidance-distilled away).
-KLEIN4B_TRANSFORMER = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
-                           num_attention_heads=24, joint_attention_dim=7680, mlp_ratio=3.0,
-                           axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False)
+KLEIN4B_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 7680, "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32),
+    "rope_theta": 2000, "guidance_embeds": False,
+}
 # Z-Image 6B transformer: width 3840, 30 layers (+2 noise and 2 context refiners), 30 heads, Qwen3-4B text width.
-ZIMAGE_TRANSFORMER = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
-                          n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560)
+ZIMAGE_TRANSFORMER = {
+    "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 16, "dim": 3840, "n_layers": 30,
+    "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "cap_feat_dim": 2560,
+}
 # SigLIP2 so400m vision tower (patch 16): width 1152, 27 layers, 16 heads.
-SIGLIP2_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                      patch_size=16)
+SIGLIP2_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+                  "patch_size": 16}
 # Prompt tokens a benchmark feeds when the backbone has no text encoder: FLUX.2-klein pads every prompt to 512;
 # Z-Image drops the padding, and a MegaStyle content prompt in its chat template is well under 64 tokens.
 TEXT_TOKENS = {"flux2": 512, "zimage": 64}
@@ -33,8 +37,11 @@ TEXT_TOKENS = {"flux2": 512, "zimage": 64}
 def transformer_config(bc: BackboneConfig) -> dict:
     """The real backbone's transformer config: its local config.json if the preset names a directory, else the
     published architecture."""
-    local = Path(bc.path, "transformer", "config.json") if bc.path else None
-    if local is not None and local.is_file():
+    if bc.path:
+        local = Path(bc.path, "transformer", "config.json")
+        if not local.is_file():
+            raise FileNotFoundError(f"{local} not found: backbone.path must be a diffusers pipeline directory "
+                                    f"(or leave it empty for the published {bc.kind} architecture)")
         return json.loads(local.read_text())
     if bc.kind == "flux2":
         return dict(KLEIN4B_TRANSFORMER)

@@ -131,14 +131,12 @@ def median_ratio(num: list[float], den: list[float]) -> float:
 
 def setup_rows(st: Steps, rows: int, refs: int) -> list[dict]:
     """What was timed: sizes, precision and (on a GPU) peak memory, as rows of the bench's table."""
-    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    out = [{"case": f"setup/{st.cfg.name}", "metric": "backbone_params", "value": n(st.bb.transformer), "unit": "params"},
-           {"case": f"setup/{st.cfg.name}", "metric": "encoder_params", "value": n(st.enc), "unit": "params"},
-           {"case": f"setup/{st.cfg.name}", "metric": "predictor_params", "value": n(st.pred), "unit": "params"},
-           {"case": f"setup/{st.cfg.name}", "metric": "rows_per_step", "value": rows, "unit": "targets"},
-           {"case": f"setup/{st.cfg.name}", "metric": "refs_per_style", "value": refs, "unit": "images"},
-           {"case": f"setup/{st.cfg.name}", "metric": "bf16_autocast", "value": int(st.amp), "unit": "0/1"}]
+    def n(m):
+        return sum(p.numel() for p in m.parameters())
+
+    figures = [("backbone_params", n(st.bb.transformer), "params"), ("encoder_params", n(st.enc), "params"),
+               ("predictor_params", n(st.pred), "params"), ("rows_per_step", rows, "targets"),
+               ("refs_per_style", refs, "images"), ("bf16_autocast", int(st.amp), "0/1")]
     if st.device.type == "cuda":
-        out.append({"case": f"setup/{st.cfg.name}", "metric": "peak_gpu_memory",
-                    "value": torch.cuda.max_memory_allocated() / 2**30, "unit": "GiB"})
-    return out
+        figures.append(("peak_gpu_memory", torch.cuda.max_memory_allocated() / 2**30, "GiB"))
+    return [{"case": f"setup/{st.cfg.name}", "metric": m, "value": v, "unit": u} for m, v, u in figures]
