@@ -17,7 +17,7 @@ from torch import nn
 
 from i2l.backbones.base import Backbone, Cond
 from i2l.config import Config
-from i2l.flow_matching import fm_loss, sample
+from i2l.flow_matching import fm_loss, mixed_precision, sample
 
 WEIGHTS_FILE = "adapter.safetensors"
 INFO_FILE = "adapter.json"
@@ -137,7 +137,6 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
         text_dim = backbone.encode_prompts([""]).embeds.shape[-1]
     adapter = build_adapter(cfg, encoder.dim, text_dim).to(device)
     opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    use_amp = device.type == "cuda" and cfg.backbone.dtype == "bfloat16"
     stream = iter(TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed))
     bs, curve, t0 = cfg.train.batch_size, [], time.time()
     bar = tqdm(range(steps), desc="train adapter", disable=not progress)
@@ -147,7 +146,7 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
         targets, prompts, refs, n_refs = collate(list(itertools.islice(stream, bs)), cfg.backbone.image_size,
                                                  cfg.encoder.image_size)
         g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009)  # as train_predictor
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with mixed_precision(device, cfg.backbone.dtype):
             with torch.no_grad():
                 cond = backbone.encode_prompts(prompts)  # (B, L, E), frozen text encoder
                 x1 = backbone.encode_images(targets.to(device))

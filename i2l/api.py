@@ -19,10 +19,10 @@ from i2l.backbones.base import Backbone
 from i2l.checkpoint import check_fits, checkpoint_config, latest_checkpoint, read_state
 from i2l.config import Config
 from i2l.encoder import ImageEncoder, load_encoder
-from i2l.flow_matching import sample
+from i2l.flow_matching import mixed_precision, sample
 from i2l.images import gray_image, load_image_file, to_pil, to_tensor
 from i2l.lora import LoRA
-from i2l.predictor import I2LPredictor, mixed_precision, predict_lora
+from i2l.predictor import I2LPredictor, predict_lora
 
 
 class I2L:

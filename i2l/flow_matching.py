@@ -7,6 +7,8 @@ Shapes: B batch, x (B, *latent).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from i2l.backbones.base import Backbone, Cond
@@ -40,6 +42,26 @@ def fm_loss(backbone: Backbone, x1: torch.Tensor, cond: Cond, lora: LoRA | None 
     v = backbone.velocity(x_t, t.to(x1), cond, lora)
     per = ((v.float() - (x1 - noise).float()) ** 2).flatten(1).mean(1)  # (B,)
     return per.mean() if reduce else per
+
+
+def fm_backward(backbone: Backbone, x1: torch.Tensor, cond: Cond, lora: LoRA, opt: torch.optim.Optimizer,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The gradient of the FM loss through the frozen backbone with `lora` applied; returns the loss. The LoRA stays
+    active through backward, so checkpointed blocks recompute with it. opt.step() is the caller's (clipping first)."""
+    with backbone.lora_adapter.use(lora):
+        loss = fm_loss(backbone, x1, cond, lora, generator=generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    return loss
+
+
+def mixed_precision(device: torch.device | str, backbone_dtype: str):
+    """bf16 autocast where the backbone runs in bf16 on a GPU (training, baselines and prediction alike; trained
+    weights stay fp32); exact fp32 everywhere else."""
+    device = torch.device(device)
+    if device.type == "cuda" and backbone_dtype == "bfloat16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def timestep_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from i2l.backbones.base import Backbone
 from i2l.config import Config
-from i2l.flow_matching import fm_loss
+from i2l.flow_matching import fm_backward, mixed_precision
 from i2l.lora import LoRA, zero_lora
 
 LORA_FILE = "mean_lora.safetensors"
@@ -38,7 +38,6 @@ def train_mean_lora(cfg: Config, data_dir: str | Path, out_dir: str | Path, step
     B = {k: v.to(device).requires_grad_(True) for k, v in init.B.items()}  # (out, r)
     lr = cfg.eval.lora_lr
     opt = torch.optim.Adam([*A.values(), *B.values()], lr=lr)
-    use_amp = device.type == "cuda" and cfg.backbone.dtype == "bfloat16"
     stream = iter(TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed))
     bs, curve, t0 = cfg.train.batch_size, [], time.time()
     bar = tqdm(range(steps), desc="train mean-LoRA", disable=not progress)
@@ -49,14 +48,11 @@ def train_mean_lora(cfg: Config, data_dir: str | Path, out_dir: str | Path, step
                                          cfg.encoder.image_size)
         g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009)  # as train_predictor
         lora = LoRA(A, B, backbone.backbone_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with mixed_precision(device, cfg.backbone.dtype):
             with torch.no_grad():
                 cond = backbone.encode_prompts(prompts)  # (B, L, E)
                 x1 = backbone.encode_images(targets.to(device))
-            with backbone.lora_adapter.use(lora):  # one LoRA shared by the batch
-                loss = fm_loss(backbone, x1, cond, lora, generator=g)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+            loss = fm_backward(backbone, x1, cond, lora, opt, generator=g)  # one LoRA shared by the batch
         opt.step()
         curve.append({"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
         bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from i2l.backbones.base import Backbone
-from i2l.flow_matching import fm_loss
+from i2l.flow_matching import fm_backward
 from i2l.lora import LoRA, zero_lora
 
 
@@ -28,30 +28,26 @@ def optimize_lora(backbone: Backbone, images: torch.Tensor, prompts: list[str], 
     with torch.no_grad():
         cond_all = backbone.encode_prompts(prompts)
         x_all = backbone.encode_images(images.to(backbone.device))
+    def frozen(meta: dict | None = None) -> LoRA:  # a copy the next Adam step does not change
+        return LoRA({k: v.detach().clone() for k, v in A.items()}, {k: v.detach().clone() for k, v in B.items()},
+                    backbone.backbone_id, meta or {})
+
     out, t0, paused, done_steps = [], time.perf_counter(), 0.0, 0
     if 0 in snapshots:
-        out.append({"steps": 0, "wall_s": 0.0, "lora": LoRA({k: v.detach().clone() for k, v in A.items()},
-                                                             {k: v.detach().clone() for k, v in B.items()},
-                                                             backbone.backbone_id)})
+        out.append({"steps": 0, "wall_s": 0.0, "lora": frozen()})
     for step in range(1, steps + 1):
         # repeat the few references into a batch: more noise/timestep samples per step, same data
         idx = torch.randint(len(prompts), (batch_size,), generator=g)
-        lora = LoRA(A, B, backbone.backbone_id)
-        with backbone.lora_adapter.use(lora):
-            loss = fm_loss(backbone, x_all[idx], cond_all.index(idx), lora, generator=g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+        loss = fm_backward(backbone, x_all[idx], cond_all.index(idx), LoRA(A, B, backbone.backbone_id), opt, g)
         opt.step()
         done_steps = step
         if step in snapshots:
             out.append({"steps": step, "wall_s": time.perf_counter() - t0 - paused, "loss": loss.item(),
-                        "lora": LoRA({k: v.detach().clone() for k, v in A.items()},
-                                     {k: v.detach().clone() for k, v in B.items()}, backbone.backbone_id)})
+                        "lora": frozen()})
             t_stop = time.perf_counter()
             done = stop is not None and stop(out[-1])
             paused += time.perf_counter() - t_stop
             if done:
                 break
-    final = LoRA({k: v.detach().clone() for k, v in A.items()}, {k: v.detach().clone() for k, v in B.items()},
-                 backbone.backbone_id, {"method": "per_style", "steps": done_steps})
+    final = frozen({"method": "per_style", "steps": done_steps})
     return final, out

@@ -6,7 +6,6 @@ Shapes: B batch, S = N·P image tokens, L adapted layers, k rank, Q = 2·k·L qu
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -121,15 +120,6 @@ class I2LPredictor(nn.Module):
         A = dict(zip(self.names, rows_A))  # (B, k, in)
         Bm = {n: c.transpose(1, 2) for n, c in zip(self.names, cols_B)}  # (B, out, k)
         return LoRA(A, Bm, self.backbone_id)
-
-
-def mixed_precision(device: torch.device | str, backbone_dtype: str):
-    """bf16 autocast where the backbone runs in bf16 on a GPU, as training does (the predictor and the frozen encoder
-    keep fp32 weights); exact fp32 everywhere else."""
-    device = torch.device(device)
-    if device.type == "cuda" and backbone_dtype == "bfloat16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def predict_lora(predictor: I2LPredictor, encoder, refs: torch.Tensor, n_refs: torch.Tensor | None = None) -> LoRA:

@@ -19,8 +19,8 @@ from i2l.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from i2l.config import Config
 from i2l.data.tuples import TupleStream, collate_groups
 from i2l.encoder import load_encoder
-from i2l.flow_matching import fm_loss
-from i2l.predictor import I2LPredictor, mixed_precision, predict_lora
+from i2l.flow_matching import fm_backward, mixed_precision
+from i2l.predictor import I2LPredictor, predict_lora
 
 
 @dataclass
@@ -84,11 +84,7 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
                 cond = backbone.encode_prompts(prompts)  # frozen text encoder
                 x1 = backbone.encode_images(targets.to(device))
             lora = predict_lora(model, encoder, refs.to(device), n_refs).take(owner.to(device))  # (U) -> (B)
-            # The LoRA stays active through backward: checkpointed blocks recompute with it.
-            with backbone.lora_adapter.use(lora):
-                loss = fm_loss(backbone, x1, cond, lora, generator=g)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+            loss = fm_backward(backbone, x1, cond, lora, opt, generator=g)
         gnorm = torch.nn.utils.clip_grad_norm_(predictor.parameters(), cfg.train.grad_clip)
         opt.step()
         rec = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),

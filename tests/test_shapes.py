@@ -137,7 +137,7 @@ def test_checkpoints_with_one_matrix_per_layer_still_load():
 def test_predictor_precision_follows_the_backbone_on_a_gpu_only():
     from contextlib import nullcontext
 
-    from i2l.predictor import mixed_precision
+    from i2l.flow_matching import mixed_precision
 
     assert isinstance(mixed_precision("cpu", "bfloat16"), nullcontext)  # CPU: exact fp32, as the toy world runs
     assert isinstance(mixed_precision("cuda", "float32"), nullcontext)

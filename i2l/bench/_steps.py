@@ -25,28 +25,30 @@ class Steps:
     enc: object
     pred: object
     device: torch.device
-    amp: bool
 
     @classmethod
     def build(cls, preset: str, device: str | None = None, overrides: list[str] | None = None) -> Steps:
         from i2l.backbones.shapes import random_backbone, random_encoder
         from i2l.config import get_config
-        from i2l.predictor import I2LPredictor, mixed_precision
+        from i2l.predictor import I2LPredictor
 
         cfg = get_config(preset, overrides)
         dev = torch.device(device or default_device())
         bb = random_backbone(cfg, dev)
         enc = random_encoder(cfg.encoder, dev)
         pred = I2LPredictor(cfg.predictor, bb.lora_targets(), enc.dim, bb.backbone_id).to(dev)
-        amp = isinstance(mixed_precision(dev, cfg.backbone.dtype), torch.autocast)
         if dev.type == "cuda":
             bb.transformer.enable_gradient_checkpointing()  # as training runs it
-        return cls(cfg, bb, enc, pred, dev, amp)
+        return cls(cfg, bb, enc, pred, dev)
 
     def autocast(self):
-        from i2l.predictor import mixed_precision
+        from i2l.flow_matching import mixed_precision
 
         return mixed_precision(self.device, self.cfg.backbone.dtype)
+
+    @property
+    def amp(self) -> bool:
+        return isinstance(self.autocast(), torch.autocast)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -100,14 +102,11 @@ class Steps:
         return self._descend(LoRA(A, Bm, self.bb.backbone_id), data, opt)
 
     def _descend(self, lora, data: dict, opt) -> float:
-        """FM loss through the backbone with `lora` active (through backward too: checkpointed blocks recompute
-        with it), backward, one optimiser step; waits for the GPU."""
-        from i2l.flow_matching import fm_loss
+        """One optimiser step on the FM loss through the backbone with `lora`; waits for the GPU."""
+        from i2l.flow_matching import fm_backward
 
-        with self.autocast(), self.bb.lora_adapter.use(lora):
-            loss = fm_loss(self.bb, data["x1"], data["cond"], lora)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+        with self.autocast():
+            loss = fm_backward(self.bb, data["x1"], data["cond"], lora, opt)
         opt.step()
         self.sync()
         return loss.item()

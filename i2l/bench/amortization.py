@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 GOAL = 1000.0
 
@@ -44,14 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _median_time(fn, rounds: int = 5, warmup: bool = True) -> float:
-    if warmup:
-        fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    from i2l.bench._steps import interleaved
+
+    return statistics.median(interleaved({"fn": fn}, rounds, warmup=int(warmup))["fn"])
 
 
 def _goal_rows(case: str, t_step: float, forwards: dict[str, float]) -> list[dict]:

@@ -12,10 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import torch
-
-from i2l.bench._steps import Steps, interleaved, median_ratio, setup_rows
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="toy", help="config preset (models are freshly initialised: speed only)")
@@ -30,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    import torch  # here, not at import: every bench module is imported to build `i2l --help`
+
+    from i2l.bench._steps import Steps, interleaved, median_ratio, setup_rows
+
     if args.threads:
         torch.set_num_threads(args.threads)
     st = Steps.build(args.preset, args.device, args.overrides)
