@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows += [{"case": s.style_id, "metric": "i2l_forward_s", "value": t_fwd, "unit": "s"},
                  {"case": s.style_id, "metric": "i2l_loss", "value": target, "unit": "fm"},
                  {"case": s.style_id, "metric": "base_loss", "value": base, "unit": "fm"}]
-        best = None  # (wall_s, rows per step, reached)
+        best, images = None, to_tensor(s.refs, size)  # best: (wall_s, rows per step, reached)
         for b in batches:
             hit = []
 
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 hit.append(heldout_loss(bb, s, snap["lora"], size, T, S, i) <= target)
                 return hit[-1]
 
-            _, curve = optimize_lora(bb, to_tensor(s.refs, size), s.ref_prompts, cfg.predictor.rank, args.max_steps,
+            _, curve = optimize_lora(bb, images, s.ref_prompts, cfg.predictor.rank, args.max_steps,
                                      seed=i, snapshots=snaps, batch_size=b, stop=reached)
             last, ok = curve[-1], hit[-1]
             step_s[b].append(last["wall_s"] / last["steps"])
