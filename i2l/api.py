@@ -94,7 +94,7 @@ class I2L:
         with mixed_precision(self.encoder.device, self.cfg.backbone.dtype):
             lora = predict_lora(self.predictor, self.encoder, refs)[0]
         lora.meta.update({"checkpoint": self.checkpoint_id, "n_refs": refs.shape[1]})
-        return lora.to("cpu", torch.float32)  # files and mixing stay fp32 whatever the forward ran in
+        return lora.to_host(torch.float32)  # files and mixing stay fp32 whatever the forward ran in
 
     @torch.no_grad()
     def predict_loras(self, ref_sets: list[list]) -> list[LoRA]:
@@ -107,7 +107,7 @@ class I2L:
         n = torch.tensor([t.shape[0] for t in tensors])
         with mixed_precision(self.encoder.device, self.cfg.backbone.dtype):
             out = predict_lora(self.predictor, self.encoder, refs.to(self.encoder.device), n)
-        out = out.to("cpu", torch.float32).unbind()
+        out = out.to_host(torch.float32).unbind()
         for lo, k in zip(out, n.tolist()):
             lo.meta.update({"checkpoint": self.checkpoint_id, "n_refs": k})
         return out

@@ -54,6 +54,21 @@ class LoRA:
         f = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}
         return LoRA(f(self.A), f(self.B), self.backbone, dict(self.meta))
 
+    def to_host(self, dtype: torch.dtype = torch.float32) -> LoRA:
+        """This LoRA on the CPU in `dtype` (fp32: what files and mixing use), moved in one copy.
+
+        `.to("cpu", dtype)` copies matrix by matrix: hundreds of synchronous copies at real size, longer than the
+        predictor's forward itself (16 klein LoRAs on an H100: 457 ms vs 17 ms here). Here the device converts and
+        packs, and one copy lands in page-locked memory; the matrices returned are views of that buffer
+        (safetensors writes views as they are)."""
+        names = self.names
+        src = [self.A[k] for k in names] + [self.B[k] for k in names]
+        if src[0].device.type == "cpu":
+            return self.to("cpu", dtype)
+        host = _host_copy(src, dtype, pin=src[0].device.type == "cuda")
+        n = len(names)
+        return LoRA(dict(zip(names, host[:n])), dict(zip(names, host[n:])), self.backbone, dict(self.meta))
+
     def detach(self) -> LoRA:
         return LoRA({k: v.detach() for k, v in self.A.items()}, {k: v.detach() for k, v in self.B.items()},
                     self.backbone, dict(self.meta))
@@ -176,6 +191,17 @@ class LoRA:
 
 
 _PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.")
+
+
+def _host_copy(tensors: list[torch.Tensor], dtype: torch.dtype, pin: bool) -> list[torch.Tensor]:
+    """Tensors (any device, any layout) -> CPU tensors of `dtype` with the same shapes, all views of one buffer
+    filled by one copy: convert and pack on the source device, copy once, wait for it."""
+    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])  # (Σ numel,) on the source device
+    host = torch.empty(flat.shape, dtype=dtype, pin_memory=pin)
+    host.copy_(flat, non_blocking=pin)  # asynchronous only into page-locked memory
+    if pin:
+        torch.cuda.current_stream(flat.device).synchronize()
+    return [part.view(t.shape) for part, t in zip(host.split([t.numel() for t in tensors]), tensors)]
 
 
 def _parse_key(key: str) -> tuple[str, str | None]:

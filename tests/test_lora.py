@@ -169,3 +169,24 @@ def test_bench_lora_times_every_case():
     assert all(v > 0 for v in ms.values())
     ratios = {r["case"] for r in rows if r["metric"] == "ratio"}
     assert set(GOALS) <= ratios and "goal" in format_table(rows)
+
+
+def test_host_copy_packs_every_matrix_into_one_buffer_and_saves(toy, tmp_path):
+    from i2l.lora import _host_copy
+
+    lora = random_lora(toy, 3, rank=2)
+    lora = LoRA({k: v.to(torch.bfloat16) for k, v in lora.A.items()},  # as a bf16 forward returns them
+                {k: v.transpose(-1, -2).contiguous().transpose(-1, -2) for k, v in lora.B.items()},  # non-contiguous
+                lora.backbone, {"n_refs": 2})
+    src = [lora.A[k] for k in lora.names] + [lora.B[k] for k in lora.names]
+    host = _host_copy(src, torch.float32, pin=False)  # the packing a GPU LoRA goes through, on the CPU here
+    assert len({t.untyped_storage().data_ptr() for t in host}) == 1  # one buffer, one copy
+    for h, t in zip(host, src):
+        assert h.dtype == torch.float32 and h.shape == t.shape and torch.equal(h, t.float())
+    n = len(lora.names)
+    one = LoRA(dict(zip(lora.names, host[:n])), dict(zip(lora.names, host[n:])), lora.backbone)[1]
+    back = LoRA.load(one.save(tmp_path / "one.safetensors"))  # views of the shared buffer save as they are
+    for k in lora.names:
+        assert torch.equal(back.A[k], lora.A[k][1].float()) and torch.equal(back.B[k], lora.B[k][1])
+    on_cpu = lora.to_host()  # already on the host: a plain conversion
+    assert all(v.dtype == torch.float32 for v in on_cpu.A.values()) and on_cpu.meta == {"n_refs": 2}

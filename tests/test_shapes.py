@@ -75,6 +75,7 @@ def test_cost_benchmarks_time_a_real_preset_and_record_what_the_goal_asks(tmp_pa
     rows = Store(store).query("SELECT bench, case_name, metric, value FROM benchmarks")
     fig = {(r.bench, r.case_name, r.metric): r.value for r in rows.itertuples()}
     fwd = fig[("amortization", "i2l", "forward_alone_s")]
+    assert fig[("amortization", "i2l", "forward_batched_on_device_s")] > 0  # the host copy's share is visible
     for b in (1, 2):
         step = fig[("amortization", f"rows{b}", "per_style_step_s")]
         assert fwd > 0 and step > 0

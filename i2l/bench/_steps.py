@@ -76,14 +76,17 @@ class Steps:
         return A, B
 
     @torch.no_grad()
-    def i2l_forward(self, refs: torch.Tensor):
+    def i2l_forward(self, refs: torch.Tensor, to_host: bool = True):
         """One batched i2L forward: reference sets (U, N, 3, S, S) -> U LoRAs in fp32 on the CPU, ready to save
-        (as `I2L.predict_loras` runs it, image decoding aside)."""
+        (as `I2L.predict_loras` runs it, image decoding aside); `to_host=False` leaves them on the device."""
         from i2l.predictor import predict_lora
 
         with self.autocast():
             lora = predict_lora(self.pred, self.enc, refs)
-        return lora.to("cpu", torch.float32)  # waits for the GPU
+        if to_host:
+            return lora.to_host(torch.float32)  # waits for the GPU
+        self.sync()
+        return lora
 
     def i2l_step(self, data: dict, opt, group: int) -> float:
         """One training step: `group` targets share one predicted LoRA (train.targets_per_lora)."""

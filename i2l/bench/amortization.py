@@ -77,7 +77,10 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
     opt = torch.optim.Adam([*A.values(), *Bm.values()], lr=1e-2)
     st.bb.transformer.disable_gradient_checkpointing()  # per-style optimisation has no predictor to fit beside it
     cases = {"i2l_forward_alone": lambda: st.i2l_forward(data["refs"][:1]),
-             "i2l_forward_batched": lambda: st.i2l_forward(data["refs"])}
+             "i2l_forward_batched": lambda: st.i2l_forward(data["refs"]),
+             # the same forwards with the LoRAs left on the device: what the copy to the host costs
+             "i2l_forward_alone_on_device": lambda: st.i2l_forward(data["refs"][:1], to_host=False),
+             "i2l_forward_batched_on_device": lambda: st.i2l_forward(data["refs"], to_host=False)}
     ckpt = {}
     for b in batches:
         part = {"x1": data["x1"][:b], "cond": data["cond"].index(slice(0, b)), "refs": None}
@@ -95,7 +98,12 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
     fwd = {"alone": med["i2l_forward_alone"], "batched": med["i2l_forward_batched"] / args.styles}
     rows = [{"case": "i2l", "metric": "forward_alone_s", "value": fwd["alone"], "unit": "s"},
             {"case": "i2l", "metric": "forward_batched_s", "value": fwd["batched"],
-             "unit": f"s per style ({args.styles} styles)"}]
+             "unit": f"s per style ({args.styles} styles)"},
+            {"case": "i2l", "metric": "forward_alone_on_device_s", "value": med["i2l_forward_alone_on_device"],
+             "unit": "s (LoRA left on the device)"},
+            {"case": "i2l", "metric": "forward_batched_on_device_s",
+             "value": med["i2l_forward_batched_on_device"] / args.styles,
+             "unit": f"s per style ({args.styles} styles, LoRAs left on the device)"}]
     for b in batches:
         t = med[f"per_style_step_rows{b}"]
         unit = "s (gradient checkpointing: no memory without)" if ckpt[b] else "s"
