@@ -4,15 +4,18 @@
 # table and records its figures in the results store under $I2L_DATA_ROOT (default data/).
 #   bash infra/gpu-benchmarks.sh            # both presets
 #   PRESETS=klein4b bash infra/gpu-benchmarks.sh
+#   SETS="--set predictor.hidden=2048 --set predictor.depth=28" bash infra/gpu-benchmarks.sh   # other sizes
+# (that predictor, 1.5 B + the 0.43 B encoder, is about the 1.9-2.3 B the paper reports for its i2L models)
 set -uo pipefail
 I2L=${I2L:-i2l}
 status=0
 for preset in ${PRESETS:-klein4b zimage}; do
     echo "=== $preset"
-    $I2L info --preset "$preset" || status=1
+    # shellcheck disable=SC2086  # SETS is a list of options
+    $I2L info --preset "$preset" ${SETS:-} || status=1
     # one target per GPU per step, as the paper trains (global batch 8 on 8 GPUs)
-    $I2L bench train-step --preset "$preset" --batch 1 --rounds 5 --warmup 2 || status=1
+    $I2L bench train-step --preset "$preset" --batch 1 --rounds 5 --warmup 2 ${SETS:-} || status=1
     # the cost half of amortization: one i2L forward vs one per-style step, at 1 and 4 rows per step
-    $I2L bench amortization --random-init --preset "$preset" --styles 16 --per-style-batches 1,4 --rounds 5 || status=1
+    $I2L bench amortization --random-init --preset "$preset" --styles 16 --per-style-batches 1,4 --rounds 5 ${SETS:-} || status=1
 done
 exit $status
