@@ -145,3 +145,25 @@ def test_predictor_precision_follows_the_backbone_on_a_gpu_only():
     with pytest.warns(UserWarning) if not torch.cuda.is_available() else nullcontext():
         ctx = mixed_precision("cuda", "bfloat16")  # a bf16 backbone on a GPU: bf16 autocast, as in training
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+
+
+def test_train_step_bench_records_a_comparison_case_that_does_not_fit(tmp_path, monkeypatch):
+    from i2l.bench._steps import Steps
+    from i2l.cli import main
+    from i2l.store import Store
+
+    real = Steps.i2l_step
+
+    def one_lora_per_target_does_not_fit(self, data, opt, group):
+        if group == 1:  # as a 1.5 B predictor at batch 4 on an 80 GB GPU
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, data, opt, group)
+
+    monkeypatch.setattr(Steps, "i2l_step", one_lora_per_target_does_not_fit)
+    store = tmp_path / "results.duckdb"
+    assert main(["bench", "train-step", "--preset", "debug", "--batch", "2", "--rounds", "2", "--warmup", "1",
+                 "--device", "cpu", "--store", str(store), "--set", "train.targets_per_lora=2"]) == 0
+    rows = Store(store).query("SELECT case_name, metric, value FROM benchmarks WHERE bench = 'train_step'")
+    fig = {(r.case_name, r.metric): r.value for r in rows.itertuples()}
+    assert fig[("i2l_step_G1", "out_of_memory")] == 1 and ("i2l_step_G1", "median_ms") not in fig
+    assert fig[("i2l_step_G2/per_style_lora_step", "ratio")] > 0  # the goal's case is still timed
