@@ -60,7 +60,8 @@ class LoRA:
         `.to("cpu", dtype)` copies matrix by matrix: hundreds of synchronous copies at real size, longer than the
         predictor's forward itself (16 klein LoRAs on an H100: 457 ms vs 17 ms here). Here the device converts and
         packs, and one copy lands in page-locked memory; the matrices returned are views of that buffer
-        (safetensors writes views as they are)."""
+        (safetensors writes views as they are), which returns to torch's pinned-memory cache for the next batch
+        once the last of them is dropped."""
         names = self.names
         src = [self.A[k] for k in names] + [self.B[k] for k in names]
         if src[0].device.type == "cpu":
