@@ -90,11 +90,10 @@ class I2L:
     @torch.no_grad()
     def predict_lora(self, images, batch: list | None = None) -> LoRA:
         """One LoRA from 1..N references (paths or PIL images), fused by token concatenation (paper §4.5)."""
-        refs = self._images(images).unsqueeze(0).to(self.encoder.device)  # (1, N, 3, S, S)
-        with mixed_precision(self.encoder.device, self.cfg.backbone.dtype):
-            lora = predict_lora(self.predictor, self.encoder, refs)[0]
+        refs = self._images(images).unsqueeze(0)  # (1, N, 3, S, S)
+        lora = self._predict(refs)[0]
         lora.meta.update({"checkpoint": self.checkpoint_id, "n_refs": refs.shape[1]})
-        return lora.to_host(torch.float32)  # files and mixing stay fp32 whatever the forward ran in
+        return lora
 
     @torch.no_grad()
     def predict_loras(self, ref_sets: list[list]) -> list[LoRA]:
@@ -105,12 +104,17 @@ class I2L:
         for i, t in enumerate(tensors):
             refs[i, : t.shape[0]] = t
         n = torch.tensor([t.shape[0] for t in tensors])
-        with mixed_precision(self.encoder.device, self.cfg.backbone.dtype):
-            out = predict_lora(self.predictor, self.encoder, refs.to(self.encoder.device), n)
-        out = out.to_host(torch.float32).unbind()
+        out = self._predict(refs, n).unbind()
         for lo, k in zip(out, n.tolist()):
             lo.meta.update({"checkpoint": self.checkpoint_id, "n_refs": k})
         return out
+
+    def _predict(self, refs: torch.Tensor, n_refs: torch.Tensor | None = None) -> LoRA:
+        """Reference sets (U, N, 3, S, S) -> U LoRAs, predicted in the backbone's precision and returned as fp32 on
+        the CPU: files and mixing stay fp32 whatever the forward ran in."""
+        with mixed_precision(self.encoder.device, self.cfg.backbone.dtype):
+            out = predict_lora(self.predictor, self.encoder, refs.to(self.encoder.device), n_refs)
+        return out.to_host(torch.float32)
 
     def gray_lora(self) -> LoRA:
         """The neutral LoRA predicted from a pure gray image: the negative branch of asymmetric guidance."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from i2l.config import Config
 
 
-def _count(module) -> int:
+def param_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
@@ -36,7 +36,7 @@ def _meta_targets(cfg: Config) -> tuple[dict[str, tuple[int, int]], int, str]:
             tr = transformer_class(bc.kind).from_config(transformer_config(bc))
     probe = Backbone(bc.targets)
     probe.transformer = tr
-    return probe.lora_targets(), _count(tr), type(tr).__name__
+    return probe.lora_targets(), param_count(tr), type(tr).__name__
 
 
 def describe(cfg: Config) -> list[str]:
@@ -53,14 +53,16 @@ def describe(cfg: Config) -> list[str]:
         return [f"backbone: {e}"]
     lines.append(f"backbone: {name}, {n_bb / 1e6:.2f} M params; {len(targets)} adapted linear layers "
                  f"(targets {', '.join(cfg.backbone.targets)})")
-    token_dim = cfg.encoder.hidden if cfg.encoder.kind == "toy" else 1152  # SigLIP2 so400m width by default
+    from i2l.backbones.shapes import SIGLIP2_SO400M
+
+    token_dim = cfg.encoder.hidden if cfg.encoder.kind == "toy" else SIGLIP2_SO400M["hidden_size"]
     enc_cfg = Path(cfg.encoder.path, "config.json")
     if enc_cfg.is_file():
         token_dim = json.loads(enc_cfg.read_text()).get("hidden_size", token_dim)
     with torch.device("meta"):
         pred = I2LPredictor(cfg.predictor, targets, token_dim)
     lora_params = sum(cfg.predictor.rank * (i + o) for i, o in targets.values())
-    lines.append(f"predictor: {_count(pred) / 1e6:.2f} M params; {pred.num_queries} LoRA queries "
+    lines.append(f"predictor: {param_count(pred) / 1e6:.2f} M params; {pred.num_queries} LoRA queries "
                  f"(2 x rank {cfg.predictor.rank} x {len(targets)} layers); hidden {cfg.predictor.hidden}, "
                  f"depth {cfg.predictor.depth}, compressed width {cfg.predictor.compress}")
     lines.append(f"predicted LoRA: {lora_params / 1e6:.3f} M numbers per style")

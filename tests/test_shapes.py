@@ -12,11 +12,8 @@ from test_backbones import tiny_flux2
 from i2l.backbones.shapes import random_backbone, random_cond, random_encoder
 from i2l.config import get_config
 from i2l.encoder import new_toy_encoder
+from i2l.info import param_count
 from i2l.predictor import I2LPredictor, predict_lora
-
-
-def _count(m) -> int:
-    return sum(p.numel() for p in m.parameters())
 
 
 @pytest.mark.parametrize("preset,params,layers,ident", [
@@ -27,11 +24,11 @@ def test_real_presets_build_at_their_published_size_without_weights(preset, para
     cfg = get_config(preset)
     assert not cfg.backbone.path  # nothing to read: the published architecture decides
     bb = random_backbone(cfg, "meta")
-    assert abs(_count(bb.transformer) / params - 1) < 1e-3
+    assert abs(param_count(bb.transformer) / params - 1) < 1e-3
     assert len(bb.lora_targets()) == layers and bb.backbone_id == ident
     assert bb.dtype == torch.bfloat16 and not any(p.requires_grad for p in bb.transformer.parameters())
     enc = random_encoder(cfg.encoder, "meta")  # SigLIP2 so400m at 512 px: 32 x 32 patches of width 1152
-    assert enc.dim == 1152 and enc.tokens_per_image == 1024 and abs(_count(enc) / 428.8e6 - 1) < 1e-3
+    assert enc.dim == 1152 and enc.tokens_per_image == 1024 and abs(param_count(enc) / 428.8e6 - 1) < 1e-3
 
 
 def _tiny_flux2_dir(tmp_path):
@@ -47,11 +44,11 @@ def test_a_local_checkpoint_config_decides_the_architecture(tmp_path):
     path = _tiny_flux2_dir(tmp_path)
     cfg = get_config("klein4b", [f"backbone.path={path}", "backbone.dtype=float32"])
     bb = random_backbone(cfg, "cpu")
-    assert _count(bb.transformer) == _count(tiny_flux2(parts=False).transformer)
+    assert param_count(bb.transformer) == param_count(tiny_flux2(parts=False).transformer)
     cond = random_cond(bb, ["a", "b"])  # no text encoder: embeddings of the pipeline's length and width
     assert cond.embeds.shape == (2, 512, bb.transformer.config.joint_attention_dim)
     text = "\n".join(describe(get_config("klein4b", [f"backbone.path={path}"])))
-    assert f"{_count(bb.transformer) / 1e6:.2f} M params" in text
+    assert f"{param_count(bb.transformer) / 1e6:.2f} M params" in text
     # and without a directory, info sizes the published model instead of giving up
     assert "3875.54 M params" in "\n".join(describe(get_config("klein4b")))
     # a directory that is named but holds no pipeline is an error, never a silent fall-back to the published size

@@ -50,6 +50,12 @@ class Steps:
     def amp(self) -> bool:
         return isinstance(self.autocast(), torch.autocast)
 
+    def free(self, opt) -> None:
+        """Drop what a step that ran out of memory left behind: its gradients and the allocator's cached blocks."""
+        opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -133,8 +139,7 @@ def median_ratio(num: list[float], den: list[float]) -> float:
 
 def setup_rows(st: Steps, rows: int, refs: int) -> list[dict]:
     """What was timed: sizes, precision and (on a GPU) peak memory, as rows of the bench's table."""
-    def n(m):
-        return sum(p.numel() for p in m.parameters())
+    from i2l.info import param_count as n
 
     figures = [("backbone_params", n(st.bb.transformer), "params"), ("encoder_params", n(st.enc), "params"),
                ("predictor_params", n(st.pred), "params"), ("rows_per_step", rows, "targets"),

@@ -88,8 +88,7 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
             st.lora_step(part, A, Bm, opt)
             ckpt[b] = False
         except torch.OutOfMemoryError:  # too big without recomputation: time it as it would have to run
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            st.free(opt)
             st.bb.transformer.enable_gradient_checkpointing()
             ckpt[b] = True
         cases[f"per_style_step_rows{b}"] = (lambda part=part, on=ckpt[b]: _lora_step(st, part, A, Bm, opt, on))

@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         times = None  # retried below, outside this block: its traceback holds the failed step's activations
     if times is None:
         del cases["i2l_step_G1"]  # time the goal's cases without it
-        opt_i2l.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
+        st.free(opt_i2l)
         rows.append({"case": "i2l_step_G1", "metric": "out_of_memory", "value": 1,
                      "unit": "not timed: one LoRA per target does not fit"})
         times = interleaved(cases, args.rounds, args.warmup)
