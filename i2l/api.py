@@ -88,7 +88,7 @@ class I2L:
         return to_tensor(pil, self.cfg.encoder.image_size)  # any size/mode in, one size out
 
     @torch.no_grad()
-    def predict_lora(self, images, batch: list | None = None) -> LoRA:
+    def predict_lora(self, images) -> LoRA:
         """One LoRA from 1..N references (paths or PIL images), fused by token concatenation (paper §4.5)."""
         refs = self._images(images).unsqueeze(0)  # (1, N, 3, S, S)
         lora = self._predict(refs)[0]
