@@ -87,7 +87,7 @@ def _cat_loras(pos: LoRA | None, neg: LoRA | None, n: int) -> LoRA | None:
 @torch.no_grad()
 def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: LoRA | None = None,
            neg_lora: LoRA | None = None, guidance: float = 1.0, steps: int = 20, noise: torch.Tensor | None = None,
-           generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None, shift: float = 1.0,
+           generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None, shift: float | None = None,
            strength: float = 1.0, inpaint: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Euler sampling from noise (t=0) to data (t=1).
 
@@ -96,6 +96,8 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
     paper's asymmetric LoRA guidance, run as one batched forward of 2B rows per step.
     inpaint = (known latents (B, *latent), mask (B, 1, H, W) with 1 = regenerate): the known region is
     re-imposed at every step along its own noise path, so composition with a mask works in this sampler.
+    shift None: the t grid of the backbone's own pipeline (`Backbone.sampling_schedule`); a number: that static
+    shift of a uniform grid instead.
     """
     n = len(cond)
     if noise is None:
@@ -107,7 +109,8 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
         both_lora = _cat_loras(lora, neg_lora, n)
     elif lora is not None and lora.batched and lora.batch_size != n:
         lora = lora.expand(n)
-    ts = timestep_schedule(steps, shift).to(x.device)
+    ts = (backbone.sampling_schedule(steps, tuple(x.shape[1:])) if shift is None
+          else timestep_schedule(steps, shift)).to(x.device)
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
         if cfg:

@@ -13,7 +13,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from diffusers import AutoencoderKL, AutoencoderKLFlux2, Flux2Transformer2DModel, ZImageTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2Transformer2DModel,
+    ZImageTransformer2DModel,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
@@ -22,7 +28,7 @@ from i2l.backbones.flux2 import Flux2Backbone, load_flux2_backbone
 from i2l.backbones.toy import new_toy_backbone
 from i2l.backbones.zimage import ZImageBackbone, load_zimage_backbone
 from i2l.config import FLUX2_TARGETS, ZIMAGE_TARGETS, BackboneConfig, get_config
-from i2l.flow_matching import fm_loss
+from i2l.flow_matching import fm_loss, sample, timestep_schedule
 from i2l.lora import LoRA
 
 IMAGE = 32  # pixels; the tiny VAEs downsample by 2
@@ -46,6 +52,17 @@ def tiny_vae(kind: type, latent_channels: int, **kw):
                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, **kw)
 
 
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Resolution-dependent shifting as the FLUX checkpoints' scheduler_config.json sets it."""
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def zimage_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """A static shift of 3, as Z-Image's scheduler_config.json sets it."""
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
 def tiny_flux2(seed: int = 0, parts: bool = True) -> Flux2Backbone:
     """~0.3 M-param Flux2 transformer (NOTES.md), + tiny VAE (8 latent ch) and 3-layer Qwen3 if `parts`."""
     torch.manual_seed(seed)
@@ -54,15 +71,15 @@ def tiny_flux2(seed: int = 0, parts: bool = True) -> Flux2Backbone:
                                  timestep_guidance_channels=32, mlp_ratio=3.0, axes_dims_rope=(8, 8, 8, 8),
                                  guidance_embeds=False)
     if not parts:
-        return Flux2Backbone.from_components(tr).freeze()
+        return Flux2Backbone.from_components(tr, scheduler=flux_scheduler()).freeze()
     vae = tiny_vae(AutoencoderKLFlux2, 8)
     with torch.no_grad():  # non-trivial batch-norm statistics, so that their use is checked
         vae.bn.running_mean.uniform_(-0.5, 0.5)
         vae.bn.running_var.uniform_(0.5, 2.0)
     te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32,
                                       num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=8))
-    return Flux2Backbone.from_components(tr, vae, te, tiny_tokenizer(), text_encoder_out_layers=(1, 2, 3),
-                                         max_sequence_length=16).freeze()
+    return Flux2Backbone.from_components(tr, vae, te, tiny_tokenizer(), scheduler=flux_scheduler(),
+                                         text_encoder_out_layers=(1, 2, 3), max_sequence_length=16).freeze()
 
 
 def tiny_zimage(seed: int = 0, parts: bool = True) -> ZImageBackbone:
@@ -72,11 +89,12 @@ def tiny_zimage(seed: int = 0, parts: bool = True) -> ZImageBackbone:
                                   n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=32,
                                   axes_dims=[8, 12, 12], axes_lens=[256, 64, 64])
     if not parts:
-        return ZImageBackbone.from_components(tr).freeze()
+        return ZImageBackbone.from_components(tr, scheduler=zimage_scheduler()).freeze()
     vae = tiny_vae(AutoencoderKL, 16, shift_factor=0.1, scaling_factor=0.5)
     te = Qwen3Model(Qwen3Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16))
-    return ZImageBackbone.from_components(tr, vae, te, tiny_tokenizer(), max_sequence_length=16).freeze()
+    return ZImageBackbone.from_components(tr, vae, te, tiny_tokenizer(), scheduler=zimage_scheduler(),
+                                          max_sequence_length=16).freeze()
 
 
 def tiny_toy(seed: int = 0) -> Backbone:
@@ -216,6 +234,29 @@ def test_sampling_matches_the_diffusers_pipeline(name):
     theirs, ours = pipeline_images(bb, bb, x0, cond, steps=3)
     assert theirs.shape == ours.shape == (2, 3, IMAGE, IMAGE)
     assert (theirs - ours).abs().max() < 1e-4
+    # i2l's own sampler, on the grid it picks by itself, gives the pipeline's images too
+    mine = bb.decode_latents(sample(bb, cond, steps=3, noise=x0))
+    assert (theirs - mine).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["flux2", "zimage"])
+@pytest.mark.parametrize("steps", [4, 28])
+def test_sampling_schedule_is_the_pipelines_own(name, steps):
+    """The t grid (0 = noise) equals 1 - the sigmas the pipeline's __call__ sets, which its shifted scheduler
+    spaces unevenly: a uniform grid would not pass."""
+    bb = BUILDERS[name]()
+    cond = bb.encode_prompts(PROMPTS[:1])
+    x0 = torch.randn(1, *bb.latent_shape(IMAGE), generator=torch.Generator().manual_seed(0))
+    pipeline_images(bb, bb, x0, cond, steps=steps)  # runs the pipeline: its scheduler now holds its sigmas
+    theirs = 1.0 - bb.pipe.scheduler.sigmas
+    ours = bb.sampling_schedule(steps, tuple(x0.shape[1:]))
+    assert ours.shape == (steps + 1,) and ours[0] < 0.01 and ours[-1] == 1.0
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert not torch.allclose(ours, torch.linspace(0, 1, steps + 1), atol=1e-3)
+
+
+def test_toy_backbone_samples_on_the_uniform_grid():
+    assert torch.equal(tiny_toy().sampling_schedule(5, (3, 8, 8)), timestep_schedule(5))
 
 
 @pytest.mark.parametrize("name", ["flux2", "zimage"])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from i2l.backbones import schedule
 from i2l.lora import BatchedLoRA, LoRA
 
 
@@ -75,6 +76,11 @@ class Backbone:
 
     def latent_shape(self, image_size: int) -> tuple[int, ...]:
         raise NotImplementedError
+
+    def sampling_schedule(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """steps+1 values of t from 0 (noise) to 1 (data): the grid this backbone's own pipeline samples on for
+        latents of latent_shape (C, h, w). Uniform here; the diffusers backbones ask their pipeline's scheduler."""
+        return schedule.uniform(steps)
 
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         raise NotImplementedError

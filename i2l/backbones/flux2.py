@@ -17,6 +17,7 @@ from diffusers import (
     Flux2Transformer2DModel,
 )
 
+from i2l.backbones import schedule
 from i2l.backbones.base import Backbone, Cond
 from i2l.config import FLUX2_TARGETS, BackboneConfig
 
@@ -83,6 +84,9 @@ class Flux2Backbone(Backbone):
         n = image_size // (self.vae_scale_factor * 2)  # VAE downsampling, then the 2×2 patchify
         return (self.transformer.config.in_channels, n, n)
 
+    def sampling_schedule(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        return schedule.flux2_klein(self.pipe.scheduler.config, steps, latent_shape[1] * latent_shape[2])  # h·w tokens
+
     # ----- text -----
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Prompt embeddings (B, L, D) exactly as Flux2KleinPipeline.encode_prompt makes them (no mask: the
@@ -94,6 +98,12 @@ class Flux2Backbone(Backbone):
                                             max_sequence_length=self.max_sequence_length,
                                             text_encoder_out_layers=self.text_encoder_out_layers)
         return Cond(embeds.to(self.dtype))  # (B, L, D)
+
+    def prompt_text(self, prompt: str) -> str:
+        """The text Flux2KleinPipeline tokenizes for a prompt: the chat template with thinking off (Qwen3 then
+        adds an empty think block), so prompt lengths are counted on what the text encoder really gets."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=False)
 
     # ----- images -----
     def _require_vae(self) -> AutoencoderKLFlux2:

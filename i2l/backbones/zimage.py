@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 
+from i2l.backbones import schedule
 from i2l.backbones.base import Backbone, Cond
 from i2l.config import ZIMAGE_TARGETS, BackboneConfig
 
@@ -63,6 +64,10 @@ class ZImageBackbone(Backbone):
         n = 2 * (image_size // (self.vae_scale_factor * 2))  # as ZImagePipeline.prepare_latents
         return (self.transformer.config.in_channels, n, n)
 
+    def sampling_schedule(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        seq = (latent_shape[1] // 2) * (latent_shape[2] // 2)  # tokens, counted as ZImagePipeline counts them
+        return schedule.zimage(self.pipe.scheduler.config, steps, seq)
+
     # ----- text -----
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Caption features as ZImagePipeline._encode_prompt makes them (second-to-last hidden state, padding
@@ -74,6 +79,12 @@ class ZImageBackbone(Backbone):
         feats = self.pipe._encode_prompt(list(prompts), device=self.device,
                                          max_sequence_length=self.max_sequence_length)  # [(L_i, D)]
         return Cond.cat([Cond(f.unsqueeze(0).to(self.dtype)) for f in feats])
+
+    def prompt_text(self, prompt: str) -> str:
+        """The text ZImagePipeline tokenizes for a prompt: the chat template with thinking on (no empty think
+        block), so prompt lengths are counted on what the text encoder really gets."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=True)
 
     # ----- images -----
     def _require_vae(self) -> AutoencoderKL:

@@ -43,13 +43,12 @@ def sample_two_pass(bb, cond, neg_cond, loras: list, gray, guidance: float, step
     load the gray LoRA, run the negative branch, clear it. per_sample: one sample at a time (one LoRA per model)."""
     import torch
 
-    from i2l.flow_matching import timestep_schedule
     from i2l.lora import LoRA
 
     n = len(cond)
     groups = [[i] for i in range(n)] if per_sample else [list(range(n))]
     x = noise.clone()
-    ts = timestep_schedule(steps).to(x.device)
+    ts = bb.sampling_schedule(steps, tuple(x.shape[1:])).to(x.device)  # the grid `sample` steps on
     for s in range(steps):
         t, dt = ts[s], ts[s + 1] - ts[s]
         v = torch.empty_like(x)
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from i2l.backbones.base import Cond
     from i2l.backbones.toy import new_toy_backbone
     from i2l.config import get_config
-    from i2l.flow_matching import sample, timestep_schedule
+    from i2l.flow_matching import sample
     from i2l.lora import LoRA
 
     if args.threads:
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     def plain():  # one LoRA for every row of both branches: what a pipeline with one loaded LoRA does
         both = Cond.cat([cond, neg_cond])
-        x, ts = noise.clone(), timestep_schedule(steps)
+        x, ts = noise.clone(), bb.sampling_schedule(steps, tuple(noise.shape[1:]))
         for i in range(steps):
             v = bb.velocity(torch.cat([x, x]), ts[i].expand(2 * n), both, shared)  # (2B, *latent)
             x = x + (ts[i + 1] - ts[i]) * (v[n:] + s * (v[:n] - v[n:]))
