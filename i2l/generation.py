@@ -54,11 +54,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[:64] or "style"
 
 
+def _digest(paths: list) -> str:
+    """8 hex digits naming files by where they are: two files of one name (a/style, b/style) get different ids,
+    and a file keeps its id whatever it is generated alongside."""
+    return hashlib.sha256("\n".join(str(Path(p).resolve()) for p in paths).encode()).hexdigest()[:8]
+
+
 # ---------- styles ----------
 def style_from_file(path: str | os.PathLike, backbone) -> Style:
-    """A LoRA file, checked against the backbone (another backbone's file fails naming its layers)."""
+    """A LoRA file, checked against the backbone (another backbone's file fails naming its layers); id
+    `<name>-<digest of its resolved path>`."""
     lora = LoRA.load(path, backbone=backbone)
-    return Style(_slug(Path(path).stem), lora, str(path))
+    return Style(f"{_slug(Path(path).stem)}-{_digest([path])}", lora, str(path))
 
 
 def style_from_images(model, images: list) -> Style:
@@ -69,8 +76,7 @@ def style_from_images(model, images: list) -> Style:
     if not paths:
         raise ValueError("no reference images given: i2L needs at least one")
     lora = model.predict_lora(paths)
-    digest = hashlib.sha256("\n".join(str(Path(p).resolve()) for p in paths).encode()).hexdigest()[:8]
-    return Style(f"refs-{_slug(Path(paths[0]).stem)}-{len(paths)}-{digest}", lora, json.dumps(paths))
+    return Style(f"refs-{_slug(Path(paths[0]).stem)}-{len(paths)}-{_digest(paths)}", lora, json.dumps(paths))
 
 
 def mix_styles(styles: list[Style], weights: list[float]) -> Style:
@@ -91,10 +97,7 @@ def check_prompt_lengths(backbone, prompts: list[str]) -> None:
         backbone.encode_prompts(list(prompts))  # the toy text encoder raises on its own
         return
     for p in prompts:
-        text = p
-        if getattr(tok, "chat_template", None):  # as the pipelines wrap the prompt
-            text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        n = len(tok(backbone.prompt_text(p))["input_ids"])  # tokenized as the pipelines tokenize it
         if n > limit:
             raise ValueError(f"prompt is {n} tokens but the {backbone.kind} text encoder takes at most {limit} "
                              f"(backbone.max_sequence_length): shorten {p[:60]!r}...")
@@ -122,6 +125,11 @@ def plan_samples(styles: list[Style], prompts: list[str], seeds: list[int]) -> l
         raise ValueError("no style to generate with: pass --lora FILE or --images IMG ...")
     if not prompts:
         raise ValueError("no prompt given")
+    seen = {}
+    for s in styles:  # one id per style: a repeated one would overwrite its images and merge its table rows
+        if s.lora_id in seen:
+            raise ValueError(f"style {s.source} is given twice (as {seen[s.lora_id]} too): give each style once")
+        seen[s.lora_id] = s.source
     return [{"sample_id": f"{s.lora_id}_p{pi:02d}_s{seed}", "style": s, "prompt": p, "seed": int(seed)}
             for s in styles for pi, p in enumerate(prompts) for seed in seeds]
 

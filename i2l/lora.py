@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,29 +115,25 @@ class LoRA:
     # ---------- combining ----------
     @staticmethod
     def stack(loras: list[LoRA]) -> LoRA:
-        """Batch several unbatched LoRAs; ranks are zero-padded to the largest (zeros add nothing)."""
+        """Batch several LoRAs over the union of their layers. A LoRA without a layer gets a zero one there (adds
+        nothing, exactly as its hook would skip the layer); ranks are zero-padded per layer to the largest."""
         items = [x for lo in loras for x in (lo.unbind() if lo.batched else [lo])]
-        r = max(x.rank for x in items)
-        names = items[0].names
-        for x in items:
-            if set(x.names) != set(names):  # order may differ (files list keys sorted)
-                raise ValueError("cannot batch LoRAs that adapt different layers")
-
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            extra = r - t.shape[dim]
-            if not extra:
-                return t
-            shape = list(t.shape)
-            shape[dim] = extra
-            return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-        A = {k: torch.stack([pad(x.A[k], 0) for x in items]) for k in names}  # (B, r, in)
-        B = {k: torch.stack([pad(x.B[k], 1) for x in items]) for k in names}  # (B, out, r)
+        names = _union_names(items)  # order may differ (files list keys sorted)
+        A, B = {}, {}
+        for k in names:
+            have = [x for x in items if k in x.A]
+            r = max(x.A[k].shape[0] for x in have)
+            a, b = have[0].A[k], have[0].B[k]
+            A[k] = torch.stack([_pad_rank(x.A[k], r, 0) if k in x.A else a.new_zeros(r, a.shape[1])
+                                for x in items])  # (B, r, in)
+            B[k] = torch.stack([_pad_rank(x.B[k], r, 1) if k in x.B else b.new_zeros(b.shape[0], r)
+                                for x in items])  # (B, out, r)
         return LoRA(A, B, items[0].backbone, dict(items[0].meta))
 
     @staticmethod
     def mix(loras: list[LoRA], weights: list[float]) -> LoRA:
-        """Exact weighted sum in weight space, ΔW = Σ w_i·B_i·A_i, by concatenating ranks.
+        """Exact weighted sum in weight space, ΔW = Σ w_i·B_i·A_i, by concatenating ranks, over the union of the
+        LoRAs' layers (a LoRA without a layer contributes zero blocks there, so every layer has rank Σr_i).
 
         Zero weights are dropped, so mixing with (1, 0) returns the first LoRA itself."""
         if len(loras) != len(weights) or not loras:
@@ -144,9 +141,13 @@ class LoRA:
         kept = [(lo, w) for lo, w in zip(loras, weights) if w != 0]
         if not kept:
             return loras[0].scaled(0.0)
-        names = kept[0][0].names
-        A = {k: torch.cat([lo.A[k] for lo, _ in kept], dim=-2) for k in names}  # (Σr, in)
-        B = {k: torch.cat([lo.B[k] * w for lo, w in kept], dim=-1) for k in names}  # (out, Σr)
+        A, B = {}, {}
+        for k in _union_names([lo for lo, _ in kept]):
+            a, b = next((lo.A[k], lo.B[k]) for lo, _ in kept if k in lo.A)
+            A[k] = torch.cat([lo.A[k] if k in lo.A else a.new_zeros(*a.shape[:-2], lo.rank, a.shape[-1])
+                              for lo, _ in kept], dim=-2)  # (Σr, in)
+            B[k] = torch.cat([lo.B[k] * w if k in lo.B else b.new_zeros(*b.shape[:-1], lo.rank)
+                              for lo, w in kept], dim=-1)  # (out, Σr)
         meta = dict(kept[0][0].meta, mixed=json.dumps([float(w) for _, w in kept]))
         return LoRA(A, B, kept[0][0].backbone, meta)
 
@@ -171,20 +172,25 @@ class LoRA:
 
     @classmethod
     def load(cls, path: str | os.PathLike, backbone=None, device="cpu") -> LoRA:
-        """Read a LoRA file (i2l's own, or PEFT/diffusers keys) and check it against `backbone` if given."""
+        """Read a LoRA file (i2l's own, or PEFT/diffusers keys) and check it against `backbone` if given.
+
+        Other trainers' α/r scales (`.alpha` keys, diffusers' `lora_adapter_metadata`) are folded into lora_B, so
+        the LoRA changes the model as diffusers' `load_lora_weights` makes that file change it."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"LoRA file not found: {path}")
-        A, B = {}, {}
+        A, B, alphas = {}, {}, {}
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             for key in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
                 name, kind = _parse_key(key)
-                if kind is None:
-                    continue
-                (A if kind == "A" else B)[name] = f.get_tensor(key)
+                if kind is not None:
+                    {"A": A, "B": B, "alpha": alphas}[kind][name] = f.get_tensor(key)
         if not A or set(A) != set(B):
             raise ValueError(f"{path}: not a LoRA file (no matching lora_A/lora_B pairs)")
+        # i2l's files have the scale folded in already; other trainers' files scale by alpha/r at run time
+        for k, s in _alpha_scales(A, alphas, meta.get("lora_adapter_metadata")).items():
+            B[k] = B[k] * s
         lora = cls(A, B, meta.get("i2l.backbone", ""), json.loads(meta.get("i2l.meta", "{}") or "{}"))
         if backbone is not None:
             check_compatible(lora, backbone, source=str(path))
@@ -192,6 +198,21 @@ class LoRA:
 
 
 _PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.")
+
+
+def _union_names(loras: list[LoRA]) -> list[str]:
+    """Every layer any of the LoRAs adapts, in order of first appearance."""
+    return list(dict.fromkeys(k for lo in loras for k in lo.names))
+
+
+def _pad_rank(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Zero-pad the rank dimension of A ([r', in], dim 0) or B ([out, r'], dim 1) to r: zeros add nothing."""
+    extra = r - t.shape[dim]
+    if not extra:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
 def _host_copy(tensors: list[torch.Tensor], dtype: torch.dtype, pin: bool) -> list[torch.Tensor]:
@@ -206,16 +227,47 @@ def _host_copy(tensors: list[torch.Tensor], dtype: torch.dtype, pin: bool) -> li
 
 
 def _parse_key(key: str) -> tuple[str, str | None]:
+    """A file key -> (module name, "A" | "B" | "alpha" | None for keys that are no LoRA matrix)."""
     for p in _PREFIXES:
         if key.startswith(p):
             key = key[len(p):]
             break
+    if key.endswith(".alpha"):  # kohya / ai-toolkit: one scalar α per module
+        return key[: -len(".alpha")], "alpha"
     for kind, marks in (("A", (".lora_A.default.weight", ".lora_A.weight")),
                         ("B", (".lora_B.default.weight", ".lora_B.weight"))):
         for m in marks:
             if key.endswith(m):
                 return key[: -len(m)], kind
     return key, None
+
+
+def _alpha_scales(A: dict[str, torch.Tensor], alphas: dict[str, torch.Tensor],
+                  adapter_meta: str | None) -> dict[str, float]:
+    """The scale diffusers' `load_lora_weights` gives each module, for the modules where it is not 1.
+
+    `<module>.alpha` keys: α/r, folded into the weights on load (diffusers' non-diffusers-format conversion).
+    `lora_adapter_metadata` (what diffusers' `save_lora_weights` writes: the PEFT LoraConfig, keys prefixed by
+    `transformer.`): lora_alpha/r with PEFT's per-module rank_pattern / alpha_pattern, or α/√r with use_rslora."""
+    scales = {k: float(alphas[k]) / A[k].shape[0] for k in A if k in alphas}
+    cfg = json.loads(adapter_meta) if adapter_meta else {}
+    if any(k.startswith("transformer.") for k in cfg):  # a pipeline's file: the transformer's config
+        cfg = {k[len("transformer."):]: v for k, v in cfg.items() if k.startswith("transformer.")}
+    if "lora_alpha" in cfg or "r" in cfg:
+        for k in A:
+            r = _pattern_value(cfg.get("rank_pattern") or {}, k, cfg.get("r", 8))
+            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, k, cfg.get("lora_alpha", 8))
+            scales[k] = scales.get(k, 1.0) * alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+    return {k: s for k, s in scales.items() if s != 1.0}
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank/alpha pattern look-up (`peft.utils.other.get_pattern_key`): the first pattern that matches
+    the end of the module path."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
 
 
 def check_compatible(lora: LoRA, backbone, source: str = "LoRA") -> None:
@@ -228,10 +280,14 @@ def check_compatible(lora: LoRA, backbone, source: str = "LoRA") -> None:
     if unknown:
         problems.append(f"{len(unknown)} layer(s) not in the backbone, e.g. {unknown[:3]}")
     for k in lora.names:
-        if k in targets:
+        a, b = lora.A[k], lora.B[k]
+        if a.dim() != b.dim() or a.dim() not in (2, 3) or a.shape[-2] != b.shape[-1]:
+            problems.append(f"{k}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not make B·A "
+                            f"(A is [r, in], B is [out, r], with one rank r)")
+        elif k in targets:
             d_in, d_out = targets[k]
-            if lora.A[k].shape[-1] != d_in or lora.B[k].shape[-2] != d_out:
-                problems.append(f"{k}: LoRA is {tuple(lora.B[k].shape[-2:])}x{tuple(lora.A[k].shape[-2:])}, "
+            if a.shape[-1] != d_in or b.shape[-2] != d_out:
+                problems.append(f"{k}: LoRA is {tuple(b.shape[-2:])}x{tuple(a.shape[-2:])}, "
                                 f"layer is in={d_in} out={d_out}")
     if problems:
         raise ValueError(f"{source} does not fit backbone {backbone.backbone_id}: " + "; ".join(problems[:6]))

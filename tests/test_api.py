@@ -107,3 +107,24 @@ def test_no_references_and_unreadable_images_are_clear_errors(model, tmp_path):
         model.predict_lora([bad])
     with pytest.raises(FileNotFoundError, match="reference image not found"):
         model.predict_lora([tmp_path / "missing.png"])
+
+
+def test_predict_command_does_not_load_the_backbone(debug_run, model, samples, tmp_path):
+    """`i2l predict` needs the encoder and predictor only: it must work where the (GBs) backbone is absent."""
+    import json
+    import shutil
+
+    from i2l.cli import main as cli
+
+    ck = shutil.copytree(debug_run.checkpoint_dir, tmp_path / "ck")
+    state = json.loads((ck / "state.json").read_text())
+    state["config"]["backbone"]["path"] = str(tmp_path / "no-backbone-here")
+    (ck / "state.json").write_text(json.dumps(state))
+    refs = []
+    for i, im in enumerate(samples[0].refs[:2]):
+        im.save(tmp_path / f"ref{i}.png")
+        refs.append(str(tmp_path / f"ref{i}.png"))
+    out = tmp_path / "style.safetensors"
+    assert cli(["predict", "--checkpoint", str(ck), "--images", *refs, "--out", str(out)]) == 0
+    lora = LoRA.load(out, backbone=model.backbone)  # a file for this backbone, with its key prefix
+    assert delta_dist(lora, model.predict_lora(refs)) < 1e-6

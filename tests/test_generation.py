@@ -10,10 +10,11 @@ import re
 import pytest
 import torch
 from PIL import Image
-from test_backbones import random_lora, tiny_flux2, tiny_toy
+from test_backbones import WORDS, random_lora, tiny_flux2, tiny_toy, tiny_zimage
 
 from i2l.cli import main as cli
 from i2l.flow_matching import sample, timestep_schedule
+from i2l.generation import plan_samples, read_table, style_from_file
 from i2l.lora import LoRA
 
 PROMPTS = ["a red cat", "a blue dog in the garden", "the green house"]
@@ -69,6 +70,95 @@ def test_identical_loras_on_both_branches_are_plain_cfg(toy):
     assert (asym_same - x).abs().max() < 1e-5
 
 
+@torch.no_grad()
+def test_a_lora_over_fewer_layers_runs_in_asymmetric_cfg(toy):
+    """A file may adapt fewer layers than the gray LoRA on the negative branch: where it has no layer it is a
+    zero LoRA, in the one batched forward as in two passes."""
+    bb, cond, neg_cond, noise = toy
+    full = random_lora(bb, None, scale=0.1, seed=1)
+    part = LoRA({k: full.A[k] for k in full.names[:3]}, {k: full.B[k] for k in full.names[:3]}, bb.backbone_id)
+    gray = random_lora(bb, None, scale=0.1, seed=2)
+    n = len(PROMPTS)
+    batched = sample(bb, cond, neg_cond, part, gray, guidance=3.0, steps=3, noise=noise)
+    reference = two_pass_cfg(bb, cond, neg_cond, [part] * n, [gray] * n, 3.0, 3, noise)
+    assert (batched - reference).abs().max() < 1e-5
+    with_full = sample(bb, cond, neg_cond, full, gray, guidance=3.0, steps=3, noise=noise)
+    assert (batched - with_full).abs().max() > 1e-3, "the layers it lacks must add nothing, not the full LoRA"
+
+
+# ---------- styles, ids, checks ----------
+def test_files_of_one_name_are_styles_of_their_own(tmp_path):
+    """a/style and b/style (or names that slug alike) must not share sample ids: their images would overwrite
+    each other and their table rows merge."""
+    bb = tiny_toy()
+    paths = [random_lora(bb, None, seed=i).save(tmp_path / rel)
+             for i, rel in enumerate(("a/style.safetensors", "b/style.safetensors", "my style.safetensors",
+                                      "my_style.safetensors"))]
+    styles = [style_from_file(p, bb) for p in paths]
+    assert len({st.lora_id for st in styles}) == 4
+    assert styles[0].lora_id.startswith("style-") and style_from_file(paths[0], bb).lora_id == styles[0].lora_id
+    assert len({p["sample_id"] for p in plan_samples(styles, ["a red cat"], [0, 1])}) == 8
+    with pytest.raises(ValueError, match="given twice"):
+        plan_samples([styles[0], style_from_file(paths[0], bb)], ["a red cat"], [0])
+
+
+class RecordingTokenizer:
+    """A tokenizer that remembers the texts it tokenizes: what a pipeline really feeds its text encoder."""
+
+    def __init__(self, tok):
+        self.tok, self.texts = tok, []
+
+    def __call__(self, text, *args, **kwargs):
+        self.texts += [text] if isinstance(text, str) else list(text)
+        return self.tok(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+# the end of Qwen3's chat template: thinking off adds an empty think block to the generation prompt
+QWEN3_CHAT = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|> assistant "
+              "{% if enable_thinking is defined and enable_thinking is false %}<think> </think> {% endif %}"
+              "{% endif %}")
+
+
+@pytest.mark.parametrize("builder", [tiny_flux2, tiny_zimage])
+def test_prompt_length_is_counted_on_the_text_the_pipeline_tokenizes(builder):
+    """FLUX.2-klein templates prompts with thinking off (two more tokens), Z-Image with thinking on."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from i2l.generation import check_prompt_lengths
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = RecordingTokenizer(PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", unk_token="<unk>",
+                                                     chat_template=QWEN3_CHAT))
+    bb = builder()
+    bb.tokenizer = bb.pipe.tokenizer = tok
+    prompt = "a red cat in the garden"
+    bb.encode_prompts([prompt])
+    n = len(tok.tok(tok.texts[-1])["input_ids"])  # tokens the pipeline gave its text encoder
+    bb.max_sequence_length = n
+    check_prompt_lengths(bb, [prompt])
+    bb.max_sequence_length = n - 1
+    with pytest.raises(ValueError, match=f"prompt is {n} tokens but the {bb.kind} text encoder takes at most"):
+        check_prompt_lengths(bb, [prompt])
+
+
+def test_an_existing_file_is_taken_as_named_even_with_glob_characters(tmp_path):
+    from i2l.commands.predict import expand_images
+
+    for name in ("style[1].png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    literal = str(tmp_path / "style[1].png")
+    assert expand_images([literal]) == [literal]
+    assert expand_images([str(tmp_path / "*.png")]) == [str(tmp_path / "b.png"), literal]
+    with pytest.raises(FileNotFoundError, match="no image matches"):
+        expand_images([str(tmp_path / "style[2].png")])
+
+
 # ---------- the command ----------
 @pytest.fixture(scope="module")
 def setup(debug_run, tmp_path_factory):
@@ -100,7 +190,8 @@ def test_generate_writes_every_sample_and_its_table(debug_run, setup, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 2  # styles x prompts x seeds
     assert len({r["sample_id"] for r in rows}) == 8 and {r["seed"] for r in rows} == {"0", "1"}
-    assert {r["lora_id"] for r in rows} >= {"style-a"} and len({r["lora_id"] for r in rows}) == 2
+    ids = {r["lora_id"] for r in rows}
+    assert len(ids) == 2 and any(i.startswith("style-a-") for i in ids)  # file name + digest of its path
     for r in rows:
         st = json.loads(r["settings"])
         assert st["cfg"] == "asymmetric" and st["guidance"] == 3.0 and st["steps"] == 2
@@ -110,10 +201,27 @@ def test_generate_writes_every_sample_and_its_table(debug_run, setup, tmp_path):
     one = tmp_path / "one"
     assert run_cli(debug_run, one, "--lora", str(lora_path), "--prompt", s[1].prompt, "--samples", "2",
                    "--batch-size", "1", "--guidance", "3") == 0
-    for name in ("style-a_p00_s1.png",):
-        a = torch.tensor(list(Image.open(one / name).getdata()))
-        b = torch.tensor(list(Image.open(out / name.replace("_p00_", "_p01_")).getdata()))
-        assert (a - b).abs().max() <= 1
+    style_a = next(i for i in ids if i.startswith("style-a-"))
+    a = torch.tensor(list(Image.open(one / f"{style_a}_p00_s1.png").getdata()))
+    b = torch.tensor(list(Image.open(out / f"{style_a}_p01_s1.png").getdata()))
+    assert (a - b).abs().max() <= 1
+
+
+def test_same_named_and_partial_lora_files_generate_apart(debug_run, setup, tmp_path):
+    """Two files named style.safetensors, one adapting only some layers, with the default asymmetric CFG."""
+    model, s, _, lora_path = setup
+    full = LoRA.load(lora_path)
+    keep = full.names[:4]
+    part = LoRA({k: full.A[k] for k in keep}, {k: full.B[k] for k in keep}, full.backbone)
+    a = full.save(tmp_path / "a" / "style.safetensors", prefix=model.lora_prefix)
+    b = part.save(tmp_path / "b" / "style.safetensors", prefix=model.lora_prefix)
+    out = tmp_path / "out"
+    assert run_cli(debug_run, out, "--lora", str(a), "--lora", str(b), "--prompt", s[0].prompt) == 0
+    rows = read_table(out / "samples.csv")
+    assert len(rows) == 2 and len({r["lora_id"] for r in rows}) == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(r["image"] for r in rows), "samples.csv"])
+    images = [list(Image.open(out / r["image"]).getdata()) for r in rows]
+    assert images[0] != images[1]
 
 
 def test_plain_cfg_mixing_and_strength_options(debug_run, setup, tmp_path):
@@ -130,7 +238,8 @@ def test_plain_cfg_mixing_and_strength_options(debug_run, setup, tmp_path):
     assert run_cli(debug_run, tmp_path / "alone", "--lora", str(lora_path), "--prompt", s[0].prompt,
                    "--plain-cfg", "--strength", "0.5") == 0
     a = list(Image.open(out / rows[0]["image"]).getdata())
-    assert a == list(Image.open(tmp_path / "alone" / "style-a_p00_s0.png").getdata())
+    (alone,) = read_table(tmp_path / "alone" / "samples.csv")
+    assert a == list(Image.open(tmp_path / "alone" / alone["image"]).getdata())
 
 
 def test_bad_input_names_the_problem_and_writes_nothing(debug_run, setup, tmp_path, capsys):

@@ -114,6 +114,42 @@ def test_stack_pads_ranks_and_zero_lora_is_a_no_op(toy):
         assert torch.equal(toy.velocity(x, t, cond, zero), toy.velocity(x, t, cond))
 
 
+def partial(lora: LoRA, n: int) -> LoRA:
+    """The same LoRA on its first n layers only (as a file that adapts fewer layers than i2l does)."""
+    keep = lora.names[:n]
+    return LoRA({k: lora.A[k] for k in keep}, {k: lora.B[k] for k in keep}, lora.backbone)
+
+
+def test_loras_over_different_layers_stack_and_mix_over_their_union(toy):
+    """A LoRA without a layer is a zero LoRA there: batching and mixing must not need equal layer sets."""
+    full, part = random_lora(toy, None, rank=2, seed=1), partial(random_lora(toy, None, rank=3, seed=2), 2)
+    both = LoRA.stack([part, full])
+    assert set(both.names) == set(full.names) and both.batch_size == 2
+    x, t, cond = inputs(toy, 2)
+    with torch.no_grad():
+        v = toy.velocity(x, t, cond, both)
+        for i, lo in enumerate((part, full)):
+            alone = toy.velocity(x[i:i + 1], t[i:i + 1], cond.index(slice(i, i + 1)), lo)
+            assert (v[i] - alone[0]).abs().max() < 1e-5
+    for los, ws in (([part, full], [0.5, 2.0]), ([full, part], [2.0, 0.5])):  # both orders
+        mixed = LoRA.mix(los, ws)
+        assert set(mixed.names) == set(full.names)
+        for k in full.names:
+            expected = 2.0 * full.delta(k) + (0.5 * part.delta(k) if k in part.names else 0)
+            assert torch.allclose(mixed.delta(k), expected, atol=1e-6), k
+
+
+def test_check_compatible_refuses_a_b_of_another_rank(toy):
+    from i2l.lora import check_compatible
+
+    lora = random_lora(toy, None, rank=2)
+    k = lora.names[0]
+    bad = LoRA(dict(lora.A), dict(lora.B, **{k: torch.zeros(lora.B[k].shape[0], 3)}), toy.backbone_id)
+    with pytest.raises(ValueError, match=rf"{k}: lora_A \(2, 32\) and lora_B \(32, 3\) do not make B·A"):
+        check_compatible(bad, toy)
+    check_compatible(partial(lora, 3), toy)  # fewer layers than the backbone adapts: fine
+
+
 # ---------- hooks ----------
 def test_batched_hooks_equal_merged_weights():
     torch.manual_seed(0)

@@ -65,3 +65,51 @@ def test_flux2_lora_file_does_not_fit_zimage(tmp_path):
     with pytest.raises(ValueError, match="made for backbone 'flux2:"):
         LoRA.load(path, zimg)
     LoRA.load(path, flux)  # fits its own backbone
+
+
+# ---------- other trainers' files: α/r scales ----------
+def assert_loads_as_diffusers_loads(name: str, path, ours, client) -> None:
+    """i2l's LoRA.load of `path` changes the model exactly as diffusers' load_lora_weights of it does."""
+    lora = LoRA.load(path, ours)
+    client.pipe.load_lora_weights(str(path), adapter_name="file")
+    x, t, cond = inputs(ours, 2)
+    with torch.no_grad():
+        theirs, mine, base = client.velocity(x, t, cond), ours.velocity(x, t, cond, lora), ours.velocity(x, t, cond)
+    assert (theirs - base).abs().max() > 1e-3, "the file must change the output"
+    assert (theirs - mine).abs().max() <= 1e-5, f"{name}: i2l applies the file otherwise than diffusers"
+
+
+def test_alpha_keys_scale_as_diffusers_loads_them(tmp_path):
+    """ai-toolkit / community Z-Image files: `diffusion_model.<module>.lora_A.weight` + `<module>.alpha`, which
+    diffusers applies with scale α/r per module (r = 4 here, α different per module)."""
+    from safetensors.torch import save_file
+
+    ours, client = tiny_zimage(seed=0), tiny_zimage(seed=0)
+    lora = random_lora(ours, None, rank=4, scale=0.1)
+    tensors = {}
+    for i, k in enumerate(lora.names):
+        tensors[f"diffusion_model.{k}.lora_A.weight"] = lora.A[k].contiguous()
+        tensors[f"diffusion_model.{k}.lora_B.weight"] = lora.B[k].contiguous()
+        tensors[f"diffusion_model.{k}.alpha"] = torch.tensor(float(1 + i % 3))  # α/r = 0.25, 0.5, 0.75
+    save_file(tensors, str(tmp_path / "alpha.safetensors"))
+    assert_loads_as_diffusers_loads("zimage", tmp_path / "alpha.safetensors", ours, client)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_diffusers_saved_lora_config_scales_as_diffusers_loads_it(name, tmp_path):
+    """A LoRA trained with PEFT (lora_alpha != r, per-module rank and alpha patterns) and saved by the pipeline's
+    own save_lora_weights, which records the LoraConfig in the file's `lora_adapter_metadata`."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    ours, client, writer = BUILDERS[name](seed=0), BUILDERS[name](seed=0), BUILDERS[name](seed=0, parts=False)
+    first, second = list(ours.lora_targets())[:2]
+    config = LoraConfig(r=4, lora_alpha=2, rank_pattern={first: 2}, alpha_pattern={second: 12},
+                        target_modules=list(ours.lora_targets()))
+    writer.transformer.add_adapter(config)
+    g = torch.Generator().manual_seed(1)  # as if trained: B no longer zero
+    layers = {k: torch.randn(v.shape, generator=g) * 0.1
+              for k, v in get_peft_model_state_dict(writer.transformer).items()}
+    type(writer.pipe).save_lora_weights(tmp_path, transformer_lora_layers=layers,
+                                        transformer_lora_adapter_metadata=config.to_dict())
+    assert_loads_as_diffusers_loads(name, tmp_path / "pytorch_lora_weights.safetensors", ours, client)

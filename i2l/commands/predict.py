@@ -5,6 +5,7 @@ The references are fused by token concatenation (paper §4.5). Writes a diffuser
 """
 
 import glob
+import os
 
 
 def add_arguments(p):
@@ -16,9 +17,10 @@ def add_arguments(p):
 
 
 def expand_images(patterns: list[str]) -> list[str]:
+    """Paths as given, globs expanded; a file that exists is taken as named even if its name has * ? [ in it."""
     out = []
     for p in patterns:
-        hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+        hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") and not os.path.exists(p) else [p]
         if not hits:
             raise FileNotFoundError(f"no image matches {p!r}")
         out.extend(hits)
@@ -28,11 +30,12 @@ def expand_images(patterns: list[str]) -> list[str]:
 def main(args):
     from i2l.api import I2L
 
-    model = I2L.load(args.checkpoint, device=args.device)
+    # predicting needs the encoder and predictor only: a real backbone (GBs) is not loaded
+    model = I2L.load(args.checkpoint, device=args.device, backbone=False)
     images = expand_images(args.images)
     lora = model.predict_lora(images)
     if args.strength != 1.0:
         lora = lora.scaled(args.strength)
-    path = lora.save(args.out, prefix=model.backbone.lora_prefix)
+    path = lora.save(args.out, prefix=model.lora_prefix)
     print(f"LoRA from {len(images)} reference(s): rank {lora.rank}, {len(lora.names)} layers -> {path}")
     return 0
