@@ -1,17 +1,18 @@
 """Flow `train`: train the i2L predictor on Ray Train (TorchTrainer; RAY_ADDRESS = a cluster, else a local Ray),
-always resuming from the latest checkpoint, so a killed or retried run continues where it stopped. Records the
-final checkpoint and the loss curve in the results store."""
+always resuming from the latest checkpoint, so a killed or retried run continues where it stopped. The run dir
+records the stage key: a run of other settings is moved aside first (and moved back when they return), never
+resumed under this key. Records the final checkpoint and the loss curve in the results store."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 from flows.pretrain_toy import toy_model_keys
 from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, jsonable
-from i2l.checkpoint import latest_checkpoint, read_state
+from i2l.checkpoint import claim_run_dir, latest_checkpoint, read_run_key, read_state
 from i2l.launcher import launch_training
 from i2l.store import file_sha256
 
@@ -31,6 +32,12 @@ def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
     """The latest checkpoint of run_dir if it reached `steps`, else None."""
     ck = latest_checkpoint(run_dir)
     return ck if ck is not None and read_state(ck)["step"] >= steps else None
+
+
+def run_finished(run_dir: Path, steps: int, key: str) -> bool:
+    """The stage's outputs: run_dir is the run of `key` (a store mark for one key must not accept another key's
+    checkpoint) and it reached `steps`."""
+    return read_run_key(run_dir) == key and finished_checkpoint(run_dir, steps) is not None
 
 
 def checkpoint_identity(ck: Path) -> dict:
@@ -59,9 +66,13 @@ def train(preset: str = "toy", overrides: list[str] | None = None, data_root: st
           parent_run_id: str | None = None, progress: bool = True, force: list[str] | None = None) -> list[dict]:
     ctx = StageContext.open(preset, overrides, data_root, parent_run_id, progress, force)
     cfg, paths = ctx.cfg, ctx.paths
+    key = train_key(ctx)
+    # Before the done-check: switching settings back restores their run, which the check then finds finished.
+    for note in claim_run_dir(paths.train_dir, key, fresh="train" in ctx.force):
+        get_run_logger().warning(f"train: {note}")
     result = ctx.run_stage(
-        "train", train_key(ctx),
-        lambda: finished_checkpoint(paths.train_dir, cfg.train.steps) is not None,
+        "train", key,
+        lambda: run_finished(paths.train_dir, cfg.train.steps, key),
         lambda run_id: train_task(cfg, str(paths.prepared_dir), str(paths.train_dir), progress),
         record=lambda run_id, info: record_training(ctx, run_id, info))
     return [result.to_dict()]

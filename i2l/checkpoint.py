@@ -1,10 +1,13 @@
 """Predictor checkpoints: `<run>/checkpoints/step_XXXXXXX/{predictor,optimizer}.safetensors + state.json`,
 written under a temporary name and renamed, so a kill never leaves a half checkpoint. A checkpoint records
-the backbone and the adapted layers it was made for; loading it elsewhere is refused with a clear message."""
+the backbone, the adapted layers and the config it was made with; loading it elsewhere, or resuming it with
+other run-defining settings, is refused with a clear message. A run directory may record the key of the
+stage that owns it (`run_key.json`): a run of another key is moved aside, never resumed nor deleted."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -89,6 +92,36 @@ def check_fits(state: dict, backbone, source: str) -> None:
                          f": set backbone.targets as it was at training time")
 
 
+# What defines a run: resuming with any of these changed would continue another optimisation than the one saved.
+# train.steps may grow (extending a run); workers, checkpoint period, retries and device only change how it runs.
+RUN_TRAIN_FIELDS = ("seed", "lr", "batch_size", "targets_per_lora", "warmup", "weight_decay", "grad_clip")
+
+
+def run_config_changes(saved: dict, cfg: Config) -> list[str]:
+    """The run-defining fields (`predictor.*`, `train.{RUN_TRAIN_FIELDS}`) where the checkpoint's saved config
+    differs from cfg, as 'section.field: saved -> now'. Fields an older checkpoint did not record are not compared."""
+    now = cfg.to_dict()
+    fields = [("predictor", f) for f in now["predictor"]] + [("train", f) for f in RUN_TRAIN_FIELDS]
+    changes = []
+    for section, name in fields:
+        old = saved.get(section, {})
+        if name in old and _norm(old[name]) != _norm(now[section][name]):
+            changes.append(f"{section}.{name}: {old[name]!r} -> {now[section][name]!r}")
+    return changes
+
+
+def _norm(v):
+    return json.loads(json.dumps(v, default=str))  # tuples and lists compare equal, as state.json stores them
+
+
+def check_same_run(state: dict, cfg: Config, source: str) -> None:
+    """Refuse to resume a checkpoint with other run-defining settings than it was trained with."""
+    changes = run_config_changes(state.get("config") or {}, cfg)
+    if changes:
+        raise ValueError(f"cannot resume {source}: it was trained with other settings ({'; '.join(changes)}). "
+                         "Resume with the original settings, or start a new run with another --out")
+
+
 def load_checkpoint(ck: Path, predictor, opt, backbone, cfg: Config) -> tuple[int, list[dict]]:
     state = read_state(ck)
     check_fits(state, backbone, str(ck))
@@ -102,3 +135,52 @@ def load_checkpoint(ck: Path, predictor, opt, backbone, cfg: Config) -> tuple[in
 
 def checkpoint_config(ck: Path) -> Config:
     return config_from_dict(read_state(ck)["config"])
+
+
+# ----- which stage key a run directory belongs to --------------------------------------------------------------
+
+RUN_KEY_FILE = "run_key.json"
+
+
+def read_run_key(run_dir) -> str | None:
+    """The key recorded in run_dir by `claim_run_dir`, or None (no run, or one started by hand)."""
+    try:
+        return json.loads((Path(run_dir) / RUN_KEY_FILE).read_text())["key"]
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def claim_run_dir(run_dir, key: str, fresh: bool = False) -> list[str]:
+    """Make run_dir the run of `key` before training resumes into it. A run of another key (or of no recorded key,
+    or any run when `fresh`) is renamed to the sibling `<name>.<its key>`; a sibling `<name>.<key>` left by an
+    earlier switch of settings is moved back, to be resumed. Nothing is deleted. Returns what was moved."""
+    run = Path(run_dir)
+    recorded = read_run_key(run)
+    ours = recorded == key and not fresh
+    back = run.with_name(f"{run.name}.{key}")
+    restore = not ours and not fresh and back.is_dir()
+    notes = []
+    if run.exists() and not ours and (latest_checkpoint(run) is not None or restore):
+        notes += _move_aside(run, run.with_name(f"{run.name}.{recorded or 'unkeyed'}"))
+    if restore:
+        back.rename(run)
+        notes.append(f"moved the earlier run of key {key} back from {back} to {run}: it resumes from there")
+    if read_run_key(run) != key:
+        run.mkdir(parents=True, exist_ok=True)
+        tmp = run / f".{RUN_KEY_FILE}.tmp"
+        tmp.write_text(json.dumps({"key": key}))
+        os.replace(tmp, run / RUN_KEY_FILE)
+    return notes
+
+
+def _move_aside(run: Path, dest: Path) -> list[str]:
+    """run -> dest; an older run already at dest steps aside to dest.N, so dest always holds the newest."""
+    notes = []
+    if dest.exists():
+        older = next(p for n in itertools.count(1) if not (p := dest.with_name(f"{dest.name}.{n}")).exists())
+        dest.rename(older)
+        notes.append(f"moved the older run at {dest} to {older}")
+    run.rename(dest)
+    notes.append(f"moved the run in {run} (key {read_run_key(dest) or 'not recorded'}) aside to {dest}: "
+                 "it belongs to other settings or was forced out; nothing was deleted")
+    return notes

@@ -116,11 +116,11 @@ def eval_config(cfg: Config, ck: Path) -> Config:
 
 
 def dataset_fingerprint(prepared_dir: str | Path) -> str:
-    """The prepared data's id as the store names it: sha256 of its manifest.json (16 hex digits)."""
-    path = Path(prepared_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: prepare the data first (`i2l prepare`)")
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    """The prepared data's id as the store names it (i2l.store.ingest.dataset_id: what the data is, not when it
+    was written), so evaluation keys and the store's dataset rows agree."""
+    from i2l.store.ingest import dataset_id, read_manifest
+
+    return dataset_id(read_manifest(prepared_dir))
 
 
 def _digest(obj) -> str:

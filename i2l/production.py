@@ -261,6 +261,15 @@ def _checkpoint_id(store: Store, ck: Path, sha: str) -> str:
     return known[0][0] if known else f"{ck.parent.parent.name}/{ck.name}@{sha[:12]}"
 
 
+def remove_leftovers(out: Path) -> None:
+    """Delete what a killed run left half-written (never catalogued): the catalog's and production.json's
+    `.<name>.tmp` and LoRA.save's `<name>.tmp` (pathlib's `*` matches dot-names too); finished files never end
+    in .tmp, so they stay."""
+    for tmp in [*out.glob("*.tmp"), *(out / "styles").glob("*.tmp")]:
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
 # ---------- the pool ----------
 def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: str | os.PathLike, store: Store,
             workers: int = 2, batch_size: int = 8, num_gpus: float = 0.0, max_retries: int = 3,
@@ -277,8 +286,7 @@ def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: st
     sha = file_sha256(ck / "predictor.safetensors")
     checkpoint_id = _checkpoint_id(store, ck, sha)
     _bind(out, ck, sha, checkpoint_id)
-    for tmp in [*out.glob(".*.tmp"), *(out / "styles").glob(".*.tmp"), *(out / "styles").glob("*.tmp")]:
-        tmp.unlink(missing_ok=True)  # leftovers of a killed run: never catalogued
+    remove_leftovers(out)
 
     catalog = {r["lora_id"]: r for r in read_catalog(out)}
     in_store = {r[0] for r in store.rows("SELECT lora_id FROM loras WHERE ends_with(lora_id, ?)", [f"@{sha[:12]}"])}

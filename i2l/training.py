@@ -15,7 +15,7 @@ import torch
 
 from i2l.backbones import load_backbone
 from i2l.backbones.pretrain import lr_at
-from i2l.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from i2l.checkpoint import check_same_run, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from i2l.config import Config
 from i2l.data.tuples import TupleStream, collate_groups
 from i2l.encoder import load_encoder
@@ -47,7 +47,7 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     world = world or World()
     device = torch.device(world.device)
     out = Path(out_dir)
-    refuse_mixing_runs(out, resume)
+    refuse_mixing_runs(out, resume, cfg)  # before any model is built: a clear message, not a shape error
     backbone = load_backbone(cfg).to(device)
     encoder = load_encoder(cfg.encoder).to(device)
     predictor = build_predictor(cfg, backbone, encoder).to(device)
@@ -103,11 +103,17 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
             "first_loss": _mean(curve[:20]), "last_loss": _mean(curve[-20:])}
 
 
-def refuse_mixing_runs(out_dir: str | Path, resume: bool) -> None:
-    """A fresh run into a directory with another run's checkpoints would interleave the two runs' files."""
-    if not resume and (ck := latest_checkpoint(out_dir)) is not None:
+def refuse_mixing_runs(out_dir: str | Path, resume: bool, cfg: Config | None = None) -> None:
+    """A fresh run into a directory with another run's checkpoints would interleave the two runs' files; a
+    resume with other run-defining settings (given cfg) would continue another optimisation than the saved one."""
+    ck = latest_checkpoint(out_dir)
+    if ck is None:
+        return
+    if not resume:
         raise FileExistsError(f"{out_dir} already holds a training run (latest checkpoint {ck.name}): pass --resume "
                               f"to continue it, or choose another --out for a new run")
+    if cfg is not None:
+        check_same_run(read_state(ck), cfg, str(ck))
 
 
 def _mean(recs: list[dict]) -> float:

@@ -14,6 +14,8 @@ from hashlib import sha256
 from pathlib import Path
 
 import conftest_ray
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -22,7 +24,7 @@ from test_data_validate import check_converted, read_split_images, write_bad_dat
 from i2l.config import get_config
 from i2l.data.megastyle import QUARANTINE_SCHEMA
 from i2l.data.prepare import make_plan, prepare
-from i2l.data.shards import iter_rows
+from i2l.data.shards import iter_rows, split_files
 from i2l.toyworld import write_toyworld
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,6 +141,59 @@ def test_rerun_skips_and_refuses_stale(ray_session, toy_dir, tmp_path):
     assert forced.rows_written == 96 and forced.units_skipped == 0
     first_row = next(iter_rows(out, "train", columns=("width", "height")))
     assert (first_row["width"], first_row["height"]) == (48, 48)
+
+
+def test_rerun_keeps_the_dataset_identity(ray_session, toy_dir, tmp_path):
+    """A re-run with nothing to do rewrites the manifest's timings only: the data's id (evaluation keys, the
+    store's dataset row) must not change with them."""
+    from i2l.evaluate import dataset_fingerprint
+    from i2l.store import Store
+
+    out, store = tmp_path / "out", Store(tmp_path / "results.duckdb")
+    prepare(_cfg(), toy_dir, out, progress=False)
+    first = dataset_fingerprint(out)
+    assert store.record_dataset(out) == first
+    again = prepare(_cfg(), toy_dir, out, progress=False)
+    assert again.rows_processed == 0
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**m, "timings": {"total": 1e6}}))  # whatever the clock said
+    assert dataset_fingerprint(out) == first and store.record_dataset(out) == first
+    assert store.rows("SELECT dataset_id FROM datasets") == [(first,)]
+    m["shards"][0]["sha256"] = "0" * 64  # other data: another id
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert dataset_fingerprint(out) != first
+
+
+def test_one_style_prepares_with_an_empty_val_manifest(ray_session, toy_dir, tmp_path, caplog):
+    """No style can be held out: prepare still finishes (manifest.json written), with a warning and an empty
+    val manifest, and the train split reads back without the quarantine."""
+    table = pq.read_table(min(toy_dir.glob("*.parquet")))
+    sid = table.column("id")[0].as_py().split("_")[0]
+    one = table.filter(pc.starts_with(table.column("id"), sid + "_"))
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    pq.write_table(one, inp / "train-00000-of-00001.parquet")
+    with caplog.at_level("WARNING", logger="i2l.data.prepare"):
+        s = prepare(_cfg(), inp, out, progress=False)
+    assert (s.rows_written, s.styles_train, s.styles_val, s.val_samples) == (one.num_rows, 1, 0, 0)
+    assert json.loads((out / "manifest.json").read_text())["counts"]["rows_written"] == one.num_rows
+    assert (out / "val_manifest.jsonl").read_text() == "" and "no val shards" in caplog.text
+    assert split_files(out, "train") == [out / "train" / "part-00000.parquet"]
+    with pytest.raises(FileNotFoundError, match="no val shards"):
+        split_files(out, "val")
+
+
+@pytest.mark.parametrize("layout", ["prepared", "raw"])
+def test_split_files_never_reads_a_quarantine(tmp_path, layout):
+    pq.write_table(pa.table({"id": ["s1_c1"], "reason": ["too_small"]}), tmp_path / "quarantine.parquet")
+    if layout == "prepared":  # prepared, every row quarantined: no shards, and not a raw directory either
+        (tmp_path / "manifest.json").write_text("{}")
+        pq.write_table(pa.table({"id": ["s1_c1"]}), tmp_path / "stray.parquet")
+        with pytest.raises(FileNotFoundError, match="no train shards"):
+            split_files(tmp_path, "train")
+    else:
+        pq.write_table(pa.table({"id": ["s1_c1"]}), tmp_path / "train-00000-of-00001.parquet")
+        assert [p.name for p in split_files(tmp_path, "train")] == ["train-00000-of-00001.parquet"]
 
 
 @pytest.mark.slow

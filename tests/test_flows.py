@@ -78,6 +78,21 @@ def test_paths_layout():
         str(p.backbone_dir), str(p.encoder_dir), str(p.scorer_dir))
 
 
+def test_a_finished_run_of_another_key_is_not_the_train_stages_output(tmp_path):
+    """A store mark for key A must not be satisfied by a checkpoint that key B's settings trained."""
+    import json
+
+    from flows.train import run_finished
+    from i2l.checkpoint import claim_run_dir
+
+    run = tmp_path / "train"
+    claim_run_dir(run, "A")
+    ck = run / "checkpoints" / "step_0000002"
+    ck.mkdir(parents=True)
+    (ck / "state.json").write_text(json.dumps({"step": 2}))
+    assert run_finished(run, 2, "A") and not run_finished(run, 3, "A") and not run_finished(run, 2, "B")
+
+
 @pytest.mark.parametrize("make, transient", [
     (lambda: _store_busy(), True),
     (lambda: ConnectionError("GCS unreachable"), True),
@@ -264,6 +279,40 @@ def test_killed_train_flow_resumes_from_checkpoint(pipeline_world, tmp_path):
     assert store.rows("SELECT count(*), count(DISTINCT step), min(step), max(step) FROM train_curves")[0] == (
         steps, steps, 1, steps)
     assert store.rows("SELECT status FROM runs WHERE kind = 'train'") == [("ok",)]
+
+
+# ---------- one training run per train key ----------
+
+@pytest.mark.slow
+def test_train_flow_keeps_one_run_per_key(pipeline_world, tmp_path):
+    """Other settings train a new run in runs/<preset>/train (the old run moved aside, never resumed under the new
+    key); switching back restores the old run, which the store and the disk then find finished; `force` retrains
+    and keeps the forced-out run aside."""
+    from flows.train import train
+    from i2l.checkpoint import latest_checkpoint, read_run_key, read_state
+
+    src, root = pipeline_world["root"], tmp_path / "data"
+    for sub in ("prepared", "toy", "runs/debug/train"):
+        shutil.copytree(src / sub, root / sub, symlinks=True)
+    shutil.copy(src / "results.duckdb", root / "results.duckdb")
+    run, key_a = root / "runs" / "debug" / "train", pipeline_world["stages"]["train"]["key"]
+    assert read_run_key(run) == key_a
+
+    def flow(*extra, **kw):
+        (r,) = train(preset="debug", overrides=[*OVERRIDES, *extra], data_root=str(root), progress=False, **kw)
+        return r
+
+    b = flow("train.lr=0.01")
+    assert not b["skipped"] and b["key"] != key_a
+    assert read_state(latest_checkpoint(run))["config"]["train"]["lr"] == 0.01, "B must train, not reuse A's run"
+    assert read_run_key(run) == b["key"] and read_run_key(run.with_name(f"train.{key_a}")) == key_a
+    a = flow()
+    assert a["skipped"] and read_run_key(run) == key_a and read_run_key(run.with_name(f"train.{b['key']}")) == b["key"]
+    a_ck = latest_checkpoint(run) / "predictor.safetensors"
+    before = a_ck.read_bytes()
+    forced = flow(force=["train"])
+    assert not forced["skipped"] and read_run_key(run) == key_a
+    assert (run.with_name(f"train.{key_a}") / a_ck.relative_to(run)).read_bytes() == before, "forced-out run kept"
 
 
 # ---------- helpers ----------

@@ -22,6 +22,7 @@ from i2l.production import (
     jobs_from_manifest,
     produce,
     read_catalog,
+    remove_leftovers,
 )
 from i2l.store import Store, file_sha256
 
@@ -86,11 +87,14 @@ def test_produce_manifest_catalog_and_reruns(debug_run, model, tmp_path, ray_ses
     assert {s: h for s, h in zip(stored["lora_id"], stored["sha256"])} == {r["lora_id"]: r["sha256"] for r in catalog}
     assert all(p.startswith(str(out.resolve())) for p in stored["path"])
 
-    # a re-run does nothing: no actor is started, no file is touched
+    # a re-run does nothing: no actor is started, no file is touched; what a kill left half-written is removed
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    for left in (out / f"{GRAY_FILE}.tmp", out / "styles" / f"{jobs[0].style_id}.safetensors.tmp"):
+        left.write_bytes(b"half a LoRA")  # what LoRA.save leaves when killed before its rename
     again = produce(debug_run.run_dir, jobs, out, Store(db), progress=False)
     assert (again.produced, again.skipped, again.workers) == (0, len(jobs), 0)
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    assert not list(out.rglob("*.tmp"))
 
     # a driver killed after files were written but before the catalog was: the files are adopted, not redone
     (out / "catalog.parquet").unlink()
@@ -163,6 +167,19 @@ def test_killed_actor_is_retried_and_every_lora_exists_once(debug_run, tmp_path,
     assert {k: __import__("json").loads(v) for k, v in refs.items()} == {j.style_id: list(j.ref_ids) for j in jobs}
     stored = Store(db, read_only=True).rows("SELECT style_id, count(*) FROM loras GROUP BY style_id")
     assert sorted((a or "", n) for a, n in stored) == sorted((r["style_id"] or "", 1) for r in catalog)
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_finished_files_kept(tmp_path):
+    """LoRA.save writes `<name>.tmp` and renames it; the catalog and production.json use `.<name>.tmp`."""
+    out = tmp_path / "loras"
+    (out / "styles").mkdir(parents=True)
+    left = [out / f"{GRAY_FILE}.tmp", out / ".catalog.parquet.tmp", out / "styles" / "s1.safetensors.tmp",
+            out / "styles" / ".s2.safetensors.tmp"]
+    kept = [out / GRAY_FILE, out / "catalog.parquet", out / "production.json", out / "styles" / "s1.safetensors"]
+    for p in (*left, *kept):
+        p.write_bytes(b"x")
+    remove_leftovers(out)
+    assert [p for p in left if p.exists()] == [] and all(p.is_file() for p in kept)
 
 
 def test_bad_inputs_are_refused_before_any_work(debug_run, tmp_path):

@@ -135,6 +135,45 @@ def test_a_predicted_lora_serves_its_whole_group(debug_run):
     assert pred.head_B.D[0].grad is not None and pred.head_B.D[0].grad.abs().sum() > 0
 
 
+
+def test_resume_with_other_run_settings_is_refused(debug_run, tmp_path):
+    """Resuming continues the saved optimisation: other lr/seed or another predictor shape is refused by name
+    (not resumed as if it were this run, nor a raw load_state_dict error); more steps extend the run."""
+    run = tmp_path / "run"
+    shutil.copytree(debug_run.run_dir, run)
+    for over, named in (({"train.lr": 0.5, "train.seed": 123}, r"train\.lr: .*train\.seed|train\.seed: .*train\.lr"),
+                        ({"predictor.hidden": 64}, r"predictor\.hidden: 32 -> 64")):
+        with pytest.raises(ValueError, match=named) as err:
+            train_predictor(_cfg(debug_run, **over), debug_run.prepared_dir, run, resume=True, progress=False)
+        assert "resume with the original settings, or start a new run with another --out" in str(err.value).lower()
+    assert latest_checkpoint(run).name == "step_0000002"  # nothing was written
+    info = train_predictor(_cfg(debug_run, **{"train.steps": 3}), debug_run.prepared_dir, run, resume=True,
+                           progress=False)
+    assert info["steps"] == 3 and latest_checkpoint(run).name == "step_0000003"
+
+
+@pytest.mark.timeout(60)  # the bug this guards against was an endless loop
+@pytest.mark.parametrize("case", ["one_row_styles", "more_workers_than_styles"])
+def test_a_rank_without_a_usable_style_fails_instead_of_hanging(tmp_path, case):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from i2l.data.megastyle import PREPARED_SCHEMA
+    from i2l.data.tuples import _owner
+
+    styles, per_style = (3, 1) if case == "one_row_styles" else (2, 2)
+    rows = [{"id": f"s{i:03d}_c{j}", "style_id": f"s{i:03d}", "content": f"content {j}", "style": "a style",
+             "image": b"x", "width": 1, "height": 1, "sha256": "", "split": "train", "source_file": "a"}
+            for i in range(styles) for j in range(per_style)]
+    (tmp_path / "train").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA), tmp_path / "train" / "part-00000.parquet")
+    world = 1 if case == "one_row_styles" else 8
+    rank = next(r for r in range(world) if case == "one_row_styles" or
+                r not in {_owner(f"s{i:03d}", world) for i in range(styles)})
+    with pytest.raises(ValueError, match=f"rank {rank} of world size {world}.*train.num_workers"):
+        next(iter(TupleStream(tmp_path, "train", rank=rank, world=world)))
+
+
 @pytest.mark.slow
 def test_ray_train_with_two_cpu_workers(debug_run, tmp_path, ray_session):
     from i2l.launcher import launch_training

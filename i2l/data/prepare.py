@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ from i2l.data.megastyle import (
 from i2l.data.upscale import upscaler_needs_gpu
 from i2l.data.validate import Rejected, validate_row
 
+log = logging.getLogger(__name__)
 WORK = ".work"  # per-unit records and quarantine pieces: what makes a re-run resume
 OUTPUT_NAMES = ("train", "val", WORK, "manifest.json", "quarantine.parquet", "val_manifest.jsonl")
 # DataConfig fields that change how fast, not what is written: a change of them keeps finished shards valid.
@@ -347,10 +349,14 @@ def write_val_manifest(out_dir: str | os.PathLike, cfg: DataConfig, progress: bo
     target row as prompt + cfg.val_refs OTHER rows of its style as references. Deterministic from cfg.seed."""
     from tqdm import tqdm
 
-    from i2l.data.shards import split_files
+    from i2l.data.shards import prepared_files
 
+    files = prepared_files(out_dir, "val")
+    if not files:  # one input style, or every held-out row quarantined: the data still trains
+        log.warning(f"{out_dir} has no val shards (no held-out style kept a row): val_manifest.jsonl is empty, so "
+                    "evaluation and production have no held-out samples; prepare more than one style to get them")
     rows: dict[str, list[tuple[str, str, str]]] = {}  # style_id -> [(id, content, style)], no image bytes
-    for path in tqdm(split_files(out_dir, "val"), desc="val manifest", unit="shard", disable=not progress):
+    for path in tqdm(files, desc="val manifest", unit="shard", disable=not progress):
         t = pq.read_table(path, columns=["id", "style_id", "content", "style"])
         for rid, sid, content, style in zip(*(t.column(c).to_pylist() for c in t.column_names)):
             rows.setdefault(sid, []).append((rid, content, style))

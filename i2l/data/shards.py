@@ -10,14 +10,24 @@ import pyarrow.parquet as pq
 
 from i2l.images import decode
 
+PREPARED_FILES = ("quarantine.parquet",)  # what `i2l prepare` writes next to its split directories
+
+
+def prepared_files(data_dir: str | Path, split: str) -> list[Path]:
+    """The finished shards of one split of a prepared directory, in order; [] when it has none (unfinished
+    writes are dot-prefixed .tmp files: never listed)."""
+    return sorted((Path(data_dir) / split).glob("part-*.parquet"))
+
 
 def split_files(data_dir: str | Path, split: str) -> list[Path]:
-    """The finished shards of one split, in order (unfinished writes are dot-prefixed .tmp files: never listed)."""
+    """The shards of one split: a prepared directory's, else (train only) a raw MegaStyle directory's."""
     d = Path(data_dir)
-    files = sorted((d / split).glob("part-*.parquet"))
+    files = prepared_files(d, split)
     if files:
         return files
-    raw = sorted(p for p in d.glob("*.parquet"))
+    # A prepared directory (manifest.json) with no shards of this split is empty, not raw: its quarantine (and
+    # any other parquet next to it) holds rejected rows, never training data.
+    raw = [] if (d / "manifest.json").is_file() else sorted(p for p in d.glob("*.parquet") if p.name not in PREPARED_FILES)
     if raw and split == "train":
         return raw
     raise FileNotFoundError(f"no {split} shards under {d} (expected {d / split}/part-*.parquet from `i2l prepare`)")

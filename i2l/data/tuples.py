@@ -65,6 +65,7 @@ class TupleStream:
             source = self._styles(epoch)
             exhausted = False
             group = epoch << 32  # unique across epochs, so a batch never merges two reference sets
+            made_any = False
             while True:
                 while not exhausted and len(buffer) < self.buffer_styles:
                     rows = next(source, None)
@@ -74,6 +75,7 @@ class TupleStream:
                         buffer.append([rows, len(rows)])
                 if not buffer:
                     break
+                made_any = True
                 i = int(rng.integers(len(buffer)))
                 rows, left = buffer[i]
                 made = self._make(rows, rng, group)
@@ -83,6 +85,12 @@ class TupleStream:
                     buffer.pop(i)
                 else:
                     buffer[i][1] = left - len(made)
+            if not made_any:  # every later epoch would be as empty: looping on would hang the trainer
+                raise ValueError(
+                    f"rank {self.rank} of world size {self.world}: no style with 2+ rows in the {self.split} split of "
+                    f"{self.data_dir} falls to this rank (a tuple needs a target and a reference of one style; "
+                    f"styles are split over the {self.world} workers by hash). Lower train.num_workers, or use data "
+                    "with at least one style of 2+ rows per worker")
 
     def _make(self, rows: list[dict], rng: np.random.Generator, group: int) -> list[StyleTuple]:
         """Up to G targets of one style + one reference set drawn from its rows of other contents."""

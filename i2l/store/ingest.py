@@ -1,5 +1,6 @@
-"""Read a prepared data directory (`<out>/manifest.json`, `<out>/quarantine.parquet`) into store rows.
-Tolerant of extra or missing keys; opens only those two files, never paths written inside them."""
+"""Read a prepared data directory (`<out>/manifest.json`, `<out>/quarantine.parquet`) into store rows, and name
+it (`dataset_id`: what the data is, the one id the store and evaluation keys use). Tolerant of extra or missing
+keys; opens only those two files, never paths written inside them."""
 
 from __future__ import annotations
 
@@ -15,17 +16,31 @@ _QUARANTINE_COLS = {"id": pa.string(), "source_file": pa.string(), "row_index": 
                     "reason": pa.string(), "detail": pa.string()}
 
 
-def read_prepared(out_dir: Path) -> dict[str, Any]:
-    """{dataset: row, dataset_inputs: rows, shards: rows, quarantine_counts: rows, quarantine: table}."""
-    manifest_path = out_dir / "manifest.json"
+def dataset_id(manifest: dict) -> str:
+    """The prepared data's identity (16 hex digits): its plan fingerprint (inputs + data config) and its shards'
+    sha256, never the manifest's bytes: a re-run of `i2l prepare` with nothing to do rewrites `timings` only."""
+    ident = {"fingerprint": manifest.get("fingerprint"),
+             "shards": sorted([_s(r.get("name")), _s(r.get("sha256"))] for r in _records(manifest.get("shards"), "name"))}
+    if ident["fingerprint"] is None and not ident["shards"]:  # not written by `i2l prepare`: all it says but when
+        ident = {k: v for k, v in manifest.items() if k != "timings"}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    """A prepared directory's manifest.json, with a clear message when it is missing or unreadable."""
+    manifest_path = Path(out_dir) / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found; prepare the data first (`i2l prepare`) or pass "
                                 "the directory that holds manifest.json")
-    raw = manifest_path.read_bytes()
     try:
-        manifest = json.loads(raw)
+        return json.loads(manifest_path.read_bytes())
     except json.JSONDecodeError as e:
         raise ValueError(f"{manifest_path} is not valid JSON ({e}); re-run `i2l prepare`") from e
+
+
+def read_prepared(out_dir: Path) -> dict[str, Any]:
+    """{dataset: row, dataset_inputs: rows, shards: rows, quarantine_counts: rows, quarantine: table}."""
+    manifest = read_manifest(out_dir)
     counts = manifest.get("counts") or {}
     quarantine = _read_quarantine(out_dir / "quarantine.parquet")
     by_reason = counts.get("by_reason")
@@ -33,7 +48,7 @@ def read_prepared(out_dir: Path) -> dict[str, Any]:
         reasons = quarantine.column("reason").to_pylist()
         by_reason = {r: reasons.count(r) for r in sorted(set(reasons), key=str)}
     dataset = {
-        "dataset_id": hashlib.sha256(raw).hexdigest()[:16], "out_dir": str(out_dir),
+        "dataset_id": dataset_id(manifest), "out_dir": str(out_dir),
         "rows_in": _int(counts.get("rows_in")), "rows_written": _int(counts.get("rows_written")),
         "rows_quarantined": _int(counts.get("rows_quarantined",
                                           None if quarantine is None else quarantine.num_rows)),
