@@ -66,7 +66,7 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     from i2l.data.ray_cluster import ensure_ray
     from i2l.training import refuse_mixing_runs
 
-    refuse_mixing_runs(out_dir, resume)  # before Ray: a worker error would be retried, not reported
+    refuse_mixing_runs(out_dir, resume, cfg)  # before Ray: a worker error would be retried, not reported
     default_paths(cfg)
     ensure_ray()
     out = Path(out_dir).resolve()

@@ -152,6 +152,19 @@ def test_resume_with_other_run_settings_is_refused(debug_run, tmp_path):
     assert info["steps"] == 3 and latest_checkpoint(run).name == "step_0000003"
 
 
+def test_ray_train_launch_refuses_other_run_settings_before_ray_starts(debug_run, tmp_path):
+    """`i2l train --resume` goes through Ray Train, whose workers would retry the refusal max_failures times:
+    the launcher refuses before any Ray work, so the message reaches the user at once."""
+    from i2l.launcher import launch_training
+
+    run = tmp_path / "run"
+    shutil.copytree(debug_run.run_dir, run)
+    with pytest.raises(ValueError, match=r"train\.lr: "):
+        launch_training(_cfg(debug_run, **{"train.lr": 0.5}), debug_run.prepared_dir, run, resume=True,
+                        progress=False)
+    assert not (run / "ray_results").exists() and latest_checkpoint(run).name == "step_0000002"
+
+
 @pytest.mark.timeout(60)  # the bug this guards against was an endless loop
 @pytest.mark.parametrize("case", ["one_row_styles", "more_workers_than_styles"])
 def test_a_rank_without_a_usable_style_fails_instead_of_hanging(tmp_path, case):

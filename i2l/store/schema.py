@@ -38,7 +38,7 @@ CREATE TABLE checkpoints (
     created_at TIMESTAMP NOT NULL
 );
 CREATE TABLE datasets (
-    dataset_id VARCHAR PRIMARY KEY,     -- sha256 of manifest.json, 16 hex digits
+    dataset_id VARCHAR PRIMARY KEY,     -- i2l.store.ingest.dataset_id: plan fingerprint + shard hashes, 16 hex
     run_id VARCHAR, out_dir VARCHAR NOT NULL,
     rows_in BIGINT, rows_written BIGINT, rows_quarantined BIGINT, styles_train BIGINT, styles_val BIGINT,
     manifest JSON, recorded_at TIMESTAMP NOT NULL
