@@ -114,7 +114,6 @@ def generate_with_adapter(backbone: Backbone, extra: torch.Tensor, prompts: list
     view = ConditionedBackbone(backbone, extra.to(backbone.device, backbone.dtype))
     cond = view.encode_prompts(prompts)
     neg = view.encode_prompts([negative_prompt] * len(prompts))
-    noise = noise.to(backbone.device, backbone.dtype)
     return sample(view, cond, neg, None, None, guidance, steps, noise=noise)
 
 
@@ -153,8 +152,8 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
             extra = adapter_tokens(adapter, encoder, refs.to(device), n_refs)  # (B, M, E)
             cond = with_context(cond, extra)
             loss = fm_loss(backbone, x1, cond, generator=g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # outside autocast, as PyTorch's AMP recipe has it
         gnorm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.train.grad_clip)
         opt.step()
         curve.append({"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],

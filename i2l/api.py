@@ -164,7 +164,7 @@ class I2L:
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seed])
         else:
             raise ValueError(f"{n} prompts but {len(seed)} seeds")
-        noise = noise.to(self.backbone.device, self.backbone.dtype)  # (B, *latent)
+        noise = noise.to(self.backbone.device)  # (B, *latent) fp32: the sampler's state stays fp32
         cond = self.backbone.encode_prompts(prompts)
         neg_cond = self.backbone.encode_prompts([negative_prompt] * n)
         x = sample(self.backbone, cond, neg_cond, pos, neg.to(self.backbone.device), guidance, steps, noise=noise,

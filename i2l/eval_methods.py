@@ -13,7 +13,7 @@ import torch
 
 from i2l.backbones.base import Backbone, Cond
 from i2l.evaluation import ValSample, heldout_loss
-from i2l.flow_matching import fm_loss
+from i2l.flow_matching import fm_loss, precision_of
 from i2l.images import to_tensor
 from i2l.lora import LoRA, zero_lora
 from i2l.per_style import optimize_lora
@@ -96,7 +96,8 @@ def optimize_loras(backbone: Backbone, images: torch.Tensor, prompts: list[list[
                     {k: v.repeat_interleave(rows, 0) for k, v in B.items()}, backbone.backbone_id)
         with backbone.lora_adapter.use(lora):
             x1, cond = x_all[idx], cond_all.index(idx)  # (S·k, *latent)
-            per = fm_loss(backbone, x1, cond, lora, generator=g, reduce=False)  # (S·k,)
+            with precision_of(backbone):  # as i2L trains: like-for-like on a GPU
+                per = fm_loss(backbone, x1, cond, lora, generator=g, reduce=False)  # (S·k,)
             loss = per.view(S, rows).mean(1).sum()  # a sum of per-style means: no style's step depends on S
             opt.zero_grad(set_to_none=True)
             loss.backward()

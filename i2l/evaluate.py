@@ -339,7 +339,7 @@ def draw(model, prompts: list[str], jobs: list[tuple[Conditioning, int]], seeds:
     neg = [model.gray_lora() if c.asym else p for (c, _), p in zip(jobs, pos, strict=True)]
     n = len(prompts)
     x = sample(bb, bb.encode_prompts(prompts), bb.encode_prompts([""] * n), LoRA.stack(pos).to(bb.device),
-               LoRA.stack(neg).to(bb.device), guidance, steps, noise=noise.to(bb.device, bb.dtype))
+               LoRA.stack(neg).to(bb.device), guidance, steps, noise=noise.to(bb.device))
     return to_pil(bb.decode_latents(x))
 
 

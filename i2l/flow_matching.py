@@ -38,18 +38,22 @@ def fm_loss(backbone: Backbone, x1: torch.Tensor, cond: Cond, lora: LoRA | None 
         noise = torch.randn(x1.shape, generator=generator).to(x1)
     if t is None:
         t = sample_timesteps(x1.shape[0], generator, x1.device)
-    x_t = interpolate(noise, x1, t)  # (B, *latent)
-    v = backbone.velocity(x_t, t.to(x1), cond, lora)
-    per = ((v.float() - (x1 - noise).float()) ** 2).flatten(1).mean(1)  # (B,)
+    t = t.to(x1.device, torch.float32)  # exact t: in bf16 t = 0.97 would reach the model as 0.96875
+    x_t = interpolate(noise, x1, t)  # (B, *latent); the adapter casts it to the backbone's dtype
+    v = backbone.velocity(x_t, t, cond, lora)
+    per = ((v.float() - (x1.float() - noise.float())) ** 2).flatten(1).mean(1)  # (B,)
     return per.mean() if reduce else per
 
 
 def fm_backward(backbone: Backbone, x1: torch.Tensor, cond: Cond, lora: LoRA, opt: torch.optim.Optimizer,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """The gradient of the FM loss through the frozen backbone with `lora` applied; returns the loss. The LoRA stays
-    active through backward, so checkpointed blocks recompute with it. opt.step() is the caller's (clipping first)."""
+    """The gradient of the FM loss through the frozen backbone with `lora` applied; returns the loss. The forward
+    runs under the backbone's precision policy (bf16 autocast on a GPU), the backward outside it as PyTorch's AMP
+    recipe has it (checkpointed blocks recompute under the autocast state they were run in). The LoRA stays active
+    through backward, so checkpointed blocks recompute with it. opt.step() is the caller's (clipping first)."""
     with backbone.lora_adapter.use(lora):
-        loss = fm_loss(backbone, x1, cond, lora, generator=generator)
+        with precision_of(backbone):
+            loss = fm_loss(backbone, x1, cond, lora, generator=generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
     return loss
@@ -62,6 +66,11 @@ def mixed_precision(device: torch.device | str, backbone_dtype: str):
     if device.type == "cuda" and backbone_dtype == "bfloat16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def precision_of(backbone: Backbone):
+    """`mixed_precision` for a loaded backbone (its device and weight dtype)."""
+    return mixed_precision(backbone.device, "bfloat16" if backbone.dtype == torch.bfloat16 else "float32")
 
 
 def timestep_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -101,7 +110,10 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
     """
     n = len(cond)
     if noise is None:
-        noise = torch.randn((n, *shape), generator=generator).to(backbone.device, backbone.dtype)
+        noise = torch.randn((n, *shape), generator=generator)
+    # The Euler state and t stay fp32 whatever the backbone computes in (as ZImagePipeline keeps its latents):
+    # rounding x to bf16 after every small step dt·v drifts ~8x further from the fp32 path than bf16 weights do.
+    noise = noise.to(backbone.device, torch.float32)
     x = noise
     cfg = neg_cond is not None and guidance != 1.0
     if cfg:
@@ -114,12 +126,12 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
         if cfg:
-            v = backbone.velocity(torch.cat([x, x]), t.expand(2 * n).to(x.dtype), both_cond, both_lora,
-                                  strength)  # (2B, *latent)
+            v = backbone.velocity(torch.cat([x, x]), t.expand(2 * n), both_cond, both_lora,
+                                  strength).float()  # (2B, *latent)
             v_pos, v_neg = v[:n], v[n:]
             v = v_neg + guidance * (v_pos - v_neg)
         else:
-            v = backbone.velocity(x, t.expand(n).to(x.dtype), cond, lora, strength)
+            v = backbone.velocity(x, t.expand(n), cond, lora, strength).float()
         x = x + dt * v
         if inpaint is not None:
             known, mask = inpaint

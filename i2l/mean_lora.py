@@ -48,11 +48,10 @@ def train_mean_lora(cfg: Config, data_dir: str | Path, out_dir: str | Path, step
                                          cfg.encoder.image_size)
         g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009)  # as train_predictor
         lora = LoRA(A, B, backbone.backbone_id)
-        with mixed_precision(device, cfg.backbone.dtype):
-            with torch.no_grad():
-                cond = backbone.encode_prompts(prompts)  # (B, L, E)
-                x1 = backbone.encode_images(targets.to(device))
-            loss = fm_backward(backbone, x1, cond, lora, opt, generator=g)  # one LoRA shared by the batch
+        with mixed_precision(device, cfg.backbone.dtype), torch.no_grad():
+            cond = backbone.encode_prompts(prompts)  # (B, L, E)
+            x1 = backbone.encode_images(targets.to(device))
+        loss = fm_backward(backbone, x1, cond, lora, opt, generator=g)  # one LoRA shared by the batch
         opt.step()
         curve.append({"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
         bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")

@@ -84,7 +84,7 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
                 cond = backbone.encode_prompts(prompts)  # frozen text encoder
                 x1 = backbone.encode_images(targets.to(device))
             lora = predict_lora(model, encoder, refs.to(device), n_refs).take(owner.to(device))  # (U) -> (B)
-            loss = fm_backward(backbone, x1, cond, lora, opt, generator=g)
+        loss = fm_backward(backbone, x1, cond, lora, opt, generator=g)  # backward outside autocast
         gnorm = torch.nn.utils.clip_grad_norm_(predictor.parameters(), cfg.train.grad_clip)
         opt.step()
         rec = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),

@@ -114,8 +114,7 @@ class Steps:
         """One optimiser step on the FM loss through the backbone with `lora`; waits for the GPU."""
         from i2l.flow_matching import fm_backward
 
-        with self.autocast():
-            loss = fm_backward(self.bb, data["x1"], data["cond"], lora, opt)
+        loss = fm_backward(self.bb, data["x1"], data["cond"], lora, opt)  # autocasts its forward itself
         opt.step()
         self.sync()
         return loss.item()
