@@ -340,21 +340,31 @@ def _zimage() -> Config:
 PRESETS = {"debug": _debug, "toy": _toy, "klein4b": _klein4b, "zimage": _zimage}
 
 
-def _coerce(value: str, current: Any) -> Any:
-    """Parse an override string into the type of the field it replaces."""
+def _coerce(value: str, current: Any, hint: str = "") -> Any:
+    """Parse an override string into the type of the field it replaces (`hint`: the field's annotation, which
+    types the items of a tuple whose default is empty)."""
     if isinstance(current, bool):
         if value.lower() in ("1", "true", "yes", "on"):
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"expected a boolean, got {value!r}")
+        raise ValueError(f"expected a boolean (true/false), got {value!r}")
     if isinstance(current, int):
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
     if isinstance(current, float):
-        return float(value)
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
     if isinstance(current, tuple):
-        items = [v for v in value.split(",") if v]
-        return tuple(_coerce(v, current[0]) if current else v for v in items)
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        inner = hint.partition("[")[2]  # "tuple[int, ...]" -> "int, ...]"
+        example = current[0] if current else 0 if inner.startswith("int") else 0.0 if inner.startswith("float") \
+            else ""
+        return tuple(_coerce(v, example) for v in items)
     return value
 
 
@@ -376,7 +386,13 @@ def get_config(preset: str = "toy", overrides: list[str] | dict[str, Any] | None
             fields = ", ".join(f.name for f in dataclasses.fields(target))
             raise ValueError(f"unknown config field {key!r}; fields here: {fields}")
         current = getattr(target, name)
-        setattr(target, name, _coerce(value, current) if isinstance(value, str) else value)
+        if isinstance(value, str):
+            hint = str({f.name: f.type for f in dataclasses.fields(target)}[name])
+            try:
+                value = _coerce(value, current, hint)
+            except ValueError as e:
+                raise ValueError(f"override {key}={value}: {e}") from None
+        setattr(target, name, value)
         touched.append(target)
     for target in {id(t): t for t in touched}.values():  # validate once all overrides are in: order-free
         if hasattr(target, "__post_init__"):

@@ -26,3 +26,15 @@ def test_overrides_are_typed_and_validated():
     assert get_config("debug", ["train.num_workers=16", "train.batch_size=64"]).train.num_workers == 16  # any order
     with pytest.raises(ValueError, match="unknown preset"):
         get_config("huge")
+
+
+def test_a_bad_override_value_names_its_field_and_empty_tuples_take_their_annotated_type():
+    with pytest.raises(ValueError, match=r"override train\.steps=1e3: expected an integer"):
+        get_config("debug", ["train.steps=1e3"])
+    with pytest.raises(ValueError, match=r"override train\.use_gpu=maybe: expected a boolean"):
+        get_config("debug", ["train.use_gpu=maybe"])
+    with pytest.raises(ValueError, match=r"override eval\.optimize_budgets=5,x: expected an integer"):
+        get_config("debug", ["eval.optimize_budgets=5,x"])
+    # the default is () so there is no item to copy the type from: the annotation tuple[int, ...] says int
+    assert get_config("klein4b", ["backbone.text_encoder_layers=9, 18"]).backbone.text_encoder_layers == (9, 18)
+    assert get_config("debug", ["backbone.targets=to_q,to_k"]).backbone.targets == ("to_q", "to_k")
