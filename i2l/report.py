@@ -176,7 +176,9 @@ def _amortization_section(doc: Document, amort: pd.DataFrame) -> None:
         doc.para("No wall times were recorded for the methods of this run.", note=True)
         return
     quality = "eval_loss" if amort.eval_loss.notna().any() else "overall"
-    d = amort.assign(_k=amort.method.map(method_sort_key)).sort_values("_k")
+    # a store not yet migrated (opened read-only) still calls i2l_wrong_style 'i2l': only i2l_<N>ref(_asym) are
+    family = amort.family.where(amort.family != "i2l", amort.method.map(lambda m: parse_method(m)["family"]))
+    d = amort.assign(family=family, _k=amort.method.map(method_sort_key)).sort_values("_k")
     doc.figure("amortization", amortization_plot(d, quality),
                "Per-style LoRA optimisation at increasing step budgets vs i2L's single forward pass.")
     doc.table(Table(["method", "family", "per-style steps", "wall s / style", "held-out loss ↓",
@@ -258,9 +260,10 @@ def _curve_section(doc: Document, store: Store, runs: list[str]) -> None:
         return
     doc.heading("Training curve", "training")
     doc.figure("training", curve_plot(df), "Training loss per step.")
-    last = df.groupby("run_id").tail(1)
-    doc.bullets([f"{r.run_id}: {int(r.step) + 1} steps logged, final loss {fmt(r.loss, 4)}"
-                 for r in last.itertuples()])
+    # curves record steps from 1 (step + 1 after each optimiser step): count the rows, not the last step
+    per_run = df.groupby("run_id").agg(steps=("step", "size"), loss=("loss", "last"))
+    doc.bullets([f"{run_id}: {int(r.steps)} steps logged, final loss {fmt(r.loss, 4)}"
+                 for run_id, r in per_run.iterrows()])
 
 
 def _benchmark_section(doc: Document, store: Store) -> None:

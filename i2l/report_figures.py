@@ -110,7 +110,8 @@ def _wrap(text: str, width: int) -> str:
 
 def amortization_plot(df: pd.DataFrame, quality: str) -> bytes:
     """Quality vs wall time per style: the per-style optimisation curve, i2L's points, style-free baselines
-    as horizontal lines. df: v_amortization rows of one run; quality: 'eval_loss' or another column."""
+    and sanity checks (a wrong style's i2L LoRA) as horizontal lines. df: v_amortization rows of one run;
+    quality: 'eval_loss' or another column."""
     fig = Figure(figsize=(6.0, 3.8))
     ax = fig.add_subplot(1, 1, 1)
     d = df.dropna(subset=[quality])
@@ -127,8 +128,8 @@ def amortization_plot(df: pd.DataFrame, quality: str) -> bytes:
         if (r.wall_s or 0) > 0:
             ax.plot([r.wall_s], [r[quality]], "s", label=r.method)
         else:
-            ax.axhline(r[quality], ls="--", lw=1, color=f"C{(k + 4) % 10}",
-                       label=f"{r.method} (no per-style cost)")
+            kind = "sanity check" if r.family == "sanity" else "no per-style cost"
+            ax.axhline(r[quality], ls="--", lw=1, color=f"C{(k + 4) % 10}", label=f"{r.method} ({kind})")
     positive = d.wall_s[d.wall_s > 0]
     if len(positive):
         ax.set_xscale("log")

@@ -94,3 +94,46 @@ def test_eval_loss_command_places_i2l_on_the_per_style_curve(debug_run, tmp_path
     m = got.groupby("method").first()
     assert m.loc["per_style@3", "steps"] == 3 and m.loc["per_style@3", "wall_s"] > m.loc["per_style@1", "wall_s"]
     assert m.loc["i2l_4ref", "n_refs"] == 4 and m.loc["base", "wall_s"] == 0
+
+
+def test_eval_loss_command_takes_eval_settings_from_the_command_line(debug_run, tmp_path, monkeypatch, capsys):
+    """As `i2l evaluate`: the model from the checkpoint, the `eval` section from --preset / --set (grid, seed of
+    the per-style optimisation); an unknown preset or field is refused before anything runs."""
+    import inspect
+    import json
+
+    import pytest
+
+    from i2l import eval_methods
+    from i2l.cli import main as cli
+    from i2l.evaluation import heldout_loss, load_val_samples
+    from i2l.store import Store
+
+    real, seeds = eval_methods.per_style_conditionings, []
+
+    def per_style(*a, **kw):  # the real optimisation; notes the seed it is given
+        seeds.append(inspect.signature(real).bind(*a, **kw).arguments["seed"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(eval_methods, "per_style_conditionings", per_style)
+    store = tmp_path / "results.duckdb"
+    args = ["eval-loss", "--preset", "debug", "--data-root", str(debug_run.data_root), "--checkpoint",
+            str(debug_run.run_dir), "--data", str(debug_run.prepared_dir), "--styles", "2", "--budgets", "2",
+            "--store", str(store)]
+    grid = ["--set", "eval.fm_timesteps=2", "--set", "eval.fm_noise_seeds=2", "--set", "eval.seed=7",
+            "--set", "train.seed=3"]
+    assert cli(args + grid) == 0
+    assert seeds == [7]  # eval.seed, as the evaluate stage (not train.seed)
+    run_cfg = json.loads(Store(store).rows("SELECT config FROM runs WHERE kind = 'eval_loss'")[0][0])
+    assert (run_cfg["eval"]["fm_timesteps"], run_cfg["eval"]["fm_noise_seeds"], run_cfg["eval"]["seed"]) == (2, 2, 7)
+    cfg, bb = _debug_backbone(debug_run)
+    samples = load_val_samples(debug_run.prepared_dir, limit=2)
+    want = {s.style_id: heldout_loss(bb, s, None, cfg.backbone.image_size, 2, 2, i) for i, s in enumerate(samples)}
+    got = Store(store).query("SELECT style_id, loss FROM eval_losses WHERE method = 'base'")
+    assert dict(zip(got.style_id, got.loss)) == pytest.approx(want)  # the 2 x 2 grid asked for
+    capsys.readouterr()
+    for bad, why in ((["--preset", "nope"], "unknown preset 'nope'"),
+                     (["--set", "eval.nope=1"], "unknown config field 'eval.nope'")):
+        assert cli(args + bad) == 2
+        assert why in capsys.readouterr().err
+    assert seeds == [7]  # nothing ran for the refused ones

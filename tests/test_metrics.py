@@ -2,6 +2,7 @@
 
 import json
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,11 +81,31 @@ def test_unconfigured_scorers_are_skipped_with_reasons(tmp_path):
     reason = {r["metric"]: r["reason"] for r in rows}
     assert "pretrain-scorer" in reason["clip_text"]
     assert "scorer.aesthetic_path" in reason["aesthetic"] and "scorer.pickscore_path" in reason["pickscore"]
-    for metric, package in (("imagereward", "image-reward"), ("hpsv2", "hpsv2"), ("hpsv3", "hpsv3")):
+    for metric, package in (("imagereward", "image-reward"), ("hpsv3", "hpsv3")):
         if _installed(package):
             continue  # then the reason is about its weights, checked above for the others
-        # hpsv2 has a path configured, yet the missing package is what is reported
         assert reason[metric] == f"package {package} not installed"
+    # hpsv2 is configured, but with a directory: it needs its checkpoint file
+    assert "scorer.hpsv2_path" in reason["hpsv2"] and "not a checkpoint file" in reason["hpsv2"]
+
+
+def test_hpsv2_needs_open_clip_not_the_hpsv2_package(tmp_path, monkeypatch):
+    """HPSv2 scores through our open_clip code: a configured checkpoint is usable without the `hpsv2` package,
+    and when open_clip is missing the reason names open_clip."""
+    import importlib.util
+
+    from i2l.metrics.plugins import HPSv2Scorer
+
+    ckpt = tmp_path / "HPS_v2.1_compressed.pt"
+    ckpt.write_bytes(b"")
+    sc = ScorerConfig(hpsv2_path=str(ckpt))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "hpsv2" else real_find_spec(name, *a))
+    assert HPSv2Scorer(sc.hpsv2_path, sc).available() == (True, "")
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "open_clip" else real_find_spec(name, *a))
+    assert HPSv2Scorer(sc.hpsv2_path, sc).available() == (False, "package open_clip_torch not installed")
 
 
 def _installed(pip_name):
@@ -205,3 +226,36 @@ def test_pickscore_is_logit_scale_times_cosine(tmp_path):
     assert got == pytest.approx(want, abs=1e-4)
     swapped = ScoreBatch(images=batch.images, prompts=batch.prompts[::-1], styles=batch.styles)
     assert scorer.score(swapped)["pickscore"] != pytest.approx(got, abs=1e-4)  # the prompt matters
+
+
+def test_clip_scorer_reads_the_toy_scorer_where_pretrain_scorer_writes_it(tmp_path):
+    from i2l.metrics import default_scorer_dir
+
+    cfg = get_config("debug")
+    cfg.data_root = str(tmp_path)
+    clip = build_scorers(cfg)[0]
+    assert clip.path == tmp_path / "toy" / "debug" / "scorer" == Path(default_scorer_dir(cfg))
+    ok, reason = clip.available()
+    assert not ok and str(clip.path) in reason and "pretrain-scorer" in reason
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_pretrain_scorer_reads_the_presets_prepared_data_else_its_toy_world(tmp_path, monkeypatch, prepared):
+    """Without --data: <root>/prepared/<preset> when it has a train split, else <root>/toyworld/<preset>
+    (i2l.paths), the places `i2l prepare` and `i2l toyworld` write to."""
+    from i2l.cli import main
+    from i2l.metrics import toy_clip
+
+    (tmp_path / "toyworld" / "debug").mkdir(parents=True)
+    if prepared:
+        (tmp_path / "prepared" / "debug" / "train").mkdir(parents=True)
+    seen = []
+
+    def pretrain(cfg, data, out):  # records what it was given instead of training
+        seen.append((Path(data), Path(out)))
+        return {"steps": 0, "rows": 0, "styles": 0, "seconds": 0.0, "first_loss": 0.0, "final_loss": 0.0}
+
+    monkeypatch.setattr(toy_clip, "pretrain_toy_clip", pretrain)
+    assert main(["pretrain-scorer", "--preset", "debug", "--data-root", str(tmp_path)]) == 0
+    data = tmp_path / ("prepared" if prepared else "toyworld") / "debug"
+    assert seen == [(data, tmp_path / "toy" / "debug" / "scorer")]

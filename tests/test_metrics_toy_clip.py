@@ -76,7 +76,7 @@ def test_multi_positive_loss_is_clip_loss_without_duplicates_and_spares_them():
 def test_pretrain_scorer_cli_writes_a_loadable_open_clip_scorer(toy_dir, tmp_path):
     from i2l.cli import main
 
-    out = tmp_path / "scorer"
+    out = tmp_path / "toy" / "debug" / "scorer"  # the default place under data root tmp_path (see below)
     assert main(["pretrain-scorer", "--preset", "debug", "--data", str(toy_dir), "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"model.safetensors", f"{TOY_CLIP_NAME}.json", "scorer.json"}
     info = json.loads((out / "scorer.json").read_text())
@@ -101,7 +101,7 @@ def test_pretrain_scorer_cli_writes_a_loadable_open_clip_scorer(toy_dir, tmp_pat
     with pytest.raises(ValueError, match="unsupported"):
         load_clip_scorer(tmp_path / "ckpt.pkl", TOY_CLIP_NAME)
 
-    # build_scorers finds the toy scorer under the data root by default
+    # build_scorers finds the toy scorer where `i2l pretrain-scorer` writes it: <data_root>/toy/<preset>/scorer
     cfg = get_config("debug")
     cfg.data_root = str(tmp_path)
     clip_scorer = build_scorers(cfg)[0]
@@ -141,7 +141,7 @@ def test_trained_toy_scorer_prefers_own_prompt_style_and_references(tmp_path):
     cfg = get_config("toy")
     cfg.data_root = str(tmp_path)
     write_toyworld(cfg.toyworld, tmp_path / "toyworld", progress=False)
-    pretrain_toy_clip(cfg, tmp_path / "toyworld", tmp_path / "scorer", progress=False)
+    pretrain_toy_clip(cfg, tmp_path / "toyworld", tmp_path / "toy" / "toy" / "scorer", progress=False)
     scorer = build_scorers(cfg)[:1]
 
     b = _heldout_batch()

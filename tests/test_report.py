@@ -204,3 +204,34 @@ def test_report_command_and_a_run_without_samples(tmp_path, capsys):
     assert len(_parse(html).images) == 1  # the training curve
     assert main(["report", "--db", str(store.path), "--run", "nope"]) == 2
     assert "no run 'nope'" in capsys.readouterr().err
+
+
+def test_training_curve_counts_the_steps_each_run_logged(tmp_path):
+    """Curves record steps from 1 (training, mean-LoRA and adapter all log step + 1): 6 logged steps read 6."""
+    store = Store(tmp_path / "results.duckdb")
+    top = store.start_run("pipeline", "debug", {})
+    for name, steps in (("train", 6), ("train_adapter", 3)):
+        run = store.start_run(name, "debug", {}, run_id=f"{name}-run", parent_id=top)
+        store.record_curve(run, [{"step": s + 1, "loss": 1.0 / (s + 1)} for s in range(steps)])
+        store.finish_run(run)
+    store.finish_run(top)
+    md = build_report(store, top, tmp_path / "rep").with_name("report.md").read_text()
+    assert "- train-run: 6 steps logged, final loss 0.1667" in md
+    assert "- train_adapter-run: 3 steps logged, final loss 0.3333" in md
+
+
+def test_wrong_style_sanity_row_is_not_listed_as_an_i2l_method(tmp_path):
+    """i2l_wrong_style is a sanity check: family 'sanity' in the amortization table, also from a store that
+    recorded it as 'i2l' (before the 'sanity_family' migration) and is opened read-only, as `i2l report` does."""
+    store, _ = make_fixture_store(tmp_path / "run")
+    store.record_eval_loss(EVAL_RUN, [{"method": m, "style_id": "s000001", "n_refs": n, "steps": 0, "wall_s": 0.0,
+                                       "loss": loss} for m, n, loss in (("i2l_wrong_style", 4, 0.21),
+                                                                         ("gray_lora", 0, 0.205))])
+    for label, stored in (("migrated", "sanity"), ("recorded as i2l", "i2l")):
+        with store.transaction() as con:
+            con.execute("UPDATE methods SET family = ? WHERE method = 'i2l_wrong_style'", [stored]).fetchall()
+        index = build_report(Store(store.path, read_only=True), EVAL_RUN, tmp_path / label)
+        families = {r[0]: r[1] for r in _parse(index.read_text()).tables["amortization"]}
+        assert families["i2l_wrong_style"] == "sanity" and families["gray_lora"] == "gray_lora", label
+        assert {m for m, f in families.items() if f == "i2l"} == {"i2l_1ref", "i2l_4ref", "i2l_1ref_asym",
+                                                                  "i2l_4ref_asym"}, label

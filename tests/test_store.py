@@ -67,6 +67,35 @@ def test_migrates_old_store_and_keeps_its_data(tmp_path):
     assert store.query("SELECT * FROM v_method_summary").empty
 
 
+def test_wrong_style_sanity_row_is_not_an_i2l_method(tmp_path):
+    """i2l_wrong_style (a wrong style's i2L LoRA) is family 'sanity': by name, in the view, and in a store whose
+    methods rows were recorded as 'i2l' before the 'sanity_family' migration."""
+    from i2l.store import parse_method
+
+    assert parse_method("i2l_wrong_style") == {"family": "sanity", "budget_steps": None, "n_refs": None,
+                                               "asym": False}
+    assert parse_method("i2l_4ref_asym") == {"family": "i2l", "budget_steps": None, "n_refs": 4, "asym": True}
+    old = Store(tmp_path / "r.duckdb", auto_migrate=False)
+    old.migrate(upto=[name for name, _ in MIGRATIONS].index("sanity_family"))
+    losses = [{"method": m, "style_id": "s1", "n_refs": 4, "steps": 0, "wall_s": 0.0, "loss": 0.2}
+              for m in ("i2l_4ref", "i2l_wrong_style", "gray_lora")]
+    with old.transaction() as con:  # as an older i2l recorded them: methods rows, wrong style as 'i2l'
+        con.executemany("INSERT INTO methods (run_id, method, family) VALUES ('e1', ?, ?)",
+                        [["i2l_4ref", "i2l"], ["i2l_wrong_style", "i2l"], ["gray_lora", "gray_lora"]])
+        con.executemany("INSERT INTO eval_losses VALUES (?, ?, ?, ?, ?, ?, ?)",  # e2: no methods rows
+                        [[run, r["method"], "s1", 4, 0, 0.0, 0.2] for r in losses for run in ("e1", "e2")])
+    assert dict(old.rows("SELECT method, family FROM v_amortization WHERE run_id = 'e1'"))["i2l_wrong_style"] \
+        == "i2l"  # the bug, before the migration
+    store = Store(tmp_path / "r.duckdb")
+    assert store.version == len(MIGRATIONS)
+    expected = {"i2l_4ref": "i2l", "i2l_wrong_style": "sanity", "gray_lora": "gray_lora"}
+    for run in ("e1", "e2"):
+        assert dict(store.rows("SELECT method, family FROM v_amortization WHERE run_id = ?", [run])) == expected
+    assert dict(store.rows("SELECT method, family FROM methods WHERE run_id = 'e1'")) == expected
+    store.record_eval_loss("e3", losses)  # recorded now
+    assert dict(store.rows("SELECT method, family FROM v_amortization WHERE run_id = 'e3'")) == expected
+
+
 def test_refuses_a_newer_schema(tmp_path):
     store = Store(tmp_path / "r.duckdb")
     with store.transaction() as con:

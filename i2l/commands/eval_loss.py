@@ -3,10 +3,11 @@
 Methods: base (no LoRA), gray-image LoRA, i2L with 1 and with 4 references, a wrong-style i2L LoRA (sanity),
 and per-style LoRAs optimised at several step budgets (eval.optimize_budgets, eval.per_style_rows rows per
 step) with the wall time of one style, so the table shows where one i2L forward falls on the per-style
-optimisation curve. The same methods and grid as the held-out losses of the evaluate stage (`i2l evaluate`).
+optimisation curve. As for `i2l evaluate`, the model comes from the checkpoint and the `eval` settings and
+data root from --preset / --set / --data-root, so both give the same held-out losses for the same settings.
 """
 
-from i2l.cli import add_preset_args
+from i2l.cli import add_preset_args, config_from_args
 
 
 def add_arguments(p):
@@ -20,27 +21,39 @@ def add_arguments(p):
 
 
 def main(args):
-    from pathlib import Path
-
     from i2l.api import I2L
+    from i2l.checkpoint import latest_checkpoint
     from i2l.eval_methods import base_conditioning, heldout_losses, i2l_conditionings, per_style_conditionings
+    from i2l.evaluate import eval_config
     from i2l.evaluation import format_table, load_val_samples, summarize
 
-    model = I2L.load(args.checkpoint, data_root=args.data_root)
-    cfg = model.cfg
-    budgets = cfg.eval.optimize_budgets if args.budgets is None else \
+    cfg = config_from_args(args)  # an unknown preset or field is refused here, before anything loads
+    ck = latest_checkpoint(args.checkpoint)
+    if ck is None:
+        raise FileNotFoundError(f"no checkpoint under {args.checkpoint}: train one with `i2l train` first")
+    ecfg = eval_config(cfg, ck)
+    model = I2L.load(ck, data_root=ecfg.data_root)
+    e = model.cfg.eval = ecfg.eval  # heldout_losses reads its grid (fm_timesteps, fm_noise_seeds) from here
+    budgets = e.optimize_budgets if args.budgets is None else \
         tuple(int(b) for b in args.budgets.split(",") if b)
-    samples = load_val_samples(args.data, limit=args.styles or cfg.eval.styles)
-    conds = [base_conditioning(len(samples)), *(c for c in i2l_conditionings(model, samples) if not c.asym),
-             *per_style_conditionings(model.backbone, samples, budgets, cfg.predictor.rank, cfg.backbone.image_size,
-                                      cfg.eval.lora_lr, cfg.eval.per_style_rows, seed=cfg.train.seed, progress=True)]
+    samples = load_val_samples(args.data, limit=args.styles or e.styles)
+    if not samples:
+        raise ValueError(f"{args.data}/val_manifest.jsonl has no samples: re-run `i2l prepare` with "
+                         "data.val_samples > 0")
+    # as i2l.evaluate.make_conditionings: per-style seeded by eval.seed, i2L's 4 references capped as there are
+    refs = (1, min(4, min(len(s.refs) for s in samples)))
+    conds = [base_conditioning(len(samples)),
+             *per_style_conditionings(model.backbone, samples, budgets, ecfg.predictor.rank,
+                                      ecfg.backbone.image_size, e.lora_lr, e.per_style_rows, seed=e.seed,
+                                      progress=True),
+             *(c for c in i2l_conditionings(model, samples, refs) if not c.asym)]
     rows = heldout_losses(model, samples, conds, progress=True)
     print(format_table(summarize(rows)))
     if not args.no_store:
-        from i2l.store import Store
+        from i2l.store import Store, store_path
 
-        store = Store(args.store or Path(cfg.data_root) / "results.duckdb")
-        with store.run("eval_loss", cfg.name, cfg.to_dict()) as run_id:
+        store = Store(args.store or store_path(ecfg))
+        with store.run("eval_loss", ecfg.name, ecfg.to_dict()) as run_id:
             store.record_eval_loss(run_id, rows)
         print(f"recorded in {store.path} as run {run_id}")
     return 0

@@ -13,8 +13,8 @@ from i2l.cli import add_preset_args, config_from_args
 def add_arguments(p):
     add_preset_args(p)
     p.add_argument("--data", default=None,
-                   help="training rows: a prepared dir or a toy world dir (default: <data-root>/prepared if it "
-                        "exists, else <data-root>/toyworld)")
+                   help="training rows: a prepared dir or a toy world dir (default: <data-root>/prepared/<preset> "
+                        "if it has a train split, else <data-root>/toyworld/<preset>)")
     p.add_argument("--out", default=None, help="output dir (default: <data-root>/toy/<preset>/scorer)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: scorer.pretrain_steps)")
 
@@ -22,6 +22,7 @@ def add_arguments(p):
 def main(args):
     from i2l.metrics import default_scorer_dir
     from i2l.metrics.toy_clip import pretrain_toy_clip
+    from i2l.paths import paths_for
 
     cfg = config_from_args(args)
     if args.steps is not None:
@@ -29,8 +30,9 @@ def main(args):
     if args.data:
         data = Path(args.data)
     else:
-        prepared = cfg.root / "prepared"
-        data = prepared if (prepared / "train").is_dir() else cfg.root / "toyworld"
+        paths = paths_for(cfg)  # where `i2l prepare` / `i2l toyworld` write for this preset
+        prepared = paths.prepared_dir
+        data = prepared if (prepared / "train").is_dir() else paths.toyworld_dir
     if not data.is_dir():
         raise FileNotFoundError(f"data dir {data} not found: run `i2l toyworld` (or `i2l prepare`) first, "
                                 f"or pass --data DIR")

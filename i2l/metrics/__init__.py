@@ -58,7 +58,7 @@ def build_scorers(cfg) -> list[Scorer]:
     from i2l.metrics.clip import ClipScorer
     from i2l.metrics.plugins import build_plugins
 
-    return [ClipScorer(cfg.scorer, cfg.data_root), *build_plugins(cfg.scorer)]
+    return [ClipScorer(cfg.scorer, default_scorer_dir(cfg)), *build_plugins(cfg.scorer)]
 
 
 def score_samples(scorers: list[Scorer], batch: ScoreBatch) -> list[dict]:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from i2l.config import ScorerConfig
 from i2l.metrics.leakage import leakage_scores
-from i2l.metrics.toy_clip import DEFAULT_DIR, SCORER_FILE, TOY_CLIP_NAME, WEIGHTS_FILE, register_model_config
+from i2l.metrics.toy_clip import SCORER_FILE, TOY_CLIP_NAME, WEIGHTS_FILE, register_model_config
 
 # Weight files we agree to open: safetensors, or torch pickles read with weights_only=True.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -114,9 +114,10 @@ def load_clip_scorer(path: str | os.PathLike, model_name: str | None = None, dev
     return ClipModel(model, tokenizer, preprocess, dev, name, clip_version(p, name))
 
 
-def default_clip_path(sc: ScorerConfig, data_root: str | os.PathLike) -> Path:
-    """Where the CLIP scorer is read from: scorer.clip_checkpoint, else the toy scorer under the data root."""
-    return Path(sc.clip_checkpoint) if sc.clip_checkpoint else Path(data_root) / DEFAULT_DIR
+def default_clip_path(sc: ScorerConfig, toy_scorer_dir: str | os.PathLike) -> Path:
+    """Where the CLIP scorer is read from: scorer.clip_checkpoint, else the toy scorer's dir (given by the caller:
+    i2l.metrics.default_scorer_dir, <data_root>/toy/<preset>/scorer, where `i2l pretrain-scorer` writes it)."""
+    return Path(sc.clip_checkpoint) if sc.clip_checkpoint else Path(toy_scorer_dir)
 
 
 class ClipScorer:
@@ -125,8 +126,8 @@ class ClipScorer:
     name = "clip"
     metrics = ("clip_text", "clip_style", "ref_style_sim", "leakage")
 
-    def __init__(self, sc: ScorerConfig, data_root: str | os.PathLike = "data"):
-        self.path = default_clip_path(sc, data_root)
+    def __init__(self, sc: ScorerConfig, toy_scorer_dir: str | os.PathLike):
+        self.path = default_clip_path(sc, toy_scorer_dir)
         self.model_name = sc.clip_model
         self.device, self.batch_size = sc.device, sc.batch_size
         self._clip: ClipModel | None = None

@@ -184,9 +184,17 @@ class ImageRewardScorer(_Plugin):
 
 class HPSv2Scorer(_Plugin):
     """HPSv2(.1): cos(image, prompt) of its fine-tuned open_clip ViT-H-14, as `hpsv2.score` reports it (~0.2-0.35).
-    The checkpoint is loaded by our open_clip code (weights_only), so the package's hub download never runs."""
+    The checkpoint is loaded by our open_clip code (weights_only), so the `hpsv2` package (and its hub download)
+    is not needed: open_clip is."""
 
-    name, metrics, package, pip_name = "hpsv2", ("hpsv2",), "hpsv2", "hpsv2"
+    name, metrics, package, pip_name = "hpsv2", ("hpsv2",), "open_clip", "open_clip_torch"
+
+    def available(self) -> tuple[bool, str]:
+        ok, reason = super().available()
+        if ok and (not Path(self.path).is_file() or Path(self.path).suffix not in WEIGHT_SUFFIXES):
+            return False, (f"scorer.hpsv2_path {self.path} is not a checkpoint file ({', '.join(WEIGHT_SUFFIXES)}):"
+                           f" set it to the HPSv2(.1) open_clip ViT-H-14 file, e.g. HPS_v2.1_compressed.pt")
+        return ok, reason
 
     @torch.no_grad()
     def score(self, batch) -> dict[str, list[float]]:

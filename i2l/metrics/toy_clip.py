@@ -26,7 +26,6 @@ TOY_CLIP_NAME = "i2l-toy-clip"
 SCORER_VERSION = "1"
 WEIGHTS_FILE = "model.safetensors"
 SCORER_FILE = "scorer.json"
-DEFAULT_DIR = "scorer"  # under the data root: where `i2l pretrain-scorer` writes and build_scorers looks
 
 
 def toy_clip_config(image_size: int = 32) -> dict:

@@ -184,6 +184,40 @@ SELECT dataset_id, reason, n FROM quarantine_counts;
 """
 
 
+# v_amortization again, with families as parse_method names them: only i2l_<N>ref(_asym) is an i2L method;
+# i2l_wrong_style (a wrong style's i2L LoRA, a sanity check) is 'sanity'. Methods rows recorded before this
+# migration with family 'i2l' for other names are corrected in place.
+_SANITY_FAMILY = """
+UPDATE methods SET family = CASE WHEN method = 'i2l_wrong_style' THEN 'sanity' ELSE method END
+WHERE family = 'i2l' AND NOT regexp_full_match(method, 'i2l_[0-9]+ref(_asym)?');
+
+CREATE OR REPLACE VIEW v_amortization AS
+WITH el AS (
+    SELECT run_id, method, avg(loss) AS eval_loss, avg(wall_s) AS wall_s, max(steps) AS steps,
+           count(DISTINCT style_id) AS n_styles
+    FROM eval_losses GROUP BY run_id, method
+), q AS (
+    SELECT run_id, method,
+           max(mean) FILTER (WHERE metric = 'overall') AS overall,
+           max(mean) FILTER (WHERE metric = 'clip_style') AS clip_style,
+           max(mean) FILTER (WHERE metric = 'clip_text') AS clip_text
+    FROM v_method_summary GROUP BY run_id, method
+), k AS (
+    SELECT run_id, method FROM el UNION SELECT run_id, method FROM q UNION SELECT run_id, method FROM methods
+)
+SELECT k.run_id, k.method,
+       coalesce(md.family, CASE WHEN k.method LIKE 'per\\_style@%' ESCAPE '\\' THEN 'per_style'
+                                WHEN regexp_full_match(k.method, 'i2l_[0-9]+ref(_asym)?') THEN 'i2l'
+                                WHEN k.method = 'i2l_wrong_style' THEN 'sanity'
+                                ELSE k.method END) AS family,
+       coalesce(md.budget_steps, nullif(el.steps, 0)) AS budget_steps,
+       coalesce(el.wall_s, md.wall_s) AS wall_s,
+       el.eval_loss, el.n_styles, q.clip_style, q.clip_text, q.overall
+FROM k LEFT JOIN el USING (run_id, method) LEFT JOIN q USING (run_id, method)
+     LEFT JOIN methods md USING (run_id, method);
+"""
+
+
 def _seed_metrics(con) -> None:
     con.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
                     [[m, lower, desc] for m, (lower, desc) in METRICS.items()])
@@ -196,11 +230,17 @@ MIGRATIONS: list[tuple[str, Any]] = [
     ("views", _VIEWS),
     # the catalog of produced LoRAs names the reference images each was predicted from
     ("loras_ref_ids", "ALTER TABLE loras ADD COLUMN IF NOT EXISTS ref_ids JSON"),
+    # i2l_wrong_style is a sanity check, not an i2L method (amortization table and plot)
+    ("sanity_family", _SANITY_FAMILY),
 ]
 
 # Canonical method order for tables and grids (names used across the project).
 METHOD_ORDER = ("base", "mean_lora", "gray_lora", "adapter", "per_style", "i2l_1ref", "i2l_4ref",
                 "i2l_1ref_asym", "i2l_4ref_asym")
+
+
+# Held-out-loss sanity checks named like i2L methods but not one (i2l.eval_methods.heldout_losses).
+SANITY_METHODS = ("i2l_wrong_style",)
 
 
 def parse_method(method: str) -> dict[str, Any]:
@@ -209,9 +249,10 @@ def parse_method(method: str) -> dict[str, Any]:
     if method.startswith("per_style@"):
         steps = method.split("@", 1)[1]
         out.update(family="per_style", budget_steps=int(steps) if steps.isdigit() else None)
-    elif method.startswith("i2l"):
-        m = re.match(r"i2l_(\d+)ref(_asym)?$", method)
-        out.update(family="i2l", n_refs=int(m.group(1)) if m else None, asym=bool(m and m.group(2)))
+    elif m := re.fullmatch(r"i2l_(\d+)ref(_asym)?", method):
+        out.update(family="i2l", n_refs=int(m.group(1)), asym=bool(m.group(2)))
+    elif method in SANITY_METHODS:
+        out.update(family="sanity")
     return out
 
 
