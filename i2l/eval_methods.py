@@ -55,7 +55,7 @@ def i2l_conditionings(model, samples: list[ValSample], ref_counts: tuple[int, ..
 
     model.gray_lora()  # made once up front: not part of any style's time
     out = []
-    for k in ref_counts:
+    for k in dict.fromkeys(ref_counts):  # (1, 1) when samples hold one reference: one method, not two copies
         model.predict_lora(samples[0].refs[:k])  # warm-up: first-call allocations are no style's time
         loras, walls = [], []
         for s in tqdm(samples, desc=f"i2L {k}-ref LoRAs", disable=not progress):

@@ -109,7 +109,8 @@ def eval_config(cfg: Config, ck: Path) -> Config:
     ecfg = checkpoint_config(ck)
     ecfg.eval, ecfg.scorer, ecfg.data_root = replace(cfg.eval), replace(cfg.scorer), cfg.data_root
     clip = Path(ecfg.scorer.clip_checkpoint)
-    # the toy scorer may live at <data_root>/scorer (metrics' default) instead of <data_root>/toy/<preset>/
+    # the command's preset names its own toy scorer dir; a checkpoint made under another preset has its scorer in
+    # <data_root>/toy/<checkpoint's preset>/scorer
     if not clip.exists() and Path(default_scorer_dir(ecfg)).exists():
         ecfg.scorer.clip_checkpoint = default_scorer_dir(ecfg)
     return ecfg

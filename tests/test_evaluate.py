@@ -154,6 +154,18 @@ def test_styles_optimised_side_by_side_do_not_interact(debug_run):
     assert a[3].delta(name)[0].abs().sum() > 0
 
 
+def test_one_reference_per_sample_makes_one_i2l_method_not_two_copies(debug_run):
+    """Samples with one reference ask for i2L with (1, min(4, 1)) = (1, 1) references: one method, not the same
+    method twice (which duplicated its loss rows)."""
+    from i2l.api import I2L
+    from i2l.eval_methods import i2l_conditionings
+    from i2l.evaluation import load_val_samples
+
+    model = I2L.load(debug_run.run_dir)
+    samples = load_val_samples(debug_run.prepared_dir, limit=2)
+    assert [c.method for c in i2l_conditionings(model, samples, (1, 1))] == ["i2l_1ref", "i2l_1ref_asym"]
+
+
 def _diff(a, b) -> float:
     import numpy as np
 
