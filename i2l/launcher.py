@@ -5,6 +5,7 @@ imports `ray.train`."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
 
     from i2l.backbones import default_paths
     from i2l.data.ray_cluster import ensure_ray
-    from i2l.training import refuse_mixing_runs
+    from i2l.training import refuse_mixing_runs, run_summary
 
     refuse_mixing_runs(out_dir, resume, cfg)  # before Ray: a worker error would be retried, not reported
     default_paths(cfg)
@@ -85,10 +86,11 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
         run_config=RunConfig(name=f"i2l-{cfg.name}", storage_path=str(out / "ray_results"),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
+    t0 = time.time()
     try:
         result = trainer.fit()
     finally:
         (out / f".launch-{config['launch_id']}").unlink(missing_ok=True)
     if result.error:
         raise result.error
-    return dict(result.metrics or {})
+    return {**dict(result.metrics or {}), **run_summary(out), "seconds": time.time() - t0}

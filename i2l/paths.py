@@ -76,12 +76,20 @@ class Paths:
         return self.prepared_dir / "val_manifest.jsonl"
 
     def report_dir(self, run_id: str) -> Path:
-        """reports/<run_id>/ (run ids made safe as a directory name, as i2l.report does)."""
-        return self.reports_root / re.sub(r"[^A-Za-z0-9._@-]", "_", run_id)
+        return report_dir(run_id, self.reports_root)
+
+
+def reports_root_dir(root: str | os.PathLike | None = None) -> Path:
+    """`root`, else $I2L_REPORTS_DIR, else reports/ in the working directory."""
+    return Path(root or os.environ.get(REPORTS_ENV) or "reports")
+
+
+def report_dir(run_id: str, root: str | os.PathLike | None = None) -> Path:
+    """<reports root>/<run_id>/, the run id made safe as a directory name."""
+    return reports_root_dir(root) / re.sub(r"[^A-Za-z0-9._@-]", "_", run_id)
 
 
 def paths_for(cfg: Config, reports_root: str | os.PathLike | None = None) -> Paths:
     """The layout of `cfg` (its data root and preset); reports under `reports_root`, else $I2L_REPORTS_DIR,
     else reports/."""
-    reports = reports_root or os.environ.get(REPORTS_ENV) or "reports"
-    return Paths(Path(cfg.data_root), cfg.name, Path(reports))
+    return Paths(Path(cfg.data_root), cfg.name, reports_root_dir(reports_root))

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pandas as pd
 
+from i2l.paths import report_dir
 from i2l.report_figures import ablation_plot, amortization_plot, curve_plot, sample_grid
 from i2l.report_render import Document, Table, fmt, rank_marks
 from i2l.store import METRICS, Store, method_sort_key, parse_method
@@ -56,7 +56,7 @@ def build_report(store: Store, run_id: str | None = None, out_dir: str | Path | 
     run_id = resolve_run(store, run_id)
     family = run_family(store, run_id)
     runs = family.run_id.tolist()
-    out_dir = Path(out_dir) if out_dir else Path("reports") / re.sub(r"[^A-Za-z0-9._@-]", "_", run_id)
+    out_dir = Path(out_dir) if out_dir else report_dir(run_id)  # $I2L_REPORTS_DIR/<run>, else reports/<run>
     roots = [Path(r) for r in (image_roots or [store.path.parent])]
     doc = Document(f"i2l report — {run_id}")
     _runs_section(doc, family)
@@ -286,7 +286,8 @@ def _data_section(doc: Document, store: Store, runs: list[str]) -> None:
         scope = "latest in the store"
     doc.heading("Data summary", "data")
     if df.empty:
-        doc.para("No prepared dataset recorded yet (`i2l prepare`).", note=True)
+        doc.para("No prepared dataset recorded yet: the prepare_data flow records it (`i2l run --flow prepare_data`; "
+                 "the single command `i2l prepare` does not).", note=True)
         return
     doc.para(f"Prepared datasets ({scope}):")
     doc.table(Table(["dataset", "rows in", "written", "quarantined", "train styles", "val styles", "shards",

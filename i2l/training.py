@@ -116,6 +116,17 @@ def refuse_mixing_runs(out_dir: str | Path, resume: bool, cfg: Config | None = N
         check_same_run(read_state(ck), cfg, str(ck))
 
 
+def run_summary(out_dir: str | Path) -> dict:
+    """What the run in out_dir reached, read back from its latest checkpoint (the launcher's result: Ray Train
+    keeps only metrics reported together with a checkpoint, so a worker's final report never reaches it)."""
+    ck = latest_checkpoint(out_dir)
+    if ck is None:
+        return {}
+    curve = json.loads((ck / "curve.json").read_text())
+    return {"out_dir": str(out_dir), "steps": read_state(ck)["step"], "checkpoint": str(ck),
+            "first_loss": _mean(curve[:20]), "last_loss": _mean(curve[-20:])}
+
+
 def _mean(recs: list[dict]) -> float:
     return sum(r["loss"] for r in recs) / max(1, len(recs))
 

@@ -35,11 +35,13 @@ def test_per_style_stops_when_asked_and_does_not_count_the_check(debug_run):
     assert seen == [2, 4] and [c["steps"] for c in curve] == [2, 4]
     assert final.meta["steps"] == 4
     # one sleep would exceed this; two debug steps take ~0.05 s (2 s of margin for a loaded CI machine)
-    assert curve[1]["wall_s"] < 2.0 + curve[0]["wall_s"]
+    assert curve[1]["wall_s"] < 2.0 + curve[0]["wall_s"], [c["wall_s"] for c in curve]
     # stopping changes nothing before the stop: same seed, same LoRA at step 4 as a run to 10 steps
     _, full = optimize_lora(bb, images, prompts, rank=2, steps=10, seed=0, snapshots=(4,), batch_size=2)
     name = next(iter(final.A))
-    assert torch.equal(full[0]["lora"].B[name], curve[1]["lora"].B[name])
+    # (allclose, not equal: a BLAS may round differently from run to run on a loaded machine; another LoRA would
+    # differ by ~1e-2 after 4 Adam steps at lr 1e-2)
+    assert torch.allclose(full[0]["lora"].B[name], curve[1]["lora"].B[name], atol=1e-6)
 
 
 def test_bench_amortization_counts_the_fastest_per_style_setup(debug_run):

@@ -206,6 +206,22 @@ def test_report_command_and_a_run_without_samples(tmp_path, capsys):
     assert "no run 'nope'" in capsys.readouterr().err
 
 
+def test_report_command_writes_under_the_reports_dir_of_the_environment(tmp_path, capsys, monkeypatch):
+    """Without --out, `i2l report` writes where `i2l run` and the flows do: $I2L_REPORTS_DIR/<run> (the image and
+    docs/cluster.md set it), not reports/ in whatever directory the command runs from."""
+    from i2l.cli import main
+
+    store = Store(tmp_path / "results.duckdb")
+    run = store.start_run("train", "debug", {})
+    store.record_curve(run, [{"step": s, "loss": 1.0 / s} for s in range(1, 4)])
+    store.finish_run(run)
+    monkeypatch.setenv("I2L_REPORTS_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--db", str(store.path), "--run", run]) == 0
+    assert str(tmp_path / "elsewhere") in capsys.readouterr().out
+    assert list((tmp_path / "elsewhere").glob("*/index.html")) and not (tmp_path / "reports").exists()
+
+
 def test_training_curve_counts_the_steps_each_run_logged(tmp_path):
     """Curves record steps from 1 (training, mean-LoRA and adapter all log step + 1): 6 logged steps read 6."""
     store = Store(tmp_path / "results.duckdb")

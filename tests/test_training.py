@@ -192,11 +192,14 @@ def test_ray_train_with_two_cpu_workers(debug_run, tmp_path, ray_session):
     from i2l.launcher import launch_training
 
     cfg = _cfg(debug_run, **{"train.steps": 3, "train.num_workers": 2, "train.batch_size": 4})
-    launch_training(cfg, debug_run.prepared_dir, tmp_path / "ddp", progress=False)
+    info = launch_training(cfg, debug_run.prepared_dir, tmp_path / "ddp", progress=False)
     ck = latest_checkpoint(tmp_path / "ddp")
     assert ck is not None and ck.name == "step_0000003"
     curve = json.loads((ck / "curve.json").read_text())
     assert len(curve) == 3
+    # what `i2l train` prints and keeps in train.json (Ray Train dropped the final report: it was {} before)
+    assert info["steps"] == 3 and info["checkpoint"] == str(ck)
+    assert info["last_loss"] == pytest.approx(sum(r["loss"] for r in curve) / 3)
 
 
 @pytest.mark.slow

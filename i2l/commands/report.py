@@ -14,7 +14,7 @@ def add_arguments(p):
     add_preset_args(p)
     p.add_argument("--run", default=None, metavar="ID", help="run id (default: latest run with samples)")
     p.add_argument("--db", default=None, help="results store (default: <data-root>/results.duckdb)")
-    p.add_argument("--out", default=None, help="output directory (default: reports/<run>)")
+    p.add_argument("--out", default=None, help="output directory (default: $I2L_REPORTS_DIR/<run>, else reports/<run>)")
     p.add_argument("--grid-rows", type=int, default=3, help="styles shown in the sample grid")
 
 
