@@ -10,10 +10,12 @@ import torch
 from test_backbones import tiny_flux2
 
 from i2l.backbones.shapes import random_backbone, random_cond, random_encoder
+from i2l.bench._steps import setup_tag
 from i2l.config import get_config
 from i2l.encoder import new_toy_encoder
 from i2l.info import param_count
 from i2l.predictor import I2LPredictor, predict_lora
+from i2l.store import Store
 
 
 @pytest.mark.parametrize("preset,params,layers,ident", [
@@ -70,7 +72,9 @@ def test_cost_benchmarks_time_a_real_preset_and_record_what_the_goal_asks(tmp_pa
                  "--device", "cpu", "--store", str(store), *sets]) == 0
     assert "goal_needs_steps" in capsys.readouterr().out
     rows = Store(store).query("SELECT bench, case_name, metric, value FROM benchmarks")
-    fig = {(r.bench, r.case_name, r.metric): r.value for r in rows.itertuples()}
+    tag = setup_tag("klein4b", sets[1::2])  # cases carry the set-up: tiny overrides never pass for klein4b
+    assert tag.startswith("klein4b+") and all(c.startswith(f"{tag}/") for c in rows.case_name)
+    fig = {(r.bench, r.case_name.removeprefix(f"{tag}/"), r.metric): r.value for r in rows.itertuples()}
     fwd = fig[("amortization", "i2l", "forward_alone_s")]
     assert fig[("amortization", "i2l", "forward_batched_on_device_s")] > 0  # the host copy's share is visible
     for b in (1, 2):
@@ -78,7 +82,39 @@ def test_cost_benchmarks_time_a_real_preset_and_record_what_the_goal_asks(tmp_pa
         assert fwd > 0 and step > 0
         assert fig[("amortization", f"rows{b}/alone", "goal_needs_steps")] == math.ceil(1000 * fwd / step)
     ratio = fig[("train_step", "i2l_step_G1/per_style_lora_step", "ratio")]  # klein4b: one target per LoRA
-    assert ratio > 0 and fig[("train_step", "setup/klein4b", "rows_per_step")] == 2
+    assert ratio > 0 and fig[("train_step", "setup", "rows_per_step")] == 2
+    assert not any(m == "peak_gpu_memory" for _, _, m in fig)  # a CPU run has no GPU memory to report
+
+
+def test_setup_tags_name_the_preset_and_its_overrides_in_any_order():
+    assert setup_tag("klein4b", []) == "klein4b"
+    a = setup_tag("klein4b", ["predictor.hidden=2048", "predictor.depth=28"])
+    assert a == setup_tag("klein4b", ["predictor.depth=28", " predictor.hidden = 2048"]) != "klein4b"
+    assert a == setup_tag("klein4b", ["predictor.depth=4", "predictor.hidden=2048", "predictor.depth=28"])  # last wins
+    assert a != setup_tag("zimage", ["predictor.hidden=2048", "predictor.depth=28"])
+    assert a != setup_tag("klein4b", ["predictor.hidden=2048", "predictor.depth=29"])
+
+
+def _train_step(store, *options):
+    from i2l.cli import main
+
+    assert main(["bench", "train-step", "--preset", "debug", "--batch", "2", "--rounds", "2", "--warmup", "1",
+                 "--device", "cpu", "--store", str(store), *options]) == 0
+    rows = Store(store).query("SELECT case_name, metric, value, unit, extra FROM benchmarks WHERE bench = 'train_step'")
+    return {(r.case_name, r.metric): r for r in rows.itertuples()}
+
+
+def test_train_step_figures_of_other_set_ups_do_not_replace_one_another(tmp_path):
+    store = tmp_path / "results.duckdb"
+    _train_step(store)
+    _train_step(store, "--set", "predictor.rank=4")  # as infra/gpu-benchmarks.sh runs SETS= after the defaults
+    latest = Store(store).query("SELECT case_name, metric FROM v_benchmarks WHERE bench = 'train_step'")
+    tag = setup_tag("debug", ["predictor.rank=4"])
+    assert {c for c, m in latest.itertuples(index=False) if m == "ratio"} == {
+        f"{t}/i2l_step_G{g}/per_style_lora_step" for t in ("debug", tag) for g in (1, 2)}  # debug: G = 2
+    params = {c: v for c, m, v in Store(store).query(
+        "SELECT case_name, metric, value FROM v_benchmarks WHERE metric = 'predictor_params'").itertuples(index=False)}
+    assert params["debug/setup"] < params[f"{tag}/setup"]  # each set-up's own sizes (debug's rank is 2)
 
 
 def _predictor():
@@ -146,8 +182,6 @@ def test_predictor_precision_follows_the_backbone_on_a_gpu_only():
 
 def test_train_step_bench_records_a_comparison_case_that_does_not_fit(tmp_path, monkeypatch):
     from i2l.bench._steps import Steps
-    from i2l.cli import main
-    from i2l.store import Store
 
     real = Steps.i2l_step
 
@@ -157,10 +191,88 @@ def test_train_step_bench_records_a_comparison_case_that_does_not_fit(tmp_path, 
         return real(self, data, opt, group)
 
     monkeypatch.setattr(Steps, "i2l_step", one_lora_per_target_does_not_fit)
-    store = tmp_path / "results.duckdb"
-    assert main(["bench", "train-step", "--preset", "debug", "--batch", "2", "--rounds", "2", "--warmup", "1",
-                 "--device", "cpu", "--store", str(store), "--set", "train.targets_per_lora=2"]) == 0
-    rows = Store(store).query("SELECT case_name, metric, value FROM benchmarks WHERE bench = 'train_step'")
-    fig = {(r.case_name, r.metric): r.value for r in rows.itertuples()}
+    sets = ["--set", "train.targets_per_lora=2"]
+    tag = setup_tag("debug", sets[1::2])
+    fig = {(c.removeprefix(f"{tag}/"), m): r.value for (c, m), r in _train_step(tmp_path / "r.duckdb", *sets).items()}
     assert fig[("i2l_step_G1", "out_of_memory")] == 1 and ("i2l_step_G1", "median_ms") not in fig
     assert fig[("i2l_step_G2/per_style_lora_step", "ratio")] > 0  # the goal's case is still timed
+    assert not any("no_ckpt" in c for c, _ in fig)  # a CPU run never checkpoints: nothing to time twice
+
+
+class FakeAllocator:
+    """torch.cuda's peak-memory counters on a CPU: each step declares what it would allocate."""
+
+    def __init__(self, monkeypatch):
+        self.peak = 0.0
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: setattr(self, "peak", 0.0))
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: self.peak * 2**30)
+
+    def use(self, gib: float) -> None:
+        self.peak = max(self.peak, gib)
+
+
+def test_train_step_peak_memory_is_each_case_own_not_the_runs(tmp_path, monkeypatch):
+    import dataclasses
+
+    from i2l.bench._steps import Steps
+
+    mem, build, i2l_step, lora_step = FakeAllocator(monkeypatch), Steps.build, Steps.i2l_step, Steps.lora_step
+
+    def as_on_a_gpu(cls, *a, **k):  # the peaks a GPU run keeps
+        return dataclasses.replace(build(*a, **k), peaks={})
+
+    def i2l(self, data, opt, group):
+        mem.use({1: 80.0, 2: 12.0}[group])
+        if group == 1:  # fills the GPU, then fails: no later case may be charged for it
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return i2l_step(self, data, opt, group)
+
+    def per_style(self, *a):
+        mem.use(10.0)
+        return lora_step(self, *a)
+
+    monkeypatch.setattr(Steps, "build", classmethod(as_on_a_gpu))
+    monkeypatch.setattr(Steps, "i2l_step", i2l)
+    monkeypatch.setattr(Steps, "lora_step", per_style)
+    sets = ["--set", "train.targets_per_lora=2"]
+    tag = setup_tag("debug", sets[1::2])
+    fig = _train_step(tmp_path / "r.duckdb", *sets)
+    peaks = {c.removeprefix(f"{tag}/"): r.value for (c, m), r in fig.items() if m == "peak_gpu_memory"}
+    assert peaks == {"i2l_step_G2": 12.0, "per_style_lora_step": 10.0}
+
+
+@pytest.mark.parametrize("per_style_fits", [True, False])
+def test_train_step_compares_like_for_like_with_and_without_checkpointing(tmp_path, monkeypatch, per_style_fits):
+    from i2l.bench._steps import Steps
+
+    build, i2l_step, lora_step, ran = Steps.build, Steps.i2l_step, Steps.lora_step, set()
+
+    def checkpointed(cls, *a, **k):  # as Steps.build sets a GPU run up
+        st = build(*a, **k)
+        st.set_checkpointing(True)
+        return st
+
+    def i2l(self, *a):
+        ran.add(("i2l", self.checkpointing))
+        return i2l_step(self, *a)
+
+    def per_style(self, *a):
+        ran.add(("per_style", self.checkpointing))
+        if not (per_style_fits or self.checkpointing):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return lora_step(self, *a)
+
+    monkeypatch.setattr(Steps, "build", classmethod(checkpointed))
+    monkeypatch.setattr(Steps, "i2l_step", i2l)
+    monkeypatch.setattr(Steps, "lora_step", per_style)
+    fig = {(c.removeprefix("debug/"), m): r for (c, m), r in _train_step(tmp_path / "r.duckdb").items()}
+    assert ran == {("i2l", True), ("i2l", False), ("per_style", True), ("per_style", False)}
+    ckpt = fig[("i2l_step_G2/per_style_lora_step", "ratio")]  # debug: G = 2 targets per predicted LoRA
+    assert "both with gradient checkpointing" in ckpt.unit and json.loads(ckpt.extra)["goal"] == "<= 1.3"
+    assert fig[("i2l_step_G2_no_ckpt", "median_ms")].value > 0
+    if per_style_fits:
+        plain = fig[("i2l_step_G2_no_ckpt/per_style_lora_step_no_ckpt", "ratio")]
+        assert "neither with gradient checkpointing" in plain.unit and json.loads(plain.extra)["goal"] == "<= 1.3"
+    else:
+        assert fig[("per_style_lora_step_no_ckpt", "out_of_memory")].value == 1
+        assert not any(c.endswith("per_style_lora_step_no_ckpt") and m != "out_of_memory" for c, m in fig)

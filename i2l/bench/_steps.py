@@ -5,6 +5,7 @@ gradient checkpointing of the backbone on a GPU)."""
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class Steps:
     enc: object
     pred: object
     device: torch.device
+    peaks: dict[str, float] | None = None  # GPU only: each timed case's peak memory (GiB), filled by `interleaved`
 
     @classmethod
     def build(cls, preset: str, device: str | None = None, overrides: list[str] | None = None) -> Steps:
@@ -39,7 +41,17 @@ class Steps:
         pred = I2LPredictor(cfg.predictor, bb.lora_targets(), enc.dim, bb.backbone_id).to(dev)
         if dev.type == "cuda":
             bb.transformer.enable_gradient_checkpointing()  # as training runs it
-        return cls(cfg, bb, enc, pred, dev)
+        return cls(cfg, bb, enc, pred, dev, {} if dev.type == "cuda" else None)
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.bb.transformer.is_gradient_checkpointing
+
+    def set_checkpointing(self, on: bool) -> None:
+        if on:
+            self.bb.transformer.enable_gradient_checkpointing()
+        else:
+            self.bb.transformer.disable_gradient_checkpointing()
 
     def autocast(self):
         from i2l.flow_matching import mixed_precision
@@ -119,15 +131,28 @@ class Steps:
         self.sync()
         return loss.item()
 
-def interleaved(cases: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each case, cases run in turn each round (machine noise hits them alike)."""
+
+def interleaved(cases: dict, rounds: int, warmup: int, peaks: dict[str, float] | None = None,
+                before=None) -> dict[str, list[float]]:
+    """Seconds per call of each case, cases run in turn each round (machine noise hits them alike).
+
+    With `peaks` (a GPU run: `Steps.peaks`), each case's peak allocated memory in GiB over all its calls: the
+    allocator's peak is reset before every call, so a case is charged for its own memory only, never for an
+    earlier case's (or a failed, out-of-memory attempt's). `before(name)` runs untimed before each call."""
     times = {k: [] for k in cases}
     for r in range(warmup + rounds):
         for name, fn in cases.items():
+            if before is not None:
+                before(name)
+            if peaks is not None:
+                torch.cuda.reset_peak_memory_stats()  # outside the timed span: it is the allocator's bookkeeping
             t0 = time.perf_counter()
             fn()
+            dt = time.perf_counter() - t0
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(dt)
+            if peaks is not None:
+                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
     return times
 
 
@@ -136,13 +161,36 @@ def median_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
+def peak_rows(st: Steps) -> list[dict]:
+    """Each timed case's peak GPU memory (nothing on a CPU)."""
+    return [{"case": k, "metric": "peak_gpu_memory", "value": v, "unit": "GiB"} for k, v in (st.peaks or {}).items()]
+
+
 def setup_rows(st: Steps, rows: int, refs: int) -> list[dict]:
-    """What was timed: sizes, precision and (on a GPU) peak memory, as rows of the bench's table."""
+    """What was timed: sizes and precision, as rows of the bench's table."""
     from i2l.info import param_count as n
 
     figures = [("backbone_params", n(st.bb.transformer), "params"), ("encoder_params", n(st.enc), "params"),
                ("predictor_params", n(st.pred), "params"), ("rows_per_step", rows, "targets"),
                ("refs_per_style", refs, "images"), ("bf16_autocast", int(st.amp), "0/1")]
-    if st.device.type == "cuda":
-        figures.append(("peak_gpu_memory", torch.cuda.max_memory_allocated() / 2**30, "GiB"))
-    return [{"case": f"setup/{st.cfg.name}", "metric": m, "value": v, "unit": u} for m, v, u in figures]
+    return [{"case": "setup", "metric": m, "value": v, "unit": u} for m, v, u in figures]
+
+
+def setup_tag(preset: str, overrides: list[str] | None) -> str:
+    """What a stored case is prefixed with, so that figures of different set-ups never replace one another in
+    `v_benchmarks`: the preset, plus a short hash of its --set overrides when there are any (a later --set of the
+    same field wins, as get_config applies them; order does not matter otherwise)."""
+    last = {}
+    for o in overrides or []:
+        key, _, value = o.partition("=")
+        last[key.strip()] = value.strip()
+    if not last:
+        return preset
+    text = "\n".join(f"{k}={v}" for k, v in sorted(last.items()))
+    return f"{preset}+{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def tag_rows(rows: list[dict], preset: str, overrides: list[str] | None) -> list[dict]:
+    """Rows with cases prefixed by `setup_tag`; every row also names its overrides in full (kept in `extra`)."""
+    tag, sets = setup_tag(preset, overrides), " ".join(f"--set {o}" for o in overrides or [])
+    return [{**r, "case": f"{tag}/{r['case']}", **({"overrides": sets} if sets else {})} for r in rows]

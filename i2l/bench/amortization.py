@@ -68,7 +68,7 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
     gradient checkpointing unless memory forces it (then the unit says so)."""
     import torch
 
-    from i2l.bench._steps import Steps, interleaved, setup_rows
+    from i2l.bench._steps import Steps, interleaved, peak_rows, setup_rows, tag_rows
 
     batches = _parse_batches(args.per_style_batches)
     st = Steps.build(args.preset, args.device, args.overrides)
@@ -92,7 +92,7 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
             st.bb.transformer.enable_gradient_checkpointing()
             ckpt[b] = True
         cases[f"per_style_step_rows{b}"] = (lambda part=part, on=ckpt[b]: _lora_step(st, part, A, Bm, opt, on))
-    times = interleaved(cases, args.rounds, warmup=1)
+    times = interleaved(cases, args.rounds, warmup=1, peaks=st.peaks)
     med = {k: statistics.median(v) for k, v in times.items()}
     fwd = {"alone": med["i2l_forward_alone"], "batched": med["i2l_forward_batched"] / args.styles}
     rows = [{"case": "i2l", "metric": "forward_alone_s", "value": fwd["alone"], "unit": "s"},
@@ -109,7 +109,8 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
         rows += [{"case": f"rows{b}", "metric": "per_style_step_s", "value": t, "unit": unit},
                  {"case": f"rows{b}", "metric": "forwards_per_step", "value": t / fwd["alone"], "unit": "x"}]
         rows += _goal_rows(f"rows{b}", t, fwd)
-    return rows + setup_rows(st, max(batches), args.refs)
+    # stored cases start with the preset (+ a hash of the overrides): set-ups never replace one another's figures
+    return tag_rows(rows + peak_rows(st) + setup_rows(st, max(batches), args.refs), args.preset, args.overrides)
 
 
 def _lora_step(st, part: dict, A: dict, Bm: dict, opt, checkpointing: bool) -> float:

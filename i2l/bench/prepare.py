@@ -1,7 +1,9 @@
 """Benchmark of `prepare`: rows/s of the Ray pipeline (1 and 2 workers) against a plain single-process PIL
 loop doing the same decode -> resize -> encode on the same images, side by side in one run.
 
-Goals: pipeline >= 0.8x the loop per worker; 2 workers >= 1.7x one worker. `python -m i2l.bench.prepare`.
+Goals: pipeline >= 0.8x the loop per worker (`ray_w<N>/pil_loop`); 2 workers >= 1.7x one worker
+(`ray_w2/ray_w1`). One end-to-end run per case, not interleaved rounds: a pipeline run is seconds of work, and
+its start-up and finalize are part of what is measured. `python -m i2l.bench.prepare`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from i2l.bench import format_rows
+
+GOALS = {"per_worker/loop": (">=", 0.8), "2_workers/1_worker": (">=", 1.7)}  # both: higher is better
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,39 +68,49 @@ def run(args: argparse.Namespace) -> list[dict]:
         n = len(images)
         base_s, base_cpu = pil_loop(images, args.resolution, args.format, cfg.data.quality)
         base = n / base_s
-        common = {"bench": "prepare", "rows": n, "size": args.size, "resolution": args.resolution,
-                  "format": args.format}
-        results = [{**common, "variant": "pil_loop", "workers": 1, "seconds": round(base_s, 3),
-                    "rows_per_s": round(base, 1), "per_worker_vs_loop": 1.0, "vs_1_worker": None,
-                    "cpu_ms_per_row": round(1000 * base_cpu / n, 2), "cpu_vs_loop": 1.0}]
+        common = {"rows": n, "size": args.size, "resolution": args.resolution, "format": args.format}
+        results = _case_rows("pil_loop", n, base_s, base_cpu, common)
         ensure_ray(num_cpus=max(workers))  # cluster start-up is not the pipeline's cost
-        one = None
+        rates = {}
         for w in workers:
             cfg.data.concurrency = w
             cfg.data.rows_per_shard = max(32, n // (8 * w))  # >= 8 units per worker: keeps both busy to the end
             out = work / f"out-{w}"
             shutil.rmtree(out, ignore_errors=True)
             s = prepare(cfg, inp, out, progress=False)
-            rate = n / s.seconds  # end to end: plan, actor start-up, units, finalize
+            rates[w] = n / s.seconds  # end to end: plan, actor start-up, units, finalize
             # CPU spent in the workers per row: what the wall clock would show on idle cores
             cpu = sum(json.loads(r.read_text())["cpu_seconds"] for r in (out / ".work" / "units").glob("*.json"))
-            one = rate if w == 1 else one
-            results.append({**common, "variant": "ray_pipeline", "workers": w, "seconds": round(s.seconds, 3),
-                            "rows_per_s": round(rate, 1), "per_worker_vs_loop": round(rate / w / base, 3),
-                            "vs_1_worker": round(rate / one, 3) if one else None,
-                            "cpu_ms_per_row": round(1000 * cpu / n, 2), "cpu_vs_loop": round(base_cpu / cpu, 3)})
+            case = f"ray_w{w}"
+            results += _case_rows(case, n, s.seconds, cpu, common)
+            results.append({"case": case, "metric": "cpu_vs_loop", "value": base_cpu / cpu,
+                            "unit": "x (loop CPU / pipeline CPU)", **common})
+            results.append(_judged(f"{case}/pil_loop", "per_worker_ratio", rates[w] / w / base,
+                                   "x (pipeline rows/s per worker / loop rows/s)", "per_worker/loop", common))
+        for w in sorted(rates):
+            if w != 1 and 1 in rates:
+                results.append(_judged(f"ray_w{w}/ray_w1", "ratio", rates[w] / rates[1], "x (rows/s)",
+                                       "2_workers/1_worker" if w == 2 else None, common))
         return results
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def format_table(rows: list[dict]) -> str:
-    cols = ["variant", "workers", "rows", "seconds", "rows_per_s", "per_worker_vs_loop", "vs_1_worker",
-            "cpu_ms_per_row", "cpu_vs_loop"]
-    lines = ["  ".join(f"{c:>14}" for c in cols)]
-    lines += ["  ".join(f"{'' if r[c] is None else r[c]!s:>14}" for c in cols) for r in rows]
-    return "\n".join(lines)
+def _case_rows(case: str, n: int, seconds: float, cpu: float, common: dict) -> list[dict]:
+    """One variant's figures as long rows: wall time, throughput and CPU per row."""
+    return [{"case": case, "metric": "seconds", "value": seconds, "unit": "s", **common},
+            {"case": case, "metric": "rows_per_s", "value": n / seconds, "unit": "rows/s", **common},
+            {"case": case, "metric": "cpu_ms_per_row", "value": 1000 * cpu / n, "unit": "ms", **common}]
+
+
+def _judged(case: str, metric: str, value: float, unit: str, goal: str | None, common: dict) -> dict:
+    """A ratio row, judged against GOALS[goal] when it is one of the docstring's goals."""
+    row = {"case": case, "metric": metric, "value": value, "unit": unit, **common}
+    if goal:
+        op, bound = GOALS[goal]
+        row.update(goal=f"{op} {bound}", goal_met=value >= bound)
+    return row
 
 
 if __name__ == "__main__":
@@ -103,4 +119,4 @@ if __name__ == "__main__":
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    print(format_table(run(parser.parse_args())))
+    print(format_rows(run(parser.parse_args())))

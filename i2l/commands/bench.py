@@ -1,7 +1,9 @@
 """Run a benchmark (`i2l bench NAME ...`): print its table and store its figures in the results store.
 
-Each benchmark measures its ratios side by side in one run (interleaved rounds, medians), because these
-machines are noisy. NAME is a module of i2l/bench/ (lora, cfg, prepare, produce, amortization, train-step).
+Each benchmark measures its ratios side by side in one run, because these machines are noisy. Per-call costs
+(lora, cfg, train-step, amortization's forwards and --random-init steps) are interleaved rounds with medians;
+prepare and produce time one end-to-end run per case (start-up and finalize are part of a pipeline's cost), and
+amortization runs each per-style optimisation once, until it reaches i2L's loss. NAME is a module of i2l/bench/.
 """
 
 import importlib
@@ -36,8 +38,6 @@ def device_label() -> str:
     return f"cpu:{platform.machine()}x{__import__('os').cpu_count()}"
 
 
-
-
 def main(args):
     import os
     from pathlib import Path
@@ -52,6 +52,6 @@ def main(args):
 
         root = getattr(args, "data_root", None) or os.environ.get("I2L_DATA_ROOT", "data")
         store = Store(args.store or Path(root) / "results.duckdb")
-        store.record_benchmark(name, rows, device=device_label())
-        print(f"recorded {len(rows)} figures of bench {name!r} in {store.path}")
+        n = store.record_benchmark(name, rows, device=device_label())  # a wide row holds several figures
+        print(f"recorded {n} figures of bench {name!r} in {store.path}")
     return 0
