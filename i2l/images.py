@@ -1,14 +1,16 @@
-"""Image <-> tensor conversions shared by every stage: decoding with a pixel limit, [-1, 1] tensors, the gray
-reference image of asymmetric guidance, and safe reading of user image files."""
+"""Image <-> tensor conversions shared by every stage: decoding (the data path's own decoder, so user references
+are normalised exactly like training images), [-1, 1] tensors, the gray reference image of asymmetric guidance,
+and safe reading of user image files."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from i2l.data.validate import REASONS, Rejected, decode_image, to_rgb
 
 MAX_PIXELS = 64_000_000  # decompression-bomb guard for user images
 
@@ -17,7 +19,11 @@ def to_tensor(images: list[Image.Image], size: int | None = None) -> torch.Tenso
     """PIL images -> (B, 3, H, W) float in [-1, 1]; resized (Lanczos) to size x size when given."""
     arrs = []
     for im in images:
-        im = im.convert("RGB")
+        # the data path's conversion: a bare convert("RGB") shows hidden RGB under alpha and clips 16-bit to white
+        try:
+            im = to_rgb(im)
+        except Rejected as e:
+            raise ValueError(f"cannot use image: {REASONS[e.reason]} ({e.detail})") from None
         if size is not None and im.size != (size, size):
             im = im.resize((size, size), Image.LANCZOS)
         arrs.append(np.asarray(im, dtype=np.float32))
@@ -33,13 +39,13 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a, "RGB") for a in arr]
 
 
-def decode(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to RGB, refusing decompression bombs before pixels are read."""
-    im = Image.open(io.BytesIO(data))
-    if im.size[0] * im.size[1] > MAX_PIXELS:
-        raise ValueError(f"image of {im.size[0]}x{im.size[1]} pixels exceeds the {MAX_PIXELS} pixel limit")
-    im.load()
-    return im.convert("RGB")
+def decode(data: bytes, name: str = "image") -> Image.Image:
+    """Encoded bytes -> 8-bit RGB exactly as `prepare` decodes training rows (format allowlist, pixel limit before
+    any pixel is read, EXIF rotation, alpha over white, 16-bit scaled); a refusal is a ValueError naming `name`."""
+    try:
+        return decode_image(data, MAX_PIXELS)
+    except Rejected as e:
+        raise ValueError(f"cannot read image {name}: {REASONS[e.reason]} ({e.detail})") from None
 
 
 def load_image_file(path: str | Path) -> Image.Image:
@@ -47,12 +53,7 @@ def load_image_file(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference image not found: {path}")
-    try:
-        return decode(path.read_bytes())
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001  (PIL raises many types for bad files)
-        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    return decode(path.read_bytes(), name=str(path))
 
 
 def gray_image(size: int) -> Image.Image:

@@ -171,7 +171,8 @@ class LoRAProducer:
         from i2l.images import decode
 
         out = out or self.out
-        loras = self.model.predict_loras([[decode(b) for b in j.images] for j in jobs])  # one batched forward
+        refs = [[decode(b, name=r) for r, b in zip(j.ref_ids, j.images)] for j in jobs]  # a refusal names the ref
+        loras = self.model.predict_loras(refs)  # one batched forward
         return [self._save(f"i2l_{len(j.ref_ids)}ref", j.style_id, j.ref_ids, lo,
                            out / "styles" / f"{j.style_id}.safetensors", out) for j, lo in zip(jobs, loras)]
 

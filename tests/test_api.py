@@ -109,6 +109,24 @@ def test_no_references_and_unreadable_images_are_clear_errors(model, tmp_path):
         model.predict_lora([tmp_path / "missing.png"])
 
 
+def test_reference_files_are_decoded_like_training_images(model, tmp_path):
+    """A 16-bit PNG and a transparent PNG predict the LoRA of the images `prepare` would have made of them (mid-gray,
+    white), not of a bare convert("RGB") (white, the hidden red)."""
+    import numpy as np
+    from PIL import Image
+
+    from i2l.data.validate import decode_image
+
+    files = {"gray16.png": Image.fromarray(np.full((32, 32), 128 * 257, np.uint16)),
+             "logo.png": Image.new("RGBA", (32, 32), (255, 0, 0, 0))}
+    for name, im in files.items():
+        im.save(tmp_path / name)
+    from_files = model.predict_lora([tmp_path / n for n in files])
+    as_trained = model.predict_lora([decode_image((tmp_path / n).read_bytes(), 10**8) for n in files])
+    for k in from_files.names:
+        assert torch.equal(from_files.A[k], as_trained.A[k]) and torch.equal(from_files.B[k], as_trained.B[k])
+
+
 def test_predict_command_does_not_load_the_backbone(debug_run, model, samples, tmp_path):
     """`i2l predict` needs the encoder and predictor only: it must work where the (GBs) backbone is absent."""
     import json

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+from types import SimpleNamespace
 
 import conftest_ray
 import numpy as np
@@ -67,6 +69,36 @@ def test_diffusers_upscaler(sr_dir):
     assert [im.tobytes() for im in up(batch)] == [im.tobytes() for im in out]  # seeded: re-runs agree
     big = _img(80, 80, 3)  # already above the resolution: Lanczos only, the pipeline is not run
     assert up([big])[0].tobytes() == LanczosUpscaler(64)([big])[0].tobytes()
+
+
+class FakeSDUpscale:
+    """The call contract of diffusers' StableDiffusionUpscalePipeline (0.42): guidance_scale defaults to 9, and
+    guidance_scale > 1 runs classifier-free guidance, i.e. the unet sees 2B latents instead of B."""
+
+    def __init__(self):
+        self.unet_batches = []
+
+    def to(self, device):
+        return self
+
+    def set_progress_bar_config(self, **kw):
+        pass
+
+    def __call__(self, prompt, image, num_inference_steps=75, guidance_scale=9.0, generator=None, output_type="pil"):
+        self.unet_batches.append(len(prompt) * (2 if guidance_scale > 1.0 else 1))
+        return SimpleNamespace(images=[im.resize((4 * im.size[0],) * 2) for im in image])
+
+
+def test_text_conditioned_upscaler_runs_without_guidance(tmp_path, monkeypatch):
+    """An empty prompt on both CFG branches changes nothing but doubles the unet's work: the call must turn it off."""
+    pipe = FakeSDUpscale()
+    fake = SimpleNamespace(DiffusionPipeline=SimpleNamespace(from_pretrained=lambda *a, **kw: pipe))
+    monkeypatch.setitem(sys.modules, "diffusers", fake)
+    (tmp_path / "model_index.json").write_text("{}")
+    up = DiffusersUpscaler(tmp_path, resolution=64, device="cpu", steps=2)
+    out = up([_img(16, 16, 1), _img(16, 16, 2), _img(16, 16, 3)])
+    assert [im.size for im in out] == [(64, 64)] * 3
+    assert pipe.unet_batches == [3]  # B, not 2B
 
 
 @pytest.mark.slow

@@ -79,7 +79,11 @@ class DiffusersUpscaler:
         self.name = f"diffusers:{type(self.pipe).__name__}"
         self.resolution, self.device, self.steps, self.seed = resolution, device, steps, seed
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self._takes_prompt = "prompt" in inspect.signature(self.pipe.__call__).parameters
+        params = inspect.signature(self.pipe.__call__).parameters
+        self._takes_prompt = "prompt" in params
+        # SD x4 / latent x2 default to guidance_scale=9: CFG with "" on both branches only doubles the unet batch.
+        # diffusers runs CFG only when guidance_scale > 1.
+        self._no_cfg = {"guidance_scale": 1.0} if "guidance_scale" in params else {}
 
     def _run(self, images: list[Image.Image]) -> list[Image.Image]:
         import numpy as np
@@ -89,7 +93,7 @@ class DiffusersUpscaler:
         self.generator.manual_seed(self.seed ^ zlib.crc32(images[0].tobytes()))
         kw = {"num_inference_steps": self.steps, "generator": self.generator, "output_type": "pil"}
         if self._takes_prompt:  # text-conditioned upscalers (SD x4): an empty prompt, no guidance
-            return self.pipe(prompt=[""] * len(images), image=images, **kw).images
+            return self.pipe(prompt=[""] * len(images), image=images, **self._no_cfg, **kw).images
         # Unconditional SR (LDM): a (B, 3, H, W) batch in [-1, 1], sides a multiple of 32.
         side = max(32, images[0].size[0] // 32 * 32)
         arr = np.stack([np.asarray(im.resize((side, side), Image.LANCZOS), np.float32) for im in images])
