@@ -65,6 +65,8 @@ def pretrain_toy(preset: str = "toy", overrides: list[str] | None = None, data_r
     results = []
     for stage, key in keys.items():
         out, marker, fn = stages[stage]
+        # One folder per preset whatever the key: it records the key of the model it holds (keyed_dir).
         results.append(ctx.run_stage(stage, key, path_exists(f"{out}/{marker}"),
-                                     lambda run_id, fn=fn, out=out: {"dir": str(out), **fn(cfg, data, out, progress)}))
+                                     lambda run_id, fn=fn, out=out: {"dir": str(out), **fn(cfg, data, out, progress)},
+                                     keyed_dir=out))
     return [r.to_dict() for r in results]

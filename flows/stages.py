@@ -17,6 +17,7 @@ from prefect import get_run_logger
 from prefect.cache_policies import NONE
 
 from i2l.backbones import default_paths
+from i2l.checkpoint import RUN_KEY_FILE, read_run_key, write_run_key
 from i2l.config import Config, get_config
 from i2l.paths import Paths, paths_for
 from i2l.store import Store, StoreBusyError
@@ -134,17 +135,24 @@ class StageContext:
         return self.store.stage_info(stage, key)
 
     def run_stage(self, stage: str, key: str, outputs_exist: Callable[[], bool], work: Callable[[str], dict],
-                  record: Callable[[str, dict], None] | None = None, own_run: bool = True) -> StageResult:
+                  record: Callable[[str, dict], None] | None = None, own_run: bool = True,
+                  keyed_dir: str | os.PathLike | None = None) -> StageResult:
         """Skip when the store marks (stage, key) done and its outputs are on disk. Else run `work(run_id)` inside
         a store run (own_run; else the work records its own run), then `record(run_id, info)` and the done-mark
-        in one store transaction."""
+        in one store transaction.
+
+        keyed_dir: the folder the stage writes whatever its key (one per preset), so another key's run may have
+        written over it since. Its outputs count only while it records this key: the record is removed before the
+        work starts and written once the work has finished, so a kill mid-write leaves no key."""
         log = get_run_logger()
         info = self.done(stage, key)
         if info is not None and stage not in self.force:
-            if outputs_exist():
+            ours = keyed_dir is None or read_run_key(keyed_dir) == key
+            if ours and outputs_exist():
                 log.info(f"{stage}: done earlier (key {key}), skipped")
                 return StageResult(stage, key, True, 0.0, info)
-            log.warning(f"{stage}: the store marks it done but its outputs are gone; running it again")
+            why = "its outputs are gone" if ours else f"{keyed_dir} holds another key's outputs (or unfinished ones)"
+            log.warning(f"{stage}: the store marks it done but {why}; running it again")
         t0 = time.perf_counter()
         run_id = f"{stage}-{self.cfg.name}-{key}"
         if self.parent_run_id:
@@ -153,7 +161,11 @@ class StageContext:
             self.store.start_run("pipeline", self.cfg.name, self.keyed, run_id=self.parent_run_id)
         with self.store.run(stage, self.cfg.name, self.keyed, run_id=run_id, parent_id=self.parent_run_id) \
                 if own_run else nullcontext():
+            if keyed_dir is not None:
+                (Path(keyed_dir) / RUN_KEY_FILE).unlink(missing_ok=True)
             info = dict(work(run_id) or {})
+            if keyed_dir is not None:
+                write_run_key(keyed_dir, key)
             if own_run:
                 info["run_id"] = run_id
             info["parent_run_id"] = self.parent_run_id
@@ -166,13 +178,21 @@ class StageContext:
         return StageResult(stage, key, False, seconds, info)
 
 
+def prepared_key(prepared_dir: Path) -> str | None:
+    """The plan fingerprint (the prepare stage's key) in the manifest prepare writes last, or None."""
+    try:
+        return json.loads((Path(prepared_dir) / "manifest.json").read_text())["fingerprint"]
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def data_id(ctx: StageContext) -> str:
     """Identity of the prepared data on disk (its plan fingerprint): what downstream stage keys build on."""
-    manifest = ctx.paths.prepared_dir / "manifest.json"
-    if not manifest.is_file():
+    fingerprint = prepared_key(ctx.paths.prepared_dir)
+    if fingerprint is None:
         raise FileNotFoundError(f"no prepared data at {ctx.paths.prepared_dir}: run the prepare_data flow first "
                                 f"(or `i2l run --flow prepare_data --preset {ctx.cfg.name}`)")
-    return json.loads(manifest.read_text())["fingerprint"]
+    return fingerprint
 
 
 def jsonable(value: Any) -> Any:

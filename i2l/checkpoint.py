@@ -143,7 +143,8 @@ RUN_KEY_FILE = "run_key.json"
 
 
 def read_run_key(run_dir) -> str | None:
-    """The key recorded in run_dir by `claim_run_dir`, or None (no run, or one started by hand)."""
+    """The key recorded in run_dir (by `claim_run_dir` or `write_run_key`), or None (no run, or one started by
+    hand)."""
     try:
         return json.loads((Path(run_dir) / RUN_KEY_FILE).read_text())["key"]
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, KeyError, TypeError):
@@ -166,11 +167,17 @@ def claim_run_dir(run_dir, key: str, fresh: bool = False) -> list[str]:
         back.rename(run)
         notes.append(f"moved the earlier run of key {key} back from {back} to {run}: it resumes from there")
     if read_run_key(run) != key:
-        run.mkdir(parents=True, exist_ok=True)
-        tmp = run / f".{RUN_KEY_FILE}.tmp"
-        tmp.write_text(json.dumps({"key": key}))
-        os.replace(tmp, run / RUN_KEY_FILE)
+        write_run_key(run, key)
     return notes
+
+
+def write_run_key(run_dir, key: str) -> None:
+    """Record `key` in run_dir, atomically: a kill leaves the old record or the new one, never half of one."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = run / f".{RUN_KEY_FILE}.tmp"
+    tmp.write_text(json.dumps({"key": key}))
+    os.replace(tmp, run / RUN_KEY_FILE)
 
 
 def _move_aside(run: Path, dest: Path) -> list[str]:

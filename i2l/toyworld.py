@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -223,8 +224,12 @@ def generate_rows(cfg: ToyWorldConfig):
                    "content": content.describe(), "style": style.describe()}, style
 
 
+_SHARD_NAME = re.compile(r"train-\d{5,}-of-\d{5,}\.parquet(\.tmp)?")  # as `write_toyworld` names its shards
+
+
 def write_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """Write parquet shards + metadata.csv under `out_dir`; returns a summary."""
+    """Write parquet shards + metadata.csv under `out_dir`, which then holds exactly this world: the toy world's
+    shards of an earlier write there are removed. Returns a summary."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -249,11 +254,18 @@ def write_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike, progress: bo
             flush()
     if rows:
         flush()
-    with open(out / "metadata.csv", "w", newline="") as f:
+    tmp = out / ".metadata.csv.tmp"
+    with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         fields = list(asdict(next(iter(meta.values()))))
         w.writerow(["style_id", *fields, "brushwork", "light"])
         for sid, st in meta.items():
             # MegaStyle's metadata has attributes the toy world lacks: they read N/A, as there.
             w.writerow([sid, *asdict(st).values(), "N/A", "N/A"])
+    os.replace(tmp, out / "metadata.csv")
+    # Readers take every *.parquet in the folder: shards of an earlier world of another shard count must go, or
+    # they would be read along with this one. Only files of the toy world's own naming are removed.
+    for p in out.iterdir():
+        if _SHARD_NAME.fullmatch(p.name) and p.name not in written:
+            p.unlink()
     return {"dir": str(out), "rows": total, "styles": cfg.styles, "shards": written}

@@ -1,6 +1,7 @@
 """The Prefect flows on the debug preset inside `prefect_test_harness`: the pipeline runs every flow end to end;
 re-running it repeats no work and leaves the store unchanged; each flow run on its own finds its stage done; a
-train flow killed mid-run resumes from its checkpoint; only transient failures are retried."""
+train flow killed mid-run resumes from its checkpoint; a toy stage whose folder holds another key's outputs runs
+again; only transient failures are retried."""
 
 from __future__ import annotations
 
@@ -91,6 +92,101 @@ def test_a_finished_run_of_another_key_is_not_the_train_stages_output(tmp_path):
     ck.mkdir(parents=True)
     (ck / "state.json").write_text(json.dumps({"step": 2}))
     assert run_finished(run, 2, "A") and not run_finished(run, 3, "A") and not run_finished(run, 2, "B")
+
+
+def _outside_prefect(monkeypatch):
+    """Stages run here without a Prefect flow run around them: run_stage logs to a plain logger."""
+    import logging
+
+    import flows.stages
+
+    monkeypatch.setattr(flows.stages, "get_run_logger", lambda: logging.getLogger("i2l.tests"))
+
+
+def test_toy_models_of_another_key_on_disk_are_trained_again(tmp_path, monkeypatch):
+    """Settings A, then B, then A: each toy model's folder is one per preset, so the third run finds A marked done
+    over B's models. It must train A's again, and a run of B killed mid-write must not leave A looking done."""
+    import json
+
+    from flows import pretrain_toy
+    from i2l.metrics.toy_clip import SCORER_FILE
+
+    _outside_prefect(monkeypatch)
+    tags = {"pretrain_backbone": lambda cfg: cfg.train.backbone_steps,
+            "pretrain_encoder": lambda cfg: cfg.encoder.pretrain_steps,
+            "pretrain_scorer": lambda cfg: cfg.scorer.pretrain_steps}
+    files = {"pretrain_backbone": "pretrain.json", "pretrain_encoder": "encoder.json",
+             "pretrain_scorer": SCORER_FILE}
+    crash = []
+
+    def trainer(stage):  # stands in for the trainer: writes what it trained into out_dir, marker last
+        def train(cfg, data_dir, out_dir, progress):
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / files[stage]).write_text(json.dumps({"tag": tags[stage](cfg)}))
+            if crash:
+                raise RuntimeError("killed before the stage finished")
+            return {}
+        return train
+
+    for stage, task in [("pretrain_backbone", "backbone_task"), ("pretrain_encoder", "encoder_task"),
+                        ("pretrain_scorer", "scorer_task")]:
+        monkeypatch.setattr(pretrain_toy, task, trainer(stage))
+    prepared = tmp_path / "prepared" / "debug"
+    prepared.mkdir(parents=True)
+    (prepared / "manifest.json").write_text(json.dumps({"fingerprint": "data"}))
+    dirs = {"pretrain_backbone": "backbone", "pretrain_encoder": "encoder", "pretrain_scorer": "scorer"}
+
+    def run(steps: int) -> dict[str, tuple[bool, int]]:
+        """Each stage: (skipped, the tag of the model on disk after the run)."""
+        overrides = [f"train.backbone_steps={steps}", f"encoder.pretrain_steps={steps}",
+                     f"scorer.pretrain_steps={steps}"]
+        results = pretrain_toy.pretrain_toy.fn("debug", overrides, str(tmp_path), progress=False)
+        assert {r["stage"] for r in results} == set(dirs)
+        return {r["stage"]: (r["skipped"], json.loads(
+            (tmp_path / "toy" / "debug" / dirs[r["stage"]] / files[r["stage"]]).read_text())["tag"])
+            for r in results}
+
+    def ran(steps: int) -> dict[str, tuple[bool, int]]:
+        return {stage: (False, steps) for stage in dirs}
+
+    assert run(2) == ran(2)
+    assert run(3) == ran(3)
+    assert run(2) == ran(2)  # A is marked done, but its folders held B's models: trained again
+    assert run(2) == {stage: (True, 2) for stage in dirs}
+    crash.append(True)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(3)  # B starts writing over A's backbone and dies before it finishes
+    crash.clear()
+    # The half-written backbone is not taken for A's finished one; B never reached the other two: A's, skipped.
+    assert run(2) == {**ran(2), "pretrain_encoder": (True, 2), "pretrain_scorer": (True, 2)}
+
+
+def test_a_toy_world_of_other_settings_on_disk_is_written_again(tmp_path, monkeypatch):
+    """Toy world settings A, then B, then A (and A after `i2l toyworld` wrote over the folder): one folder per
+    preset, so the toy world stage must write A's world again rather than skip over another world."""
+    from flows import prepare_data
+    from flows.stages import StageContext
+    from i2l.cli import main as cli
+    from i2l.data.megastyle import find_shards
+    from i2l.toyworld import write_toyworld
+
+    _outside_prefect(monkeypatch)
+    monkeypatch.setattr(prepare_data, "write_toyworld_task",
+                        lambda cfg, out_dir, progress: write_toyworld(cfg.toyworld, out_dir, progress=False))
+
+    def run(styles: int) -> tuple[bool, int]:
+        """(skipped, the rows of the toy world on disk after the run)."""
+        ctx = StageContext.open("debug", [f"toyworld.styles={styles}", "toyworld.size=16"], str(tmp_path),
+                                progress=False)
+        result = prepare_data.toyworld_stage(ctx)
+        return result.skipped, sum(s.rows for s in find_shards(ctx.paths.toyworld_dir))
+
+    assert run(4) == (False, 32)
+    assert run(2) == (False, 16)
+    assert run(4) == (False, 32)  # A is marked done, but the folder held B's world: written again
+    assert run(4) == (True, 32)
+    assert cli(["toyworld", "--preset", "debug", "--data-root", str(tmp_path), "--styles", "2", "--size", "16"]) == 0
+    assert run(4) == (False, 32)  # written over by hand: not A's world any more
 
 
 @pytest.mark.parametrize("make, transient", [

@@ -65,3 +65,25 @@ def test_styles_are_distinct_and_consistent(world):
     same = dist[lab[:, None] == lab[None]].mean()
     diff = dist[lab[:, None] != lab[None]].mean()
     assert same < 0.5 * diff
+
+
+def test_rewriting_a_folder_leaves_exactly_the_new_world(world, tmp_path):
+    """Fewer shards over more: the earlier world's extra shards go (readers take every *.parquet), files of
+    other names stay, and the folder is byte for byte a fresh write of the new world."""
+    from i2l.data.megastyle import find_shards
+
+    cfg, d = world
+    big = ToyWorldConfig(styles=12, seed=3, size=32, rows_per_shard=20)
+    out = tmp_path / "tw"
+    write_toyworld(big, out, progress=False)
+    assert len(list(out.glob("*.parquet"))) == 5  # 96 rows / 20
+    (out / "notes.parquet").write_bytes(b"not the toy world's")
+    (out / "README.txt").write_text("kept")
+    write_toyworld(cfg, out, progress=False)
+    assert (out / "notes.parquet").read_bytes() == b"not the toy world's"
+    assert (out / "README.txt").read_text() == "kept"
+    (out / "notes.parquet").unlink()
+    (out / "README.txt").unlink()
+    assert _digest(out) == _digest(d)  # the same bytes as a write into an empty folder
+    assert sum(s.rows for s in find_shards(out)) == cfg.styles * ROWS_PER_STYLE
+    assert len((out / "metadata.csv").read_text().splitlines()) == 1 + cfg.styles
