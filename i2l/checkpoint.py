@@ -171,6 +171,12 @@ def claim_run_dir(run_dir, key: str, fresh: bool = False) -> list[str]:
     return notes
 
 
+def forget_run_key(run_dir) -> None:
+    """Drop run_dir's recorded key: what is written there next by hand is no stage's output, so the flow that
+    recorded it runs again rather than skip over it."""
+    (Path(run_dir) / RUN_KEY_FILE).unlink(missing_ok=True)
+
+
 def write_run_key(run_dir, key: str) -> None:
     """Record `key` in run_dir, atomically: a kill leaves the old record or the new one, never half of one."""
     run = Path(run_dir)

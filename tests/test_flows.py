@@ -448,3 +448,16 @@ def _named(name: str, base: type) -> type:
 def _chain(outer: BaseException, cause: BaseException) -> BaseException:
     outer.__cause__ = cause
     return outer
+
+
+def test_toy_models_made_by_hand_drop_the_folders_stage_key(debug_run, tmp_path):
+    """`i2l pretrain-encoder|pretrain-backbone|pretrain-scorer` write into the folders the pretrain_toy flow keys:
+    a model made by hand is no stage's output, so the folder's recorded key goes and the flow runs again."""
+    from i2l.checkpoint import read_run_key, write_run_key
+    from i2l.cli import main
+
+    out = tmp_path / "encoder"
+    write_run_key(out, "a-flow-stage-key")
+    assert main(["pretrain-encoder", "--preset", "debug", "--data", str(debug_run.prepared_dir), "--out", str(out),
+                 "--steps", "0"]) == 0
+    assert (out / "encoder.json").is_file() and read_run_key(out) is None

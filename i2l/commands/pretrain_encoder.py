@@ -18,9 +18,11 @@ def add_arguments(p):
 
 def main(args):
     from i2l.backbones import default_paths
+    from i2l.checkpoint import forget_run_key
     from i2l.encoder_pretrain import pretrain_encoder
 
     cfg = default_paths(config_from_args(args))
+    forget_run_key(args.out or cfg.encoder.path)  # a hand-made encoder is no flow stage's output
     info = pretrain_encoder(cfg, args.data, args.out or cfg.encoder.path, steps=args.steps)
     if info["steps"]:
         print(f"toy encoder: loss {info['first_loss']:.4f} -> {info['last_loss']:.4f} ({info['seconds']:.0f}s) "

@@ -20,6 +20,7 @@ def add_arguments(p):
 
 
 def main(args):
+    from i2l.checkpoint import forget_run_key
     from i2l.metrics import default_scorer_dir
     from i2l.metrics.toy_clip import pretrain_toy_clip
     from i2l.paths import paths_for
@@ -37,6 +38,7 @@ def main(args):
         raise FileNotFoundError(f"data dir {data} not found: run `i2l toyworld` (or `i2l prepare`) first, "
                                 f"or pass --data DIR")
     out = Path(args.out) if args.out else Path(default_scorer_dir(cfg))
+    forget_run_key(out)  # a hand-made scorer is no flow stage's output
     info = pretrain_toy_clip(cfg, data, out)
     held = info.get("heldout") or {}
     acc = (f"; held-out pair accuracy text {held['text_pair_acc']:.3f}, style {held['style_pair_acc']:.3f} "

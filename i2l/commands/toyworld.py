@@ -28,13 +28,13 @@ def main(args):
         if getattr(args, name) is not None:
             setattr(tw, name, getattr(args, name))
     tw.__post_init__()
-    from i2l.checkpoint import RUN_KEY_FILE
+    from i2l.checkpoint import forget_run_key
     from i2l.paths import paths_for
 
     out = Path(args.out) if args.out else paths_for(cfg).toyworld_dir
     # The folder may hold the prepare_data flow's toy world, with the key of its stage: once written over by hand
     # it is not that world any more, so the flow must write it again rather than skip.
-    (out / RUN_KEY_FILE).unlink(missing_ok=True)
+    forget_run_key(out)
     summary = write_toyworld(tw, out)
     print(f"toy world: {summary['rows']} images, {summary['styles']} styles, "
           f"{len(summary['shards'])} shards -> {out}")
