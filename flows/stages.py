@@ -17,7 +17,7 @@ from prefect import get_run_logger
 from prefect.cache_policies import NONE
 
 from i2l.backbones import default_paths
-from i2l.checkpoint import RUN_KEY_FILE, read_run_key, write_run_key
+from i2l.checkpoint import forget_run_key, read_run_key, write_run_key
 from i2l.config import Config, get_config
 from i2l.paths import Paths, paths_for
 from i2l.store import Store, StoreBusyError
@@ -162,7 +162,7 @@ class StageContext:
         with self.store.run(stage, self.cfg.name, self.keyed, run_id=run_id, parent_id=self.parent_run_id) \
                 if own_run else nullcontext():
             if keyed_dir is not None:
-                (Path(keyed_dir) / RUN_KEY_FILE).unlink(missing_ok=True)
+                forget_run_key(keyed_dir)
             info = dict(work(run_id) or {})
             if keyed_dir is not None:
                 write_run_key(keyed_dir, key)
