@@ -105,13 +105,20 @@ def test_stack_pads_ranks_and_zero_lora_is_a_no_op(toy):
     both = LoRA.stack([a, b])
     assert both.batched and both.batch_size == 2 and both.rank == 4
     x, t, cond = inputs(toy, 2)
+    assert_batched_as_alone(toy, both, [a, b])
     with torch.no_grad():
-        v = toy.velocity(x, t, cond, both)
-        for i, lo in enumerate((a, b)):
-            alone = toy.velocity(x[i:i + 1], t[i:i + 1], cond.index(slice(i, i + 1)), lo)
-            assert (v[i] - alone[0]).abs().max() < 1e-5
         zero = zero_lora(toy.lora_targets(), rank=2, backbone=toy.backbone_id)
         assert torch.equal(toy.velocity(x, t, cond, zero), toy.velocity(x, t, cond))
+
+
+def assert_batched_as_alone(toy, batched: LoRA, loras: list[LoRA]) -> None:
+    """Row i of one batched forward with `batched` equals a forward of sample i alone with loras[i]."""
+    x, t, cond = inputs(toy, len(loras))
+    with torch.no_grad():
+        v = toy.velocity(x, t, cond, batched)
+        for i, lo in enumerate(loras):
+            alone = toy.velocity(x[i:i + 1], t[i:i + 1], cond.index(slice(i, i + 1)), lo)
+            assert (v[i] - alone[0]).abs().max() < 1e-5
 
 
 def partial(lora: LoRA, n: int) -> LoRA:
@@ -125,12 +132,7 @@ def test_loras_over_different_layers_stack_and_mix_over_their_union(toy):
     full, part = random_lora(toy, None, rank=2, seed=1), partial(random_lora(toy, None, rank=3, seed=2), 2)
     both = LoRA.stack([part, full])
     assert set(both.names) == set(full.names) and both.batch_size == 2
-    x, t, cond = inputs(toy, 2)
-    with torch.no_grad():
-        v = toy.velocity(x, t, cond, both)
-        for i, lo in enumerate((part, full)):
-            alone = toy.velocity(x[i:i + 1], t[i:i + 1], cond.index(slice(i, i + 1)), lo)
-            assert (v[i] - alone[0]).abs().max() < 1e-5
+    assert_batched_as_alone(toy, both, [part, full])
     for los, ws in (([part, full], [0.5, 2.0]), ([full, part], [2.0, 0.5])):  # both orders
         mixed = LoRA.mix(los, ws)
         assert set(mixed.names) == set(full.names)
