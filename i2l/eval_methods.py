@@ -47,6 +47,11 @@ def mean_lora_conditioning(lora: LoRA, n: int, train_s: float) -> Conditioning:
                         note=f"one LoRA for all styles, trained once in {train_s:.0f}s")
 
 
+def i2l_ref_counts(samples: list[ValSample]) -> tuple[int, ...]:
+    """i2L is evaluated from 1 and from 4 references, capped by the fewest any sample holds."""
+    return 1, min(4, min(len(s.refs) for s in samples))
+
+
 def i2l_conditionings(model, samples: list[ValSample], ref_counts: tuple[int, ...] = (1, 4),
                       progress: bool = False) -> list[Conditioning]:
     """i2L LoRAs from the first k references of each sample, one forward per style (timed alone, as a user

@@ -20,6 +20,7 @@ from i2l.eval_methods import (
     base_conditioning,
     heldout_losses,
     i2l_conditionings,
+    i2l_ref_counts,
     mean_lora_conditioning,
     per_style_conditionings,
 )
@@ -208,7 +209,7 @@ def make_conditionings(model, samples: list[ValSample], families, prepared_dir, 
                                          cfg.backbone.image_size, e.lora_lr, e.per_style_rows, e.seed,
                                          progress)
     if "i2l" in families:
-        conds += i2l_conditionings(model, samples, (1, min(4, min(len(s.refs) for s in samples))), progress)
+        conds += i2l_conditionings(model, samples, i2l_ref_counts(samples), progress)
     if "adapter" in families:
         adapter, _ = baseline("adapter")
         conds.append(adapter_conditioning(adapter, model.encoder, samples, 4, progress))

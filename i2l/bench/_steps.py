@@ -68,6 +68,17 @@ class Steps:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def fits(self, step, opt) -> bool:
+        """Whether one call of `step` runs; one that runs out of memory is cleaned up after, outside the handler
+        (its traceback holds the step's activations: freeing inside it frees nothing)."""
+        try:
+            step()
+            return True
+        except torch.OutOfMemoryError:
+            pass
+        self.free(opt)
+        return False
+
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -180,10 +191,9 @@ def setup_tag(preset: str, overrides: list[str] | None) -> str:
     """What a stored case is prefixed with, so that figures of different set-ups never replace one another in
     `v_benchmarks`: the preset, plus a short hash of its --set overrides when there are any (a later --set of the
     same field wins, as get_config applies them; order does not matter otherwise)."""
-    last = {}
-    for o in overrides or []:
-        key, _, value = o.partition("=")
-        last[key.strip()] = value.strip()
+    from i2l.config import _split  # parsed as get_config parses them
+
+    last = dict(_split(o) for o in overrides or [])
     if not last:
         return preset
     text = "\n".join(f"{k}={v}" for k, v in sorted(last.items()))

@@ -75,24 +75,24 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
     data = st.batch(max(batches), args.refs, styles=args.styles)
     A, Bm = st.lora_params()
     opt = torch.optim.Adam([*A.values(), *Bm.values()], lr=1e-2)
-    st.bb.transformer.disable_gradient_checkpointing()  # per-style optimisation has no predictor to fit beside it
     cases = {"i2l_forward_alone": lambda: st.i2l_forward(data["refs"][:1]),
              "i2l_forward_batched": lambda: st.i2l_forward(data["refs"]),
              # the same forwards with the LoRAs left on the device: what the copy to the host costs
              "i2l_forward_alone_on_device": lambda: st.i2l_forward(data["refs"][:1], to_host=False),
              "i2l_forward_batched_on_device": lambda: st.i2l_forward(data["refs"], to_host=False)}
-    ckpt = {}
+    ckpt = {}  # rows -> whether that per-style step needs gradient checkpointing to fit
     for b in batches:
         part = {"x1": data["x1"][:b], "cond": data["cond"].index(slice(0, b)), "refs": None}
-        try:
-            st.lora_step(part, A, Bm, opt)
-            ckpt[b] = False
-        except torch.OutOfMemoryError:  # too big without recomputation: time it as it would have to run
-            st.free(opt)
-            st.bb.transformer.enable_gradient_checkpointing()
-            ckpt[b] = True
-        cases[f"per_style_step_rows{b}"] = (lambda part=part, on=ckpt[b]: _lora_step(st, part, A, Bm, opt, on))
-    times = interleaved(cases, args.rounds, warmup=1, peaks=st.peaks)
+        st.set_checkpointing(False)  # per-style optimisation has no predictor to fit beside it
+        step = (lambda part=part: st.lora_step(part, A, Bm, opt))
+        ckpt[b] = not st.fits(step, opt)  # too big without recomputation: time it as it would have to run
+        cases[f"per_style_step_rows{b}"] = step
+
+    def before(name: str) -> None:  # untimed: each per-style step in its own set-up
+        if name.startswith("per_style_step_rows"):
+            st.set_checkpointing(ckpt[int(name.removeprefix("per_style_step_rows"))])
+
+    times = interleaved(cases, args.rounds, warmup=1, peaks=st.peaks, before=before)
     med = {k: statistics.median(v) for k, v in times.items()}
     fwd = {"alone": med["i2l_forward_alone"], "batched": med["i2l_forward_batched"] / args.styles}
     rows = [{"case": "i2l", "metric": "forward_alone_s", "value": fwd["alone"], "unit": "s"},
@@ -111,14 +111,6 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
         rows += _goal_rows(f"rows{b}", t, fwd)
     # stored cases start with the preset (+ a hash of the overrides): set-ups never replace one another's figures
     return tag_rows(rows + peak_rows(st) + setup_rows(st, max(batches), args.refs), args.preset, args.overrides)
-
-
-def _lora_step(st, part: dict, A: dict, Bm: dict, opt, checkpointing: bool) -> float:
-    if checkpointing:
-        st.bb.transformer.enable_gradient_checkpointing()
-    else:
-        st.bb.transformer.disable_gradient_checkpointing()
-    return st.lora_step(part, A, Bm, opt)
 
 
 def run(args: argparse.Namespace) -> list[dict]:

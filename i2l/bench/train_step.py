@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if ckpt:  # the same two steps without recomputation, where memory allows
         st.set_checkpointing(False)
         for k, (fn, opt) in steps.items():
-            if _fits(st, fn, opt):
+            if st.fits(fn, opt):
                 cases[k + NO_CKPT] = fn
             else:
                 rows.append({"case": k + NO_CKPT, "metric": "out_of_memory", "value": 1,
@@ -92,16 +92,3 @@ def run(args: argparse.Namespace) -> list[dict]:
                          **goal})
     return tag_rows(rows + peak_rows(st) + setup_rows(st, B, args.refs), args.preset, args.overrides)
 
-
-def _fits(st, fn, opt) -> bool:
-    """Whether one step runs; one that runs out of memory is cleaned up after, outside the handler (its
-    traceback holds the step's activations)."""
-    import torch
-
-    try:
-        fn()
-        return True
-    except torch.OutOfMemoryError:
-        pass
-    st.free(opt)
-    return False

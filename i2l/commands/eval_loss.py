@@ -23,7 +23,13 @@ def add_arguments(p):
 def main(args):
     from i2l.api import I2L
     from i2l.checkpoint import latest_checkpoint
-    from i2l.eval_methods import base_conditioning, heldout_losses, i2l_conditionings, per_style_conditionings
+    from i2l.eval_methods import (
+        base_conditioning,
+        heldout_losses,
+        i2l_conditionings,
+        i2l_ref_counts,
+        per_style_conditionings,
+    )
     from i2l.evaluate import eval_config
     from i2l.evaluation import format_table, load_val_samples, summarize
 
@@ -40,13 +46,12 @@ def main(args):
     if not samples:
         raise ValueError(f"{args.data}/val_manifest.jsonl has no samples: re-run `i2l prepare` with "
                          "data.val_samples > 0")
-    # as i2l.evaluate.make_conditionings: per-style seeded by eval.seed, i2L's 4 references capped as there are
-    refs = (1, min(4, min(len(s.refs) for s in samples)))
+    # as i2l.evaluate.make_conditionings: per-style seeded by eval.seed, i2L's reference counts by one rule
     conds = [base_conditioning(len(samples)),
              *per_style_conditionings(model.backbone, samples, budgets, ecfg.predictor.rank,
                                       ecfg.backbone.image_size, e.lora_lr, e.per_style_rows, seed=e.seed,
                                       progress=True),
-             *(c for c in i2l_conditionings(model, samples, refs) if not c.asym)]
+             *(c for c in i2l_conditionings(model, samples, i2l_ref_counts(samples)) if not c.asym)]
     rows = heldout_losses(model, samples, conds, progress=True)
     print(format_table(summarize(rows)))
     if not args.no_store:

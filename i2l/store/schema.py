@@ -98,6 +98,36 @@ CREATE TABLE stages (
 );
 """
 
+def _amortization_view(i2l_rule: str) -> str:
+    """v_amortization, one text for the two migrations that create it. `i2l_rule`: the CASE branches that name
+    i2L methods when the methods table gives no family ("views" took every i2l* name; "sanity_family" only
+    i2l_<N>ref(_asym), and calls i2l_wrong_style a sanity check)."""
+    return """
+CREATE OR REPLACE VIEW v_amortization AS
+WITH el AS (
+    SELECT run_id, method, avg(loss) AS eval_loss, avg(wall_s) AS wall_s, max(steps) AS steps,
+           count(DISTINCT style_id) AS n_styles
+    FROM eval_losses GROUP BY run_id, method
+), q AS (
+    SELECT run_id, method,
+           max(mean) FILTER (WHERE metric = 'overall') AS overall,
+           max(mean) FILTER (WHERE metric = 'clip_style') AS clip_style,
+           max(mean) FILTER (WHERE metric = 'clip_text') AS clip_text
+    FROM v_method_summary GROUP BY run_id, method
+), k AS (
+    SELECT run_id, method FROM el UNION SELECT run_id, method FROM q UNION SELECT run_id, method FROM methods
+)
+SELECT k.run_id, k.method,
+       coalesce(md.family, CASE WHEN k.method LIKE 'per\\_style@%' ESCAPE '\\' THEN 'per_style'
+                                I2L_RULE ELSE k.method END) AS family,
+       coalesce(md.budget_steps, nullif(el.steps, 0)) AS budget_steps,
+       coalesce(el.wall_s, md.wall_s) AS wall_s,
+       el.eval_loss, el.n_styles, q.clip_style, q.clip_text, q.overall
+FROM k LEFT JOIN el USING (run_id, method) LEFT JOIN q USING (run_id, method)
+     LEFT JOIN methods md USING (run_id, method);
+""".replace("I2L_RULE", i2l_rule)
+
+
 # Overall: per (run, metric), each method's mean is min-max normalised over the methods of that run
 # (lower-is-better metrics inverted, so 1 = best); Overall = mean over the metrics the method has.
 # Metrics on which every method ties (or only one method has) carry no ranking and are left out.
@@ -143,28 +173,7 @@ SELECT s.run_id, s.style_id, st.description AS style, st.split, s.method, sc.met
 FROM samples s JOIN scores sc USING (sample_id) LEFT JOIN styles st USING (style_id)
 GROUP BY s.run_id, s.style_id, st.description, st.split, s.method, sc.metric;
 
-CREATE OR REPLACE VIEW v_amortization AS
-WITH el AS (
-    SELECT run_id, method, avg(loss) AS eval_loss, avg(wall_s) AS wall_s, max(steps) AS steps,
-           count(DISTINCT style_id) AS n_styles
-    FROM eval_losses GROUP BY run_id, method
-), q AS (
-    SELECT run_id, method,
-           max(mean) FILTER (WHERE metric = 'overall') AS overall,
-           max(mean) FILTER (WHERE metric = 'clip_style') AS clip_style,
-           max(mean) FILTER (WHERE metric = 'clip_text') AS clip_text
-    FROM v_method_summary GROUP BY run_id, method
-), k AS (
-    SELECT run_id, method FROM el UNION SELECT run_id, method FROM q UNION SELECT run_id, method FROM methods
-)
-SELECT k.run_id, k.method,
-       coalesce(md.family, CASE WHEN k.method LIKE 'per\\_style@%' ESCAPE '\\' THEN 'per_style'
-                                WHEN k.method LIKE 'i2l%' THEN 'i2l' ELSE k.method END) AS family,
-       coalesce(md.budget_steps, nullif(el.steps, 0)) AS budget_steps,
-       coalesce(el.wall_s, md.wall_s) AS wall_s,
-       el.eval_loss, el.n_styles, q.clip_style, q.clip_text, q.overall
-FROM k LEFT JOIN el USING (run_id, method) LEFT JOIN q USING (run_id, method)
-     LEFT JOIN methods md USING (run_id, method);
+""" + _amortization_view("WHEN k.method LIKE 'i2l%' THEN 'i2l'") + """
 
 CREATE OR REPLACE VIEW v_benchmarks AS
 SELECT bench, case_name, metric, value, unit, device, time, run_id,
@@ -191,31 +200,10 @@ _SANITY_FAMILY = """
 UPDATE methods SET family = CASE WHEN method = 'i2l_wrong_style' THEN 'sanity' ELSE method END
 WHERE family = 'i2l' AND NOT regexp_full_match(method, 'i2l_[0-9]+ref(_asym)?');
 
-CREATE OR REPLACE VIEW v_amortization AS
-WITH el AS (
-    SELECT run_id, method, avg(loss) AS eval_loss, avg(wall_s) AS wall_s, max(steps) AS steps,
-           count(DISTINCT style_id) AS n_styles
-    FROM eval_losses GROUP BY run_id, method
-), q AS (
-    SELECT run_id, method,
-           max(mean) FILTER (WHERE metric = 'overall') AS overall,
-           max(mean) FILTER (WHERE metric = 'clip_style') AS clip_style,
-           max(mean) FILTER (WHERE metric = 'clip_text') AS clip_text
-    FROM v_method_summary GROUP BY run_id, method
-), k AS (
-    SELECT run_id, method FROM el UNION SELECT run_id, method FROM q UNION SELECT run_id, method FROM methods
-)
-SELECT k.run_id, k.method,
-       coalesce(md.family, CASE WHEN k.method LIKE 'per\\_style@%' ESCAPE '\\' THEN 'per_style'
-                                WHEN regexp_full_match(k.method, 'i2l_[0-9]+ref(_asym)?') THEN 'i2l'
-                                WHEN k.method = 'i2l_wrong_style' THEN 'sanity'
-                                ELSE k.method END) AS family,
-       coalesce(md.budget_steps, nullif(el.steps, 0)) AS budget_steps,
-       coalesce(el.wall_s, md.wall_s) AS wall_s,
-       el.eval_loss, el.n_styles, q.clip_style, q.clip_text, q.overall
-FROM k LEFT JOIN el USING (run_id, method) LEFT JOIN q USING (run_id, method)
-     LEFT JOIN methods md USING (run_id, method);
-"""
+""" + _amortization_view(
+    "WHEN regexp_full_match(k.method, 'i2l_[0-9]+ref(_asym)?') THEN 'i2l' "
+    "WHEN k.method = 'i2l_wrong_style' THEN 'sanity'")
+
 
 
 def _seed_metrics(con) -> None:
