@@ -15,10 +15,12 @@ from i2l.lora import LoRA, zero_lora
 
 def optimize_lora(backbone: Backbone, images: torch.Tensor, prompts: list[str], rank: int, steps: int,
                   lr: float = 1e-2, seed: int = 0, snapshots: tuple[int, ...] = (), batch_size: int = 16,
-                  stop: Callable[[dict], bool] | None = None) -> tuple[LoRA, list[dict]]:
+                  stop: Callable[[dict], bool] | None = None, keep_loras: bool = True) -> tuple[LoRA, list[dict]]:
     """Optimise one LoRA on (images (N, 3, H, W), prompts). Returns the final LoRA and, for each step count in
     `snapshots`, {steps, wall_s, lora} measured on the same run (cumulative wall time, not re-runs).
-    stop(snapshot) -> True ends the run at that snapshot; the time spent in it is not counted in wall_s."""
+    stop(snapshot) -> True ends the run at that snapshot; the time spent in it is not counted in wall_s.
+    keep_loras=False: a snapshot's LoRA is only lent to `stop`, then dropped (a check at every step of a
+    real-size LoRA would otherwise keep hundreds of copies)."""
     targets = backbone.lora_targets()
     init = zero_lora(targets, rank, backbone.backbone_id)
     A = {k: v.clone().to(backbone.device).requires_grad_(True) for k, v in init.A.items()}
@@ -47,6 +49,8 @@ def optimize_lora(backbone: Backbone, images: torch.Tensor, prompts: list[str], 
             t_stop = time.perf_counter()
             done = stop is not None and stop(out[-1])
             paused += time.perf_counter() - t_stop
+            if not keep_loras:
+                del out[-1]["lora"]
             if done:
                 break
     final = frozen({"method": "per_style", "steps": done_steps})

@@ -10,6 +10,7 @@ import torch
 
 from i2l.backbones import load_backbone
 from i2l.config import get_config
+from i2l.lora import LoRA
 from i2l.per_style import optimize_lora
 
 
@@ -42,6 +43,25 @@ def test_per_style_stops_when_asked_and_does_not_count_the_check(debug_run):
     # (allclose, not equal: a BLAS may round differently from run to run on a loaded machine; another LoRA would
     # differ by ~1e-2 after 4 Adam steps at lr 1e-2)
     assert torch.allclose(full[0]["lora"].B[name], curve[1]["lora"].B[name], atol=1e-6)
+
+
+def test_per_style_can_lend_snapshots_to_stop_without_keeping_them(debug_run):
+    """The amortization bench checks every step: a real-size LoRA per step must not pile up in memory."""
+    cfg, bb = _debug_backbone(debug_run)
+    images = torch.rand(2, 3, cfg.backbone.image_size, cfg.backbone.image_size) * 2 - 1
+    lent = []
+    _, curve = optimize_lora(bb, images, ["one small circle in the center"] * 2, rank=2, steps=3, seed=0,
+                             snapshots=(1, 2, 3), batch_size=2, stop=lambda snap: lent.append(snap["lora"]) and False,
+                             keep_loras=False)
+    assert len(lent) == 3 and all(isinstance(lo, LoRA) for lo in lent)
+    assert [c["steps"] for c in curve] == [1, 2, 3] and not any("lora" in c for c in curve)
+
+
+def test_bench_amortization_checks_the_per_style_loss_after_every_step():
+    """A sparse check grid (1, 2, 3, 5, 8, ...) rounds the per-style steps to match up, in i2L's favour."""
+    from i2l.bench.amortization import check_steps
+
+    assert check_steps(300) == tuple(range(1, 301))
 
 
 def test_bench_amortization_counts_the_fastest_per_style_setup(debug_run):

@@ -11,6 +11,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from fixtures_store import EVAL_RUN, METHODS, PIPELINE_RUN, make_fixture_store, sample_id
 from PIL import Image
@@ -124,6 +125,15 @@ def test_amortization_findings_match_the_curve(report):
     # loss, so per-style optimisation needs 0.35 * 5**0.8 ≈ 1.27 s ≈ 106× i2L's 0.012 s.
     assert "≈1.27 s" in found["i2l_4ref"] and "106×" in found["i2l_4ref"]
     assert set(found) == {"i2l_1ref", "i2l_4ref"}  # asym variants have no held-out loss
+
+
+def test_amortization_findings_bound_a_match_before_the_first_budget():
+    """When the smallest per-style budget already beats i2L, the crossing may come sooner: an upper bound."""
+    amort = pd.DataFrame({"method": ["per_style@5", "per_style@25", "i2l_4ref"],
+                          "family": ["per_style", "per_style", "i2l"],
+                          "wall_s": [0.5, 2.5, 0.01], "eval_loss": [0.20, 0.18, 0.21]})
+    (line,) = amortization_findings(amort)
+    assert "at most 50×" in line and "≈" not in line
 
 
 def _chromium() -> str:
