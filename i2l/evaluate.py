@@ -152,7 +152,7 @@ def baseline_budget(ecfg: Config, ck: Path, dataset_id: str, kind: str) -> dict:
            "steps": ecfg.eval.baseline_steps or t.steps, "batch_size": t.batch_size, "warmup": t.warmup,
            "seed": t.seed, "rank": ecfg.predictor.rank, "max_refs": ecfg.predictor.max_refs}
     if kind == "mean_lora":
-        out["lr"] = ecfg.eval.lora_lr
+        out["lr"] = ecfg.eval.mean_lora_lr
     else:
         e, p = ecfg.eval, ecfg.predictor
         out.update(lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip, tokens=e.adapter_tokens,

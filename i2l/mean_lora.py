@@ -23,7 +23,7 @@ INFO_FILE = "mean_lora.json"
 def train_mean_lora(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps: int | None = None,
                     progress: bool = True, device: str | None = None) -> dict:
     """cfg.train.steps x cfg.train.batch_size training tuples (targets + prompts; references unused), Adam at
-    eval.lora_lr with the predictor's warmup + cosine schedule; writes mean_lora.safetensors + .json."""
+    eval.mean_lora_lr with the predictor's warmup + cosine schedule; writes mean_lora.safetensors + .json."""
     from tqdm import tqdm
 
     from i2l.backbones import load_backbone
@@ -36,7 +36,7 @@ def train_mean_lora(cfg: Config, data_dir: str | Path, out_dir: str | Path, step
     init = zero_lora(backbone.lora_targets(), cfg.predictor.rank, backbone.backbone_id)
     A = {k: v.to(device).requires_grad_(True) for k, v in init.A.items()}  # (r, in)
     B = {k: v.to(device).requires_grad_(True) for k, v in init.B.items()}  # (out, r)
-    lr = cfg.eval.lora_lr
+    lr = cfg.eval.mean_lora_lr
     opt = torch.optim.Adam([*A.values(), *B.values()], lr=lr)
     stream = iter(TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed))
     bs, curve, t0 = cfg.train.batch_size, [], time.time()

@@ -14,7 +14,7 @@ from i2l.lora import LoRA, zero_lora
 
 
 def optimize_lora(backbone: Backbone, images: torch.Tensor, prompts: list[str], rank: int, steps: int,
-                  lr: float = 1e-2, seed: int = 0, snapshots: tuple[int, ...] = (), batch_size: int = 16,
+                  *, lr: float, seed: int = 0, snapshots: tuple[int, ...] = (), batch_size: int = 16,
                   stop: Callable[[dict], bool] | None = None, keep_loras: bool = True) -> tuple[LoRA, list[dict]]:
     """Optimise one LoRA on (images (N, 3, H, W), prompts). Returns the final LoRA and, for each step count in
     `snapshots`, {steps, wall_s, lora} measured on the same run (cumulative wall time, not re-runs).

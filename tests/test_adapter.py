@@ -105,7 +105,7 @@ def test_adapter_trains_loss_falls_and_round_trips(debug_run, tmp_path):
 
 
 def test_mean_lora_trains_on_all_styles_and_loss_falls(debug_run, tmp_path):
-    cfg = _cfg(debug_run, **{"train.steps": 20, "train.warmup": 2, "eval.lora_lr": 0.1})
+    cfg = _cfg(debug_run, **{"train.steps": 20, "train.warmup": 2, "eval.mean_lora_lr": 0.1})
     batch = _batch(debug_run, cfg)
     bb, enc = load_backbone(cfg), load_encoder(cfg.encoder)
     before = _fixed_loss(bb, enc, None, batch)

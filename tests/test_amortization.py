@@ -6,6 +6,7 @@ import argparse
 import math
 import time
 
+import pytest
 import torch
 
 from i2l.backbones import load_backbone
@@ -31,14 +32,14 @@ def test_per_style_stops_when_asked_and_does_not_count_the_check(debug_run):
         time.sleep(2.0)  # a slow check (a held-out loss) must not count as optimisation time
         return snap["steps"] == 4
 
-    final, curve = optimize_lora(bb, images, prompts, rank=2, steps=10, seed=0, snapshots=(2, 4, 8),
+    final, curve = optimize_lora(bb, images, prompts, rank=2, steps=10, lr=1e-2, seed=0, snapshots=(2, 4, 8),
                                  batch_size=2, stop=stop)
     assert seen == [2, 4] and [c["steps"] for c in curve] == [2, 4]
     assert final.meta["steps"] == 4
     # one sleep would exceed this; two debug steps take ~0.05 s (2 s of margin for a loaded CI machine)
     assert curve[1]["wall_s"] < 2.0 + curve[0]["wall_s"], [c["wall_s"] for c in curve]
     # stopping changes nothing before the stop: same seed, same LoRA at step 4 as a run to 10 steps
-    _, full = optimize_lora(bb, images, prompts, rank=2, steps=10, seed=0, snapshots=(4,), batch_size=2)
+    _, full = optimize_lora(bb, images, prompts, rank=2, steps=10, lr=1e-2, seed=0, snapshots=(4,), batch_size=2)
     name = next(iter(final.A))
     # (allclose, not equal: a BLAS may round differently from run to run on a loaded machine; another LoRA would
     # differ by ~1e-2 after 4 Adam steps at lr 1e-2)
@@ -50,7 +51,7 @@ def test_per_style_can_lend_snapshots_to_stop_without_keeping_them(debug_run):
     cfg, bb = _debug_backbone(debug_run)
     images = torch.rand(2, 3, cfg.backbone.image_size, cfg.backbone.image_size) * 2 - 1
     lent = []
-    _, curve = optimize_lora(bb, images, ["one small circle in the center"] * 2, rank=2, steps=3, seed=0,
+    _, curve = optimize_lora(bb, images, ["one small circle in the center"] * 2, rank=2, steps=3, lr=1e-2, seed=0,
                              snapshots=(1, 2, 3), batch_size=2, stop=lambda snap: lent.append(snap["lora"]) and False,
                              keep_loras=False)
     assert len(lent) == 3 and all(isinstance(lo, LoRA) for lo in lent)
@@ -64,6 +65,15 @@ def test_bench_amortization_checks_the_per_style_loss_after_every_step():
     assert check_steps(300) == tuple(range(1, 301))
 
 
+def test_bench_amortization_tries_per_style_learning_rates_around_the_configured_one():
+    from i2l.bench.amortization import _parse_lrs
+
+    assert _parse_lrs("", 5e-3) == [2.5e-3, 5e-3, 1e-2]  # default: half, once, twice eval.lora_lr
+    assert _parse_lrs("1e-3, 3e-3", 5e-3) == [1e-3, 3e-3]
+    with pytest.raises(ValueError, match="per-style-lrs"):
+        _parse_lrs("0,1e-3", 5e-3)
+
+
 def test_bench_amortization_counts_the_fastest_per_style_setup(debug_run):
     from i2l.bench import format_rows
     from i2l.bench.amortization import GOAL, add_arguments, run
@@ -72,19 +82,20 @@ def test_bench_amortization_counts_the_fastest_per_style_setup(debug_run):
     add_arguments(p)
     args = p.parse_args(["--checkpoint", str(debug_run.run_dir), "--data", str(debug_run.prepared_dir),
                          "--data-root", str(debug_run.data_root), "--styles", "2", "--max-steps", "3",
-                         "--per-style-batches", "2,4"])
+                         "--per-style-batches", "2,4", "--per-style-lrs", "5e-3,2e-2"])
     rows = run(args)
     by = {(r["case"], r["metric"]): r["value"] for r in rows}
     styles = [c for c, m in by if m == "i2l_forward_s"]
     assert len(styles) == 2
     for s in styles:
         setups = {}
-        for b in (2, 4):
-            hit = (f"{s}/rows{b}", "per_style_s_to_match") in by
-            wall = by[(f"{s}/rows{b}", "per_style_s_to_match" if hit else "per_style_s_not_reached")]
-            steps = by[(f"{s}/rows{b}", "per_style_steps_to_match" if hit else "per_style_steps_not_reached")]
+        for b, lr in [(2, "0.005"), (2, "0.02"), (4, "0.005"), (4, "0.02")]:  # every batch x learning rate
+            case = f"{s}/rows{b}/lr{lr}"
+            hit = (case, "per_style_s_to_match") in by
+            wall = by[(case, "per_style_s_to_match" if hit else "per_style_s_not_reached")]
+            steps = by[(case, "per_style_steps_to_match" if hit else "per_style_steps_not_reached")]
             assert wall > 0 and 1 <= steps <= 3 and (hit or steps == 3)
-            setups[b] = (hit, wall)
+            setups[(b, lr)] = (hit, wall)
         # a set-up that reached i2L's loss wins over one that did not, then the faster one
         hit, wall = max(setups.values(), key=lambda hw: (hw[0], -hw[1]))
         ratio = by[(s, "amortization" if hit else "amortization_lower_bound")]

@@ -14,7 +14,7 @@ def add_arguments(p):
     p.add_argument("--images", nargs="*", default=None, help="reference images (instead of --style-id)")
     p.add_argument("--prompts", nargs="*", default=None, help="one content prompt per --images entry")
     p.add_argument("--steps", type=int, default=100, help="optimisation steps")
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: eval.lora_lr)")
     p.add_argument("--out", required=True, help="output .safetensors file")
 
 
@@ -44,7 +44,7 @@ def main(args):
     backbone = load_backbone(cfg)
     t0 = time.perf_counter()
     lora, _ = optimize_lora(backbone, to_tensor(images, cfg.backbone.image_size), prompts, cfg.predictor.rank,
-                            args.steps, lr=args.lr, seed=cfg.train.seed)
+                            args.steps, lr=args.lr or cfg.eval.lora_lr, seed=cfg.train.seed)
     secs = time.perf_counter() - t0
     lora.meta.update({"wall_s": secs, "n_images": len(images)})
     path = lora.save(args.out, prefix=backbone.lora_prefix)

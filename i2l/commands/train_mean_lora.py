@@ -1,7 +1,7 @@
 """Train the mean-LoRA baseline: one LoRA (same targets and rank as predicted ones) on all training styles.
 
 Optimised directly by flow matching on the training tuples' targets and prompts (no references), with the
-predictor's step budget and batch size (eval.baseline_steps overrides the steps) at eval.lora_lr. Writes
+predictor's step budget and batch size (eval.baseline_steps overrides the steps) at eval.mean_lora_lr. Writes
 OUT/mean_lora.safetensors (diffusers LoRA format) + mean_lora.json. `i2l evaluate` trains it when needed.
 """
 
