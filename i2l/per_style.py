@@ -45,8 +45,8 @@ def optimize_lora(backbone: Backbone, images: torch.Tensor, prompts: list[str], 
         done_steps = step
         if step in snapshots:
             lv = loss.item()  # waits for the device's queued work (this step's backward and Adam) before the clock
-            out.append({"steps": step, "wall_s": time.perf_counter() - t0 - paused, "loss": lv, "lora": frozen()})
-            t_stop = time.perf_counter()
+            t_stop = time.perf_counter()  # the snapshot's copy and check are off the clock
+            out.append({"steps": step, "wall_s": t_stop - t0 - paused, "loss": lv, "lora": frozen()})
             done = stop is not None and stop(out[-1])
             paused += time.perf_counter() - t_stop
             if not keep_loras:

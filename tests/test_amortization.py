@@ -58,6 +58,25 @@ def test_per_style_can_lend_snapshots_to_stop_without_keeping_them(debug_run):
     assert [c["steps"] for c in curve] == [1, 2, 3] and not any("lora" in c for c in curve)
 
 
+def test_per_style_wall_time_leaves_out_the_snapshot_copies(debug_run, monkeypatch):
+    """Checked after every step, a real-size LoRA copy per step would otherwise count as optimisation time."""
+    import i2l.per_style
+
+    class SlowCopy(LoRA):
+        def __post_init__(self):
+            super().__post_init__()
+            if not next(iter(self.A.values())).requires_grad:  # a snapshot's frozen copy, not the trained LoRA
+                time.sleep(1.0)
+
+    monkeypatch.setattr(i2l.per_style, "LoRA", SlowCopy)
+    cfg, bb = _debug_backbone(debug_run)
+    images = torch.rand(2, 3, cfg.backbone.image_size, cfg.backbone.image_size) * 2 - 1
+    _, curve = optimize_lora(bb, images, ["one small circle in the center"] * 2, rank=2, steps=3, lr=1e-2, seed=0,
+                             snapshots=(1, 2, 3), batch_size=2, keep_loras=False)
+    # three debug steps take ~0.05 s; the copies of steps 1 and 2 would add 2 s
+    assert curve[-1]["wall_s"] < 1.0, [c["wall_s"] for c in curve]
+
+
 def test_bench_amortization_checks_the_per_style_loss_after_every_step():
     """A sparse check grid (1, 2, 3, 5, 8, ...) rounds the per-style steps to match up, in i2L's favour."""
     from i2l.bench.amortization import check_steps

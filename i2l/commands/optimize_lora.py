@@ -44,7 +44,7 @@ def main(args):
     backbone = load_backbone(cfg)
     t0 = time.perf_counter()
     lora, _ = optimize_lora(backbone, to_tensor(images, cfg.backbone.image_size), prompts, cfg.predictor.rank,
-                            args.steps, lr=args.lr or cfg.eval.lora_lr, seed=cfg.train.seed)
+                            args.steps, lr=cfg.eval.lora_lr if args.lr is None else args.lr, seed=cfg.train.seed)
     secs = time.perf_counter() - t0
     lora.meta.update({"wall_s": secs, "n_images": len(images)})
     path = lora.save(args.out, prefix=backbone.lora_prefix)
