@@ -93,7 +93,7 @@ def test_bench_amortization_tries_per_style_learning_rates_around_the_configured
         _parse_lrs("0,1e-3", 5e-3)
 
 
-def test_bench_amortization_counts_the_fastest_per_style_setup(debug_run):
+def test_bench_amortization_counts_the_fastest_per_style_setup(debug_run, capsys):
     from i2l.bench import format_rows
     from i2l.bench.amortization import GOAL, add_arguments, run
 
@@ -103,6 +103,7 @@ def test_bench_amortization_counts_the_fastest_per_style_setup(debug_run):
                          "--data-root", str(debug_run.data_root), "--styles", "2", "--max-steps", "3",
                          "--per-style-batches", "2,4", "--per-style-lrs", "5e-3,2e-2"])
     rows = run(args)
+    assert "per-style runs to i2L's loss" in capsys.readouterr().err  # progress: 2 styles x 4 set-ups
     by = {(r["case"], r["metric"]): r["value"] for r in rows}
     styles = [c for c, m in by if m == "i2l_forward_s"]
     assert len(styles) == 2

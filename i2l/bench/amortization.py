@@ -149,6 +149,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     lrs = _parse_lrs(args.per_style_lrs, cfg.eval.lora_lr)
     snaps = check_steps(args.max_steps)
     rows, best_walls, fwd_s, ratios, step_s = [], [], [], [], {b: [] for b in batches}
+    from tqdm import tqdm
+
+    # one bar over every (style, set-up) run: at real size each is minutes of optimisation plus its checks
+    bar = tqdm(total=len(samples) * len(batches) * len(lrs), desc="per-style runs to i2L's loss", unit="run")
     for i, s in enumerate(samples):
         lora = model.predict_lora(s.refs)  # also the warm-up of its timing
         t_fwd = _median_time(lambda s=s: model.predict_lora(s.refs), warmup=False)
@@ -172,6 +176,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             step_s[b].append(last["wall_s"] / last["steps"])
             setup = f"rows{b}/lr{lr:g}"
             case, tail = f"{s.style_id}/{setup}", "to_match" if ok else "not_reached"
+            bar.set_postfix(style=s.style_id, setup=setup, steps=last["steps"], reached="yes" if ok else "no")
+            bar.update()
             rows += [{"case": case, "metric": f"per_style_steps_{tail}", "value": last["steps"], "unit": "steps"},
                      {"case": case, "metric": f"per_style_s_{tail}", "value": last["wall_s"], "unit": "s"}]
             # a set-up that reaches i2L's loss beats one that does not; then the faster wins
@@ -182,6 +188,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         ratios.append(wall / t_fwd)
         rows.append({"case": s.style_id, "metric": "amortization" if ok else "amortization_lower_bound",
                      "value": ratios[-1], "unit": f"x (per-style {setup})"})
+    bar.close()
     t_batched = _median_time(lambda: model.predict_loras([s.refs for s in samples])) / len(samples)
     t_alone = statistics.median(fwd_s)
     rows.append({"case": "all", "metric": "i2l_forward_batched_s", "value": t_batched, "unit": "s per style"})
