@@ -76,7 +76,7 @@ def i2l_conditionings(model, samples: list[ValSample], ref_counts: tuple[int, ..
 
 
 def optimize_loras(backbone: Backbone, images: torch.Tensor, prompts: list[list[str]], rank: int, steps: int,
-                   lr: float = 1e-2, seed: int = 0, snapshots: tuple[int, ...] = (), rows: int = 4,
+                   *, lr: float, seed: int = 0, snapshots: tuple[int, ...] = (), rows: int = 4,
                    progress: bool = False) -> dict[int, LoRA]:
     """Per-style LoRAs for S styles optimised side by side in one batched forward per step: images
     (S, N, 3, H, W), prompts S x N. Each style's loss is its own mean, so Adam moves each LoRA as if it were
@@ -125,7 +125,8 @@ def per_style_conditionings(backbone: Backbone, samples: list[ValSample], budget
     N = min(len(s.refs) for s in samples)
     images = torch.stack([to_tensor(s.refs[:N], image_size) for s in samples])  # (S, N, 3, H, W)
     prompts = [s.ref_prompts[:N] for s in samples]
-    snaps = optimize_loras(backbone, images, prompts, rank, budgets[-1], lr, seed, budgets, rows, progress)
+    snaps = optimize_loras(backbone, images, prompts, rank, budgets[-1], lr=lr, seed=seed, snapshots=budgets,
+                           rows=rows, progress=progress)
     _, timed = optimize_lora(backbone, images[0], prompts[0], rank, budgets[-1], lr=lr, seed=seed,
                              snapshots=budgets, batch_size=rows)
     wall = {t["steps"]: t["wall_s"] for t in timed}

@@ -36,7 +36,7 @@ def optimize_lora(backbone: Backbone, images: torch.Tensor, prompts: list[str], 
 
     out, t0, paused, done_steps = [], time.perf_counter(), 0.0, 0
     if 0 in snapshots:
-        out.append({"steps": 0, "wall_s": 0.0, "lora": frozen()})
+        out.append({"steps": 0, "wall_s": 0.0, **({"lora": frozen()} if keep_loras else {})})
     for step in range(1, steps + 1):
         # repeat the few references into a batch: more noise/timestep samples per step, same data
         idx = torch.randint(len(prompts), (batch_size,), generator=g)

@@ -84,6 +84,25 @@ def test_bench_amortization_checks_the_per_style_loss_after_every_step():
     assert check_steps(300) == tuple(range(1, 301))
 
 
+def test_bench_amortization_takes_eval_settings_from_the_preset_and_set(debug_run):
+    """The per-style lrs come from the checkpoint's preset as the code has it now (+ --set eval.*), as eval-loss
+    takes them, not from the settings saved with an older checkpoint; other fields cannot be --set here."""
+    from i2l.bench.amortization import add_arguments, run
+
+    def bench(*extra):
+        p = argparse.ArgumentParser()
+        add_arguments(p)
+        return run(p.parse_args(["--checkpoint", str(debug_run.run_dir), "--data", str(debug_run.prepared_dir),
+                                 "--data-root", str(debug_run.data_root), "--styles", "1", "--max-steps", "1",
+                                 "--per-style-batches", "2", *extra]))
+
+    rows = bench("--set", "eval.lora_lr=0.02")
+    setups = {r["case"].split("/", 1)[1] for r in rows if r["metric"].startswith("per_style_steps")}
+    assert setups == {"rows2/lr0.01", "rows2/lr0.02", "rows2/lr0.04"}
+    with pytest.raises(ValueError, match="only eval"):
+        bench("--set", "predictor.rank=8")
+
+
 def test_bench_amortization_tries_per_style_learning_rates_around_the_configured_one():
     from i2l.bench.amortization import _parse_lrs
 

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-style rows per step to try; the fastest to reach i2L's loss counts")
     p.add_argument("--per-style-lrs", default="",
                    help="per-style Adam learning rates to try, e.g. 2.5e-3,5e-3,1e-2; the fastest to reach i2L's "
-                        "loss counts (default: half, once and twice the checkpoint's eval.lora_lr)")
+                        "loss counts (default: half, once and twice eval.lora_lr of the checkpoint's preset)")
     p.add_argument("--data-root", default=None, help="data root of the checkpoint's toy models")
     p.add_argument("--random-init", action="store_true",
                    help="cost only: time the forward and the per-style steps at --preset's size, random weights")
@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="with --random-init: timed rounds (after one warm-up)")
     p.add_argument("--device", default=None, help="with --random-init: cpu or cuda (default: cuda when available)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="with --random-init: override one config field (repeatable)")
+                   help="override one config field (repeatable); with a trained checkpoint only eval.* fields "
+                        "(the model is the checkpoint's)")
 
 
 def _median_time(fn, rounds: int = 5, warmup: bool = True) -> float:
@@ -127,6 +128,18 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
     return tag_rows(rows + peak_rows(st) + setup_rows(st, max(batches), args.refs), args.preset, args.overrides)
 
 
+def _eval_settings(preset: str, overrides: list[str]):
+    """The eval settings (held-out grid, per-style lr) as `i2l eval-loss` has them for a checkpoint of `preset`:
+    the preset's as the code has them now, not the ones saved with the checkpoint, plus any --set eval.*."""
+    from i2l.config import get_config
+
+    other = [o for o in overrides if not o.strip().startswith("eval.")]
+    if other:
+        raise ValueError(f"with a trained checkpoint only eval.* fields can be --set (got {', '.join(other)}): the "
+                         f"model is the checkpoint's; use --random-init to time another set-up")
+    return get_config(preset, overrides).eval
+
+
 def check_steps(max_steps: int) -> tuple[int, ...]:
     """Per-style steps after which the held-out loss is checked: every one. A sparse grid (1, 2, 3, 5, 8, ...)
     counted a crossing at step 13 as 20, crediting i2L with up to 1.7x the per-style time it saves."""
@@ -143,10 +156,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     model = I2L.load(args.checkpoint, data_root=args.data_root)
     cfg, bb = model.cfg, model.backbone
-    size, T, S = cfg.backbone.image_size, cfg.eval.fm_timesteps, cfg.eval.fm_noise_seeds
+    ev = _eval_settings(cfg.name, args.overrides)
+    size, T, S = cfg.backbone.image_size, ev.fm_timesteps, ev.fm_noise_seeds
     samples = load_val_samples(args.data, limit=args.styles)
     batches = _parse_batches(args.per_style_batches)
-    lrs = _parse_lrs(args.per_style_lrs, cfg.eval.lora_lr)
+    lrs = _parse_lrs(args.per_style_lrs, ev.lora_lr)
     snaps = check_steps(args.max_steps)
     rows, best_walls, fwd_s, ratios, step_s = [], [], [], [], {b: [] for b in batches}
     from tqdm import tqdm
