@@ -17,9 +17,9 @@ from prefect import get_run_logger
 from prefect.cache_policies import NONE
 
 from i2l.backbones import default_paths
-from i2l.checkpoint import forget_run_key, read_run_key, write_run_key
 from i2l.config import Config, get_config
 from i2l.paths import Paths, paths_for
+from i2l.run_key import forget_run_key, json_field, read_run_key, write_run_key
 from i2l.store import Store, StoreBusyError
 
 STAGES = ("toyworld", "prepare", "pretrain_backbone", "pretrain_encoder", "pretrain_scorer", "train", "produce",
@@ -180,10 +180,7 @@ class StageContext:
 
 def prepared_key(prepared_dir: Path) -> str | None:
     """The plan fingerprint (the prepare stage's key) in the manifest prepare writes last, or None."""
-    try:
-        return json.loads((Path(prepared_dir) / "manifest.json").read_text())["fingerprint"]
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, KeyError, TypeError):
-        return None
+    return json_field(prepared_dir, "manifest.json", "fingerprint")
 
 
 def data_id(ctx: StageContext) -> str:

@@ -158,13 +158,13 @@ class I2L:
         else:
             neg = LoRA.stack([negative_lora] * n)
         shape = self.backbone.latent_shape(self.cfg.backbone.image_size)
+        # noise (B, *latent) fp32 on the CPU: `sample` moves it to the device (its state stays fp32)
         if isinstance(seed, int):
             noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
         elif len(seed) == n:
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seed])
         else:
             raise ValueError(f"{n} prompts but {len(seed)} seeds")
-        noise = noise.to(self.backbone.device)  # (B, *latent) fp32: the sampler's state stays fp32
         cond = self.backbone.encode_prompts(prompts)
         neg_cond = self.backbone.encode_prompts([negative_prompt] * n)
         x = sample(self.backbone, cond, neg_cond, pos, neg.to(self.backbone.device), guidance, steps, noise=noise,

@@ -2,12 +2,12 @@
 written under a temporary name and renamed, so a kill never leaves a half checkpoint. A checkpoint records
 the backbone, the adapted layers and the config it was made with; loading it elsewhere, or resuming it with
 other run-defining settings, is refused with a clear message. A run directory may record the key of the
-stage that owns it (`run_key.json`): a run of another key is moved aside, never resumed nor deleted."""
+stage that owns it (`run_key.json`, see i2l.run_key): a run of another key is moved aside, never resumed nor
+deleted."""
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -17,6 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from i2l.config import Config, config_from_dict
+from i2l.run_key import (  # noqa: F401  (re-exported: the run-key pieces live in the torch-free i2l.run_key)
+    RUN_KEY_FILE,
+    claim_run_dir,
+    forget_run_key,
+    latest_checkpoint,
+    read_run_key,
+    write_run_key,
+)
 
 
 def targets_digest(targets: dict[str, tuple[int, int]]) -> str:
@@ -66,14 +74,6 @@ def save_checkpoint(run_dir, step: int, predictor, opt, backbone, encoder, cfg: 
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # atomic: the checkpoint appears whole
     return final
-
-
-def latest_checkpoint(run_dir) -> Path | None:
-    d = Path(run_dir)
-    if (d / "state.json").is_file():  # a checkpoint directory itself
-        return d
-    cks = sorted((d / "checkpoints").glob("step_*")) if (d / "checkpoints").is_dir() else []
-    return cks[-1] if cks else None
 
 
 def read_state(ck: Path) -> dict:
@@ -135,65 +135,3 @@ def load_checkpoint(ck: Path, predictor, opt, backbone, cfg: Config) -> tuple[in
 
 def checkpoint_config(ck: Path) -> Config:
     return config_from_dict(read_state(ck)["config"])
-
-
-# ----- which stage key a run directory belongs to --------------------------------------------------------------
-
-RUN_KEY_FILE = "run_key.json"
-
-
-def read_run_key(run_dir) -> str | None:
-    """The key recorded in run_dir (by `claim_run_dir` or `write_run_key`), or None (no run, or one started by
-    hand)."""
-    try:
-        return json.loads((Path(run_dir) / RUN_KEY_FILE).read_text())["key"]
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
-def claim_run_dir(run_dir, key: str, fresh: bool = False) -> list[str]:
-    """Make run_dir the run of `key` before training resumes into it. A run of another key (or of no recorded key,
-    or any run when `fresh`) is renamed to the sibling `<name>.<its key>`; a sibling `<name>.<key>` left by an
-    earlier switch of settings is moved back, to be resumed. Nothing is deleted. Returns what was moved."""
-    run = Path(run_dir)
-    recorded = read_run_key(run)
-    ours = recorded == key and not fresh
-    back = run.with_name(f"{run.name}.{key}")
-    restore = not ours and not fresh and back.is_dir()
-    notes = []
-    if run.exists() and not ours and (latest_checkpoint(run) is not None or restore):
-        notes += _move_aside(run, run.with_name(f"{run.name}.{recorded or 'unkeyed'}"))
-    if restore:
-        back.rename(run)
-        notes.append(f"moved the earlier run of key {key} back from {back} to {run}: it resumes from there")
-    if read_run_key(run) != key:
-        write_run_key(run, key)
-    return notes
-
-
-def forget_run_key(run_dir) -> None:
-    """Drop run_dir's recorded key: what is written there next by hand is no stage's output, so the flow that
-    recorded it runs again rather than skip over it."""
-    (Path(run_dir) / RUN_KEY_FILE).unlink(missing_ok=True)
-
-
-def write_run_key(run_dir, key: str) -> None:
-    """Record `key` in run_dir, atomically: a kill leaves the old record or the new one, never half of one."""
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    tmp = run / f".{RUN_KEY_FILE}.tmp"
-    tmp.write_text(json.dumps({"key": key}))
-    os.replace(tmp, run / RUN_KEY_FILE)
-
-
-def _move_aside(run: Path, dest: Path) -> list[str]:
-    """run -> dest; an older run already at dest steps aside to dest.N, so dest always holds the newest."""
-    notes = []
-    if dest.exists():
-        older = next(p for n in itertools.count(1) if not (p := dest.with_name(f"{dest.name}.{n}")).exists())
-        dest.rename(older)
-        notes.append(f"moved the older run at {dest} to {older}")
-    run.rename(dest)
-    notes.append(f"moved the run in {run} (key {read_run_key(dest) or 'not recorded'}) aside to {dest}: "
-                 "it belongs to other settings or was forced out; nothing was deleted")
-    return notes

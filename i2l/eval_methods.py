@@ -13,7 +13,7 @@ import torch
 
 from i2l.backbones.base import Backbone, Cond
 from i2l.evaluation import ValSample, heldout_loss
-from i2l.flow_matching import fm_loss, precision_of
+from i2l.flow_matching import fm_backward
 from i2l.images import to_tensor
 from i2l.lora import LoRA, zero_lora
 from i2l.per_style import optimize_lora
@@ -99,13 +99,10 @@ def optimize_loras(backbone: Backbone, images: torch.Tensor, prompts: list[list[
         idx = (torch.arange(S)[:, None] * N + pick).flatten()  # (S·k,)
         lora = LoRA({k: v.repeat_interleave(rows, 0) for k, v in A.items()},  # (S·k, r, in)
                     {k: v.repeat_interleave(rows, 0) for k, v in B.items()}, backbone.backbone_id)
-        with backbone.lora_adapter.use(lora):
-            x1, cond = x_all[idx], cond_all.index(idx)  # (S·k, *latent)
-            with precision_of(backbone):  # as i2L trains: like-for-like on a GPU
-                per = fm_loss(backbone, x1, cond, lora, generator=g, reduce=False)  # (S·k,)
-            loss = per.view(S, rows).mean(1).sum()  # a sum of per-style means: no style's step depends on S
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+        # as i2L trains (like-for-like on a GPU), but the loss is a sum of per-style means over per (S·k,):
+        # no style's step depends on S
+        fm_backward(backbone, x_all[idx], cond_all.index(idx), lora, opt, g,
+                    reduce=lambda per: per.view(S, rows).mean(1).sum())
         opt.step()
         if step in snapshots:
             out[step] = LoRA({k: v.detach().clone() for k, v in A.items()},

@@ -4,7 +4,6 @@ held-out FM loss, recorded in the results store in one transaction. Re-running t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, replace
@@ -27,7 +26,7 @@ from i2l.eval_methods import (
 from i2l.evaluation import ValSample, load_val_samples
 from i2l.images import to_pil
 from i2l.lora import LoRA
-from i2l.store import Store, file_sha256
+from i2l.store import Store, file_sha256, json_digest
 
 FAMILIES = ("base", "mean_lora", "per_style", "i2l", "adapter")
 
@@ -41,9 +40,7 @@ def evaluate(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, store: 
     mean-LoRA and adapter baselines, come from the checkpoint. Images go under out_dir (default run_dir/eval).
     Returns {run_id, key, samples, methods, seconds, summary} ({..., skipped: True} when already done)."""
     t0 = time.perf_counter()
-    ck = latest_checkpoint(run_dir)
-    if ck is None:
-        raise FileNotFoundError(f"no checkpoint under {run_dir}: train one with `i2l train` first")
+    ck = checkpoint_to_evaluate(run_dir)
     unknown = set(families) - set(FAMILIES)
     if unknown:
         raise ValueError(f"unknown method families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
@@ -57,10 +54,7 @@ def evaluate(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, store: 
         return {**info, "skipped": True}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "eval"
-    samples = load_val_samples(prepared_dir, limit=ecfg.eval.styles)
-    if not samples:
-        raise ValueError(f"{prepared_dir}/val_manifest.jsonl has no samples: re-run `i2l prepare` with "
-                         "data.val_samples > 0")
+    samples = held_out_samples(prepared_dir, ecfg.eval.styles)
     with store.run("eval", ecfg.name, ecfg.to_dict(), parent_id=parent_id) as run_id:
         from i2l.api import I2L
 
@@ -99,6 +93,23 @@ def evaluate(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, store: 
     return info
 
 
+def checkpoint_to_evaluate(run_dir: str | Path) -> Path:
+    """The latest checkpoint of a training run (or a checkpoint dir), or a message that says what to do."""
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        raise FileNotFoundError(f"no checkpoint under {run_dir}: train one with `i2l train` first")
+    return ck
+
+
+def held_out_samples(prepared_dir: str | Path, limit: int) -> list:
+    """The validation manifest's first `limit` samples; none is an error, not an empty table."""
+    samples = load_val_samples(prepared_dir, limit=limit)
+    if not samples:
+        raise ValueError(f"{prepared_dir}/val_manifest.jsonl has no samples: re-run `i2l prepare` with "
+                         "data.val_samples > 0")
+    return samples
+
+
 # ----- identity of an evaluation ---------------------------------------------------------------------------
 
 def eval_config(cfg: Config, ck: Path) -> Config:
@@ -125,10 +136,6 @@ def dataset_fingerprint(prepared_dir: str | Path) -> str:
     return dataset_id(read_manifest(prepared_dir))
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def eval_key(ecfg: Config, ck: Path, dataset_id: str, families: tuple[str, ...]) -> str:
     """Same predictor weights, data, eval + scorer settings, baselines' budget and methods => same key."""
     from i2l.metrics.clip import clip_version
@@ -136,7 +143,7 @@ def eval_key(ecfg: Config, ck: Path, dataset_id: str, families: tuple[str, ...])
     # how generation and scoring run, not their numbers (an image does not depend on its batch)
     scorer = {k: v for k, v in asdict(ecfg.scorer).items() if k not in ("device", "batch_size")}
     ev = {k: v for k, v in asdict(ecfg.eval).items() if k != "gen_batch"}
-    return _digest({"predictor": file_sha256(Path(ck) / "predictor.safetensors"), "data": dataset_id,
+    return json_digest({"predictor": file_sha256(Path(ck) / "predictor.safetensors"), "data": dataset_id,
                     "eval": ev, "scorer": scorer, "families": sorted(families),
                     "clip": clip_version(ecfg.scorer.clip_checkpoint, ecfg.scorer.clip_model),
                     "baselines": [baseline_budget(ecfg, ck, dataset_id, k)
@@ -170,7 +177,7 @@ def ensure_baseline(kind: str, model, prepared_dir, base_dir: Path, store: Store
     from i2l.adapter import load_adapter, train_adapter
     from i2l.mean_lora import load_mean_lora, train_mean_lora
 
-    key = _digest(baseline_budget(model.cfg, model.checkpoint, dataset_id, kind))
+    key = json_digest(baseline_budget(model.cfg, model.checkpoint, dataset_id, kind))
     out = base_dir / f"{kind}-{key}"
     load = (lambda: load_mean_lora(out, model.backbone)) if kind == "mean_lora" else \
         (lambda: load_adapter(out, model.backbone, model.encoder, device=str(model.encoder.device)))

@@ -8,10 +8,12 @@ Shapes: B batch, x (B, *latent).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
 from i2l.backbones.base import Backbone, Cond
+from i2l.backbones.schedule import timestep_schedule
 from i2l.lora import LoRA
 
 
@@ -46,14 +48,18 @@ def fm_loss(backbone: Backbone, x1: torch.Tensor, cond: Cond, lora: LoRA | None 
 
 
 def fm_backward(backbone: Backbone, x1: torch.Tensor, cond: Cond, lora: LoRA, opt: torch.optim.Optimizer,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None,
+                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The gradient of the FM loss through the frozen backbone with `lora` applied; returns the loss. The forward
     runs under the backbone's precision policy (bf16 autocast on a GPU), the backward outside it as PyTorch's AMP
     recipe has it (checkpointed blocks recompute under the autocast state they were run in). The LoRA stays active
-    through backward, so checkpointed blocks recompute with it. opt.step() is the caller's (clipping first)."""
+    through backward, so checkpointed blocks recompute with it. opt.step() is the caller's (clipping first).
+    reduce: None for the mean over the batch; else it maps the per-sample losses (B,) (fp32) to the loss."""
     with backbone.lora_adapter.use(lora):
         with precision_of(backbone):
-            loss = fm_loss(backbone, x1, cond, lora, generator=generator)
+            loss = fm_loss(backbone, x1, cond, lora, generator=generator, reduce=reduce is None)
+        if reduce is not None:
+            loss = reduce(loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
     return loss
@@ -71,13 +77,6 @@ def mixed_precision(device: torch.device | str, backbone_dtype: str):
 def precision_of(backbone: Backbone):
     """`mixed_precision` for a loaded backbone (its device and weight dtype)."""
     return mixed_precision(backbone.device, "bfloat16" if backbone.dtype == torch.bfloat16 else "float32")
-
-
-def timestep_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
-    """steps+1 values of t from 0 (noise) to 1 (data); shift > 1 spends more steps near noise."""
-    s = torch.linspace(1.0, 0.0, steps + 1)  # sigma = 1 - t
-    s = shift * s / (1 + (shift - 1) * s)
-    return 1.0 - s
 
 
 def _cat_loras(pos: LoRA | None, neg: LoRA | None, n: int) -> LoRA | None:

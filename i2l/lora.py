@@ -123,11 +123,9 @@ class LoRA:
         for k in names:
             have = [x for x in items if k in x.A]
             r = max(x.A[k].shape[0] for x in have)
-            a, b = have[0].A[k], have[0].B[k]
-            A[k] = torch.stack([_pad_rank(x.A[k], r, 0) if k in x.A else a.new_zeros(r, a.shape[1])
-                                for x in items])  # (B, r, in)
-            B[k] = torch.stack([_pad_rank(x.B[k], r, 1) if k in x.B else b.new_zeros(b.shape[0], r)
-                                for x in items])  # (B, out, r)
+            a, b = have[0].A[k][:0], have[0].B[k][:, :0]  # rank 0: what a LoRA without the layer pads up from
+            A[k] = torch.stack([_pad_rank(x.A.get(k, a), r, 0) for x in items])  # (B, r, in)
+            B[k] = torch.stack([_pad_rank(x.B.get(k, b), r, 1) for x in items])  # (B, out, r)
         return LoRA(A, B, items[0].backbone, dict(items[0].meta))
 
     @staticmethod

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from i2l.config import ToyWorldConfig
+from i2l.data.megastyle import atomic_tmp, replace_durably
 
 ROWS_PER_STYLE = 8  # as in MegaStyle: 8 contents per style, consecutive rows
 
@@ -254,7 +255,7 @@ def write_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike, progress: bo
             flush()
     if rows:
         flush()
-    tmp = out / ".metadata.csv.tmp"
+    tmp = atomic_tmp(out / "metadata.csv")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         fields = list(asdict(next(iter(meta.values()))))
@@ -262,7 +263,7 @@ def write_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike, progress: bo
         for sid, st in meta.items():
             # MegaStyle's metadata has attributes the toy world lacks: they read N/A, as there.
             w.writerow([sid, *asdict(st).values(), "N/A", "N/A"])
-    os.replace(tmp, out / "metadata.csv")
+    replace_durably(tmp, out / "metadata.csv")
     # Readers take every *.parquet in the folder: shards of an earlier world of another shard count must go, or
     # they would be read along with this one. Only files of the toy world's own naming are removed.
     for p in out.iterdir():

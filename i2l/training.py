@@ -100,20 +100,19 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
             break
     secs = time.time() - t0
     return {"out_dir": str(out), "steps": start + done, "seconds": secs, "steps_per_s": done / max(secs, 1e-9),
-            "first_loss": _mean(curve[:20]), "last_loss": _mean(curve[-20:])}
+            **_loss_summary(curve)}
 
 
-def refuse_mixing_runs(out_dir: str | Path, resume: bool, cfg: Config | None = None) -> None:
+def refuse_mixing_runs(out_dir: str | Path, resume: bool, cfg: Config) -> None:
     """A fresh run into a directory with another run's checkpoints would interleave the two runs' files; a
-    resume with other run-defining settings (given cfg) would continue another optimisation than the saved one."""
+    resume with other run-defining settings than cfg would continue another optimisation than the saved one."""
     ck = latest_checkpoint(out_dir)
     if ck is None:
         return
     if not resume:
         raise FileExistsError(f"{out_dir} already holds a training run (latest checkpoint {ck.name}): pass --resume "
                               f"to continue it, or choose another --out for a new run")
-    if cfg is not None:
-        check_same_run(read_state(ck), cfg, str(ck))
+    check_same_run(read_state(ck), cfg, str(ck))
 
 
 def run_summary(out_dir: str | Path) -> dict:
@@ -123,8 +122,12 @@ def run_summary(out_dir: str | Path) -> dict:
     if ck is None:
         return {}
     curve = json.loads((ck / "curve.json").read_text())
-    return {"out_dir": str(out_dir), "steps": read_state(ck)["step"], "checkpoint": str(ck),
-            "first_loss": _mean(curve[:20]), "last_loss": _mean(curve[-20:])}
+    return {"out_dir": str(out_dir), "steps": read_state(ck)["step"], "checkpoint": str(ck), **_loss_summary(curve)}
+
+
+def _loss_summary(curve: list[dict]) -> dict:
+    """The mean loss of the first and of the last 20 steps of a loss curve."""
+    return {"first_loss": _mean(curve[:20]), "last_loss": _mean(curve[-20:])}
 
 
 def _mean(recs: list[dict]) -> float:

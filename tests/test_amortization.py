@@ -175,8 +175,6 @@ def test_eval_loss_command_takes_eval_settings_from_the_command_line(debug_run, 
     import inspect
     import json
 
-    import pytest
-
     from i2l import eval_methods
     from i2l.cli import main as cli
     from i2l.evaluation import heldout_loss, load_val_samples

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from test_backbones import WORDS, random_lora, tiny_flux2, tiny_toy, tiny_zimage
+from test_lora import partial
 
 from i2l.cli import main as cli
 from i2l.flow_matching import sample, timestep_schedule
@@ -76,7 +77,7 @@ def test_a_lora_over_fewer_layers_runs_in_asymmetric_cfg(toy):
     zero LoRA, in the one batched forward as in two passes."""
     bb, cond, neg_cond, noise = toy
     full = random_lora(bb, None, scale=0.1, seed=1)
-    part = LoRA({k: full.A[k] for k in full.names[:3]}, {k: full.B[k] for k in full.names[:3]}, bb.backbone_id)
+    part = partial(full, 3)
     gray = random_lora(bb, None, scale=0.1, seed=2)
     n = len(PROMPTS)
     batched = sample(bb, cond, neg_cond, part, gray, guidance=3.0, steps=3, noise=noise)
@@ -211,8 +212,7 @@ def test_same_named_and_partial_lora_files_generate_apart(debug_run, setup, tmp_
     """Two files named style.safetensors, one adapting only some layers, with the default asymmetric CFG."""
     model, s, _, lora_path = setup
     full = LoRA.load(lora_path)
-    keep = full.names[:4]
-    part = LoRA({k: full.A[k] for k in keep}, {k: full.B[k] for k in keep}, full.backbone)
+    part = partial(full, 4)
     a = full.save(tmp_path / "a" / "style.safetensors", prefix=model.lora_prefix)
     b = part.save(tmp_path / "b" / "style.safetensors", prefix=model.lora_prefix)
     out = tmp_path / "out"

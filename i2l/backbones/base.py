@@ -56,6 +56,7 @@ class Backbone:
     lora_prefix: str = "transformer"  # key prefix of diffusers LoRA files for this pipeline
     transformer: nn.Module
     backbone_id: str = ""  # names the architecture; LoRA files record it and loading checks it
+    chat_thinking: bool = False  # enable_thinking of the pipeline's chat template (`prompt_text`)
 
     def __init__(self, targets: tuple[str, ...]):
         self.target_suffixes = tuple(targets)
@@ -83,16 +84,25 @@ class Backbone:
         return schedule.uniform(steps)
 
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """v for x_t already in the backbone's weight dtype (`velocity` casts in and back out)."""
         raise NotImplementedError
+
+    def prompt_text(self, prompt: str) -> str:
+        """The text the diffusers pipeline tokenizes for a prompt: its chat template (`chat_thinking` as the
+        pipeline sets enable_thinking), so prompt lengths are counted on what the text encoder really gets."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=self.chat_thinking)
 
     # ----- shared -----
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, lora: LoRA | None = None,
                  strength: float = 1.0) -> torch.Tensor:
-        """v(x_t, t, c) ≈ x1 - x0, with an optional (batched) LoRA on the target layers."""
+        """v(x_t, t, c) ≈ x1 - x0, with an optional (batched) LoRA on the target layers: computed in the
+        backbone's weight dtype, handed back in x_t's."""
+        x = x_t.to(self.dtype)
         if lora is None:
-            return self._velocity(x_t, t, cond)
+            return self._velocity(x, t, cond).to(x_t.dtype)
         with self.lora_adapter.use(lora, strength):
-            return self._velocity(x_t, t, cond)
+            return self._velocity(x, t, cond).to(x_t.dtype)
 
     def lora_targets(self) -> dict[str, tuple[int, int]]:
         """Adaptable linear layers: module name (diffusers' spelling) -> (in_features, out_features)."""

@@ -29,6 +29,7 @@ class Flux2Backbone(Backbone):
     """FLUX.2-klein seen through i2l: x_t latents (B, C, h, w) in the pipeline's normalised, patchified space."""
 
     kind = "flux2"
+    chat_thinking = False  # Flux2KleinPipeline's chat template: thinking off (Qwen3 then adds an empty think block)
 
     def __init__(self, pipe: Flux2KleinPipeline, targets: tuple[str, ...] = FLUX2_TARGETS,
                  text_encoder_out_layers: tuple[int, ...] = QWEN3_LAYERS, max_sequence_length: int = MAX_TEXT_TOKENS):
@@ -99,12 +100,6 @@ class Flux2Backbone(Backbone):
                                             text_encoder_out_layers=self.text_encoder_out_layers)
         return Cond(embeds.to(self.dtype))  # (B, L, D)
 
-    def prompt_text(self, prompt: str) -> str:
-        """The text Flux2KleinPipeline tokenizes for a prompt: the chat template with thinking off (Qwen3 then
-        adds an empty think block), so prompt lengths are counted on what the text encoder really gets."""
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True, enable_thinking=False)
-
     # ----- images -----
     def _require_vae(self) -> AutoencoderKLFlux2:
         if self.vae is None:
@@ -138,7 +133,7 @@ class Flux2Backbone(Backbone):
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         # cond.mask is not used: Flux2KleinPipeline passes no attention mask (its prompts are all padded to one length)
         B, C, h, w = x_t.shape
-        tokens = self.pipe._pack_latents(x_t.to(self.dtype))  # (B, T, C), row-major over the grid
+        tokens = self.pipe._pack_latents(x_t)  # (B, T, C), row-major over the grid
         img_ids = self.pipe._prepare_latent_ids(x_t).to(x_t.device)  # (B, T, 4): (0, row, col, 0)
         txt_ids = self.pipe._prepare_text_ids(cond.embeds).to(x_t.device)  # (B, L, 4): (0, 0, 0, i)
         out = self.transformer(
@@ -146,7 +141,7 @@ class Flux2Backbone(Backbone):
             # the pipeline passes sigma = 1 - t (1 = pure noise); the model predicts noise - data = -(x1 - x0)
             timestep=(1.0 - t).to(tokens.dtype), guidance=None, img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
         )[0]  # (B, T, C)
-        return -out.transpose(1, 2).reshape(B, C, h, w).to(x_t.dtype)  # (B, C, h, w)
+        return -out.transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
 
 
 def load_flux2_backbone(bcfg: BackboneConfig) -> Flux2Backbone:

@@ -13,9 +13,16 @@ import numpy as np
 import torch
 
 
+def timestep_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """steps+1 values of t from 0 (noise) to 1 (data); shift > 1 spends more steps near noise."""
+    s = torch.linspace(1.0, 0.0, steps + 1)  # sigma = 1 - t
+    s = shift * s / (1 + (shift - 1) * s)
+    return 1.0 - s
+
+
 def uniform(steps: int) -> torch.Tensor:
     """steps+1 equally spaced t from 0 to 1 (the toy backbone is trained and sampled on this grid)."""
-    return 1.0 - torch.linspace(1.0, 0.0, steps + 1)
+    return timestep_schedule(steps)
 
 
 def from_scheduler(scheduler_config, steps: int, sigmas: list[float] | None, mu: float) -> torch.Tensor:

@@ -120,14 +120,14 @@ class ToyBackbone(Backbone):
         return (3, image_size, image_size)
 
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        tokens = patchify(x_t.to(self.dtype), self.cfg.patch)  # (B, T, C) in the backbone's dtype
+        tokens = patchify(x_t, self.cfg.patch)  # (B, T, C) in the backbone's dtype
         out = self.transformer(
             hidden_states=tokens, encoder_hidden_states=cond.embeds,
             # diffusers' Flux2 takes sigma = 1 - t (1 = pure noise) and predicts noise - data = -(x1 - x0)
             timestep=(1.0 - t).to(tokens.dtype), img_ids=self.img_ids.to(tokens.device),
             txt_ids=text_ids(cond.embeds.shape[1], tokens.device), return_dict=False,
         )[0]  # (B, T, C)
-        return -unpatchify(out, self.cfg.patch, x_t.shape[-1]).to(x_t.dtype)  # (B, 3, H, W)
+        return -unpatchify(out, self.cfg.patch, x_t.shape[-1])  # (B, 3, H, W)
 
     # ----- files -----
     def save(self, out_dir: str | Path) -> Path:

@@ -26,6 +26,7 @@ class ZImageBackbone(Backbone):
     per-sample batches (B, T, dim) inside the transformer, so BatchedLoRA's per-sample LoRAs apply unchanged."""
 
     kind = "zimage"
+    chat_thinking = True  # ZImagePipeline's chat template: thinking on (no empty think block)
 
     def __init__(self, pipe: ZImagePipeline, targets: tuple[str, ...] = ZIMAGE_TARGETS,
                  max_sequence_length: int = MAX_TEXT_TOKENS):
@@ -80,12 +81,6 @@ class ZImageBackbone(Backbone):
                                          max_sequence_length=self.max_sequence_length)  # [(L_i, D)]
         return Cond.cat([Cond(f.unsqueeze(0).to(self.dtype)) for f in feats])
 
-    def prompt_text(self, prompt: str) -> str:
-        """The text ZImagePipeline tokenizes for a prompt: the chat template with thinking on (no empty think
-        block), so prompt lengths are counted on what the text encoder really gets."""
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True, enable_thinking=True)
-
     # ----- images -----
     def _require_vae(self) -> AutoencoderKL:
         if self.vae is None:
@@ -111,7 +106,7 @@ class ZImageBackbone(Backbone):
 
     # ----- velocity -----
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        frames = list(x_t.to(self.dtype).unsqueeze(2).unbind(0))  # B × (C, 1, h, w): one frame per sample
+        frames = list(x_t.unsqueeze(2).unbind(0))  # B × (C, 1, h, w): one frame per sample
         if cond.mask is None:
             caps = list(cond.embeds.unbind(0))  # B × (L, D)
         else:
@@ -122,7 +117,7 @@ class ZImageBackbone(Backbone):
             # noise − data, so the raw output is data − noise = x1 − x0 already
             t.float(), [c.to(self.dtype) for c in caps], patch_size=self.patch_size, return_dict=False,
         )[0]  # B × (C, 1, h, w)
-        return torch.stack(out).squeeze(2).to(x_t.dtype)  # (B, C, h, w)
+        return torch.stack(out).squeeze(2)  # (B, C, h, w)
 
 
 def load_zimage_backbone(bcfg: BackboneConfig) -> ZImageBackbone:

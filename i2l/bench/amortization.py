@@ -95,17 +95,17 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
              # the same forwards with the LoRAs left on the device: what the copy to the host costs
              "i2l_forward_alone_on_device": lambda: st.i2l_forward(data["refs"][:1], to_host=False),
              "i2l_forward_batched_on_device": lambda: st.i2l_forward(data["refs"], to_host=False)}
-    ckpt = {}  # rows -> whether that per-style step needs gradient checkpointing to fit
+    ckpt = {}  # per-style case -> whether that step needs gradient checkpointing to fit
     for b in batches:
         part = {"x1": data["x1"][:b], "cond": data["cond"].index(slice(0, b)), "refs": None}
         st.set_checkpointing(False)  # per-style optimisation has no predictor to fit beside it
         step = (lambda part=part: st.lora_step(part, A, Bm, opt))
-        ckpt[b] = not st.fits(step, opt)  # too big without recomputation: time it as it would have to run
+        ckpt[f"per_style_step_rows{b}"] = not st.fits(step, opt)  # too big without: time it as it would run
         cases[f"per_style_step_rows{b}"] = step
 
     def before(name: str) -> None:  # untimed: each per-style step in its own set-up
-        if name.startswith("per_style_step_rows"):
-            st.set_checkpointing(ckpt[int(name.removeprefix("per_style_step_rows"))])
+        if name in ckpt:
+            st.set_checkpointing(ckpt[name])
 
     times = interleaved(cases, args.rounds, warmup=1, peaks=st.peaks, before=before)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -120,7 +120,7 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
              "unit": f"s per style ({args.styles} styles, LoRAs left on the device)"}]
     for b in batches:
         t = med[f"per_style_step_rows{b}"]
-        unit = "s (gradient checkpointing: no memory without)" if ckpt[b] else "s"
+        unit = "s (gradient checkpointing: no memory without)" if ckpt[f"per_style_step_rows{b}"] else "s"
         rows += [{"case": f"rows{b}", "metric": "per_style_step_s", "value": t, "unit": unit},
                  {"case": f"rows{b}", "metric": "forwards_per_step", "value": t / fwd["alone"], "unit": "x"}]
         rows += _goal_rows(f"rows{b}", t, fwd)

@@ -22,7 +22,6 @@ def add_arguments(p):
 
 def main(args):
     from i2l.api import I2L
-    from i2l.checkpoint import latest_checkpoint
     from i2l.eval_methods import (
         base_conditioning,
         heldout_losses,
@@ -30,22 +29,17 @@ def main(args):
         i2l_ref_counts,
         per_style_conditionings,
     )
-    from i2l.evaluate import eval_config
-    from i2l.evaluation import format_table, load_val_samples, summarize
+    from i2l.evaluate import checkpoint_to_evaluate, eval_config, held_out_samples
+    from i2l.evaluation import format_table, summarize
 
     cfg = config_from_args(args)  # an unknown preset or field is refused here, before anything loads
-    ck = latest_checkpoint(args.checkpoint)
-    if ck is None:
-        raise FileNotFoundError(f"no checkpoint under {args.checkpoint}: train one with `i2l train` first")
+    ck = checkpoint_to_evaluate(args.checkpoint)
     ecfg = eval_config(cfg, ck)
     model = I2L.load(ck, data_root=ecfg.data_root)
     e = model.cfg.eval = ecfg.eval  # heldout_losses reads its grid (fm_timesteps, fm_noise_seeds) from here
     budgets = e.optimize_budgets if args.budgets is None else \
         tuple(int(b) for b in args.budgets.split(",") if b)
-    samples = load_val_samples(args.data, limit=args.styles or e.styles)
-    if not samples:
-        raise ValueError(f"{args.data}/val_manifest.jsonl has no samples: re-run `i2l prepare` with "
-                         "data.val_samples > 0")
+    samples = held_out_samples(args.data, args.styles or e.styles)
     # as i2l.evaluate.make_conditionings: per-style seeded by eval.seed, i2L's reference counts by one rule
     conds = [base_conditioning(len(samples)),
              *per_style_conditionings(model.backbone, samples, budgets, ecfg.predictor.rank,

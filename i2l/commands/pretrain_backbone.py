@@ -18,7 +18,7 @@ def add_arguments(p):
 def main(args):
     from i2l.backbones import default_paths
     from i2l.backbones.pretrain import pretrain_backbone
-    from i2l.checkpoint import forget_run_key
+    from i2l.run_key import forget_run_key
 
     cfg = default_paths(config_from_args(args))
     forget_run_key(args.out or cfg.backbone.path)  # a hand-made backbone is no flow stage's output

@@ -20,10 +20,10 @@ def add_arguments(p):
 
 
 def main(args):
-    from i2l.checkpoint import forget_run_key
     from i2l.metrics import default_scorer_dir
     from i2l.metrics.toy_clip import pretrain_toy_clip
     from i2l.paths import paths_for
+    from i2l.run_key import forget_run_key
 
     cfg = config_from_args(args)
     if args.steps is not None:

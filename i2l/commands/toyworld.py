@@ -28,8 +28,8 @@ def main(args):
         if getattr(args, name) is not None:
             setattr(tw, name, getattr(args, name))
     tw.__post_init__()
-    from i2l.checkpoint import forget_run_key
     from i2l.paths import paths_for
+    from i2l.run_key import forget_run_key
 
     out = Path(args.out) if args.out else paths_for(cfg).toyworld_dir
     # The folder may hold the prepare_data flow's toy world, with the key of its stage: once written over by hand

@@ -35,7 +35,15 @@ metrics inverted, 1 = best), then average over the metrics a method has; metrics
 skipped metrics (value NULL, status 'skipped', reason kept) are left out.
 """
 
-from i2l.store.results import RUN_STATUSES, Store, StoreBusyError, file_sha256, now_utc, store_path
+from i2l.store.results import (
+           RUN_STATUSES,
+           Store,
+           StoreBusyError,
+           file_sha256,
+           json_digest,
+           now_utc,
+           store_path,
+)
 from i2l.store.schema import METHOD_ORDER, METRICS, MIGRATIONS, method_sort_key, parse_method
 
 __all__ = [
@@ -46,6 +54,7 @@ __all__ = [
            "Store",
            "StoreBusyError",
            "file_sha256",
+           "json_digest",
            "method_sort_key",
            "now_utc",
            "parse_method",

@@ -4,13 +4,14 @@ keys; opens only those two files, never paths written inside them."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from i2l.store.results import json_digest
 
 _QUARANTINE_COLS = {"id": pa.string(), "source_file": pa.string(), "row_index": pa.int64(),
                     "reason": pa.string(), "detail": pa.string()}
@@ -23,7 +24,7 @@ def dataset_id(manifest: dict) -> str:
              "shards": sorted([_s(r.get("name")), _s(r.get("sha256"))] for r in _records(manifest.get("shards"), "name"))}
     if ident["fingerprint"] is None and not ident["shards"]:  # not written by `i2l prepare`: all it says but when
         ident = {k: v for k, v in manifest.items() if k != "timings"}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(ident)
 
 
 def read_manifest(out_dir: str | Path) -> dict:

@@ -390,6 +390,11 @@ def store_path(cfg) -> Path:
     return Path(cfg.data_root) / "results.duckdb"
 
 
+def json_digest(obj) -> str:
+    """16 hex digits naming a JSON-able value (key order ignored): dataset ids, evaluation and baseline keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
