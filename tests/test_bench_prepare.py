@@ -44,3 +44,16 @@ def test_bench_reports_the_figures_it_stored_not_the_rows_it_was_given(tmp_path,
     monkeypatch.setattr(i2l.bench.prepare, "run", lambda args: wide)  # a wide row: one figure per number
     assert main(["bench", "prepare", "--store", str(tmp_path / "results.duckdb")]) == 0
     assert "recorded 3 figures" in capsys.readouterr().out
+
+
+def test_every_bench_judges_its_goal_the_same_way():
+    from i2l.bench import format_rows, judged
+
+    assert judged(1.2, ("<=", 1.3)) == {"goal": "<= 1.3", "goal_met": True}
+    assert judged(1.4, ("<=", 1.3))["goal_met"] is False
+    assert judged(999.0, (">=", 1000.0)) == {"goal": ">= 1000", "goal_met": False}
+    assert judged(0.5, None) == {}
+    with pytest.raises(ValueError, match="'<=' or '>='"):
+        judged(1.0, ("<", 1.3))
+    table = format_rows([{"case": "a/b", "metric": "ratio", "value": 1.4, "unit": "x", **judged(1.4, ("<=", 1.3))}])
+    assert "<= 1.3 (NOT met)" in table

@@ -1,6 +1,34 @@
 """Benchmarks: one module per measured stage (`python -m i2l.bench.<name>`), each with `add_arguments(p)` and
 `run(args) -> list[dict]`, measuring i2l against the plain baseline it replaces, side by side in one run."""
 
+import contextlib
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Time with n torch threads (None / 0: as set), then give the caller back its own setting: benches also run
+    in-process (tests, notebooks), where a leaked thread count slows everything that follows."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def judged(value: float, goal: tuple[str, float] | None) -> dict:
+    """The goal fields of a row: {goal: "<= 1.3", goal_met} for a goal (op, bound) with op "<=" or ">=";
+    {} for a row without one (stored with the figure, so the results store can tell met from missed)."""
+    if goal is None:
+        return {}
+    op, bound = goal
+    if op not in ("<=", ">="):
+        raise ValueError(f"a bench goal is '<=' or '>=' a bound, not {op!r}")
+    return {"goal": f"{op} {bound:g}", "goal_met": bool(value <= bound if op == "<=" else value >= bound)}
+
 
 def format_rows(rows: list[dict]) -> str:
     """The common table of long-format rows {case, metric, value, unit[, goal, goal_met]}."""

@@ -15,7 +15,7 @@ import argparse
 import statistics
 import time
 
-from i2l.bench import format_rows
+from i2l.bench import format_rows, judged, torch_threads
 
 GOALS = {"asymmetric/plain": ("<=", 1.05)}
 
@@ -64,6 +64,11 @@ def sample_two_pass(bb, cond, neg_cond, loras: list, gray, guidance: float, step
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    with torch_threads(args.threads):
+        return _measure(args)
+
+
+def _measure(args: argparse.Namespace) -> list[dict]:
     import torch
 
     from i2l.backbones.base import Cond
@@ -72,8 +77,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     from i2l.flow_matching import sample
     from i2l.lora import LoRA
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = get_config(args.preset)
     if cfg.backbone.kind != "toy":
         raise ValueError("bench cfg times the toy backbone: use --preset toy or debug")
@@ -128,10 +131,8 @@ def run(args: argparse.Namespace) -> list[dict]:
              for k, v in ms_wall.items()]
     for num, den in (("asymmetric", "plain"), ("two_pass_batch", "asymmetric"), ("two_pass_per_sample", "asymmetric")):
         name, ratio = f"{num}/{den}", ms[num] / ms[den]
-        goal = GOALS.get(name)
-        met = None if goal is None else (ratio <= goal[1] if goal[0] == "<=" else ratio >= goal[1])
         rows.append({"case": name, "metric": "ratio", "value": round(ratio, 3), "unit": "x",
-                     "goal": f"{goal[0]} {goal[1]}" if goal else None, "goal_met": met, **common})
+                     **judged(ratio, GOALS.get(name)), **common})
         rows.append({"case": name, "metric": "wall_ratio", "value": round(ms_wall[num] / ms_wall[den], 3),
                      "unit": "x", **common})
     # the batched sampler and the two-pass reference must give the same images

@@ -13,6 +13,8 @@ import statistics
 import time
 import warnings
 
+from i2l.bench import format_rows, judged, torch_threads
+
 GOALS = {"c_batched_loras/a_no_lora": ("<=", 1.15), "d_peft_swap/c_batched_loras": (">=", 3.0)}
 
 
@@ -28,19 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    import torch
 
-    threads = torch.get_num_threads()
-    try:
-        with warnings.catch_warnings():
-            # diffusers/PEFT warn on every extra adapter of one model: expected here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-            if args.threads:
-                torch.set_num_threads(args.threads)
-            return _measure(args)
-    finally:
-        torch.set_num_threads(threads)  # callers (tests) keep their own setting
+    with torch_threads(args.threads), warnings.catch_warnings():
+        # diffusers/PEFT warn on every extra adapter of one model: expected here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        return _measure(args)
 
 
 def _measure(args: argparse.Namespace) -> list[dict]:
@@ -123,24 +118,12 @@ def _measure(args: argparse.Namespace) -> list[dict]:
                      ("e_i2l_one_at_a_time", "c_batched_loras")]:
         # median of per-round ratios: both cases of a round ran back to back under the same machine load
         paired = statistics.median(a / b for a, b in zip(times[num], times[den]))
-        rows.append({"case": f"{num}/{den}", "metric": "ratio", "value": round(paired, 3), "unit": "x"})
+        rows.append({"case": f"{num}/{den}", "metric": "ratio", "value": round(paired, 3), "unit": "x",
+                     **judged(paired, GOALS.get(f"{num}/{den}"))})
     info = {"batch": n, "rank": rank, "layers": len(targets), "rounds": args.rounds,
             "threads": torch.get_num_threads()}
     rows += [{"case": "setup", "metric": k, "value": v, "unit": ""} for k, v in info.items()]
     return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'case':<40}{'metric':>14}{'value':>12}  unit"]
-    for r in rows:
-        goal = GOALS.get(r["case"])
-        note = f"  goal {goal[0]} {goal[1]}: {'met' if _met(r['value'], goal) else 'MISSED'}" if goal else ""
-        lines.append(f"{r['case']:<40}{r['metric']:>14}{r['value']!s:>12}  {r['unit']}{note}")
-    return "\n".join(lines)
-
-
-def _met(value: float, goal: tuple[str, float]) -> bool:
-    return value <= goal[1] if goal[0] == "<=" else value >= goal[1]
 
 
 if __name__ == "__main__":
@@ -149,4 +132,4 @@ if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    print(format_table(run(parser.parse_args())))
+    print(format_rows(run(parser.parse_args())))

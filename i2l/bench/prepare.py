@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from i2l.bench import format_rows
+from i2l.bench import format_rows, judged
 
-GOALS = {"per_worker/loop": 0.8, "2_workers/1_worker": 1.7}  # lower bounds: higher is better
+GOALS = {"per_worker/loop": (">=", 0.8), "2_workers/1_worker": (">=", 1.7)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,10 +106,7 @@ def _case_rows(case: str, n: int, seconds: float, cpu: float, common: dict) -> l
 
 def _judged(case: str, metric: str, value: float, unit: str, goal: str | None, common: dict) -> dict:
     """A ratio row, judged against GOALS[goal] when it is one of the docstring's goals."""
-    row = {"case": case, "metric": metric, "value": value, "unit": unit, **common}
-    if goal:
-        row.update(goal=f">= {GOALS[goal]}", goal_met=value >= GOALS[goal])
-    return row
+    return {"case": case, "metric": metric, "value": value, "unit": unit, **judged(value, GOALS.get(goal)), **common}
 
 
 if __name__ == "__main__":

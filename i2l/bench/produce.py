@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from i2l.bench import format_rows
+from i2l.bench import format_rows, judged, torch_threads
 
 GOALS = {"2_actors/1_actor": (">=", 1.7)}
 
@@ -86,23 +86,20 @@ def run(args: argparse.Namespace) -> list[dict]:
         common = {"styles": len(jobs), "refs": args.refs, "batch_size": args.batch_size}
         rows = []
 
-        # baseline: the actor's own code in this process, no Ray, one thread as each CPU actor gets
-        import torch
-
         from i2l.checkpoint import latest_checkpoint
-
-        torch.set_num_threads(1)
 
         ck_dir = latest_checkpoint(ck)
         out = work / "out-in-process"
         out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        local = LoRAProducer(str(ck_dir), str(out), "cpu", "bench", file_sha256(ck_dir / "predictor.safetensors"))
-        startup = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in range(0, len(jobs), args.batch_size):
-            local.make(jobs[i:i + args.batch_size])
-        base = len(jobs) / (time.perf_counter() - t0)
+        with torch_threads(1):  # baseline: the actor's own code in this process, one thread as each CPU actor gets
+            t0 = time.perf_counter()
+            local = LoRAProducer(str(ck_dir), str(out), "cpu", "bench",
+                                 file_sha256(ck_dir / "predictor.safetensors"))
+            startup = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i in range(0, len(jobs), args.batch_size):
+                local.make(jobs[i:i + args.batch_size])
+            base = len(jobs) / (time.perf_counter() - t0)
         rows += [{"case": "in_process", "metric": "loras_per_s", "value": round(base, 2), "unit": "LoRA/s", **common},
                  {"case": "in_process", "metric": "startup_s", "value": round(startup, 2), "unit": "s", **common}]
         del local
@@ -122,9 +119,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                      {"case": f"{w}_actors", "metric": "vs_in_process", "value": round(rates[w] / base, 3),
                       "unit": "x", **common}]
         if 1 in rates and 2 in rates:
-            ratio, (op, goal) = rates[2] / rates[1], GOALS["2_actors/1_actor"]
+            ratio = rates[2] / rates[1]
             rows.append({"case": "2_actors/1_actor", "metric": "ratio", "value": round(ratio, 3), "unit": "x",
-                         "goal": f"{op} {goal}", "goal_met": ratio >= goal, **common})
+                         **judged(ratio, GOALS["2_actors/1_actor"]), **common})
         return rows
     finally:
         if not args.work_dir:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from i2l.bench import judged
+
 GOAL = 1.3
 NO_CKPT = "_no_ckpt"  # suffix of the cases timed without gradient checkpointing
 
@@ -87,8 +89,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             if den not in times:  # the per-style step did not fit this way: no like-for-like ratio
                 continue
             ratio = median_ratio(ts, times[den])
-            goal = {"goal": f"<= {GOAL}", "goal_met": ratio <= GOAL} if k == goal_case + suffix else {}
+            goal = ("<=", GOAL) if k == goal_case + suffix else None
             rows.append({"case": f"{k}/{den}", "metric": "ratio", "value": ratio, "unit": f"x ({setup[suffix]})",
-                         **goal})
+                         **judged(ratio, goal)})
     return tag_rows(rows + peak_rows(st) + setup_rows(st, B, args.refs), args.preset, args.overrides)
 

@@ -46,7 +46,7 @@ def main(args):
 
     mod, name = args._bench_module, args._bench_name
     rows = mod.run(args)
-    print((mod.format_table if hasattr(mod, "format_table") else format_rows)(rows))
+    print(format_rows(rows))
     if not args.no_store:
         from i2l.store import Store
 
