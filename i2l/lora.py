@@ -172,20 +172,29 @@ class LoRA:
     def load(cls, path: str | os.PathLike, backbone=None, device="cpu") -> LoRA:
         """Read a LoRA file (i2l's own, or PEFT/diffusers keys) and check it against `backbone` if given.
 
-        Other trainers' α/r scales (`.alpha` keys, diffusers' `lora_adapter_metadata`) are folded into lora_B, so
-        the LoRA changes the model as diffusers' `load_lora_weights` makes that file change it."""
+        With a backbone, other trainers' key layouts (kohya, ai-toolkit / BFL names) are converted as the
+        pipeline's own loader converts them (`Backbone.convert_lora_keys`); their α/r scales (`.alpha` keys,
+        diffusers' `lora_adapter_metadata`) are folded into lora_B, so the LoRA changes the model as diffusers'
+        `load_lora_weights` makes that file change it."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"LoRA file not found: {path}")
-        A, B, alphas = {}, {}, {}
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
-            for key in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                name, kind = _parse_key(key)
-                if kind is not None:
-                    {"A": A, "B": B, "alpha": alphas}[kind][name] = f.get_tensor(key)
+            # LoRA pieces only: a model file passed by mistake fails fast instead of being read whole
+            tensors = {k: f.get_tensor(k) for k in f.keys() if "lora" in k or k.endswith(".alpha")}  # noqa: SIM118
+        if backbone is not None and "i2l.format_version" not in meta:  # i2l's own files are diffusers' layout
+            tensors = backbone.convert_lora_keys(tensors, str(path))
+        A, B, alphas = {}, {}, {}
+        for key, t in tensors.items():
+            name, kind = _parse_key(key)
+            if kind is not None:
+                {"A": A, "B": B, "alpha": alphas}[kind][name] = t
         if not A or set(A) != set(B):
-            raise ValueError(f"{path}: not a LoRA file (no matching lora_A/lora_B pairs)")
+            hint = ("" if backbone is not None or not any(k.startswith("lora_unet_") or ".lora_down." in k
+                                                           for k in tensors)
+                    else " in a layout i2l reads; kohya-style keys are converted when the backbone is given")
+            raise ValueError(f"{path}: not a LoRA file (no matching lora_A/lora_B pairs{hint})")
         # i2l's files have the scale folded in already; other trainers' files scale by alpha/r at run time
         for k, s in _alpha_scales(A, alphas, meta.get("lora_adapter_metadata")).items():
             B[k] = B[k] * s

@@ -113,3 +113,50 @@ def test_diffusers_saved_lora_config_scales_as_diffusers_loads_it(name, tmp_path
     type(writer.pipe).save_lora_weights(tmp_path, transformer_lora_layers=layers,
                                         transformer_lora_adapter_metadata=config.to_dict())
     assert_loads_as_diffusers_loads(name, tmp_path / "pytorch_lora_weights.safetensors", ours, client)
+
+
+# ---------- other trainers' files: key layouts ----------
+def _bfl_flux2_lora(rank: int, fused_down: str, fused_up: str, sep: str, g: torch.Generator) -> dict:
+    """A LoRA over every i2l target of the tiny FLUX.2 (1 double, 2 single blocks) in BFL's module names, with
+    q·k·v fused as the original model has them; `sep` joins the name parts (kohya: "_", ai-toolkit: ".")."""
+    modules = {f"double_blocks{sep}0{sep}{s}_attn{sep}{m}": (64, out) for s in ("img", "txt")
+               for m, out in (("qkv", 192), ("proj", 64))}
+    modules |= {f"double_blocks{sep}0{sep}{s}_mlp{sep}{i}": dims for s in ("img", "txt")
+                for i, dims in ((0, (64, 384)), (2, (192, 64)))}
+    modules |= {f"single_blocks{sep}{b}{sep}{m}": dims for b in (0, 1)
+                for m, dims in (("linear1", (64, 576)), ("linear2", (256, 64)))}
+    out = {}
+    for name, (d_in, d_out) in modules.items():
+        out[f"{name}.{fused_down}.weight"] = torch.randn(rank, d_in, generator=g) * 0.2
+        out[f"{name}.{fused_up}.weight"] = torch.randn(d_out, rank, generator=g) * 0.2
+    return out
+
+
+def test_kohya_flux2_file_loads_as_diffusers_loads_it(tmp_path):
+    """kohya / sd-scripts FLUX.2 LoRAs: `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` (+ α), fused q·k·v
+    split into diffusers' to_q / to_k / to_v by the pipeline's own converter."""
+    from safetensors.torch import save_file
+
+    ours, client = tiny_flux2(seed=0), tiny_flux2(seed=0)
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"lora_unet_{k}": v for k, v in _bfl_flux2_lora(4, "lora_down", "lora_up", "_", g).items()}
+    for i, k in enumerate(sorted({k.split(".")[0] for k in tensors})):
+        tensors[f"{k}.alpha"] = torch.tensor(float(1 + i % 4))  # α/r = 0.25 … 1
+    save_file(tensors, str(tmp_path / "kohya.safetensors"))
+    assert_loads_as_diffusers_loads("flux2", tmp_path / "kohya.safetensors", ours, client)
+    lora = LoRA.load(tmp_path / "kohya.safetensors", ours)
+    assert set(lora.names) == set(ours.lora_targets())  # q, k and v each got their share of the fused qkv
+    with pytest.raises(ValueError, match="kohya-style keys are converted when the backbone is given"):
+        LoRA.load(tmp_path / "kohya.safetensors")
+
+
+def test_ai_toolkit_flux2_file_with_bfl_names_loads_as_diffusers_loads_it(tmp_path):
+    """ai-toolkit FLUX.2 LoRAs: `diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`, BFL's names."""
+    from safetensors.torch import save_file
+
+    ours, client = tiny_flux2(seed=0), tiny_flux2(seed=0)
+    tensors = {f"diffusion_model.{k}": v for k, v in
+               _bfl_flux2_lora(4, "lora_A", "lora_B", ".", torch.Generator().manual_seed(4)).items()}
+    save_file(tensors, str(tmp_path / "ai-toolkit.safetensors"))
+    assert_loads_as_diffusers_loads("flux2", tmp_path / "ai-toolkit.safetensors", ours, client)
+    assert set(LoRA.load(tmp_path / "ai-toolkit.safetensors", ours).names) == set(ours.lora_targets())

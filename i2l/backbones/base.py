@@ -57,11 +57,26 @@ class Backbone:
     transformer: nn.Module
     backbone_id: str = ""  # names the architecture; LoRA files record it and loading checks it
     chat_thinking: bool = False  # enable_thinking of the pipeline's chat template (`prompt_text`)
+    # diffusers' LoRA loader for this transformer: its lora_state_dict knows the other trainers' key layouts
+    lora_loader: type | None = None
 
     def __init__(self, targets: tuple[str, ...]):
         self.target_suffixes = tuple(targets)
         self._lora: BatchedLoRA | None = None
         self._targets: dict[str, tuple[int, int]] | None = None
+
+    def convert_lora_keys(self, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        """A LoRA file's tensors in another trainer's key layout (kohya `lora_unet_*` with lora_down/up and α,
+        ai-toolkit / BFL module names with fused q·k·v, PEFT) -> diffusers keys, converted by the pipeline's own
+        `lora_state_dict`, so a file changes i2l's model as `load_lora_weights` changes the pipeline. It is given
+        the tensors, not the path: diffusers reads no file here (safetensors only, never a pickle)."""
+        if self.lora_loader is None:
+            return tensors
+        try:
+            return self.lora_loader.lora_state_dict(dict(tensors))
+        except (ValueError, KeyError, IndexError, AssertionError) as e:
+            raise ValueError(f"{source}: diffusers' {self.lora_loader.__name__} cannot read this file's LoRA keys "
+                             f"(e.g. {list(tensors)[:3]}): {e}") from e
 
     # ----- to implement -----
     def encode_prompts(self, prompts: list[str]) -> Cond:

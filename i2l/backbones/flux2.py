@@ -16,6 +16,7 @@ from diffusers import (
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
 )
+from diffusers.loaders import Flux2LoraLoaderMixin
 
 from i2l.backbones import schedule
 from i2l.backbones.base import Backbone, Cond
@@ -29,6 +30,7 @@ class Flux2Backbone(Backbone):
     """FLUX.2-klein seen through i2l: x_t latents (B, C, h, w) in the pipeline's normalised, patchified space."""
 
     kind = "flux2"
+    lora_loader = Flux2LoraLoaderMixin
     chat_thinking = False  # Flux2KleinPipeline's chat template: thinking off (Qwen3 then adds an empty think block)
 
     def __init__(self, pipe: Flux2KleinPipeline, targets: tuple[str, ...] = FLUX2_TARGETS,

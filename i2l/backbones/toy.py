@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from diffusers import Flux2Transformer2DModel
+from diffusers.loaders import Flux2LoraLoaderMixin
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -89,6 +90,7 @@ def build_transformer(cfg: BackboneConfig) -> Flux2Transformer2DModel:
 
 class ToyBackbone(Backbone):
     kind = "toy"
+    lora_loader = Flux2LoraLoaderMixin  # its transformer is diffusers' Flux2Transformer2DModel
 
     def __init__(self, cfg: BackboneConfig, transformer: Flux2Transformer2DModel, text_encoder: ToyTextEncoder):
         super().__init__(cfg.targets)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from diffusers.loaders import ZImageLoraLoaderMixin
 
 from i2l.backbones import schedule
 from i2l.backbones.base import Backbone, Cond
@@ -26,6 +27,7 @@ class ZImageBackbone(Backbone):
     per-sample batches (B, T, dim) inside the transformer, so BatchedLoRA's per-sample LoRAs apply unchanged."""
 
     kind = "zimage"
+    lora_loader = ZImageLoraLoaderMixin
     chat_thinking = True  # ZImagePipeline's chat template: thinking on (no empty think block)
 
     def __init__(self, pipe: ZImagePipeline, targets: tuple[str, ...] = ZIMAGE_TARGETS,
