@@ -284,8 +284,12 @@ def check_compatible(lora: LoRA, backbone, source: str = "LoRA") -> None:
     if lora.backbone and backbone.backbone_id and lora.backbone.split("@")[0] != backbone.backbone_id.split("@")[0]:
         problems.append(f"made for backbone {lora.backbone!r}, this is {backbone.backbone_id!r}")
     unknown = [k for k in lora.names if k not in targets]
-    if unknown:
-        problems.append(f"{len(unknown)} layer(s) not in the backbone, e.g. {unknown[:3]}")
+    modules = dict(backbone.transformer.named_modules()) if unknown else {}
+    if missing := [k for k in unknown if k not in modules]:
+        problems.append(f"{len(missing)} layer(s) not in the backbone, e.g. {missing[:3]}")
+    if elsewhere := [k for k in unknown if k in modules]:  # e.g. a kohya file that also adapts img_in
+        problems.append(f"{len(elsewhere)} layer(s) of the backbone that i2l does not adapt, e.g. {elsewhere[:3]} "
+                        f"(it adapts {len(targets)} layers: backbone.targets)")
     for k in lora.names:
         a, b = lora.A[k], lora.B[k]
         if a.dim() != b.dim() or a.dim() not in (2, 3) or a.shape[-2] != b.shape[-1]:

@@ -67,6 +67,11 @@ def test_load_refuses_what_does_not_fit(toy, tmp_path):
     unknown = LoRA({"blocks.9.fc": torch.zeros(2, 4)}, {"blocks.9.fc": torch.zeros(4, 2)}, toy.backbone_id)
     with pytest.raises(ValueError, match="not in the backbone"):
         LoRA.load(unknown.save(tmp_path / "c.safetensors"), toy)
+    embedder = "x_embedder"  # in the transformer, but not one of the layers i2l adapts
+    extra = LoRA(dict(lora.A, **{embedder: torch.zeros(2, toy.transformer.x_embedder.in_features)}),
+                 dict(lora.B, **{embedder: torch.zeros(toy.transformer.x_embedder.out_features, 2)}), toy.backbone_id)
+    with pytest.raises(ValueError, match=r"1 layer\(s\) of the backbone that i2l does not adapt, e.g. \['x_embedder'\]"):
+        LoRA.load(extra.save(tmp_path / "e.safetensors"), toy)
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "d.safetensors"))
     with pytest.raises(ValueError, match="not a LoRA file"):
         LoRA.load(tmp_path / "d.safetensors")
