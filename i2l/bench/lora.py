@@ -30,7 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-
     with torch_threads(args.threads), warnings.catch_warnings():
         # diffusers/PEFT warn on every extra adapter of one model: expected here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -117,9 +116,9 @@ def _measure(args: argparse.Namespace) -> list[dict]:
                      ("d_peft_swap", "c_batched_loras"), ("d_peft_preloaded", "c_batched_loras"),
                      ("e_i2l_one_at_a_time", "c_batched_loras")]:
         # median of per-round ratios: both cases of a round ran back to back under the same machine load
-        paired = statistics.median(a / b for a, b in zip(times[num], times[den]))
-        rows.append({"case": f"{num}/{den}", "metric": "ratio", "value": round(paired, 3), "unit": "x",
-                     **judged(paired, GOALS.get(f"{num}/{den}"))})
+        paired = round(statistics.median(a / b for a, b in zip(times[num], times[den])), 3)
+        rows.append({"case": f"{num}/{den}", "metric": "ratio", "value": paired, "unit": "x",
+                     **judged(paired, GOALS.get(f"{num}/{den}"))})  # judged as shown and stored
     info = {"batch": n, "rank": rank, "layers": len(targets), "rounds": args.rounds,
             "threads": torch.get_num_threads()}
     rows += [{"case": "setup", "metric": k, "value": v, "unit": ""} for k, v in info.items()]

@@ -119,8 +119,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                      {"case": f"{w}_actors", "metric": "vs_in_process", "value": round(rates[w] / base, 3),
                       "unit": "x", **common}]
         if 1 in rates and 2 in rates:
-            ratio = rates[2] / rates[1]
-            rows.append({"case": "2_actors/1_actor", "metric": "ratio", "value": round(ratio, 3), "unit": "x",
+            ratio = round(rates[2] / rates[1], 3)
+            rows.append({"case": "2_actors/1_actor", "metric": "ratio", "value": ratio, "unit": "x",
                          **judged(ratio, GOALS["2_actors/1_actor"]), **common})
         return rows
     finally:
