@@ -46,7 +46,7 @@ class I2L:
         ck = latest_checkpoint(checkpoint_dir)
         if ck is None:
             raise FileNotFoundError(f"no checkpoint under {checkpoint_dir}: train one with `i2l train`")
-        cfg = checkpoint_config(ck)
+        cfg = checkpoint_config(ck, data_root)
         if data_root:
             cfg.data_root = data_root
         state = read_state(ck)

@@ -133,5 +133,25 @@ def load_checkpoint(ck: Path, predictor, opt, backbone, cfg: Config) -> tuple[in
     return state["step"], curve
 
 
-def checkpoint_config(ck: Path) -> Config:
-    return config_from_dict(read_state(ck)["config"])
+def checkpoint_config(ck: Path, data_root: str | None = None) -> Config:
+    """The config a checkpoint was trained with.
+
+    It records the toy world's models (backbone, encoder, scorer) by their paths under the training's data root.
+    When that root has moved since (a renamed clone, a data folder copied elsewhere), each part gone from its
+    recorded place is looked up at the same place under the data root in use: `data_root`, else I2L_DATA_ROOT,
+    else the root the checkpoint itself lies in (`<root>/runs/<preset>/<run>/checkpoints/step_X`). A user's own
+    path outside the data root is never changed; a part found nowhere keeps its recorded path (and its error)."""
+    cfg = config_from_dict(read_state(ck)["config"])
+    ck = Path(ck).absolute()
+    roots = [Path(r) for r in (data_root, os.environ.get("I2L_DATA_ROOT")) if r]
+    if len(ck.parents) > 4 and ck.parents[3].name == "runs":
+        roots.append(ck.parents[4])
+    old = Path(cfg.data_root)
+    for part, attr in ((cfg.backbone, "path"), (cfg.encoder, "path"), (cfg.scorer, "clip_checkpoint")):
+        recorded = Path(getattr(part, attr) or "")
+        if not getattr(part, attr) or recorded.exists() or not recorded.is_relative_to(old):
+            continue
+        moved = [r / recorded.relative_to(old) for r in roots]
+        if found := next((p for p in moved if p.exists()), None):
+            setattr(part, attr, str(found))
+    return cfg

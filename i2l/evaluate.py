@@ -118,7 +118,7 @@ def eval_config(cfg: Config, ck: Path) -> Config:
     from i2l.metrics import default_scorer_dir
 
     default_paths(cfg)
-    ecfg = checkpoint_config(ck)
+    ecfg = checkpoint_config(ck, cfg.data_root)
     ecfg.eval, ecfg.scorer, ecfg.data_root = replace(cfg.eval), replace(cfg.scorer), cfg.data_root
     clip = Path(ecfg.scorer.clip_checkpoint)
     # the command's preset names its own toy scorer dir; a checkpoint made under another preset has its scorer in

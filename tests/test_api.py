@@ -146,3 +146,21 @@ def test_predict_command_does_not_load_the_backbone(debug_run, model, samples, t
     assert cli(["predict", "--checkpoint", str(ck), "--images", *refs, "--out", str(out)]) == 0
     lora = LoRA.load(out, backbone=model.backbone)  # a file for this backbone, with its key prefix
     assert delta_dist(lora, model.predict_lora(refs)) < 1e-6
+
+
+def test_a_run_whose_data_root_moved_still_loads(debug_run, model, samples, tmp_path, monkeypatch):
+    """A renamed clone: the checkpoint records its toy backbone and encoder under the old data root, which is gone;
+    they are found under the root the run now lies in, and predict as before."""
+    import json
+    import shutil
+
+    monkeypatch.delenv("I2L_DATA_ROOT", raising=False)
+    old, new = str(debug_run.data_root), tmp_path / "renamed"
+    shutil.copytree(debug_run.data_root / "toy", new / "toy")
+    run = shutil.copytree(debug_run.run_dir, new / "runs" / "debug" / "train")
+    for state_file in run.glob("checkpoints/*/state.json"):  # as if trained under a root that no longer exists
+        state_file.write_text(state_file.read_text().replace(json.dumps(old)[1:-1], str(tmp_path / "gone")))
+    moved = I2L.load(run)
+    assert moved.cfg.backbone.path == str(new / "toy" / "debug" / "backbone")
+    refs = samples[0].refs[:2]
+    assert delta_dist(moved.predict_lora(refs), model.predict_lora(refs)) < 1e-6

@@ -66,3 +66,42 @@ def test_run_defining_changes_are_named_and_the_rest_ignored():
     assert sorted(c.split(":")[0] for c in changes) == ["predictor.hidden", "train.lr", "train.seed"]
     del saved["predictor"]["alpha"]  # a field an older checkpoint did not record is not compared
     assert run_config_changes(saved, get_config("debug", {"predictor.alpha": 3.0})) == []
+
+
+def _run_with_config(root: Path, cfg) -> Path:
+    """<root>/runs/<preset>/train with one checkpoint recording cfg, as the pipeline lays a run out."""
+    ck = root / "runs" / cfg.name / "train" / "checkpoints" / "step_0000001"
+    ck.mkdir(parents=True)
+    (ck / "state.json").write_text(json.dumps({"step": 1, "config": cfg.to_dict()}))
+    return ck
+
+
+def test_toy_parts_are_found_again_under_a_moved_data_root(tmp_path, monkeypatch):
+    from i2l.backbones import default_paths
+    from i2l.checkpoint import checkpoint_config
+
+    monkeypatch.delenv("I2L_DATA_ROOT", raising=False)
+    cfg = get_config("debug")
+    cfg.data_root = str(tmp_path / "old")
+    default_paths(cfg)
+    cfg.scorer.clip_checkpoint = str(tmp_path / "mine" / "scorer")  # a user's own path, outside the data root
+    new = tmp_path / "new"
+    ck = _run_with_config(new, cfg)  # the data root moved: old/ is gone, new/ holds the run and the parts
+    for part in ("backbone", "encoder"):
+        (new / "toy" / "debug" / part).mkdir(parents=True)
+
+    got = checkpoint_config(ck)  # found from where the checkpoint lies: <root>/runs/<preset>/train/...
+    assert got.backbone.path == str(new / "toy" / "debug" / "backbone")
+    assert got.encoder.path == str(new / "toy" / "debug" / "encoder")
+    assert got.scorer.clip_checkpoint == cfg.scorer.clip_checkpoint  # outside the data root: left as recorded
+
+    copied = tmp_path / "elsewhere" / "ck"  # a checkpoint copied out of the layout: the data root in use says where
+    copied.mkdir(parents=True)
+    (copied / "state.json").write_text((ck / "state.json").read_text())
+    assert checkpoint_config(copied).backbone.path == cfg.backbone.path  # nowhere to look: the recorded path
+    assert checkpoint_config(copied, str(new)).backbone.path == str(new / "toy" / "debug" / "backbone")
+    monkeypatch.setenv("I2L_DATA_ROOT", str(new))
+    assert checkpoint_config(copied).encoder.path == str(new / "toy" / "debug" / "encoder")
+
+    (tmp_path / "old" / "toy" / "debug" / "backbone").mkdir(parents=True)  # the recorded place exists again
+    assert checkpoint_config(ck).backbone.path == cfg.backbone.path
