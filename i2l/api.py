@@ -16,7 +16,7 @@ from PIL import Image
 
 from i2l.backbones import load_backbone
 from i2l.backbones.base import Backbone
-from i2l.checkpoint import check_fits, checkpoint_config, latest_checkpoint, read_state
+from i2l.checkpoint import check_fits, checkpoint_config, read_state, require_checkpoint
 from i2l.config import Config
 from i2l.encoder import ImageEncoder, load_encoder
 from i2l.flow_matching import mixed_precision, sample
@@ -43,9 +43,7 @@ class I2L:
         the (large) backbone is not loaded; `generate` then refuses."""
         from safetensors.torch import load_file
 
-        ck = latest_checkpoint(checkpoint_dir)
-        if ck is None:
-            raise FileNotFoundError(f"no checkpoint under {checkpoint_dir}: train one with `i2l train`")
+        ck = require_checkpoint(checkpoint_dir)
         cfg = checkpoint_config(ck, data_root)
         if data_root:
             cfg.data_root = data_root

@@ -23,6 +23,7 @@ from i2l.run_key import (  # noqa: F401  (re-exported: the run-key pieces live i
     forget_run_key,
     latest_checkpoint,
     read_run_key,
+    require_checkpoint,
     write_run_key,
 )
 
@@ -136,7 +137,7 @@ def load_checkpoint(ck: Path, predictor, opt, backbone, cfg: Config) -> tuple[in
 def checkpoint_config(ck: Path, data_root: str | None = None) -> Config:
     """The config a checkpoint was trained with.
 
-    It records the toy world's models (backbone, encoder, scorer) by their paths under the training's data root.
+    It records the toy world's models (backbone, encoder) by their paths under the training's data root.
     When that root has moved since (a renamed clone, a data folder copied elsewhere), each part gone from its
     recorded place is looked up at the same place under the data root in use: `data_root`, else I2L_DATA_ROOT,
     else the root the checkpoint itself lies in (`<root>/runs/<preset>/<run>/checkpoints/step_X`). A user's own
@@ -147,11 +148,10 @@ def checkpoint_config(ck: Path, data_root: str | None = None) -> Config:
     if len(ck.parents) > 4 and ck.parents[3].name == "runs":
         roots.append(ck.parents[4])
     old = Path(cfg.data_root)
-    for part, attr in ((cfg.backbone, "path"), (cfg.encoder, "path"), (cfg.scorer, "clip_checkpoint")):
-        recorded = Path(getattr(part, attr) or "")
-        if not getattr(part, attr) or recorded.exists() or not recorded.is_relative_to(old):
+    for part in (cfg.backbone, cfg.encoder):  # the scorer is the caller's own (eval_config replaces it)
+        recorded = Path(part.path)
+        if not part.path or recorded.exists() or not recorded.is_relative_to(old):
             continue
-        moved = [r / recorded.relative_to(old) for r in roots]
-        if found := next((p for p in moved if p.exists()), None):
-            setattr(part, attr, str(found))
+        moved = (r / recorded.relative_to(old) for r in roots)
+        part.path = str(next((p for p in moved if p.exists()), recorded))
     return cfg

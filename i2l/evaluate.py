@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from i2l.checkpoint import checkpoint_config, latest_checkpoint, read_state
+from i2l.checkpoint import checkpoint_config, read_state, require_checkpoint
 from i2l.config import Config
 from i2l.eval_methods import (
     Conditioning,
@@ -40,7 +40,7 @@ def evaluate(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, store: 
     mean-LoRA and adapter baselines, come from the checkpoint. Images go under out_dir (default run_dir/eval).
     Returns {run_id, key, samples, methods, seconds, summary} ({..., skipped: True} when already done)."""
     t0 = time.perf_counter()
-    ck = checkpoint_to_evaluate(run_dir)
+    ck = require_checkpoint(run_dir)
     unknown = set(families) - set(FAMILIES)
     if unknown:
         raise ValueError(f"unknown method families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
@@ -91,14 +91,6 @@ def evaluate(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, store: 
         print(f"evaluated {len(samples)} held-out samples x {len(conds)} methods in {info['seconds']:.0f}s "
               f"-> run {run_id} in {store.path}")
     return info
-
-
-def checkpoint_to_evaluate(run_dir: str | Path) -> Path:
-    """The latest checkpoint of a training run (or a checkpoint dir), or a message that says what to do."""
-    ck = latest_checkpoint(run_dir)
-    if ck is None:
-        raise FileNotFoundError(f"no checkpoint under {run_dir}: train one with `i2l train` first")
-    return ck
 
 
 def held_out_samples(prepared_dir: str | Path, limit: int) -> list:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from i2l.checkpoint import latest_checkpoint, read_state
+from i2l.checkpoint import read_state, require_checkpoint
 from i2l.store import Store, file_sha256
 
 PRODUCTION_FILE = "production.json"
@@ -280,9 +280,7 @@ def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: st
     on_batch(rows, actor) runs in the driver after each batch returns (tests kill that actor here)."""
     t0 = time.perf_counter()
     check_jobs(jobs)
-    ck = latest_checkpoint(checkpoint_dir)
-    if ck is None:
-        raise FileNotFoundError(f"no checkpoint under {checkpoint_dir}: train one with `i2l train`")
+    ck = require_checkpoint(checkpoint_dir)
     out = Path(out_dir)
     sha = file_sha256(ck / "predictor.safetensors")
     checkpoint_id = _checkpoint_id(store, ck, sha)

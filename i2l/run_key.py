@@ -26,6 +26,14 @@ def latest_checkpoint(run_dir) -> Path | None:
     return cks[-1] if cks else None
 
 
+def require_checkpoint(run_dir) -> Path:
+    """The latest checkpoint of a training run (or a checkpoint dir), or a message that says what to do."""
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        raise FileNotFoundError(f"no checkpoint under {run_dir}: train one with `i2l train` first")
+    return ck
+
+
 def read_run_key(run_dir) -> str | None:
     """The key recorded in run_dir (by `claim_run_dir` or `write_run_key`), or None (no run, or one started by
     hand)."""

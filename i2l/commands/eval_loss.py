@@ -22,6 +22,7 @@ def add_arguments(p):
 
 def main(args):
     from i2l.api import I2L
+    from i2l.checkpoint import require_checkpoint
     from i2l.eval_methods import (
         base_conditioning,
         heldout_losses,
@@ -29,11 +30,11 @@ def main(args):
         i2l_ref_counts,
         per_style_conditionings,
     )
-    from i2l.evaluate import checkpoint_to_evaluate, eval_config, held_out_samples
+    from i2l.evaluate import eval_config, held_out_samples
     from i2l.evaluation import format_table, summarize
 
     cfg = config_from_args(args)  # an unknown preset or field is refused here, before anything loads
-    ck = checkpoint_to_evaluate(args.checkpoint)
+    ck = require_checkpoint(args.checkpoint)
     ecfg = eval_config(cfg, ck)
     model = I2L.load(ck, data_root=ecfg.data_root)
     e = model.cfg.eval = ecfg.eval  # heldout_losses reads its grid (fm_timesteps, fm_noise_seeds) from here

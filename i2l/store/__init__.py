@@ -36,13 +36,13 @@ skipped metrics (value NULL, status 'skipped', reason kept) are left out.
 """
 
 from i2l.store.results import (
-           RUN_STATUSES,
-           Store,
-           StoreBusyError,
-           file_sha256,
-           json_digest,
-           now_utc,
-           store_path,
+    RUN_STATUSES,
+    Store,
+    StoreBusyError,
+    file_sha256,
+    json_digest,
+    now_utc,
+    store_path,
 )
 from i2l.store.schema import METHOD_ORDER, METRICS, MIGRATIONS, method_sort_key, parse_method
 
