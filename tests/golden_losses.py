@@ -1,0 +1,80 @@
+"""The golden loss file: the first training losses of every training loop on the `debug` preset, recorded once
+and compared exactly on CPU (as torchtitan's loss-curve check), so a refactor that changes numbers fails.
+Regenerate only when a change is meant to change numbers: `python tests/golden_losses.py` (say why in the commit)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+GOLDEN_PATH = Path(__file__).parent / "golden" / "debug_losses.json"
+STEPS = 5  # per loop: enough to see the lr schedule, clipping and the optimiser at work
+
+
+@contextlib.contextmanager
+def recording_backward():
+    """Record the value of every scalar loss that is backpropagated, in order: the losses each loop trains on,
+    read without any help from the loop itself."""
+    seen: list[float] = []
+    tensor_backward, autograd_backward = torch.Tensor.backward, torch.autograd.backward
+
+    def tb(self, *a, **kw):
+        if self.dim() == 0:
+            seen.append(float(self.detach()))
+        return tensor_backward(self, *a, **kw)
+
+    torch.Tensor.backward = tb
+    try:
+        yield seen
+    finally:
+        torch.Tensor.backward, torch.autograd.backward = tensor_backward, autograd_backward
+
+
+def loop_losses(debug_run, tmp: Path) -> dict[str, list[float]]:
+    """Run each training loop STEPS steps from the session's debug world; their losses by loop name."""
+    from i2l.adapter import train_adapter
+    from i2l.backbones.pretrain import pretrain_backbone
+    from i2l.config import get_config
+    from i2l.encoder_pretrain import pretrain_encoder
+    from i2l.mean_lora import train_mean_lora
+    from i2l.metrics.toy_clip import pretrain_toy_clip
+    from i2l.training import train_predictor
+
+    cfg = get_config("debug", {"train.steps": STEPS, "train.ckpt_every": STEPS, "scorer.pretrain_steps": STEPS})
+    cfg.data_root = str(debug_run.data_root)
+    cfg.backbone.path, cfg.encoder.path = debug_run.cfg.backbone.path, debug_run.cfg.encoder.path
+    data = debug_run.prepared_dir
+    runs = {
+        "backbone": lambda: pretrain_backbone(cfg, data, tmp / "backbone", steps=STEPS, progress=False),
+        "encoder": lambda: pretrain_encoder(cfg, data, tmp / "encoder", steps=STEPS, progress=False),
+        "scorer": lambda: pretrain_toy_clip(cfg, data, tmp / "scorer", progress=False),
+        "predictor": lambda: train_predictor(cfg, data, tmp / "predictor", progress=False),
+        "mean_lora": lambda: train_mean_lora(cfg, data, tmp / "mean_lora", steps=STEPS, progress=False),
+        "adapter": lambda: train_adapter(cfg, data, tmp / "adapter", steps=STEPS, progress=False),
+    }
+    out = {}
+    for name, run in runs.items():
+        with recording_backward() as seen:
+            run()
+        out[name] = seen
+    return out
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    from conftest import build_debug_run
+    from conftest_ray import ray_session  # noqa: F401
+
+    from i2l.data.ray_cluster import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    with tempfile.TemporaryDirectory() as d:
+        run = build_debug_run(Path(d) / "world")
+        losses = loop_losses(run, Path(d) / "loops")
+    GOLDEN_PATH.parent.mkdir(exist_ok=True)
+    GOLDEN_PATH.write_text(json.dumps(losses, indent=1) + "\n")
+    print({k: len(v) for k, v in losses.items()})
