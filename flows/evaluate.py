@@ -10,7 +10,7 @@ from flows.produce import resolve_checkpoint
 from flows.report import report
 from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, jsonable, path_exists
 from flows.train import checkpoint_identity
-from i2l.evaluate import evaluate as evaluate_methods
+from i2l.eval.stage import evaluate as evaluate_methods
 
 # Scorer fields that change how scoring runs, not its numbers.
 _SCORER_RUNTIME = ("device", "batch_size")

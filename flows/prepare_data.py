@@ -10,7 +10,7 @@ from prefect import flow, task
 from flows.stages import TASK_OPTIONS, StageContext, StageResult, digest, jsonable, path_exists, prepared_key
 from i2l.data.megastyle import find_shards
 from i2l.data.prepare import plan_fingerprint, prepare
-from i2l.toyworld import write_toyworld
+from i2l.toy.world import write_toyworld
 
 
 @task(name="write-toyworld", **TASK_OPTIONS)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 
 from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, path_exists
-from i2l.backbones.pretrain import pretrain_backbone
-from i2l.encoder_pretrain import pretrain_encoder
-from i2l.metrics.toy_clip import SCORER_FILE, TOY_CLIP_NAME, pretrain_toy_clip
+from i2l.toy.backbone_pretrain import pretrain_backbone
+from i2l.toy.encoder_pretrain import pretrain_encoder
+from i2l.toy.scorer import SCORER_FILE, TOY_CLIP_NAME, pretrain_toy_clip
 
 # Scorer fields that change how it runs, not what it learns.
 _SCORER_RUNTIME = ("device", "batch_size", "clip_checkpoint")

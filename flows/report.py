@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.stages import TASK_OPTIONS, StageContext, digest, path_exists
-from i2l.report import build_report, resolve_run
+from i2l.report.build import build_report, resolve_run
 
 
 @task(name="build-report", **TASK_OPTIONS)

@@ -18,9 +18,9 @@ from prefect.cache_policies import NONE
 
 from i2l.backbones import default_paths
 from i2l.config import Config, get_config
-from i2l.paths import Paths, paths_for
-from i2l.run_key import forget_run_key, json_field, read_run_key, write_run_key
+from i2l.layout import Paths, paths_for
 from i2l.store import Store, StoreBusyError
+from i2l.train.run_key import forget_run_key, json_field, read_run_key, write_run_key
 
 STAGES = ("toyworld", "prepare", "pretrain_backbone", "pretrain_encoder", "pretrain_scorer", "train", "produce",
           "evaluate", "report")

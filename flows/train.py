@@ -12,10 +12,10 @@ from prefect import flow, get_run_logger, task
 
 from flows.pretrain_toy import toy_model_keys
 from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, jsonable
-from i2l.checkpoint import read_state
-from i2l.launcher import launch_training
-from i2l.run_key import claim_run_dir, latest_checkpoint, read_run_key
 from i2l.store import file_sha256
+from i2l.train.checkpoint import read_state
+from i2l.train.launcher import launch_training
+from i2l.train.run_key import claim_run_dir, latest_checkpoint, read_run_key
 
 
 @task(name="train-predictor", **TASK_OPTIONS)

@@ -6,11 +6,11 @@ __all__ = ["I2L", "LoRA"]
 def __getattr__(name):
     # Lazy: `import i2l` stays cheap (no torch/diffusers) for the CLI and the flows.
     if name == "I2L":
-        from i2l.api import I2L
+        from i2l.infer.api import I2L
 
         return I2L
     if name == "LoRA":
-        from i2l.lora import LoRA
+        from i2l.model.lora import LoRA
 
         return LoRA
     raise AttributeError(name)

@@ -33,7 +33,7 @@ class DebugRun:
 
     @property
     def checkpoint_dir(self) -> Path:
-        from i2l.checkpoint import latest_checkpoint
+        from i2l.train.checkpoint import latest_checkpoint
 
         return latest_checkpoint(self.run_dir)
 
@@ -41,12 +41,12 @@ class DebugRun:
 def build_debug_run(root: Path) -> DebugRun:
     """Build the debug world under root with the library calls the CLI makes (Ray is used by prepare)."""
     from i2l.backbones import default_paths
-    from i2l.backbones.pretrain import pretrain_backbone
     from i2l.config import get_config
     from i2l.data.prepare import prepare
-    from i2l.encoder_pretrain import pretrain_encoder
-    from i2l.toyworld import write_toyworld
-    from i2l.training import train_predictor
+    from i2l.toy.backbone_pretrain import pretrain_backbone
+    from i2l.toy.encoder_pretrain import pretrain_encoder
+    from i2l.toy.world import write_toyworld
+    from i2l.train.loop import train_predictor
 
     cfg = get_config("debug", DEBUG_OVERRIDES)
     cfg.data_root = str(root)

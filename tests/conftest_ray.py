@@ -10,7 +10,7 @@ import pytest
 def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("RAY_ADDRESS", None)  # a local cluster, never someone else's
-    from i2l.data.ray_cluster import ensure_ray
+    from i2l.cluster import ensure_ray
 
     ray = ensure_ray(num_cpus=2)
     yield ray

@@ -35,13 +35,13 @@ def recording_backward():
 
 def loop_losses(debug_run, tmp: Path) -> dict[str, list[float]]:
     """Run each training loop STEPS steps from the session's debug world; their losses by loop name."""
-    from i2l.adapter import train_adapter
-    from i2l.backbones.pretrain import pretrain_backbone
+    from i2l.baselines.adapter import train_adapter
+    from i2l.baselines.mean_lora import train_mean_lora
     from i2l.config import get_config
-    from i2l.encoder_pretrain import pretrain_encoder
-    from i2l.mean_lora import train_mean_lora
-    from i2l.metrics.toy_clip import pretrain_toy_clip
-    from i2l.training import train_predictor
+    from i2l.toy.backbone_pretrain import pretrain_backbone
+    from i2l.toy.encoder_pretrain import pretrain_encoder
+    from i2l.toy.scorer import pretrain_toy_clip
+    from i2l.train.loop import train_predictor
 
     cfg = get_config("debug", {"train.steps": STEPS, "train.ckpt_every": STEPS, "scorer.pretrain_steps": STEPS})
     cfg.data_root = str(debug_run.data_root)
@@ -69,7 +69,7 @@ if __name__ == "__main__":
     from conftest import build_debug_run
     from conftest_ray import ray_session  # noqa: F401
 
-    from i2l.data.ray_cluster import ensure_ray
+    from i2l.cluster import ensure_ray
 
     ensure_ray(num_cpus=2)
     with tempfile.TemporaryDirectory() as d:

@@ -27,7 +27,7 @@ def load_backbone(cfg: Config) -> Backbone:
     default_paths(cfg)
     kind = cfg.backbone.kind
     if kind == "toy":
-        from i2l.backbones.toy import load_toy_backbone as load
+        from i2l.toy.backbone import load_toy_backbone as load
     elif kind == "flux2":
         from i2l.backbones.flux2 import load_flux2_backbone as load
     elif kind == "zimage":

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from i2l.backbones import schedule
-from i2l.lora import BatchedLoRA, LoRA
+from i2l.model.lora import BatchedLoRA, LoRA
 
 
 @dataclass

@@ -30,9 +30,9 @@ class Steps:
 
     @classmethod
     def build(cls, preset: str, device: str | None = None, overrides: list[str] | None = None) -> Steps:
-        from i2l.backbones.shapes import random_backbone, random_encoder
+        from i2l.backbones.random_init import random_backbone, random_encoder
         from i2l.config import get_config
-        from i2l.predictor import I2LPredictor
+        from i2l.model.predictor import I2LPredictor
 
         cfg = get_config(preset, overrides)
         dev = torch.device(device or default_device())
@@ -54,7 +54,7 @@ class Steps:
             self.bb.transformer.disable_gradient_checkpointing()
 
     def autocast(self):
-        from i2l.flow_matching import mixed_precision
+        from i2l.model.flow_matching import mixed_precision
 
         return mixed_precision(self.device, self.cfg.backbone.dtype)
 
@@ -85,7 +85,7 @@ class Steps:
 
     def batch(self, rows: int, refs: int, styles: int, seed: int = 0) -> dict:
         """Random targets (rows, latent) with their prompt conditioning, and `styles` sets of `refs` references."""
-        from i2l.backbones.shapes import random_cond
+        from i2l.backbones.random_init import random_cond
 
         g = torch.Generator().manual_seed(seed)
         x1 = torch.randn(rows, *self.bb.latent_shape(self.cfg.backbone.image_size), generator=g)
@@ -97,7 +97,7 @@ class Steps:
 
     def lora_params(self) -> tuple[dict, dict]:
         """A per-style LoRA's trainable A/B (fp32, B non-zero so every path carries gradient)."""
-        from i2l.lora import zero_lora
+        from i2l.model.lora import zero_lora
 
         init = zero_lora(self.bb.lora_targets(), self.cfg.predictor.rank, self.bb.backbone_id)
         A = {k: v.to(self.device).requires_grad_(True) for k, v in init.A.items()}
@@ -108,7 +108,7 @@ class Steps:
     def i2l_forward(self, refs: torch.Tensor, to_host: bool = True):
         """One batched i2L forward: reference sets (U, N, 3, S, S) -> U LoRAs in fp32 on the CPU, ready to save
         (as `I2L.predict_loras` runs it, image decoding aside); `to_host=False` leaves them on the device."""
-        from i2l.predictor import predict_lora
+        from i2l.model.predictor import predict_lora
 
         with self.autocast():
             lora = predict_lora(self.pred, self.enc, refs)
@@ -119,7 +119,7 @@ class Steps:
 
     def i2l_step(self, data: dict, opt, group: int) -> float:
         """One training step: `group` targets share one predicted LoRA (train.targets_per_lora)."""
-        from i2l.predictor import predict_lora
+        from i2l.model.predictor import predict_lora
 
         B = data["x1"].shape[0]
         owner = torch.arange(B, device=self.device) // group  # (B,) which predicted LoRA each target uses
@@ -129,13 +129,13 @@ class Steps:
 
     def lora_step(self, data: dict, A: dict, Bm: dict, opt) -> float:
         """One per-style LoRA step (what `optimize_lora` runs): FM loss through the backbone, backward, Adam."""
-        from i2l.lora import LoRA
+        from i2l.model.lora import LoRA
 
         return self._descend(LoRA(A, Bm, self.bb.backbone_id), data, opt)
 
     def _descend(self, lora, data: dict, opt) -> float:
         """One optimiser step on the FM loss through the backbone with `lora`; waits for the GPU."""
-        from i2l.flow_matching import fm_backward
+        from i2l.model.flow_matching import fm_backward
 
         loss = fm_backward(self.bb, data["x1"], data["cond"], lora, opt)  # autocasts its forward itself
         opt.step()
@@ -179,7 +179,7 @@ def peak_rows(st: Steps) -> list[dict]:
 
 def setup_rows(st: Steps, rows: int, refs: int) -> list[dict]:
     """What was timed: sizes and precision, as rows of the bench's table."""
-    from i2l.info import param_count as n
+    from i2l.backbones.sizes import param_count as n
 
     figures = [("backbone_params", n(st.bb.transformer), "params"), ("encoder_params", n(st.enc), "params"),
                ("predictor_params", n(st.pred), "params"), ("rows_per_step", rows, "targets"),

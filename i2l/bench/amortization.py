@@ -164,10 +164,10 @@ def median_rows(walls: list[tuple[float, bool]], fwd_s: list[float], t_batched: 
 def run(args: argparse.Namespace) -> list[dict]:
     if args.random_init:
         return run_cost(args)
-    from i2l.api import I2L
-    from i2l.evaluation import heldout_loss, load_val_samples
+    from i2l.baselines.per_style import optimize_lora
+    from i2l.eval.heldout_loss import heldout_loss, load_val_samples
     from i2l.images import to_tensor
-    from i2l.per_style import optimize_lora
+    from i2l.infer.api import I2L
 
     model = I2L.load(args.checkpoint, data_root=args.data_root)
     cfg, bb = model.cfg, model.backbone

@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load(lora):
     """What loading a LoRA into a model costs at the least: its matrices copied into the layers' parameters."""
-    from i2l.lora import LoRA
+    from i2l.model.lora import LoRA
 
     return LoRA({k: v.clone() for k, v in lora.A.items()}, {k: v.clone() for k, v in lora.B.items()}, lora.backbone)
 
@@ -43,7 +43,7 @@ def sample_two_pass(bb, cond, neg_cond, loras: list, gray, guidance: float, step
     load the gray LoRA, run the negative branch, clear it. per_sample: one sample at a time (one LoRA per model)."""
     import torch
 
-    from i2l.lora import LoRA
+    from i2l.model.lora import LoRA
 
     n = len(cond)
     groups = [[i] for i in range(n)] if per_sample else [list(range(n))]
@@ -72,10 +72,10 @@ def _measure(args: argparse.Namespace) -> list[dict]:
     import torch
 
     from i2l.backbones.base import Cond
-    from i2l.backbones.toy import new_toy_backbone
     from i2l.config import get_config
-    from i2l.flow_matching import sample
-    from i2l.lora import LoRA
+    from i2l.model.flow_matching import sample
+    from i2l.model.lora import LoRA
+    from i2l.toy.backbone import new_toy_backbone
 
     cfg = get_config(args.preset)
     if cfg.backbone.kind != "toy":

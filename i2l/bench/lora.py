@@ -41,9 +41,9 @@ def _measure(args: argparse.Namespace) -> list[dict]:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
-    from i2l.backbones.toy import ToyBackbone, new_toy_backbone
     from i2l.config import get_config
-    from i2l.lora import LoRA
+    from i2l.model.lora import LoRA
+    from i2l.toy.backbone import ToyBackbone, new_toy_backbone
 
     cfg = get_config(args.preset)
     if cfg.backbone.kind != "toy":

@@ -49,11 +49,11 @@ def pil_loop(images: list[bytes], resolution: int, fmt: str, quality: int = 95) 
 def run(args: argparse.Namespace) -> list[dict]:
     import pyarrow.parquet as pq
 
+    from i2l.cluster import ensure_ray
     from i2l.config import get_config
     from i2l.data.megastyle import image_bytes
     from i2l.data.prepare import prepare
-    from i2l.data.ray_cluster import ensure_ray
-    from i2l.toyworld import write_toyworld
+    from i2l.toy.world import write_toyworld
 
     workers = [int(w) for w in str(args.workers).split(",") if w]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="i2l-bench-prepare-"))

@@ -36,10 +36,10 @@ def write_untrained_checkpoint(cfg, root: Path) -> Path:
     import torch
 
     from i2l.backbones import default_paths
-    from i2l.backbones.toy import new_toy_backbone
-    from i2l.checkpoint import save_checkpoint
-    from i2l.encoder import new_toy_encoder
-    from i2l.training import build_predictor
+    from i2l.model.encoder import new_toy_encoder
+    from i2l.toy.backbone import new_toy_backbone
+    from i2l.train.checkpoint import save_checkpoint
+    from i2l.train.loop import build_predictor
 
     if cfg.backbone.kind != "toy" or cfg.encoder.kind != "toy":
         raise ValueError("an untrained checkpoint can be made for toy presets only: pass --checkpoint")
@@ -62,8 +62,8 @@ def write_untrained_checkpoint(cfg, root: Path) -> Path:
 
 def toy_jobs(styles: int, refs: int, size: int = 32) -> list:
     from i2l.config import ToyWorldConfig
-    from i2l.production import StyleJob
-    from i2l.toyworld import generate_rows
+    from i2l.produce.stage import StyleJob
+    from i2l.toy.world import generate_rows
 
     by_style: dict[str, list] = {}
     for row, _ in generate_rows(ToyWorldConfig(styles=styles, size=size, seed=123)):
@@ -73,9 +73,9 @@ def toy_jobs(styles: int, refs: int, size: int = 32) -> list:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    from i2l.cluster import ensure_ray
     from i2l.config import get_config
-    from i2l.data.ray_cluster import ensure_ray
-    from i2l.production import LoRAProducer, produce
+    from i2l.produce.stage import LoRAProducer, produce
     from i2l.store import Store, file_sha256
 
     workers = [int(w) for w in str(args.workers).split(",") if w]
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         common = {"styles": len(jobs), "refs": args.refs, "batch_size": args.batch_size}
         rows = []
 
-        from i2l.checkpoint import latest_checkpoint
+        from i2l.train.checkpoint import latest_checkpoint
 
         ck_dir = latest_checkpoint(ck)
         out = work / "out-in-process"

@@ -318,7 +318,7 @@ def _check_out_dir(out: Path, fingerprint: str, force: bool) -> None:
 def _run_units(todo: list[Unit], plan: Plan, input_dir: Path, out: Path, cfg: DataConfig, progress: bool):
     from tqdm import tqdm
 
-    from i2l.data.ray_cluster import ensure_ray
+    from i2l.cluster import ensure_ray
 
     ray = ensure_ray()
     res = ray.cluster_resources()
@@ -403,7 +403,7 @@ def prepare(cfg: Config, input_dir: str | os.PathLike, out_dir: str | os.PathLik
     done = {u.index: unit_done(out, u, fingerprint) for u in plan.units}
     todo = [u for u in plan.units if done[u.index] is None]
     if todo:
-        from i2l.data.ray_cluster import ensure_ray
+        from i2l.cluster import ensure_ray
 
         t = time.perf_counter()
         ensure_ray()  # cluster start-up (seconds) is not the pipeline's throughput

@@ -227,7 +227,7 @@ METHOD_ORDER = ("base", "mean_lora", "gray_lora", "adapter", "per_style", "i2l_1
                 "i2l_1ref_asym", "i2l_4ref_asym")
 
 
-# Held-out-loss sanity checks named like i2L methods but not one (i2l.eval_methods.heldout_losses).
+# Held-out-loss sanity checks named like i2L methods but not one (i2l.eval.methods.heldout_losses).
 SANITY_METHODS = ("i2l_wrong_style",)
 
 

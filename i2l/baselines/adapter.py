@@ -1,0 +1,198 @@
+"""The adapter baseline (IP-Adapter-like): the same frozen encoder's patch tokens become M extra context
+tokens appended to the prompt's, instead of a LoRA; trained through the frozen backbone on the predictor's
+tuples with its budget. Shapes: B batch, S = N·P image tokens, D encoder width, M context tokens, H hidden,
+E text width, L text tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from i2l.backbones.base import Backbone, Cond
+from i2l.config import Config
+from i2l.model.flow_matching import fm_loss, mixed_precision, sample
+
+WEIGHTS_FILE = "adapter.safetensors"
+INFO_FILE = "adapter.json"
+MAX_REFS = 64
+
+
+class AdapterProjector(nn.Module):
+    """Learned queries + image tokens -> single-stream transformer (the predictor's) -> M context tokens."""
+
+    def __init__(self, token_dim: int, text_dim: int, tokens: int = 8, hidden: int = 128, depth: int = 2,
+                 heads: int = 4):
+        super().__init__()
+        self.dims = {"token_dim": token_dim, "text_dim": text_dim, "tokens": tokens, "hidden": hidden,
+                     "depth": depth, "heads": heads}
+        self.in_proj = nn.Linear(token_dim, hidden)
+        self.ref_embed = nn.Embedding(MAX_REFS, hidden)  # which reference a token came from
+        self.query = nn.Parameter(torch.randn(tokens, hidden) * 0.02)  # (M, H)
+        self.blocks = nn.ModuleList([
+            nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=4 * hidden, dropout=0.0,
+                                       batch_first=True, norm_first=True, activation="gelu")
+            for _ in range(depth)])
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, text_dim)
+        # zero output: the untrained adapter appends constant tokens that carry no reference information
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor, ref_index: torch.Tensor) -> torch.Tensor:
+        """tokens (B, S, D), keep (B, S) bool, ref_index (B, S) -> context tokens (B, M, E)."""
+        B, M = tokens.shape[0], self.query.shape[0]
+        z = self.in_proj(tokens) + self.ref_embed(ref_index)  # (B, S, H)
+        x = torch.cat([self.query.unsqueeze(0).expand(B, -1, -1), z], dim=1)  # (B, M+S, H)
+        pad = torch.cat([keep.new_zeros(B, M), ~keep], dim=1)  # (B, M+S): True = ignore
+        for blk in self.blocks:
+            x = blk(x, src_key_padding_mask=pad)  # (B, M+S, H)
+        return self.out(self.norm(x[:, :M]))  # (B, M, E)
+
+
+def build_adapter(cfg: Config, token_dim: int, text_dim: int) -> AdapterProjector:
+    """The projector sized like the predictor's aggregator unless eval.adapter_* says otherwise."""
+    e, p = cfg.eval, cfg.predictor
+    torch.manual_seed(cfg.train.seed)
+    return AdapterProjector(token_dim, text_dim, e.adapter_tokens, e.adapter_hidden or p.hidden,
+                            e.adapter_depth or p.depth, e.adapter_heads or p.heads)
+
+
+def adapter_tokens(adapter: AdapterProjector, encoder, refs: torch.Tensor,
+                   n_refs: torch.Tensor | None = None) -> torch.Tensor:
+    """refs (B, N, 3, H, W) in [-1, 1] (padded), n_refs (B,) -> context tokens (B, M, E)."""
+    if refs.dim() == 4:
+        refs = refs.unsqueeze(0)  # one sample of N references
+    if n_refs is None:
+        n_refs = torch.full((refs.shape[0],), refs.shape[1], dtype=torch.long)
+    tokens, keep, ref_index = encoder.encode_refs(refs, n_refs)  # (B, S, D), (B, S), (B, S)
+    p = next(adapter.parameters())
+    return adapter(tokens.to(p.dtype), keep, ref_index)
+
+
+def with_context(cond: Cond, extra: torch.Tensor) -> Cond:
+    """Append context tokens extra (B, M, E) (or (1, M, E), broadcast) to the prompt's (B, L, E)."""
+    B = len(cond)
+    if extra.shape[0] == 1 and B != 1:
+        extra = extra.expand(B, -1, -1)
+    if extra.shape[0] != B:
+        raise ValueError(f"{B} prompts but {extra.shape[0]} sets of adapter tokens")
+    embeds = torch.cat([cond.embeds, extra.to(cond.embeds)], dim=1)  # (B, L+M, E)
+    mask = None if cond.mask is None else torch.cat(
+        [cond.mask, cond.mask.new_ones(B, extra.shape[1])], dim=1)  # (B, L+M)
+    return Cond(embeds, mask)
+
+
+class ConditionedBackbone:
+    """The backbone seen with adapter tokens appended to every prompt: usable wherever a Backbone is read
+    (held-out FM loss, sampling). extra: (1, M, E) for one style, or (B, M, E) for B prompts."""
+
+    def __init__(self, backbone: Backbone, extra: torch.Tensor):
+        self.backbone, self.extra = backbone, extra
+
+    def __getattr__(self, name):
+        return getattr(self.backbone, name)
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        return with_context(self.backbone.encode_prompts(prompts), self.extra)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, lora=None, strength: float = 1.0):
+        return self.backbone.velocity(x_t, t, cond, lora, strength)
+
+
+@torch.no_grad()
+def generate_with_adapter(backbone: Backbone, extra: torch.Tensor, prompts: list[str], noise: torch.Tensor,
+                          guidance: float, steps: int, negative_prompt: str = "") -> torch.Tensor:
+    """Sample latents (B, *latent) for prompts with adapter tokens extra (B, M, E). CFG keeps the image tokens
+    on both branches (only the prompt is guided), as plain CFG keeps a LoRA on both branches."""
+    view = ConditionedBackbone(backbone, extra.to(backbone.device, backbone.dtype))
+    cond = view.encode_prompts(prompts)
+    neg = view.encode_prompts([negative_prompt] * len(prompts))
+    return sample(view, cond, neg, None, None, guidance, steps, noise=noise)
+
+
+def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps: int | None = None,
+                  progress: bool = True, device: str | None = None) -> dict:
+    """Train the projector for cfg.train.steps x cfg.train.batch_size tuples (the predictor's budget, the same
+    noise and timesteps per step); write adapter.safetensors + adapter.json to out_dir."""
+    from tqdm import tqdm
+
+    from i2l.backbones import load_backbone
+    from i2l.data.tuples import TupleStream, collate
+    from i2l.model.encoder import load_encoder
+    from i2l.toy.backbone_pretrain import lr_at
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    steps = steps or cfg.eval.baseline_steps or cfg.train.steps
+    backbone = load_backbone(cfg).to(device)
+    encoder = load_encoder(cfg.encoder).to(device)
+    with torch.no_grad():
+        text_dim = backbone.encode_prompts([""]).embeds.shape[-1]
+    adapter = build_adapter(cfg, encoder.dim, text_dim).to(device)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    stream = iter(TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed))
+    bs, curve, t0 = cfg.train.batch_size, [], time.time()
+    bar = tqdm(range(steps), desc="train adapter", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, cfg.train.lr, cfg.train.warmup)
+        targets, prompts, refs, n_refs = collate(list(itertools.islice(stream, bs)), cfg.backbone.image_size,
+                                                 cfg.encoder.image_size)
+        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009)  # as train_predictor
+        with mixed_precision(device, cfg.backbone.dtype):
+            with torch.no_grad():
+                cond = backbone.encode_prompts(prompts)  # (B, L, E), frozen text encoder
+                x1 = backbone.encode_images(targets.to(device))
+            extra = adapter_tokens(adapter, encoder, refs.to(device), n_refs)  # (B, M, E)
+            cond = with_context(cond, extra)
+            loss = fm_loss(backbone, x1, cond, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # outside autocast, as PyTorch's AMP recipe has it
+        gnorm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.train.grad_clip)
+        opt.step()
+        curve.append({"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                      "grad_norm": float(gnorm)})
+        bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
+    secs = time.time() - t0
+    info = {"steps": steps, "batch_size": bs, "seconds": secs, "first_loss": _mean(curve[:20]),
+            "last_loss": _mean(curve[-20:]), "backbone_id": backbone.backbone_id,
+            "encoder_id": encoder.encoder_id, "dims": adapter.dims}
+    save_adapter(adapter, out_dir, {**info, "curve": curve, "config": cfg.to_dict()})
+    return {"dir": str(out_dir), **info}
+
+
+def save_adapter(adapter: AdapterProjector, out_dir: str | Path, info: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}, str(tmp))
+    tmp.replace(out / WEIGHTS_FILE)  # weights first; the info file marks the directory complete
+    (out / (INFO_FILE + ".tmp")).write_text(json.dumps(info, indent=2, default=str))
+    (out / (INFO_FILE + ".tmp")).replace(out / INFO_FILE)
+    return out
+
+
+def load_adapter(out_dir: str | Path, backbone: Backbone | None = None, encoder=None,
+                 device: str = "cpu") -> tuple[AdapterProjector, dict]:
+    """A trained adapter and its info; refused when made for another backbone or encoder."""
+    out = Path(out_dir)
+    if not (out / INFO_FILE).is_file() or not (out / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"no trained adapter in {out}: run `i2l train-adapter --out {out}` first")
+    info = json.loads((out / INFO_FILE).read_text())
+    for what, have, key in (("backbone", backbone, "backbone_id"), ("encoder", encoder, "encoder_id")):
+        if have is not None and getattr(have, key) != info[key]:
+            raise ValueError(f"adapter {out} was trained for {what} {info[key]!r}, not "
+                             f"{getattr(have, key)!r}: retrain it with `i2l train-adapter`")
+    adapter = AdapterProjector(**info["dims"])
+    adapter.load_state_dict(load_file(str(out / WEIGHTS_FILE)))
+    return adapter.to(device).eval().requires_grad_(False), info
+
+
+def _mean(recs: list[dict]) -> float:
+    return sum(r["loss"] for r in recs) / max(1, len(recs))

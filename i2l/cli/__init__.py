@@ -1,0 +1,72 @@
+"""`i2l` command line: one subcommand per module of this package (file name = command, `_` -> `-`). Each module:
+a docstring (its help), `add_arguments(parser)` and `main(args) -> int`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+# Offline by default: nothing may be downloaded, and a hub lookup must fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def add_preset_args(p: argparse.ArgumentParser) -> None:
+    """The shared `--preset P` and `--set section.field=value` options."""
+    p.add_argument("--preset", default="toy", help="config preset: debug, toy (default), klein4b, zimage")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--data-root", default=None, help="data root (default: data/, or I2L_DATA_ROOT)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from i2l.config import get_config
+
+    cfg = get_config(args.preset, args.overrides)
+    root = args.data_root or os.environ.get("I2L_DATA_ROOT")
+    if root:
+        cfg.data_root = root
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="i2l",
+        description="i2l: predict style LoRAs from reference images in one forward pass, and run the "
+        "pipeline that trains, mass-produces and evaluates them. Every command runs on the toy world "
+        "by default (--preset toy) and on real checkpoints with --preset klein4b / zimage.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"i2l.cli.{info.name}")
+        doc = (mod.__doc__ or "").strip()
+        p = sub.add_parser(info.name.replace("_", "-"), help=doc.splitlines()[0] if doc else None,
+                           description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # User errors: say what is wrong and what to do, without a traceback.
+        print(f"i2l {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Predict one style LoRA from 1..N reference images in a single forward pass.
+
+The references are fused by token concatenation (paper §4.5). Writes a diffusers/PEFT-format safetensors file
+(`transformer.<module>.lora_A.weight` / `lora_B.weight`) that `load_lora_weights` accepts.
+"""
+
+import glob
+import os
+
+
+def add_arguments(p):
+    p.add_argument("--checkpoint", required=True, help="training run dir or checkpoint dir")
+    p.add_argument("--images", nargs="+", required=True, help="reference image paths or globs")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--strength", type=float, default=1.0, help="scale the LoRA (ΔW -> s·ΔW)")
+    p.add_argument("--device", default="cpu")
+
+
+def expand_images(patterns: list[str]) -> list[str]:
+    """Paths as given, globs expanded; a file that exists is taken as named even if its name has * ? [ in it."""
+    out = []
+    for p in patterns:
+        hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") and not os.path.exists(p) else [p]
+        if not hits:
+            raise FileNotFoundError(f"no image matches {p!r}")
+        out.extend(hits)
+    return out
+
+
+def main(args):
+    from i2l.infer.api import I2L
+
+    # predicting needs the encoder and predictor only: a real backbone (GBs) is not loaded
+    model = I2L.load(args.checkpoint, device=args.device, backbone=False)
+    images = expand_images(args.images)
+    lora = model.predict_lora(images)
+    if args.strength != 1.0:
+        lora = lora.scaled(args.strength)
+    path = lora.save(args.out, prefix=model.lora_prefix)
+    print(f"LoRA from {len(images)} reference(s): rank {lora.rank}, {len(lora.names)} layers -> {path}")
+    return 0

@@ -1,0 +1,184 @@
+"""The methods compared on held-out samples, as per-sample conditioning: a LoRA (or none: base) for mean-LoRA,
+per-style optimisation at step budgets and i2L with 1 / 4 references, context tokens for the adapter; with the
+wall time to make one style's conditioning, and each method's held-out FM loss.
+Shapes: S samples, N references, k rows per style and step, r rank.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from i2l.backbones.base import Backbone, Cond
+from i2l.baselines.per_style import optimize_lora
+from i2l.eval.heldout_loss import ValSample, heldout_loss
+from i2l.images import to_tensor
+from i2l.model.flow_matching import fm_backward
+from i2l.model.lora import LoRA, zero_lora
+
+
+@dataclass
+class Conditioning:
+    """One method's conditioning for every sample: LoRAs (None = base model) or adapter tokens."""
+
+    method: str
+    loras: list[LoRA | None] = field(default_factory=list)  # one per sample; empty for the adapter
+    extra: torch.Tensor | None = None  # adapter context tokens (S, M, E)
+    wall_s: list[float] = field(default_factory=list)  # seconds to make each sample's conditioning
+    asym: bool = False  # negative CFG branch: the gray-image LoRA (paper §3.4) instead of the same LoRA
+    n_refs: int = 0  # references the method sees (0: style-free)
+    budget: int = 0  # per-style optimisation steps
+    note: str = ""
+    lora_of: str = ""  # the method whose LoRAs these are (asym variants reuse the plain ones)
+
+    @property
+    def mean_wall_s(self) -> float:
+        return sum(self.wall_s) / len(self.wall_s) if self.wall_s else 0.0
+
+
+def base_conditioning(n: int) -> Conditioning:
+    return Conditioning("base", loras=[None] * n, wall_s=[0.0] * n, note="backbone alone")
+
+
+def mean_lora_conditioning(lora: LoRA, n: int, train_s: float) -> Conditioning:
+    return Conditioning("mean_lora", loras=[lora] * n, wall_s=[0.0] * n,
+                        note=f"one LoRA for all styles, trained once in {train_s:.0f}s")
+
+
+def i2l_ref_counts(samples: list[ValSample]) -> tuple[int, ...]:
+    """i2L is evaluated from 1 and from 4 references, capped by the fewest any sample holds."""
+    return 1, min(4, min(len(s.refs) for s in samples))
+
+
+def i2l_conditionings(model, samples: list[ValSample], ref_counts: tuple[int, ...] = (1, 4),
+                      progress: bool = False) -> list[Conditioning]:
+    """i2L LoRAs from the first k references of each sample, one forward per style (timed alone, as a user
+    would run it), each with plain CFG and with asymmetric (gray-image) CFG."""
+    from tqdm import tqdm
+
+    model.gray_lora()  # made once up front: not part of any style's time
+    out = []
+    for k in dict.fromkeys(ref_counts):  # (1, 1) when samples hold one reference: one method, not two copies
+        model.predict_lora(samples[0].refs[:k])  # warm-up: first-call allocations are no style's time
+        loras, walls = [], []
+        for s in tqdm(samples, desc=f"i2L {k}-ref LoRAs", disable=not progress):
+            t0 = time.perf_counter()
+            loras.append(model.predict_lora(s.refs[:k]))
+            walls.append(time.perf_counter() - t0)
+        plain = Conditioning(f"i2l_{k}ref", loras=loras, wall_s=walls, n_refs=k, note="one predictor forward")
+        asym = Conditioning(f"i2l_{k}ref_asym", loras=loras, wall_s=walls, n_refs=k, asym=True,
+                            note="one predictor forward; gray-image LoRA on the negative branch",
+                            lora_of=plain.method)
+        out += [plain, asym]
+    return out
+
+
+def optimize_loras(backbone: Backbone, images: torch.Tensor, prompts: list[list[str]], rank: int, steps: int,
+                   *, lr: float, seed: int = 0, snapshots: tuple[int, ...] = (), rows: int = 4,
+                   progress: bool = False) -> dict[int, LoRA]:
+    """Per-style LoRAs for S styles optimised side by side in one batched forward per step: images
+    (S, N, 3, H, W), prompts S x N. Each style's loss is its own mean, so Adam moves each LoRA as if it were
+    optimised alone with `rows` rows per step (i2l.baselines.per_style). -> {steps: batched LoRA (S)} per snapshot."""
+    from tqdm import tqdm
+
+    S, N = images.shape[:2]
+    init = zero_lora(backbone.lora_targets(), rank, backbone.backbone_id)
+    dev = backbone.device
+    A = {k: v.to(dev).repeat(S, 1, 1).requires_grad_(True) for k, v in init.A.items()}  # (S, r, in)
+    B = {k: v.to(dev).repeat(S, 1, 1).requires_grad_(True) for k, v in init.B.items()}  # (S, out, r)
+    opt = torch.optim.Adam([*A.values(), *B.values()], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x_all = backbone.encode_images(images.flatten(0, 1).to(dev))  # (S·N, *latent)
+        cond_all: Cond = backbone.encode_prompts([p for ps in prompts for p in ps])  # (S·N, L, E)
+    out = {}
+    for step in tqdm(range(1, steps + 1), desc="per-style LoRAs", disable=not progress):
+        pick = torch.randint(N, (S, rows), generator=g)  # each style's rows: its own references
+        idx = (torch.arange(S)[:, None] * N + pick).flatten()  # (S·k,)
+        lora = LoRA({k: v.repeat_interleave(rows, 0) for k, v in A.items()},  # (S·k, r, in)
+                    {k: v.repeat_interleave(rows, 0) for k, v in B.items()}, backbone.backbone_id)
+        # as i2L trains (like-for-like on a GPU), but the loss is a sum of per-style means over per (S·k,):
+        # no style's step depends on S
+        fm_backward(backbone, x_all[idx], cond_all.index(idx), lora, opt, g,
+                    reduce=lambda per: per.view(S, rows).mean(1).sum())
+        opt.step()
+        if step in snapshots:
+            out[step] = LoRA({k: v.detach().clone() for k, v in A.items()},
+                             {k: v.detach().clone() for k, v in B.items()}, backbone.backbone_id)
+    return out
+
+
+def per_style_conditionings(backbone: Backbone, samples: list[ValSample], budgets: tuple[int, ...], rank: int,
+                            image_size: int, lr: float, rows: int, seed: int = 0,
+                            progress: bool = False) -> list[Conditioning]:
+    """Per-style LoRAs at each step budget, optimised on each sample's references (prompts = their contents).
+    Quality: all styles side by side (optimize_loras). Wall time: the first style optimised alone, as one
+    user would wait for it (i2l.baselines.per_style.optimize_lora, same rows per step), measured at each budget."""
+    if not budgets:
+        return []
+    budgets = tuple(sorted(set(budgets)))
+    N = min(len(s.refs) for s in samples)
+    images = torch.stack([to_tensor(s.refs[:N], image_size) for s in samples])  # (S, N, 3, H, W)
+    prompts = [s.ref_prompts[:N] for s in samples]
+    snaps = optimize_loras(backbone, images, prompts, rank, budgets[-1], lr=lr, seed=seed, snapshots=budgets,
+                           rows=rows, progress=progress)
+    _, timed = optimize_lora(backbone, images[0], prompts[0], rank, budgets[-1], lr=lr, seed=seed,
+                             snapshots=budgets, batch_size=rows)
+    wall = {t["steps"]: t["wall_s"] for t in timed}
+    return [Conditioning(f"per_style@{b}", loras=[lo.detach().to("cpu") for lo in snaps[b].unbind()],
+                         wall_s=[wall[b]] * len(samples), n_refs=N, budget=b,
+                         note=f"{b} Adam steps x {rows} rows on the {N} references; time of one style alone")
+            for b in budgets]
+
+
+def adapter_conditioning(adapter, encoder, samples: list[ValSample], n_refs: int = 4,
+                         progress: bool = False) -> Conditioning:
+    """Adapter context tokens from each sample's first n_refs references (one encoder + projector forward)."""
+    from tqdm import tqdm
+
+    from i2l.baselines.adapter import adapter_tokens
+
+    extras, walls = [], []
+    with torch.no_grad():
+        size = encoder.cfg.image_size
+        adapter_tokens(adapter, encoder, to_tensor(samples[0].refs[:n_refs], size))  # warm-up, untimed
+        for s in tqdm(samples, desc="adapter tokens", disable=not progress):
+            t0 = time.perf_counter()
+            refs = to_tensor(s.refs[:n_refs], size).to(encoder.device)  # (N, 3, h, w)
+            extras.append(adapter_tokens(adapter, encoder, refs)[0].cpu())  # (M, E)
+            walls.append(time.perf_counter() - t0)
+    return Conditioning("adapter", extra=torch.stack(extras), wall_s=walls, n_refs=n_refs,
+                        note="frozen encoder tokens -> extra context tokens, one forward")
+
+
+def heldout_losses(model, samples: list[ValSample], conds: list[Conditioning], progress: bool) -> list[dict]:
+    """Rows {method, style_id, n_refs, steps, wall_s, loss} on evaluation.heldout_loss's fixed grid, for each
+    method's own conditioning (CFG plays no part, so asym variants are left out), plus the gray-image LoRA and
+    a wrong style's i2L LoRA as sanity checks."""
+    from tqdm import tqdm
+
+    from i2l.baselines.adapter import ConditionedBackbone
+
+    cfg, bb = model.cfg, model.backbone
+    size, T, S = cfg.backbone.image_size, cfg.eval.fm_timesteps, cfg.eval.fm_noise_seeds
+    i2l = [c for c in conds if c.method.startswith("i2l") and not c.asym]
+    rows = []
+    for i, s in enumerate(tqdm(samples, desc="held-out FM loss", disable=not progress)):
+        def add(method, n_refs, steps, wall, lora=None, backbone=bb, s=s, i=i):
+            rows.append({"method": method, "style_id": s.style_id, "n_refs": n_refs, "steps": steps,
+                         "wall_s": wall, "loss": heldout_loss(backbone, s, lora, size, T, S, i)})
+
+        for c in conds:
+            if c.asym:
+                continue
+            if c.extra is not None:
+                add(c.method, c.n_refs, 0, c.wall_s[i], backbone=ConditionedBackbone(bb, c.extra[i:i + 1]))
+            else:
+                add(c.method, c.n_refs, c.budget, c.wall_s[i], lora=c.loras[i])
+        if i2l:
+            add("gray_lora", 0, 0, 0.0, lora=model.gray_lora())
+            if len(samples) > 1:  # the most-references i2L LoRA of the next sample's style
+                add("i2l_wrong_style", i2l[-1].n_refs, 0, 0.0, lora=i2l[-1].loras[(i + 1) % len(samples)])
+    return rows

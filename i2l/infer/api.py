@@ -1,0 +1,170 @@
+"""The Python API: `I2L.load(checkpoint_dir)`, `predict_lora(images)`, `gray_lora()`, `generate(...)`.
+
+    from i2l import I2L
+    model = I2L.load("data/runs/toy/train")
+    lora = model.predict_lora(["a.png", "b.png"])        # one LoRA from 1..N references
+    lora.save("style.safetensors")                         # loads in diffusers' load_lora_weights
+    images = model.generate(["one large circle in the center"], [lora], guidance=2.0, seed=0)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from i2l.backbones import load_backbone
+from i2l.backbones.base import Backbone
+from i2l.config import Config
+from i2l.images import gray_image, load_image_file, to_pil, to_tensor
+from i2l.model.encoder import ImageEncoder, load_encoder
+from i2l.model.flow_matching import mixed_precision, sample
+from i2l.model.lora import LoRA
+from i2l.model.predictor import I2LPredictor, predict_lora
+from i2l.train.checkpoint import check_fits, checkpoint_config, read_state, require_checkpoint
+
+
+class I2L:
+    """A trained predictor with its frozen encoder and backbone."""
+
+    def __init__(self, cfg: Config, backbone: Backbone, encoder: ImageEncoder, predictor: I2LPredictor,
+                 checkpoint: Path | None = None):
+        self.cfg, self.backbone, self.encoder, self.predictor = cfg, backbone, encoder, predictor
+        self.checkpoint = checkpoint
+        self._gray: LoRA | None = None
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | Path, device: str = "cpu", data_root: str | None = None,
+             backbone: bool = True) -> I2L:
+        """Load from a training run directory (its latest checkpoint) or one checkpoint directory.
+
+        backbone=False: predict-only (mass production): the adapted layers come from the checkpoint's record, so
+        the (large) backbone is not loaded; `generate` then refuses."""
+        from safetensors.torch import load_file
+
+        ck = require_checkpoint(checkpoint_dir)
+        cfg = checkpoint_config(ck, data_root)
+        if data_root:
+            cfg.data_root = data_root
+        state = read_state(ck)
+        if backbone:
+            bb = load_backbone(cfg).to(device)
+            check_fits(state, bb, str(ck))
+            targets, backbone_id = bb.lora_targets(), bb.backbone_id
+        else:
+            bb, backbone_id = None, state["backbone_id"]
+            targets = {k: tuple(v) for k, v in state["targets"].items()}
+        encoder = load_encoder(cfg.encoder).to(device)
+        predictor = I2LPredictor(cfg.predictor, targets, encoder.dim, backbone_id)
+        predictor.load_state_dict(load_file(str(ck / "predictor.safetensors")))
+        predictor.to(device).eval().requires_grad_(False)
+        return cls(cfg, bb, encoder, predictor, ck)
+
+    @property
+    def checkpoint_id(self) -> str:
+        return f"{self.checkpoint.parent.parent.name}/{self.checkpoint.name}" if self.checkpoint else "untrained"
+
+    @property
+    def lora_prefix(self) -> str:
+        """Key prefix of this backbone's diffusers LoRA files (`LoRA.save(path, prefix=...)`)."""
+        if self.backbone is not None:
+            return self.backbone.lora_prefix
+        kind = self.cfg.backbone.kind  # read off the adapter class: no need to load the backbone
+        if kind == "flux2":
+            from i2l.backbones.flux2 import Flux2Backbone as cls
+        elif kind == "zimage":
+            from i2l.backbones.zimage import ZImageBackbone as cls
+        else:
+            from i2l.toy.backbone import ToyBackbone as cls
+        return cls.lora_prefix
+
+    def _images(self, images) -> torch.Tensor:
+        pil = [im if isinstance(im, Image.Image) else load_image_file(im) for im in images]
+        if not pil:
+            raise ValueError("no reference images given: i2L needs at least one")
+        return to_tensor(pil, self.cfg.encoder.image_size)  # any size/mode in, one size out
+
+    @torch.no_grad()
+    def predict_lora(self, images) -> LoRA:
+        """One LoRA from 1..N references (paths or PIL images), fused by token concatenation (paper §4.5)."""
+        refs = self._images(images).unsqueeze(0)  # (1, N, 3, S, S)
+        lora = self._predict(refs)[0]
+        lora.meta.update({"checkpoint": self.checkpoint_id, "n_refs": refs.shape[1]})
+        return lora
+
+    @torch.no_grad()
+    def predict_loras(self, ref_sets: list[list]) -> list[LoRA]:
+        """A batch of style LoRAs, one per reference set (sets may differ in size)."""
+        tensors = [self._images(s) for s in ref_sets]
+        N = max(t.shape[0] for t in tensors)
+        refs = torch.zeros(len(tensors), N, *tensors[0].shape[1:])
+        for i, t in enumerate(tensors):
+            refs[i, : t.shape[0]] = t
+        n = torch.tensor([t.shape[0] for t in tensors])
+        out = self._predict(refs, n).unbind()
+        for lo, k in zip(out, n.tolist()):
+            lo.meta.update({"checkpoint": self.checkpoint_id, "n_refs": k})
+        return out
+
+    def _predict(self, refs: torch.Tensor, n_refs: torch.Tensor | None = None) -> LoRA:
+        """Reference sets (U, N, 3, S, S) -> U LoRAs, predicted in the backbone's precision and returned as fp32 on
+        the CPU: files and mixing stay fp32 whatever the forward ran in."""
+        with mixed_precision(self.encoder.device, self.cfg.backbone.dtype):
+            out = predict_lora(self.predictor, self.encoder, refs.to(self.encoder.device), n_refs)
+        return out.to_host(torch.float32)
+
+    def gray_lora(self) -> LoRA:
+        """The neutral LoRA predicted from a pure gray image: the negative branch of asymmetric guidance."""
+        if self._gray is None:
+            self._gray = self.predict_lora([gray_image(self.cfg.encoder.image_size)])
+            self._gray.meta["kind"] = "gray"
+        return self._gray
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], loras: list[LoRA | None] | LoRA | None = None,
+                 negative_lora: LoRA | str | None = "gray", guidance: float | None = None, steps: int | None = None,
+                 seed: int | list[int] = 0, strength: float = 1.0, negative_prompt: str = "",
+                 inpaint: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Image.Image]:
+        """Sample one image per prompt with its LoRA. negative_lora="gray" = the paper's asymmetric guidance;
+        None = plain CFG with the positive LoRA on both branches; a LoRA = that LoRA on the negative branch.
+        seed: one for the batch, or one per prompt (then an image does not depend on what it is batched with)."""
+        if self.backbone is None:
+            raise ValueError("this I2L was loaded with backbone=False (predict-only): load it with the backbone "
+                             "to generate")
+        guidance = self.cfg.eval.guidance if guidance is None else guidance
+        steps = steps or self.cfg.eval.sample_steps
+        n = len(prompts)
+        if isinstance(loras, LoRA) or loras is None:
+            loras = [loras] * n
+        if len(loras) != n:
+            raise ValueError(f"{n} prompts but {len(loras)} LoRAs")
+        base_targets = self.backbone.lora_targets()
+        for lo in loras:
+            if lo is not None:
+                from i2l.model.lora import check_compatible
+                check_compatible(lo, self.backbone)
+        zero = LoRA({k: torch.zeros(1, v[0]) for k, v in base_targets.items()},
+                    {k: torch.zeros(v[1], 1) for k, v in base_targets.items()}, self.backbone.backbone_id)
+        pos = LoRA.stack([lo if lo is not None else zero for lo in loras]).to(self.backbone.device)
+        if isinstance(negative_lora, str):
+            if negative_lora != "gray":
+                raise ValueError("negative_lora must be 'gray', None or a LoRA")
+            neg = LoRA.stack([self.gray_lora()] * n)
+        elif negative_lora is None:
+            neg = pos  # plain CFG: the same LoRA on both branches
+        else:
+            neg = LoRA.stack([negative_lora] * n)
+        shape = self.backbone.latent_shape(self.cfg.backbone.image_size)
+        # noise (B, *latent) fp32 on the CPU: `sample` moves it to the device (its state stays fp32)
+        if isinstance(seed, int):
+            noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+        elif len(seed) == n:
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seed])
+        else:
+            raise ValueError(f"{n} prompts but {len(seed)} seeds")
+        cond = self.backbone.encode_prompts(prompts)
+        neg_cond = self.backbone.encode_prompts([negative_prompt] * n)
+        x = sample(self.backbone, cond, neg_cond, pos, neg.to(self.backbone.device), guidance, steps, noise=noise,
+                   strength=strength, inpaint=inpaint)
+        return to_pil(self.backbone.decode_latents(x))

@@ -1,0 +1,205 @@
+"""Generation for the command line and batch use: styles × prompts × seeds sampled in batches, where one forward per
+step carries both CFG branches of every style in the batch (asymmetric LoRA guidance: style LoRA + prompt against
+gray LoRA + negative prompt), written as PNGs plus a table of (sample id, prompt, lora id, seed, settings).
+
+Everything is checked before the first image is written (LoRA files against the backbone, reference images, prompt
+lengths, masks), and every file is written under a temporary name and renamed, so a failure leaves nothing half done.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from i2l.model.lora import LoRA, check_compatible
+
+TABLE_FILE = "samples.csv"
+TABLE_COLUMNS = ("sample_id", "prompt", "lora_id", "seed", "image", "settings")
+
+
+@dataclass
+class Style:
+    """A LoRA to generate with, and the id its samples are filed under."""
+
+    lora_id: str
+    lora: LoRA
+    source: str  # a LoRA file, the reference images it was predicted from, or a mix of styles
+
+
+@dataclass
+class GenerateSettings:
+    guidance: float = 2.0  # CFG scale s: v = v_neg + s·(v_pos − v_neg)
+    steps: int = 20  # Euler steps
+    strength: float = 1.0  # LoRA strength (ΔW -> strength·ΔW on both branches; 0 = the base model)
+    asymmetric: bool = True  # True: gray-image LoRA on the negative branch (paper §3.4); False: plain CFG
+    negative_prompt: str = ""
+    batch_size: int = 16  # samples per batched sampling call (2× rows per forward)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch size must be >= 1")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[:64] or "style"
+
+
+def _digest(paths: list) -> str:
+    """8 hex digits naming files by where they are: two files of one name (a/style, b/style) get different ids,
+    and a file keeps its id whatever it is generated alongside."""
+    return hashlib.sha256("\n".join(str(Path(p).resolve()) for p in paths).encode()).hexdigest()[:8]
+
+
+# ---------- styles ----------
+def style_from_file(path: str | os.PathLike, backbone) -> Style:
+    """A LoRA file, checked against the backbone (another backbone's file fails naming its layers); id
+    `<name>-<digest of its resolved path>`."""
+    lora = LoRA.load(path, backbone=backbone)
+    return Style(f"{_slug(Path(path).stem)}-{_digest([path])}", lora, str(path))
+
+
+def style_from_images(model, images: list) -> Style:
+    """One LoRA from 1..N references fused by token concatenation (paper §4.5); id from the images' digest."""
+    from i2l.cli.predict import expand_images
+
+    paths = expand_images([str(p) for p in images])
+    if not paths:
+        raise ValueError("no reference images given: i2L needs at least one")
+    lora = model.predict_lora(paths)
+    return Style(f"refs-{_slug(Path(paths[0]).stem)}-{len(paths)}-{_digest(paths)}", lora, json.dumps(paths))
+
+
+def mix_styles(styles: list[Style], weights: list[float]) -> Style:
+    """LoRA-space mixing: ΔW = Σ w_i·ΔW_i (exact, ranks concatenated); weights (1, 0) return the first LoRA."""
+    if len(weights) != len(styles):
+        raise ValueError(f"{len(styles)} styles but {len(weights)} mixing weights: give one weight per style")
+    lora = LoRA.mix([s.lora for s in styles], weights)
+    label = "+".join(f"{w:g}x{s.lora_id}" for s, w in zip(styles, weights) if w)
+    return Style(_slug(f"mix-{label}") if len(label) < 60 else f"mix-{hashlib.sha256(label.encode()).hexdigest()[:8]}",
+                 lora, label)
+
+
+# ---------- checks ----------
+def check_prompt_lengths(backbone, prompts: list[str]) -> None:
+    """Refuse prompts longer than the text encoder takes (the diffusers pipelines would truncate them silently)."""
+    tok, limit = getattr(backbone, "tokenizer", None), getattr(backbone, "max_sequence_length", None)
+    if tok is None or limit is None:
+        backbone.encode_prompts(list(prompts))  # the toy text encoder raises on its own
+        return
+    for p in prompts:
+        n = len(tok(backbone.prompt_text(p))["input_ids"])  # tokenized as the pipelines tokenize it
+        if n > limit:
+            raise ValueError(f"prompt is {n} tokens but the {backbone.kind} text encoder takes at most {limit} "
+                             f"(backbone.max_sequence_length): shorten {p[:60]!r}...")
+
+
+def load_inpaint(backbone, image_path, mask_path, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Known latents (1, *latent) of an image and its mask (1, 1, h, w) on the latent grid, 1 = regenerate (white in
+    the mask file). A latent cell is regenerated if any of its pixels is."""
+    from i2l.images import load_image_file, to_tensor
+
+    known = backbone.encode_images(to_tensor([load_image_file(image_path)], image_size).to(backbone.device))
+    m = load_image_file(mask_path).convert("L").resize((image_size, image_size), Image.NEAREST)
+    mask = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]  # (1, 1, S, S)
+    h, w = known.shape[-2:]
+    mask = (torch.nn.functional.adaptive_max_pool2d(mask, (h, w)) > 0.5).to(known.dtype)  # (1, 1, h, w)
+    if mask.sum() == 0:
+        raise ValueError(f"mask {mask_path} marks nothing to regenerate: white (> 50%) = regenerate, black = keep")
+    return known, mask.to(known.device)
+
+
+# ---------- sampling ----------
+def plan_samples(styles: list[Style], prompts: list[str], seeds: list[int]) -> list[dict]:
+    """Every (style, prompt, seed), with a stable sample id."""
+    if not styles:
+        raise ValueError("no style to generate with: pass --lora FILE or --images IMG ...")
+    if not prompts:
+        raise ValueError("no prompt given")
+    seen = {}
+    for s in styles:  # one id per style: a repeated one would overwrite its images and merge its table rows
+        if s.lora_id in seen:
+            raise ValueError(f"style {s.source} is given twice (as {seen[s.lora_id]} too): give each style once")
+        seen[s.lora_id] = s.source
+    return [{"sample_id": f"{s.lora_id}_p{pi:02d}_s{seed}", "style": s, "prompt": p, "seed": int(seed)}
+            for s in styles for pi, p in enumerate(prompts) for seed in seeds]
+
+
+def generate_samples(model, styles: list[Style], prompts: list[str], out_dir: str | os.PathLike,
+                     settings: GenerateSettings | None = None, seeds: list[int] = (0,),
+                     inpaint: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True) -> list[dict]:
+    """Sample every style × prompt × seed in batches of settings.batch_size; write PNGs + the samples table.
+
+    Each sample's noise comes from its own seed, so an image does not depend on what it was batched with."""
+    from tqdm import tqdm
+
+    settings = settings or GenerateSettings()
+    bb = model.backbone
+    specs = plan_samples(styles, prompts, list(seeds))
+    check_prompt_lengths(bb, [*prompts, settings.negative_prompt])
+    for s in styles:
+        check_compatible(s.lora, bb, source=f"LoRA {s.source}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    common = {**asdict(settings), "cfg": "asymmetric" if settings.asymmetric else "plain",
+              "checkpoint": model.checkpoint_id, "inpaint": inpaint is not None}
+    common.pop("batch_size")
+    rows = []
+    bs = settings.batch_size
+    for i in tqdm(range(0, len(specs), bs), desc="generate", unit="batch", disable=not progress):
+        chunk = specs[i:i + bs]
+        paint = None
+        if inpaint is not None:
+            known, mask = inpaint
+            paint = (known.expand(len(chunk), *known.shape[1:]), mask.expand(len(chunk), *mask.shape[1:]))
+        images = model.generate([c["prompt"] for c in chunk], [c["style"].lora for c in chunk],
+                                negative_lora="gray" if settings.asymmetric else None, guidance=settings.guidance,
+                                steps=settings.steps, seed=[c["seed"] for c in chunk], strength=settings.strength,
+                                negative_prompt=settings.negative_prompt, inpaint=paint)
+        for c, im in zip(chunk, images):
+            name = f"{c['sample_id']}.png"
+            _write_png(im, out / name)
+            rows.append({"sample_id": c["sample_id"], "prompt": c["prompt"], "lora_id": c["style"].lora_id,
+                         "seed": c["seed"], "image": name, "settings": {**common, "lora_source": c["style"].source}})
+        write_table(rows, out / TABLE_FILE)  # after every batch: the table lists exactly the images on disk
+    return rows
+
+
+def _write_png(image: Image.Image, path: Path) -> None:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def read_table(path: str | os.PathLike) -> list[dict]:
+    """The samples table (settings parsed back to a dict); [] if there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{**r, "seed": int(r["seed"]), "settings": json.loads(r["settings"])} for r in csv.DictReader(f)]
+
+
+def write_table(rows: list[dict], path: str | os.PathLike) -> None:
+    """Merge rows into the table by sample id (a re-run replaces its samples) and write it atomically."""
+    path = Path(path)
+    merged = {r["sample_id"]: r for r in read_table(path)}
+    merged.update({r["sample_id"]: r for r in rows})
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+        w.writeheader()
+        for r in merged.values():
+            w.writerow({**{k: r[k] for k in TABLE_COLUMNS}, "settings": json.dumps(r["settings"], sort_keys=True)})
+    os.replace(tmp, path)

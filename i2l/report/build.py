@@ -1,0 +1,313 @@
+"""`build_report(store, run_id)`: reports/<run>/index.html (self-contained) and report.md from the results
+store: Table 1, sample grid, amortization plot, ablations, training curve, benchmarks, data summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from i2l.layout import report_dir
+from i2l.report.figures import ablation_plot, amortization_plot, curve_plot, sample_grid
+from i2l.report.render import Document, Table, fmt, rank_marks
+from i2l.store import METRICS, Store, method_sort_key, parse_method
+
+OVERALL_NOTE = ("Overall: for each metric, the methods' means are min-max normalised over the methods "
+                "compared in this run (lower-is-better metrics inverted, so 1 = best, 0 = worst), then "
+                "averaged over the metrics a method has. Skipped metrics and metrics on which all methods "
+                "tie are left out.")
+
+
+def resolve_run(store: Store, run_id: str | None) -> str:
+    """`run_id` if it exists; else the latest top-level run that has samples (or, failing that, any)."""
+    if run_id:
+        if not store.rows("SELECT count(*) FROM runs WHERE run_id = ?", [run_id])[0][0]:
+            known = [r[0] for r in store.rows("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 5")]
+            raise ValueError(f"no run {run_id!r} in {store.path}; recent runs: {', '.join(known) or 'none'}")
+        return run_id
+    got = store.rows("""
+        WITH RECURSIVE fam(top, run_id) AS (
+            SELECT run_id, run_id FROM runs WHERE parent_id IS NULL
+            UNION SELECT f.top, r.run_id FROM runs r JOIN fam f ON r.parent_id = f.run_id)
+        SELECT r.run_id FROM runs r
+        WHERE r.parent_id IS NULL
+        ORDER BY EXISTS (SELECT 1 FROM fam f JOIN samples s ON s.run_id = f.run_id
+                         WHERE f.top = r.run_id) DESC,
+                 r.started_at DESC LIMIT 1""")
+    if not got:
+        raise ValueError(f"no runs in {store.path}; run the pipeline first (`i2l run`)")
+    return got[0][0]
+
+
+def run_family(store: Store, run_id: str) -> pd.DataFrame:
+    """The run and all runs below it (parent_id chain), oldest first."""
+    return store.query("""
+        WITH RECURSIVE fam(run_id) AS (SELECT run_id FROM runs WHERE run_id = ?
+            UNION SELECT r.run_id FROM runs r JOIN fam f ON r.parent_id = f.run_id)
+        SELECT * FROM runs WHERE run_id IN (SELECT run_id FROM fam) ORDER BY started_at, run_id""", [run_id])
+
+
+def build_report(store: Store, run_id: str | None = None, out_dir: str | Path | None = None,
+                 image_roots: list[Path] | None = None, grid_rows: int = 3) -> Path:
+    """Write the report and return the path of index.html. Sample/reference images are read only from
+    `image_roots` (default: the store's directory)."""
+    run_id = resolve_run(store, run_id)
+    family = run_family(store, run_id)
+    runs = family.run_id.tolist()
+    out_dir = Path(out_dir) if out_dir else report_dir(run_id)  # $I2L_REPORTS_DIR/<run>, else reports/<run>
+    roots = [Path(r) for r in (image_roots or [store.path.parent])]
+    doc = Document(f"i2l report — {run_id}")
+    _runs_section(doc, family)
+    eval_run = _eval_run(store, runs)
+    if eval_run is None:
+        doc.para("No evaluation samples were recorded in this run, so there is no Table 1, grid or ablation.",
+                 note=True)
+    else:
+        summary = store.query("SELECT * FROM v_method_summary WHERE run_id = ?", [eval_run])
+        amort = store.query("SELECT * FROM v_amortization WHERE run_id = ?", [eval_run])
+        _table1_section(doc, summary, eval_run)
+        _grid_section(doc, store, eval_run, roots, grid_rows)
+        _amortization_section(doc, amort)
+        _ablation_section(doc, amort)
+    _curve_section(doc, store, runs)
+    _benchmark_section(doc, store)
+    _data_section(doc, store, runs)
+    return doc.write(out_dir)
+
+
+def _eval_run(store: Store, runs: list[str]) -> str | None:
+    got = store.rows("SELECT run_id FROM samples WHERE list_contains(?, run_id) GROUP BY run_id "
+                     "ORDER BY max(created_at) DESC LIMIT 1", [runs])
+    return got[0][0] if got else None
+
+
+def _runs_section(doc: Document, family: pd.DataFrame) -> None:
+    doc.heading("Runs", "runs")
+    rows = []
+    for r in family.itertuples():
+        secs = (r.finished_at - r.started_at).total_seconds() if pd.notna(r.finished_at) else None
+        rows.append([r.run_id, r.kind, _txt(r.preset), r.status, str(r.started_at)[:19], fmt(secs, 1)])
+    columns = ["run", "kind", "preset", "status", "started (UTC)", "duration (s)"]
+    doc.table(Table(columns, rows, table_id="runs"))
+
+
+def _table1_section(doc: Document, summary: pd.DataFrame, eval_run: str) -> None:
+    doc.heading("Table 1: methods × metrics", "table1")
+    methods = sorted(summary.method.unique(), key=method_sort_key)
+    present = set(summary.metric) - {"overall"}
+    metrics = [m for m in METRICS if m in present] + sorted(present - set(METRICS)) + ["overall"]
+    cell = {(r.method, r.metric): r for r in summary.itertuples()}
+    lower = {m: bool(summary[summary.metric == m].lower_is_better.any()) for m in metrics}
+    rows, marks, skipped = [], {}, {}
+    for i, method in enumerate(methods):
+        row = [method]
+        for metric in metrics:
+            r = cell.get((method, metric))
+            if r is None:
+                row.append("–")
+            elif r.n_ok:
+                row.append(fmt(r.mean, 3) if metric == "overall" else fmt(r.mean))
+            elif r.n_skipped:
+                row.append("skipped")
+                skipped.setdefault(metric, set()).add(str(r.skip_reason))
+            else:
+                row.append("–")
+        rows.append(row)
+    for j, metric in enumerate(metrics, start=1):
+        values = {i: _mean(cell.get((m, metric))) for i, m in enumerate(methods)}
+        marks.update(rank_marks(values, lower[metric], j))
+    columns = ["method"] + [f"{m} {'↓' if lower[m] else '↑'}" for m in metrics]
+    doc.para(f"Evaluation run {eval_run}. Mean over samples; best per column in bold, second underlined.")
+    doc.table(Table(columns, rows, marks, table_id="table1"))
+    doc.para(OVERALL_NOTE, note=True)
+    doc.bullets([f"{m}: skipped for every sample — {'; '.join(sorted(r))}" for m, r in skipped.items()
+                 if all(cell.get((x, m)) is None or not cell[(x, m)].n_ok for x in methods)])
+
+
+def _txt(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def _mean(r) -> float | None:
+    return None if r is None or not r.n_ok else float(r.mean)
+
+
+def _grid_section(doc: Document, store: Store, eval_run: str, roots: list[Path], max_rows: int) -> None:
+    samples = store.query("""
+        SELECT s.style_id, s.prompt, s.seed, s.method, s.image_path, s.settings, st.ref_paths
+        FROM samples s LEFT JOIN styles st USING (style_id) WHERE s.run_id = ?""", [eval_run])
+    if samples.empty:
+        return
+    methods = sorted(samples.method.unique(), key=method_sort_key)
+    groups = []
+    for (style_id, prompt, seed), g in samples.groupby(["style_id", "prompt", "seed"], dropna=False):
+        refs = max((_json_list(s, "refs") for s in g.settings), key=len)
+        refs = refs or _json_list(g.ref_paths.iloc[0], None)
+        groups.append({"style_id": style_id, "prompt": str(prompt), "seed": seed, "refs": refs,
+                           "images": dict(zip(g.method, g.image_path))})
+    groups.sort(key=lambda r: (-len(r["images"]), str(r["style_id"])))
+    rows = groups[:max_rows]
+    n_refs = min(4, max((len(r["refs"]) for r in rows), default=0)) or 1
+    png, missing = sample_grid(rows, methods, n_refs, roots)
+    doc.heading("Samples: references and each method's output (same prompt and seed)", "grid")
+    doc.figure("grid", png, f"Rows: style, prompt, seed. Columns: {n_refs} reference(s), then "
+                            + ", ".join(methods) + ".")
+    if missing:
+        doc.para(f"{missing} image(s) were missing or outside the data directories and are shown as n/a.",
+                 note=True)
+
+
+def _json_list(value, key: str | None) -> list[str]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    try:
+        data = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError:
+        return []
+    data = data.get(key) if key and isinstance(data, dict) else data
+    return [str(x) for x in data] if isinstance(data, list) else []
+
+
+def _amortization_section(doc: Document, amort: pd.DataFrame) -> None:
+    doc.heading("Amortization: quality vs wall time per style", "amortization")
+    if amort.empty or amort.wall_s.isna().all():
+        doc.para("No wall times were recorded for the methods of this run.", note=True)
+        return
+    quality = "eval_loss" if amort.eval_loss.notna().any() else "overall"
+    # a store not yet migrated (opened read-only) still calls i2l_wrong_style 'i2l': only i2l_<N>ref(_asym) are
+    family = amort.family.where(amort.family != "i2l", amort.method.map(lambda m: parse_method(m)["family"]))
+    d = amort.assign(family=family, _k=amort.method.map(method_sort_key)).sort_values("_k")
+    doc.figure("amortization", amortization_plot(d, quality),
+               "Per-style LoRA optimisation at increasing step budgets vs i2L's single forward pass.")
+    doc.table(Table(["method", "family", "per-style steps", "wall s / style", "held-out loss ↓",
+                     "clip_style ↑", "overall ↑"],
+                    [[r.method, r.family, fmt(r.budget_steps), fmt(r.wall_s, 3), fmt(r.eval_loss, 4),
+                      fmt(r.clip_style), fmt(r.overall, 3)] for r in d.itertuples()],
+                    table_id="amortization"))
+    doc.bullets(amortization_findings(d, quality))
+
+
+def amortization_findings(amort: pd.DataFrame, quality: str = "eval_loss") -> list[str]:
+    """For each i2L method: how long per-style optimisation needs to match its quality, and the ratio."""
+    lower = quality == "eval_loss"
+    curve = amort[(amort.family == "per_style") & amort[quality].notna() & (amort.wall_s > 0)]
+    curve = curve.sort_values("wall_s")
+    out = []
+    for r in amort[(amort.family == "i2l") & amort[quality].notna()].itertuples():
+        target, wall = getattr(r, quality), r.wall_s
+        if curve.empty or not wall or pd.isna(wall):
+            continue
+        w_match = _match_time(curve.wall_s.tolist(), curve[quality].tolist(), target, lower)
+        head = f"{r.method} ({quality} {fmt(target, 4)} in {fmt(wall, 3)} s): per-style optimisation"
+        if w_match is None:
+            out.append(f"{head} does not reach it within {fmt(curve.wall_s.max(), 2)} s")
+        elif w_match == curve.wall_s.iloc[0] and _as_good(curve[quality].iloc[0], target, lower):
+            # nothing on the curve before its first budget: the crossing may come sooner, so a bound, not a match
+            out.append(f"{head} matches it at its smallest budget already, {fmt(w_match, 2)} s — "
+                       f"at most {w_match / wall:.0f}× i2L's time")
+        else:
+            out.append(f"{head} needs ≈{fmt(w_match, 2)} s to match — {w_match / wall:.0f}× i2L's time")
+    return out
+
+
+def _as_good(value: float, target: float, lower: bool) -> bool:
+    return value <= target if lower else value >= target
+
+
+def _match_time(walls: list[float], values: list[float], target: float, lower: bool) -> float | None:
+    # First point of the curve at least as good as the target, interpolated in log(wall time).
+    good = [_as_good(v, target, lower) for v in values]
+    if not any(good):
+        return None
+    k = good.index(True)
+    if k == 0:
+        return walls[0]
+    t = (values[k - 1] - target) / (values[k - 1] - values[k])
+    return math.exp(math.log(walls[k - 1]) + t * (math.log(walls[k]) - math.log(walls[k - 1])))
+
+
+def _ablation_section(doc: Document, amort: pd.DataFrame) -> None:
+    info = {m: parse_method(m) for m in amort.method}
+    i2l = amort[[info[m]["family"] == "i2l" and bool(info[m]["n_refs"]) for m in amort.method]].copy()
+    if i2l.empty:
+        return
+    i2l["n_refs"] = [info[m]["n_refs"] for m in i2l.method]
+    i2l["asym"] = [info[m]["asym"] for m in i2l.method]
+    metric = "clip_style" if i2l.clip_style.notna().any() else "overall"
+    doc.heading("Ablations", "ablations")
+    nref = i2l[~i2l.asym].sort_values("n_refs")
+    doc.para("Number of references (asymmetric CFG off):")
+    doc.table(Table(["method", "references", "clip_style ↑", "clip_text ↑", "overall ↑", "held-out loss ↓"],
+                    [[r.method, str(r.n_refs), fmt(r.clip_style), fmt(r.clip_text), fmt(r.overall, 3),
+                      fmt(r.eval_loss, 4)] for r in nref.itertuples()], table_id="ablation-refs"))
+    pairs = []
+    for n, g in i2l.groupby("n_refs"):
+        off, on = g[~g.asym], g[g.asym]
+        if len(off) and len(on):
+            pairs.append({"n_refs": n, "off": off.iloc[0], "on": on.iloc[0]})
+    asym = pd.DataFrame([{"n_refs": p["n_refs"], "off": p["off"][metric], "on": p["on"][metric]}
+                         for p in pairs])
+    if pairs:
+        doc.para("Asymmetric LoRA guidance (negative branch: the gray-image LoRA) off vs on:")
+        rows = [[str(p["n_refs"])] + [fmt(p[s][m], 3 if m == "overall" else None)
+                                      for m in ("clip_style", "clip_text", "overall") for s in ("off", "on")]
+                for p in pairs]
+        doc.table(Table(["references", "clip_style off", "clip_style on", "clip_text off", "clip_text on",
+                         "overall off", "overall on"], rows, table_id="ablation-asym"))
+    doc.figure("ablations", ablation_plot(nref, asym, metric), f"{metric} by number of references and with "
+                                                               "asymmetric CFG off/on.")
+
+
+def _curve_section(doc: Document, store: Store, runs: list[str]) -> None:
+    df = store.query("SELECT run_id, step, loss, lr FROM train_curves WHERE list_contains(?, run_id) "
+                     "AND loss > 0 ORDER BY run_id, step", [runs])
+    if df.empty:
+        return
+    doc.heading("Training curve", "training")
+    doc.figure("training", curve_plot(df), "Training loss per step.")
+    # curves record steps from 1 (step + 1 after each optimiser step): count the rows, not the last step
+    per_run = df.groupby("run_id").agg(steps=("step", "size"), loss=("loss", "last"))
+    doc.bullets([f"{run_id}: {int(r.steps)} steps logged, final loss {fmt(r.loss, 4)}"
+                 for run_id, r in per_run.iterrows()])
+
+
+def _benchmark_section(doc: Document, store: Store) -> None:
+    df = store.query("SELECT * FROM v_benchmarks ORDER BY bench, case_name, metric, device")
+    doc.heading("Benchmarks (latest per bench, case, metric and device)", "benchmarks")
+    if df.empty:
+        doc.para("No benchmarks recorded yet (`i2l bench ...`).", note=True)
+        return
+    doc.table(Table(["bench", "case", "metric", "value", "unit", "device", "time (UTC)"],
+                    [[r.bench, _txt(r.case_name), r.metric, fmt(r.value), _txt(r.unit), _txt(r.device),
+                      str(r.time)[:19]] for r in df.itertuples()], table_id="benchmarks"))
+
+
+def _data_section(doc: Document, store: Store, runs: list[str]) -> None:
+    df = store.query("SELECT * FROM v_data_summary WHERE list_contains(?, run_id) ORDER BY recorded_at",
+                     [runs])
+    scope = "recorded by this run"
+    if df.empty:
+        df = store.query("SELECT * FROM v_data_summary ORDER BY recorded_at DESC LIMIT 1")
+        scope = "latest in the store"
+    doc.heading("Data summary", "data")
+    if df.empty:
+        doc.para("No prepared dataset recorded yet: the prepare_data flow records it (`i2l run --flow prepare_data`; "
+                 "the single command `i2l prepare` does not).", note=True)
+        return
+    doc.para(f"Prepared datasets ({scope}):")
+    doc.table(Table(["dataset", "rows in", "written", "quarantined", "train styles", "val styles", "shards",
+                     "bytes"],
+                    [[r.dataset_id, fmt(r.rows_in), fmt(r.rows_written), fmt(r.rows_quarantined),
+                      fmt(r.styles_train), fmt(r.styles_val), fmt(r.n_shards), fmt(r.shard_bytes, 0)]
+                     for r in df.itertuples()], table_id="data"))
+    q = store.query("SELECT dataset_id, reason, n FROM v_quarantine_by_reason "
+                    "WHERE list_contains(?, dataset_id) "
+                    "ORDER BY dataset_id, n DESC, reason", [df.dataset_id.tolist()])
+    if q.empty:
+        doc.para("Nothing was quarantined.", note=True)
+    else:
+        doc.para("Quarantined rows by reason:")
+        rows = [[r.dataset_id, r.reason, fmt(r.n)] for r in q.itertuples()]
+        doc.table(Table(["dataset", "reason", "rows"], rows, table_id="quarantine"))

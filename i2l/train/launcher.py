@@ -1,0 +1,96 @@
+"""Launches predictor training on Ray Train: `TorchTrainer` + `ScalingConfig(num_workers, use_gpu)` with DDP.
+One CPU worker by default here, N GPU workers on a cluster, the same per-worker loop. The only module that
+imports `ray.train`."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+from i2l.config import Config, config_from_dict
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: rank/world/device from Ray, DDP applied from outside the model code."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from i2l.train.loop import World, train_predictor
+
+    ctx = ray.train.get_context()
+    cfg = config_from_dict(config["cfg"])
+    # Ray Train restarts the worker group after a worker dies (FailureConfig). A restarted attempt finds this
+    # launch's marker and resumes from the latest checkpoint instead of starting over (Ray's own checkpoint
+    # reports are polled off the workers and may not reach the controller before a death). Every rank reads
+    # before rank 0 writes.
+    marker = Path(config["out_dir"]) / f".launch-{config['launch_id']}"
+    resume = config["resume"] or marker.exists()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if ctx.get_world_rank() == 0:
+        marker.touch()
+    torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
+    device = ray.train.torch.get_device()
+    world = World(rank=ctx.get_world_rank(), size=ctx.get_world_size(), device=str(device))
+    wrap = ray.train.torch.prepare_model if world.size > 1 else None
+
+    def report(rec: dict) -> None:
+        if rec["step"] % 10 == 0 or rec["step"] == cfg.train.steps:
+            ray.train.report(dict(rec))
+
+    crash_at = config.get("crash_at") if not resume else None  # tests: a real worker death, first attempt only
+
+    def report_or_crash(rec: dict) -> None:
+        report(rec)
+        if crash_at is not None and rec["step"] == crash_at:
+            os._exit(1)
+
+    info = train_predictor(cfg, config["data_dir"], config["out_dir"], resume=resume, world=world,
+                           wrap_model=wrap, report=report_or_crash, progress=config.get("progress", True),
+                           stop_after=config.get("stop_after"))
+    ray.train.report({"done": 1, **{k: v for k, v in info.items() if isinstance(v, (int, float))}})
+
+
+def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
+                    progress: bool = True, stop_after: int | None = None, crash_at: int | None = None) -> dict:
+    """Train the predictor with `cfg.train.num_workers` Ray Train workers (DDP when > 1). A worker that dies
+    restarts the group up to train.max_failures times, resuming from the latest checkpoint.
+    crash_at: kill a worker process at this step on the first attempt (tests of recovery)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from i2l.backbones import default_paths
+    from i2l.cluster import ensure_ray
+    from i2l.train.loop import refuse_mixing_runs, run_summary
+
+    refuse_mixing_runs(out_dir, resume, cfg)  # before Ray: a worker error would be retried, not reported
+    default_paths(cfg)
+    ensure_ray()
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    workers = cfg.train.num_workers
+    config = {"cfg": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "out_dir": str(out),
+              "resume": resume, "progress": progress, "stop_after": stop_after,
+              "threads_per_worker": max(1, cpus // workers), "crash_at": crash_at,
+              "launch_id": uuid.uuid4().hex[:12]}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": 1} if not cfg.train.use_gpu else None),
+        run_config=RunConfig(name=f"i2l-{cfg.name}", storage_path=str(out / "ray_results"),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+    )
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    finally:
+        (out / f".launch-{config['launch_id']}").unlink(missing_ok=True)
+    if result.error:
+        raise result.error
+    return {**dict(result.metrics or {}), **run_summary(out), "seconds": time.time() - t0}

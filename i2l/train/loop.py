@@ -1,0 +1,150 @@
+"""Training the i2L predictor by flow matching THROUGH the frozen backbone (paper §3.2): only the predictor
+learns. Plain PyTorch: data parallelism (DDP) is applied from outside by the launcher through `wrap_model`.
+Checkpoints: safetensors weights + optimizer state + config, every K steps and at the end; resumable exactly."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from i2l.backbones import load_backbone
+from i2l.config import Config
+from i2l.data.tuples import TupleStream, collate_groups
+from i2l.model.encoder import load_encoder
+from i2l.model.flow_matching import fm_backward, mixed_precision
+from i2l.model.predictor import I2LPredictor, predict_lora
+from i2l.toy.backbone_pretrain import lr_at
+from i2l.train.checkpoint import (
+    check_same_run,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
+
+
+@dataclass
+class World:
+    """Where this worker stands in data-parallel training."""
+
+    rank: int = 0
+    size: int = 1
+    device: str = "cpu"
+
+
+def build_predictor(cfg: Config, backbone, encoder) -> I2LPredictor:
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every fresh run
+    return I2LPredictor(cfg.predictor, backbone.lora_targets(), encoder.dim, backbone.backbone_id)
+
+
+def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
+                    world: World | None = None, wrap_model: Callable | None = None,
+                    report: Callable[[dict], None] | None = None, progress: bool = True,
+                    stop_after: int | None = None) -> dict:
+    """Train for cfg.train.steps (from the latest checkpoint with resume=True). Rank 0 writes the checkpoints.
+
+    stop_after: leave after this many steps of this call (for tests of kill/resume; a real kill works too)."""
+    world = world or World()
+    device = torch.device(world.device)
+    out = Path(out_dir)
+    refuse_mixing_runs(out, resume, cfg)  # before any model is built: a clear message, not a shape error
+    backbone = load_backbone(cfg).to(device)
+    encoder = load_encoder(cfg.encoder).to(device)
+    predictor = build_predictor(cfg, backbone, encoder).to(device)
+    opt = torch.optim.AdamW(predictor.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    start, curve = 0, []
+    if resume and (ck := latest_checkpoint(out)) is not None:
+        start, curve = load_checkpoint(ck, predictor, opt, backbone, cfg)
+        print(f"resuming from {ck} at step {start}")
+    model = wrap_model(predictor) if wrap_model else predictor
+    if device.type == "cuda":
+        backbone.transformer.enable_gradient_checkpointing()  # memory: recompute blocks in backward
+    stream = TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed, world.rank, world.size,
+                         targets_per_lora=cfg.train.targets_per_lora)
+    bs = cfg.train.batch_size // world.size  # train.batch_size is the global batch
+    if bs < 1:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is the global batch: it must be at least "
+                         f"train.num_workers={world.size} (one target per worker)")
+    batches = _batches(stream, bs)
+    for _ in range(start):  # skip what earlier runs consumed: identical data order after a resume
+        next(batches)
+    from tqdm import tqdm
+
+    steps, t0, done = cfg.train.steps, time.time(), 0
+    bar = tqdm(range(start, steps), desc="train i2L", initial=start, total=steps,
+               disable=not progress or world.rank != 0)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, cfg.train.lr, cfg.train.warmup)
+        targets, prompts, refs, n_refs, owner = collate_groups(next(batches), cfg.backbone.image_size,
+                                                               cfg.encoder.image_size)
+        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + world.rank)
+        with mixed_precision(device, cfg.backbone.dtype):
+            with torch.no_grad():
+                cond = backbone.encode_prompts(prompts)  # frozen text encoder
+                x1 = backbone.encode_images(targets.to(device))
+            lora = predict_lora(model, encoder, refs.to(device), n_refs).take(owner.to(device))  # (U) -> (B)
+        loss = fm_backward(backbone, x1, cond, lora, opt, generator=g)  # backward outside autocast
+        gnorm = torch.nn.utils.clip_grad_norm_(predictor.parameters(), cfg.train.grad_clip)
+        opt.step()
+        rec = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
+               "n_refs_mean": float(n_refs.float().mean())}
+        curve.append(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        done += 1
+        if world.rank == 0 and ((step + 1) % cfg.train.ckpt_every == 0 or step + 1 == steps):
+            save_checkpoint(out, step + 1, predictor, opt, backbone, encoder, cfg, curve)
+        if report:
+            report(rec)  # after the save: a reporter that stops the run never loses this step's checkpoint
+        if stop_after is not None and done >= stop_after:
+            break
+    secs = time.time() - t0
+    return {"out_dir": str(out), "steps": start + done, "seconds": secs, "steps_per_s": done / max(secs, 1e-9),
+            **_loss_summary(curve)}
+
+
+def refuse_mixing_runs(out_dir: str | Path, resume: bool, cfg: Config) -> None:
+    """A fresh run into a directory with another run's checkpoints would interleave the two runs' files; a
+    resume with other run-defining settings than cfg would continue another optimisation than the saved one."""
+    ck = latest_checkpoint(out_dir)
+    if ck is None:
+        return
+    if not resume:
+        raise FileExistsError(f"{out_dir} already holds a training run (latest checkpoint {ck.name}): pass --resume "
+                              f"to continue it, or choose another --out for a new run")
+    check_same_run(read_state(ck), cfg, str(ck))
+
+
+def run_summary(out_dir: str | Path) -> dict:
+    """What the run in out_dir reached, read back from its latest checkpoint (the launcher's result: Ray Train
+    keeps only metrics reported together with a checkpoint, so a worker's final report never reaches it)."""
+    ck = latest_checkpoint(out_dir)
+    if ck is None:
+        return {}
+    curve = json.loads((ck / "curve.json").read_text())
+    return {"out_dir": str(out_dir), "steps": read_state(ck)["step"], "checkpoint": str(ck), **_loss_summary(curve)}
+
+
+def _loss_summary(curve: list[dict]) -> dict:
+    """The mean loss of the first and of the last 20 steps of a loss curve."""
+    return {"first_loss": _mean(curve[:20]), "last_loss": _mean(curve[-20:])}
+
+
+def _mean(recs: list[dict]) -> float:
+    return sum(r["loss"] for r in recs) / max(1, len(recs))
+
+
+def _batches(stream: TupleStream, bs: int):
+    it = iter(stream)
+    while True:
+        yield list(itertools.islice(it, bs))
+
+
+def write_run_info(out_dir: str | Path, info: dict) -> None:
+    Path(out_dir, "train.json").write_text(json.dumps(info, indent=2))

@@ -1,0 +1,172 @@
+"""The evaluation stage on the debug world: every method's samples and scores land in the store, skipped
+scorers are recorded as skipped, the same prompt and seed for every method, batching does not change an
+image, and a re-run does no work."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from i2l.config import get_config
+from i2l.eval.methods import Conditioning, optimize_loras
+from i2l.eval.stage import FAMILIES, draw, evaluate
+from i2l.store import Store
+
+METHODS = {"base", "mean_lora", "per_style@2", "per_style@5", "i2l_1ref", "i2l_4ref", "i2l_1ref_asym",
+           "i2l_4ref_asym", "adapter"}
+
+
+def _cfg(debug_run, scorer_dir):
+    cfg = get_config("debug")
+    cfg.data_root = str(debug_run.data_root)
+    cfg.scorer.clip_checkpoint = str(scorer_dir)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def scorer_dir(debug_run, tmp_path_factory):
+    """A 10-step toy CLIP for the debug world (the real one is trained by `i2l pretrain-scorer`)."""
+    from i2l.toy.scorer import pretrain_toy_clip
+
+    out = tmp_path_factory.mktemp("scorer")
+    pretrain_toy_clip(get_config("debug"), debug_run.prepared_dir, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated(debug_run, scorer_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    store = Store(root / "results.duckdb")
+    cfg = _cfg(debug_run, scorer_dir)
+    info = evaluate(cfg, debug_run.prepared_dir, debug_run.run_dir, store, out_dir=root / "eval",
+                    progress=False)
+    return store, info, cfg
+
+
+def _count(store, table):
+    return store.rows(f"SELECT count(*) FROM {table}")[0][0]
+
+
+def test_every_method_has_samples_images_and_scores(evaluated):
+    store, info, cfg = evaluated
+    run = info["run_id"]
+    samples = store.query("SELECT * FROM samples WHERE run_id = ?", [run])
+    n = info["samples"]  # one per held-out style, at most eval.styles (the debug world holds fewer)
+    assert 2 <= n <= cfg.eval.styles and samples.style_id.nunique() == n and set(samples.method) == METHODS
+    assert samples.groupby("method").size().eq(n).all()
+    root = store.path.parent
+    assert all((root / p).is_file() for p in samples.image_path)  # relative to the store's directory
+    # the same prompt and seed for every method on a held-out sample
+    per_style = samples.groupby("style_id").agg(prompts=("prompt", "nunique"), seeds=("seed", "nunique"))
+    assert (per_style.prompts == 1).all() and (per_style.seeds == 1).all()
+    scores = store.query("SELECT s.method, sc.* FROM scores sc JOIN samples s USING (sample_id) "
+                         "WHERE run_id = ?", [run])
+    ok = scores[scores.status == "ok"]
+    for metric in ("clip_text", "clip_style", "ref_style_sim", "leakage"):
+        assert set(ok[ok.metric == metric].method) == METHODS
+    skipped = scores[scores.metric.isin(["aesthetic", "pickscore", "imagereward", "hpsv2", "hpsv3"])]
+    assert len(skipped) == 5 * len(samples) and (skipped.status == "skipped").all()
+    assert skipped.value.isna().all() and skipped.reason.str.len().gt(0).all()
+
+
+def test_methods_wall_times_losses_and_loras_are_recorded(evaluated):
+    store, info, _ = evaluated
+    run = info["run_id"]
+    m = store.query("SELECT * FROM methods WHERE run_id = ?", [run]).set_index("method")
+    assert m.loc["per_style@5", "wall_s"] > m.loc["per_style@2", "wall_s"] > 0
+    assert m.loc["per_style@5", "budget_steps"] == 5 and m.loc["base", "wall_s"] == 0
+    assert m.loc["i2l_4ref", "wall_s"] > 0 and m.loc["adapter", "wall_s"] > 0
+    losses = store.query("SELECT * FROM eval_losses WHERE run_id = ?", [run])
+    asym = {"i2l_1ref_asym", "i2l_4ref_asym"}
+    assert set(losses.method) == METHODS - asym | {"gray_lora", "i2l_wrong_style"}  # CFG plays no part in FM
+    assert losses.loss.gt(0).all() and losses.groupby("method").size().eq(info["samples"]).all()
+    loras = store.query("SELECT * FROM loras")
+    assert {"mean_lora", "per_style@2", "per_style@5", "i2l_1ref", "i2l_4ref"} <= set(loras.method)
+    assert all(Path(p).is_file() for p in loras.path)
+    asym = store.query("SELECT lora_id FROM samples WHERE run_id = ? AND method = 'i2l_4ref_asym'", [run])
+    assert set(asym.lora_id) <= set(loras.lora_id)  # asym samples reuse the plain i2L LoRAs
+    # the baselines were trained with the predictor's budget, each as its own run with its curve
+    kids = store.query("SELECT kind, run_id FROM runs WHERE parent_id = ?", [run])
+    assert set(kids.kind) == {"train_mean_lora", "train_adapter"}
+    steps = store.rows("SELECT count(*) FROM train_curves WHERE run_id = ?", [kids.run_id.iloc[0]])[0][0]
+    assert steps == 2  # debug_run's predictor trained 2 steps
+    table = store.query("SELECT * FROM v_method_summary WHERE run_id = ? AND metric = 'overall'", [run])
+    assert set(table.method) == METHODS
+
+
+def test_rerun_does_no_work(evaluated, debug_run):
+    store, info, cfg = evaluated
+    before = {t: _count(store, t) for t in ("runs", "samples", "scores", "eval_losses", "loras", "methods")}
+    again = evaluate(cfg, debug_run.prepared_dir, debug_run.run_dir, store, progress=False)
+    assert again["skipped"] and again["run_id"] == info["run_id"]
+    assert {t: _count(store, t) for t in before} == before
+
+
+def test_missing_clip_scorer_is_recorded_as_skipped(debug_run, tmp_path):
+    store = Store(tmp_path / "results.duckdb")
+    cfg = _cfg(debug_run, tmp_path / "no-scorer")
+    cfg.eval.styles = 2
+    info = evaluate(cfg, debug_run.prepared_dir, debug_run.run_dir, store, out_dir=tmp_path / "eval",
+                    families=("base",), progress=False)
+    scores = store.query("SELECT * FROM scores")
+    clip = scores[scores.metric.isin(["clip_text", "clip_style"])]
+    assert len(clip) == 2 * info["samples"] and (clip.status == "skipped").all()
+    assert clip.reason.str.contains("pretrain-scorer").all()
+    with pytest.raises(ValueError, match="unknown method families"):
+        evaluate(cfg, debug_run.prepared_dir, debug_run.run_dir, store, families=("bogus",), progress=False)
+    assert set(FAMILIES) == {"base", "mean_lora", "per_style", "i2l", "adapter"}
+
+
+def test_an_image_does_not_depend_on_its_batch(debug_run):
+    from i2l.infer.api import I2L
+    from i2l.model.lora import zero_lora
+
+    model = I2L.load(debug_run.run_dir)
+    model.cfg.eval = dataclasses.replace(model.cfg.eval, sample_steps=3)
+    lora = zero_lora(model.backbone.lora_targets(), 2, model.backbone.backbone_id)
+    g = torch.Generator().manual_seed(0)
+    lora.B.update({k: torch.randn(v.shape, generator=g) for k, v in lora.B.items()})  # a LoRA that acts
+    base = Conditioning("base", loras=[None, None])
+    styled = Conditioning("i2l_1ref_asym", loras=[lora, lora], asym=True)
+    alone = draw(model, ["one circle"], [(base, 0)], [3])[0]
+    mixed = draw(model, ["two stars", "one circle"], [(styled, 0), (base, 1)], [5, 3])
+    assert _diff(alone, mixed[1]) <= 1  # the same image up to float rounding, whatever it is batched with
+    assert _diff(alone, draw(model, ["one circle"], [(styled, 0)], [3])[0]) > 10  # while the LoRA does act
+
+
+def test_styles_optimised_side_by_side_do_not_interact(debug_run):
+    """Each style's loss is its own mean: a style's LoRA is the same whatever the other styles' data are."""
+    from i2l.backbones import load_backbone
+
+    cfg = get_config("debug")
+    cfg.backbone.path = debug_run.cfg.backbone.path
+    bb = load_backbone(cfg)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 3, 32, 32, generator=g) * 2 - 1  # (styles, N, 3, H, W)
+    prompts = [["one circle", "two stars", "one ring"]] * 2
+    a = optimize_loras(bb, images[[0, 1]], prompts, 2, 3, lr=1e-2, seed=1, snapshots=(2, 3), rows=2)
+    b = optimize_loras(bb, images[[0, 2]], prompts, 2, 3, lr=1e-2, seed=1, snapshots=(3,), rows=2)[3]
+    name = a[3].names[0]
+    assert set(a) == {2, 3} and a[3].batch_size == 2
+    assert torch.allclose(a[3].delta(name)[0], b.delta(name)[0], atol=1e-6)
+    assert not torch.allclose(a[3].delta(name)[1], b.delta(name)[1])
+    assert a[3].delta(name)[0].abs().sum() > 0
+
+
+def test_one_reference_per_sample_makes_one_i2l_method_not_two_copies(debug_run):
+    """Samples with one reference ask for i2L with (1, min(4, 1)) = (1, 1) references: one method, not the same
+    method twice (which duplicated its loss rows)."""
+    from i2l.eval.heldout_loss import load_val_samples
+    from i2l.eval.methods import i2l_conditionings
+    from i2l.infer.api import I2L
+
+    model = I2L.load(debug_run.run_dir)
+    samples = load_val_samples(debug_run.prepared_dir, limit=2)
+    assert [c.method for c in i2l_conditionings(model, samples, (1, 1))] == ["i2l_1ref", "i2l_1ref_asym"]
+
+
+def _diff(a, b) -> float:
+    import numpy as np
+
+    return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max())

@@ -1,0 +1,89 @@
+import hashlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from i2l.config import ToyWorldConfig
+from i2l.images import decode
+from i2l.toy.world import MEGASTYLE_SCHEMA, ROWS_PER_STYLE, write_toyworld
+
+
+def _digest(d):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    cfg = ToyWorldConfig(styles=6, seed=3, size=32, rows_per_shard=20)
+    d = tmp_path_factory.mktemp("tw")
+    write_toyworld(cfg, d, progress=False)
+    return cfg, d
+
+
+def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
+    cfg, d = world
+    write_toyworld(cfg, tmp_path / "again", progress=False)
+    assert _digest(d) == _digest(tmp_path / "again")
+    other = ToyWorldConfig(styles=6, seed=4, size=32, rows_per_shard=20)
+    write_toyworld(other, tmp_path / "other", progress=False)
+    assert _digest(d) != _digest(tmp_path / "other")
+
+
+def test_megastyle_schema_and_layout(world):
+    cfg, d = world
+    shards = sorted(d.glob("train-*-of-*.parquet"))
+    assert len(shards) == 3  # 48 rows / 20 per shard
+    rows = []
+    for s in shards:
+        t = pq.read_table(s)
+        assert t.schema.equals(MEGASTYLE_SCHEMA)
+        rows += t.to_pylist()
+    assert len(rows) == cfg.styles * ROWS_PER_STYLE
+    styles = [r["id"].split("_")[0] for r in rows]
+    # the 8 rows of a style are consecutive, and a style has one description and 8 different contents
+    for i in range(0, len(rows), ROWS_PER_STYLE):
+        block = rows[i:i + ROWS_PER_STYLE]
+        assert len({r["id"].split("_")[0] for r in block}) == 1
+        assert len({r["style"] for r in block}) == 1 and block[0]["style"].startswith("In the style of")
+        assert len({r["content"] for r in block}) == ROWS_PER_STYLE
+    assert len(set(styles)) == cfg.styles
+    im = decode(rows[0]["image"]["bytes"])
+    assert im.size == (32, 32) and im.mode == "RGB"
+    assert (d / "metadata.csv").read_text().splitlines()[0].startswith("style_id,")
+
+
+def test_styles_are_distinct_and_consistent(world):
+    """Images of one style are closer in colour statistics than images of different styles."""
+    cfg, d = world
+    rows = [r for s in sorted(d.glob("*.parquet")) for r in pq.read_table(s).to_pylist()]
+    feats = np.stack([np.asarray(Image.open(__import__("io").BytesIO(r["image"]["bytes"]))).reshape(-1, 3)
+                      .mean(0) for r in rows])
+    lab = np.repeat(np.arange(cfg.styles), ROWS_PER_STYLE)
+    dist = np.linalg.norm(feats[:, None] - feats[None], axis=-1)
+    same = dist[lab[:, None] == lab[None]].mean()
+    diff = dist[lab[:, None] != lab[None]].mean()
+    assert same < 0.5 * diff
+
+
+def test_rewriting_a_folder_leaves_exactly_the_new_world(world, tmp_path):
+    """Fewer shards over more: the earlier world's extra shards go (readers take every *.parquet), files of
+    other names stay, and the folder is byte for byte a fresh write of the new world."""
+    from i2l.data.megastyle import find_shards
+
+    cfg, d = world
+    big = ToyWorldConfig(styles=12, seed=3, size=32, rows_per_shard=20)
+    out = tmp_path / "tw"
+    write_toyworld(big, out, progress=False)
+    assert len(list(out.glob("*.parquet"))) == 5  # 96 rows / 20
+    (out / "notes.parquet").write_bytes(b"not the toy world's")
+    (out / "README.txt").write_text("kept")
+    write_toyworld(cfg, out, progress=False)
+    assert (out / "notes.parquet").read_bytes() == b"not the toy world's"
+    assert (out / "README.txt").read_text() == "kept"
+    (out / "notes.parquet").unlink()
+    (out / "README.txt").unlink()
+    assert _digest(out) == _digest(d)  # the same bytes as a write into an empty folder
+    assert sum(s.rows for s in find_shards(out)) == cfg.styles * ROWS_PER_STYLE
+    assert len((out / "metadata.csv").read_text().splitlines()) == 1 + cfg.styles
