@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.pretrain_toy import toy_model_keys
 from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, jsonable
-from i2l.store import file_sha256
+from i2l.io import file_sha256
 from i2l.train.checkpoint import read_state
 from i2l.train.launcher import launch_training
 from i2l.train.run_key import claim_run_dir, latest_checkpoint, read_run_key

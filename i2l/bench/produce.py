@@ -75,8 +75,9 @@ def toy_jobs(styles: int, refs: int, size: int = 32) -> list:
 def run(args: argparse.Namespace) -> list[dict]:
     from i2l.cluster import ensure_ray
     from i2l.config import get_config
+    from i2l.io import file_sha256
     from i2l.produce.stage import LoRAProducer, produce
-    from i2l.store import Store, file_sha256
+    from i2l.store import Store
 
     workers = [int(w) for w in str(args.workers).split(",") if w]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="i2l-bench-produce-"))

@@ -3,12 +3,9 @@ schema, streaming writer and reader of the prepared (training-ready) shards."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import re
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from i2l.io import atomic_tmp, file_sha256, replace_durably
 
 # `s{style}_c{content}`; anything else (a path, an empty string, 10 kB of junk) is a bad id.
 ID_RE = re.compile(r"(s[0-9A-Za-z]{1,32})_c[0-9A-Za-z]{1,32}")  # used with fullmatch: no "\n" tail
@@ -153,23 +152,10 @@ class RowRangeReader:
                 break
 
 
-def atomic_tmp(path: Path) -> Path:
-    """A unique temporary name next to `path` (rename it over `path` when complete)."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def replace_durably(tmp: Path, path: Path) -> None:
-    """Rename a finished temporary file over `path`, flushed first: after a crash it is whole or absent."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_tmp(path)
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    replace_durably(tmp, path)
 
 
 def encode_image(im, fmt: str, quality: int) -> bytes:
@@ -184,12 +170,6 @@ def encode_image(im, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardWriter:

@@ -24,8 +24,9 @@ from i2l.eval.methods import (
     per_style_conditionings,
 )
 from i2l.images import to_pil
+from i2l.io import file_sha256, json_digest
 from i2l.model.lora import LoRA
-from i2l.store import Store, file_sha256, json_digest
+from i2l.store import Store
 from i2l.train.checkpoint import checkpoint_config, read_state, require_checkpoint
 
 FAMILIES = ("base", "mean_lora", "per_style", "i2l", "adapter")

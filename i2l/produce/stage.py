@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from i2l.store import Store, file_sha256
+from i2l.io import file_sha256
+from i2l.store import Store
 from i2l.train.checkpoint import read_state, require_checkpoint
 
 PRODUCTION_FILE = "production.json"

@@ -39,8 +39,6 @@ from i2l.store.results import (
     RUN_STATUSES,
     Store,
     StoreBusyError,
-    file_sha256,
-    json_digest,
     now_utc,
     store_path,
 )
@@ -53,8 +51,6 @@ __all__ = [
            "RUN_STATUSES",
            "Store",
            "StoreBusyError",
-           "file_sha256",
-           "json_digest",
            "method_sort_key",
            "now_utc",
            "parse_method",

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from i2l.store.results import json_digest
+from i2l.io import json_digest
 
 _QUARANTINE_COLS = {"id": pa.string(), "source_file": pa.string(), "row_index": pa.int64(),
                     "reason": pa.string(), "detail": pa.string()}

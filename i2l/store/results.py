@@ -3,7 +3,6 @@ free between writes and readers in other processes can open it), retrying while 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import socket
@@ -390,17 +389,8 @@ def store_path(cfg) -> Path:
     return Path(cfg.data_root) / "results.duckdb"
 
 
-def json_digest(obj) -> str:
-    """16 hex digits naming a JSON-able value (key order ignored): dataset ids, evaluation and baseline keys."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _str(v: Any) -> str | None:

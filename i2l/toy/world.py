@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from i2l.config import ToyWorldConfig
-from i2l.data.megastyle import atomic_tmp, replace_durably
+from i2l.io import atomic_tmp, replace_durably
 
 ROWS_PER_STYLE = 8  # as in MegaStyle: 8 contents per style, consecutive rows
 

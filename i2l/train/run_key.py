@@ -69,7 +69,7 @@ def forget_run_key(run_dir) -> None:
 
 def write_run_key(run_dir, key: str) -> None:
     """Record `key` in run_dir, atomically: a kill leaves the old record or the new one, never half of one."""
-    from i2l.data.megastyle import write_json_atomic  # here, not above: it imports pyarrow
+    from i2l.io import write_json_atomic
 
     write_json_atomic(Path(run_dir) / RUN_KEY_FILE, {"key": key})
 

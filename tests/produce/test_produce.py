@@ -13,6 +13,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
 from i2l.cli import main as cli
 from i2l.data.shards import iter_rows
+from i2l.io import file_sha256
 from i2l.model.lora import LoRA
 from i2l.produce.stage import (
     GRAY_FILE,
@@ -24,7 +25,7 @@ from i2l.produce.stage import (
     read_catalog,
     remove_leftovers,
 )
-from i2l.store import Store, file_sha256
+from i2l.store import Store
 
 
 @pytest.fixture(scope="module")
