@@ -1,8 +1,11 @@
 """Where each stage reads and writes under the data root: the one place for the directory layout that the
-flows and commands share (see data/README.md). Only path arithmetic here: nothing is created or read."""
+flows and commands share (see data/README.md), and `resolve_paths`, which the entry points (CLI, flows,
+checkpoint_config) call once to put the toy models' empty paths there. Only path arithmetic: nothing is created
+or read."""
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ class Paths:
 
     @property
     def toy_dir(self) -> Path:
-        """The toy world's own models (i2l.backbones.default_paths puts them here too)."""
+        """The toy world's own models (resolve_paths points empty config paths here)."""
         return self.root / "toy" / self.preset
 
     @property
@@ -93,3 +96,37 @@ def paths_for(cfg: Config, reports_root: str | os.PathLike | None = None) -> Pat
     """The layout of `cfg` (its data root and preset); reports under `reports_root`, else $I2L_REPORTS_DIR,
     else reports/."""
     return Paths(Path(cfg.data_root), cfg.name, reports_root_dir(reports_root))
+
+
+def default_places(cfg: Config) -> dict[str, Path]:
+    """The config paths that default to a place under the data root, by `section.field`: the toy backbone and
+    encoder (real ones must be named) and the scorer (empty = the toy scorer)."""
+    p = Paths(Path(cfg.data_root), cfg.name)
+    places = {"scorer.clip_checkpoint": p.scorer_dir}
+    if cfg.backbone.kind == "toy":
+        places["backbone.path"] = p.backbone_dir
+    if cfg.encoder.kind == "toy":
+        places["encoder.path"] = p.encoder_dir
+    return places
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """A copy of `cfg` whose empty default places (see default_places) point under its data root. Called once
+    where a config is made from a preset and a data root; library code only reads the paths."""
+    out = copy.deepcopy(cfg)
+    for key, place in default_places(out).items():
+        section, name = key.split(".")
+        if not getattr(getattr(out, section), name):
+            setattr(getattr(out, section), name, str(place))
+    return out
+
+
+def require_paths(cfg: Config, *keys: str) -> None:
+    """Refuse a config whose `keys` (default: all its default places) were never resolved."""
+    places = default_places(cfg)
+    for key in keys or tuple(places):
+        section, name = key.split(".")
+        if key in places and not getattr(getattr(cfg, section), name):
+            raise ValueError(f"{key} is empty: this config's paths were never resolved. Build it with "
+                             f"i2l.layout.resolve_paths(cfg) (the CLI, the flows and checkpoint_config do; the "
+                             f"default is {places[key]}), or set {key} to a local path")

@@ -40,9 +40,9 @@ class DebugRun:
 
 def build_debug_run(root: Path) -> DebugRun:
     """Build the debug world under root with the library calls the CLI makes (Ray is used by prepare)."""
-    from i2l.backbones import default_paths
     from i2l.config import get_config
     from i2l.data.prepare import prepare
+    from i2l.layout import resolve_paths
     from i2l.toy.backbone_pretrain import pretrain_backbone
     from i2l.toy.encoder_pretrain import pretrain_encoder
     from i2l.toy.world import write_toyworld
@@ -50,7 +50,7 @@ def build_debug_run(root: Path) -> DebugRun:
 
     cfg = get_config("debug", DEBUG_OVERRIDES)
     cfg.data_root = str(root)
-    default_paths(cfg)
+    cfg = resolve_paths(cfg)
     toy, prepared, run = root / "toyworld", root / "prepared", root / "runs" / "train"
     write_toyworld(cfg.toyworld, toy, progress=False)
     prepare(cfg, toy, prepared, progress=False)

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from i2l.backbones.base import Backbone, Cond
 from i2l.config import Config
+from i2l.layout import require_paths
 
-__all__ = ["Backbone", "Cond", "default_paths", "load_backbone"]
-
-
-def default_paths(cfg: Config) -> Config:
-    """Fill empty toy-world paths with their places under the data root (real presets must name theirs)."""
-    toy = Path(cfg.data_root) / "toy" / cfg.name
-    if cfg.backbone.kind == "toy" and not cfg.backbone.path:
-        cfg.backbone.path = str(toy / "backbone")
-    if cfg.encoder.kind == "toy" and not cfg.encoder.path:
-        cfg.encoder.path = str(toy / "encoder")
-    if not cfg.scorer.clip_checkpoint:
-        cfg.scorer.clip_checkpoint = str(toy / "scorer")
-    return cfg
+__all__ = ["Backbone", "Cond", "load_backbone"]
 
 
 def load_backbone(cfg: Config) -> Backbone:
     """Load and freeze the backbone from its local directory (nothing is downloaded)."""
-    default_paths(cfg)
+    require_paths(cfg, "backbone.path")  # a toy backbone's place is resolved at the entry points, not here
     kind = cfg.backbone.kind
     if kind == "toy":
         from i2l.toy.backbone import load_toy_backbone as load

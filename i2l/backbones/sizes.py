@@ -42,10 +42,8 @@ def _meta_targets(cfg: Config) -> tuple[dict[str, tuple[int, int]], int, str]:
 def describe(cfg: Config) -> list[str]:
     import torch
 
-    from i2l.backbones import default_paths
     from i2l.model.predictor import I2LPredictor
 
-    default_paths(cfg)
     lines = []
     try:
         targets, n_bb, name = _meta_targets(cfg)

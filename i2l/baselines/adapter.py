@@ -17,7 +17,8 @@ from torch import nn
 
 from i2l.backbones.base import Backbone, Cond
 from i2l.config import Config
-from i2l.model.flow_matching import fm_loss, mixed_precision, sample
+from i2l.infer.guidance import sample
+from i2l.model.flow_matching import fm_loss, mixed_precision
 
 WEIGHTS_FILE = "adapter.safetensors"
 INFO_FILE = "adapter.json"

@@ -165,8 +165,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.random_init:
         return run_cost(args)
     from i2l.baselines.per_style import optimize_lora
+    from i2l.data.images import to_tensor
     from i2l.eval.heldout_loss import heldout_loss, load_val_samples
-    from i2l.images import to_tensor
     from i2l.infer.api import I2L
 
     model = I2L.load(args.checkpoint, data_root=args.data_root)

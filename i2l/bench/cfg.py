@@ -73,7 +73,7 @@ def _measure(args: argparse.Namespace) -> list[dict]:
 
     from i2l.backbones.base import Cond
     from i2l.config import get_config
-    from i2l.model.flow_matching import sample
+    from i2l.infer.guidance import sample
     from i2l.model.lora import LoRA
     from i2l.toy.backbone import new_toy_backbone
 

@@ -35,7 +35,7 @@ def write_untrained_checkpoint(cfg, root: Path) -> Path:
 
     import torch
 
-    from i2l.backbones import default_paths
+    from i2l.layout import resolve_paths
     from i2l.model.encoder import new_toy_encoder
     from i2l.toy.backbone import new_toy_backbone
     from i2l.train.checkpoint import save_checkpoint
@@ -44,7 +44,7 @@ def write_untrained_checkpoint(cfg, root: Path) -> Path:
     if cfg.backbone.kind != "toy" or cfg.encoder.kind != "toy":
         raise ValueError("an untrained checkpoint can be made for toy presets only: pass --checkpoint")
     cfg.data_root = str(root)
-    default_paths(cfg)
+    cfg = resolve_paths(cfg)
     words = ["one", "two", "small", "large", "circle", "square", "star", "triangle", "at", "the", "top", "bottom",
              "left", "right", "in", "middle"]
     bb = new_toy_backbone(cfg.backbone, ["<pad>", "<unk>", *words]).freeze()

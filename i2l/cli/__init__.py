@@ -25,13 +25,15 @@ def add_preset_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    """The preset with its overrides on the data root, its toy models' paths resolved there (once, here)."""
     from i2l.config import get_config
+    from i2l.layout import resolve_paths
 
     cfg = get_config(args.preset, args.overrides)
     root = args.data_root or os.environ.get("I2L_DATA_ROOT")
     if root:
         cfg.data_root = root
-    return cfg
+    return resolve_paths(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,14 +23,14 @@ def main(args):
 
     from i2l.backbones import load_backbone
     from i2l.baselines.per_style import optimize_lora
-    from i2l.images import load_image_file, to_tensor
+    from i2l.data.images import load_image_file, to_tensor
 
     cfg = config_from_args(args)
     if args.style_id:
         if not args.data:
             raise ValueError("--style-id needs --data")
+        from i2l.data.images import decode
         from i2l.data.shards import iter_rows
-        from i2l.images import decode
 
         rows = [r for split in ("val", "train") for r in _rows(iter_rows, args.data, split)
                 if r["style_id"] == args.style_id]

@@ -16,11 +16,10 @@ def add_arguments(p):
 
 
 def main(args):
-    from i2l.backbones import default_paths
     from i2l.toy.backbone_pretrain import pretrain_backbone
     from i2l.train.run_key import forget_run_key
 
-    cfg = default_paths(config_from_args(args))
+    cfg = config_from_args(args)
     forget_run_key(args.out or cfg.backbone.path)  # a hand-made backbone is no flow stage's output
     info = pretrain_backbone(cfg, args.data, args.out or cfg.backbone.path, steps=args.steps)
     print(f"toy backbone: loss {info['first_loss']:.4f} -> {info['last_loss']:.4f} in {info['steps']} steps "

@@ -17,11 +17,10 @@ def add_arguments(p):
 
 
 def main(args):
-    from i2l.backbones import default_paths
     from i2l.toy.encoder_pretrain import pretrain_encoder
     from i2l.train.run_key import forget_run_key
 
-    cfg = default_paths(config_from_args(args))
+    cfg = config_from_args(args)
     forget_run_key(args.out or cfg.encoder.path)  # a hand-made encoder is no flow stage's output
     info = pretrain_encoder(cfg, args.data, args.out or cfg.encoder.path, steps=args.steps)
     if info["steps"]:

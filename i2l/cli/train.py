@@ -29,10 +29,9 @@ def main(args):
     if args.workers:
         cfg.train.num_workers = args.workers
     if args.no_ray:
-        from i2l.backbones import default_paths
         from i2l.train.loop import train_predictor
 
-        info = train_predictor(default_paths(cfg), args.data, args.out, resume=args.resume)
+        info = train_predictor(cfg, args.data, args.out, resume=args.resume)
     else:
         from i2l.train.launcher import launch_training
 

@@ -27,17 +27,16 @@ from i2l.data.megastyle import (
     InputShard,
     RowRangeReader,
     ShardWriter,
-    atomic_tmp,
     encode_image,
     find_shards,
     image_bytes,
     read_metadata,
     style_id_of,
-    write_json_atomic,
     write_quarantine,
 )
 from i2l.data.upscale import upscaler_needs_gpu
 from i2l.data.validate import Rejected, validate_row
+from i2l.io import atomic_tmp, write_json_atomic
 
 log = logging.getLogger(__name__)
 WORK = ".work"  # per-unit records and quarantine pieces: what makes a re-run resume

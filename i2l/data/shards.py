@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from i2l.images import decode
+from i2l.data.images import decode
 
 PREPARED_FILES = ("quarantine.parquet",)  # what `i2l prepare` writes next to its split directories
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from i2l.data.images import decode, to_tensor
 from i2l.data.shards import iter_rows, split_files
-from i2l.images import decode, to_tensor
 
 
 @dataclass

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from i2l.backbones.base import Backbone
+from i2l.data.images import decode, to_tensor
 from i2l.data.shards import iter_rows
-from i2l.images import decode, to_tensor
 from i2l.model.flow_matching import fm_loss
 from i2l.model.lora import LoRA
 

@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from i2l.backbones.base import Backbone, Cond
-from i2l.baselines.per_style import optimize_lora
+from i2l.backbones.base import Backbone
+from i2l.baselines.per_style import optimize_loras
+from i2l.data.images import to_tensor
 from i2l.eval.heldout_loss import ValSample, heldout_loss
-from i2l.images import to_tensor
-from i2l.model.flow_matching import fm_backward
-from i2l.model.lora import LoRA, zero_lora
+from i2l.model.lora import LoRA
 
 
 @dataclass
@@ -75,59 +74,25 @@ def i2l_conditionings(model, samples: list[ValSample], ref_counts: tuple[int, ..
     return out
 
 
-def optimize_loras(backbone: Backbone, images: torch.Tensor, prompts: list[list[str]], rank: int, steps: int,
-                   *, lr: float, seed: int = 0, snapshots: tuple[int, ...] = (), rows: int = 4,
-                   progress: bool = False) -> dict[int, LoRA]:
-    """Per-style LoRAs for S styles optimised side by side in one batched forward per step: images
-    (S, N, 3, H, W), prompts S x N. Each style's loss is its own mean, so Adam moves each LoRA as if it were
-    optimised alone with `rows` rows per step (i2l.baselines.per_style). -> {steps: batched LoRA (S)} per snapshot."""
-    from tqdm import tqdm
-
-    S, N = images.shape[:2]
-    init = zero_lora(backbone.lora_targets(), rank, backbone.backbone_id)
-    dev = backbone.device
-    A = {k: v.to(dev).repeat(S, 1, 1).requires_grad_(True) for k, v in init.A.items()}  # (S, r, in)
-    B = {k: v.to(dev).repeat(S, 1, 1).requires_grad_(True) for k, v in init.B.items()}  # (S, out, r)
-    opt = torch.optim.Adam([*A.values(), *B.values()], lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        x_all = backbone.encode_images(images.flatten(0, 1).to(dev))  # (S·N, *latent)
-        cond_all: Cond = backbone.encode_prompts([p for ps in prompts for p in ps])  # (S·N, L, E)
-    out = {}
-    for step in tqdm(range(1, steps + 1), desc="per-style LoRAs", disable=not progress):
-        pick = torch.randint(N, (S, rows), generator=g)  # each style's rows: its own references
-        idx = (torch.arange(S)[:, None] * N + pick).flatten()  # (S·k,)
-        lora = LoRA({k: v.repeat_interleave(rows, 0) for k, v in A.items()},  # (S·k, r, in)
-                    {k: v.repeat_interleave(rows, 0) for k, v in B.items()}, backbone.backbone_id)
-        # as i2L trains (like-for-like on a GPU), but the loss is a sum of per-style means over per (S·k,):
-        # no style's step depends on S
-        fm_backward(backbone, x_all[idx], cond_all.index(idx), lora, opt, g,
-                    reduce=lambda per: per.view(S, rows).mean(1).sum())
-        opt.step()
-        if step in snapshots:
-            out[step] = LoRA({k: v.detach().clone() for k, v in A.items()},
-                             {k: v.detach().clone() for k, v in B.items()}, backbone.backbone_id)
-    return out
-
-
 def per_style_conditionings(backbone: Backbone, samples: list[ValSample], budgets: tuple[int, ...], rank: int,
                             image_size: int, lr: float, rows: int, seed: int = 0,
                             progress: bool = False) -> list[Conditioning]:
     """Per-style LoRAs at each step budget, optimised on each sample's references (prompts = their contents).
-    Quality: all styles side by side (optimize_loras). Wall time: the first style optimised alone, as one
-    user would wait for it (i2l.baselines.per_style.optimize_lora, same rows per step), measured at each budget."""
+    Quality: all styles side by side (i2l.baselines.per_style.optimize_loras). Wall time: the first style
+    optimised alone (a batch of one, same rows per step), as one user would wait for it, at each budget."""
     if not budgets:
         return []
     budgets = tuple(sorted(set(budgets)))
     N = min(len(s.refs) for s in samples)
     images = torch.stack([to_tensor(s.refs[:N], image_size) for s in samples])  # (S, N, 3, H, W)
     prompts = [s.ref_prompts[:N] for s in samples]
-    snaps = optimize_loras(backbone, images, prompts, rank, budgets[-1], lr=lr, seed=seed, snapshots=budgets,
-                           rows=rows, progress=progress)
-    _, timed = optimize_lora(backbone, images[0], prompts[0], rank, budgets[-1], lr=lr, seed=seed,
-                             snapshots=budgets, batch_size=rows)
+    _, snaps = optimize_loras(backbone, images, prompts, rank, budgets[-1], lr=lr, seed=seed, snapshots=budgets,
+                              rows=rows, progress=progress)
+    _, timed = optimize_loras(backbone, images[:1], prompts[:1], rank, budgets[-1], lr=lr, seed=seed,
+                              snapshots=budgets, rows=rows, keep_loras=False)
+    lora = {t["steps"]: t["lora"] for t in snaps}
     wall = {t["steps"]: t["wall_s"] for t in timed}
-    return [Conditioning(f"per_style@{b}", loras=[lo.detach().to("cpu") for lo in snaps[b].unbind()],
+    return [Conditioning(f"per_style@{b}", loras=[lo.detach().to("cpu") for lo in lora[b].unbind()],
                          wall_s=[wall[b]] * len(samples), n_refs=N, budget=b,
                          note=f"{b} Adam steps x {rows} rows on the {N} references; time of one style alone")
             for b in budgets]

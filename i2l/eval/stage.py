@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from i2l.config import Config
+from i2l.data.images import to_pil
 from i2l.eval.heldout_loss import ValSample, load_val_samples
 from i2l.eval.methods import (
     Conditioning,
@@ -23,7 +24,6 @@ from i2l.eval.methods import (
     mean_lora_conditioning,
     per_style_conditionings,
 )
-from i2l.images import to_pil
 from i2l.io import file_sha256, json_digest
 from i2l.model.lora import LoRA
 from i2l.store import Store
@@ -107,10 +107,10 @@ def held_out_samples(prepared_dir: str | Path, limit: int) -> list:
 
 def eval_config(cfg: Config, ck: Path) -> Config:
     """The checkpoint's model config with the caller's eval and scorer settings and data root."""
-    from i2l.backbones import default_paths
     from i2l.eval.metrics import default_scorer_dir
+    from i2l.layout import require_paths
 
-    default_paths(cfg)
+    require_paths(cfg, "scorer.clip_checkpoint")
     ecfg = checkpoint_config(ck, cfg.data_root)
     ecfg.eval, ecfg.scorer, ecfg.data_root = replace(cfg.eval), replace(cfg.scorer), cfg.data_root
     clip = Path(ecfg.scorer.clip_checkpoint)
@@ -324,7 +324,7 @@ def draw(model, prompts: list[str], jobs: list[tuple[Conditioning, int]], seeds:
     """Images for one chunk of (method, sample) jobs: CFG with each row's own positive LoRA and negative
     branch (same LoRA, or the gray-image LoRA for asym), or the adapter's tokens on both branches."""
     from i2l.baselines.adapter import generate_with_adapter
-    from i2l.model.flow_matching import sample
+    from i2l.infer.guidance import sample
 
     cfg, bb = model.cfg, model.backbone
     shape = bb.latent_shape(cfg.backbone.image_size)

@@ -106,7 +106,7 @@ def check_prompt_lengths(backbone, prompts: list[str]) -> None:
 def load_inpaint(backbone, image_path, mask_path, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Known latents (1, *latent) of an image and its mask (1, 1, h, w) on the latent grid, 1 = regenerate (white in
     the mask file). A latent cell is regenerated if any of its pixels is."""
-    from i2l.images import load_image_file, to_tensor
+    from i2l.data.images import load_image_file, to_tensor
 
     known = backbone.encode_images(to_tensor([load_image_file(image_path)], image_size).to(backbone.device))
     m = load_image_file(mask_path).convert("L").resize((image_size, image_size), Image.NEAREST)

@@ -1,20 +1,20 @@
-"""Flow matching (paper §3.2) and an Euler sampler with asymmetric LoRA guidance (paper §3.4).
-
-x_t = (1 - t)·x0 + t·x1 (x0 noise, x1 data), target u = x1 - x0, loss ‖v(x_t, t, c) - u‖². The sampler runs
-both CFG branches, each with its own per-sample LoRA, in ONE batched forward per step.
-Shapes: B batch, x (B, *latent).
+"""Flow matching (paper §3.2): the training objective through a frozen backbone (the sampler that uses the same
+path is i2l/infer/guidance.py). x_t = (1 - t)·x0 + t·x1 (x0 noise, x1 data), target u = x1 - x0,
+loss ‖v(x_t, t, c) - u‖². Shapes: B batch, x (B, *latent).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from i2l.backbones.base import Backbone, Cond
-from i2l.backbones.schedule import timestep_schedule
 from i2l.model.lora import LoRA
+
+if TYPE_CHECKING:  # the objective only calls backbone.velocity: no backbone code is imported
+    from i2l.backbones.base import Backbone, Cond
 
 
 def sample_timesteps(n: int, generator: torch.Generator | None = None, device=None,
@@ -77,63 +77,3 @@ def mixed_precision(device: torch.device | str, backbone_dtype: str):
 def precision_of(backbone: Backbone):
     """`mixed_precision` for a loaded backbone (its device and weight dtype)."""
     return mixed_precision(backbone.device, "bfloat16" if backbone.dtype == torch.bfloat16 else "float32")
-
-
-def _cat_loras(pos: LoRA | None, neg: LoRA | None, n: int) -> LoRA | None:
-    """One batched LoRA for [pos; neg] rows; a missing side gets a zero LoRA (= the base model)."""
-    if pos is None and neg is None:
-        return None
-    ref = pos if pos is not None else neg
-    zero = ref.scaled(0.0)
-    parts = []
-    for lo in (pos, neg):
-        lo = zero if lo is None else lo
-        parts.append(lo if lo.batched and lo.batch_size == n else lo.expand(n))
-    return LoRA.stack(parts)
-
-
-@torch.no_grad()
-def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: LoRA | None = None,
-           neg_lora: LoRA | None = None, guidance: float = 1.0, steps: int = 20, noise: torch.Tensor | None = None,
-           generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None, shift: float | None = None,
-           strength: float = 1.0, inpaint: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Euler sampling from noise (t=0) to data (t=1).
-
-    guidance == 1 or neg_cond None: one branch. Otherwise CFG v = v_neg + s·(v_pos − v_neg), where the positive
-    branch carries `lora` (per-sample) and the negative branch `neg_lora` (e.g. the gray-image LoRA): the
-    paper's asymmetric LoRA guidance, run as one batched forward of 2B rows per step.
-    inpaint = (known latents (B, *latent), mask (B, 1, H, W) with 1 = regenerate): the known region is
-    re-imposed at every step along its own noise path, so composition with a mask works in this sampler.
-    shift None: the t grid of the backbone's own pipeline (`Backbone.sampling_schedule`); a number: that static
-    shift of a uniform grid instead.
-    """
-    n = len(cond)
-    if noise is None:
-        noise = torch.randn((n, *shape), generator=generator)
-    # The Euler state and t stay fp32 whatever the backbone computes in (as ZImagePipeline keeps its latents):
-    # rounding x to bf16 after every small step dt·v drifts ~8x further from the fp32 path than bf16 weights do.
-    noise = noise.to(backbone.device, torch.float32)
-    x = noise
-    cfg = neg_cond is not None and guidance != 1.0
-    if cfg:
-        both_cond = Cond.cat([cond, neg_cond])
-        both_lora = _cat_loras(lora, neg_lora, n)
-    elif lora is not None and lora.batched and lora.batch_size != n:
-        lora = lora.expand(n)
-    ts = (backbone.sampling_schedule(steps, tuple(x.shape[1:])) if shift is None
-          else timestep_schedule(steps, shift)).to(x.device)
-    for i in range(steps):
-        t, dt = ts[i], ts[i + 1] - ts[i]
-        if cfg:
-            v = backbone.velocity(torch.cat([x, x]), t.expand(2 * n), both_cond, both_lora,
-                                  strength).float()  # (2B, *latent)
-            v_pos, v_neg = v[:n], v[n:]
-            v = v_neg + guidance * (v_pos - v_neg)
-        else:
-            v = backbone.velocity(x, t.expand(n), cond, lora, strength).float()
-        x = x + dt * v
-        if inpaint is not None:
-            known, mask = inpaint
-            t_next = ts[i + 1]
-            x = mask * x + (1 - mask) * interpolate(noise, known, t_next.expand(n))
-    return x

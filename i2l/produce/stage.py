@@ -97,7 +97,7 @@ def jobs_from_manifest(manifest_path: str | os.PathLike, limit: int | None = Non
 def jobs_from_images(folder: str | os.PathLike) -> list[StyleJob]:
     """User images: each subfolder of `folder` is one style (its images fused into one LoRA); each image file directly
     in `folder` is a style of its own. Every image is decoded here, so a bad file fails the run before any work."""
-    from i2l.images import load_image_file
+    from i2l.data.images import load_image_file
 
     root = Path(folder)
     if not root.is_dir():
@@ -155,7 +155,7 @@ class LoRAProducer:
         import io
         import tempfile
 
-        from i2l.images import gray_image
+        from i2l.data.images import gray_image
 
         buf = io.BytesIO()
         gray_image(self.model.cfg.encoder.image_size).save(buf, format="PNG")
@@ -169,7 +169,7 @@ class LoRAProducer:
         return self._save("gray_lora", None, ["gray"], self.model.gray_lora(), self.out / GRAY_FILE)
 
     def make(self, jobs: list[StyleJob], out: Path | None = None) -> list[dict]:
-        from i2l.images import decode
+        from i2l.data.images import decode
 
         out = out or self.out
         refs = [[decode(b, name=r) for r, b in zip(j.ref_ids, j.images)] for j in jobs]  # a refusal names the ref

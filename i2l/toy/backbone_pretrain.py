@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 from i2l.config import Config
+from i2l.data.images import to_tensor
 from i2l.data.shards import load_split
-from i2l.images import to_tensor
 from i2l.model.flow_matching import fm_loss
 from i2l.toy.backbone import ToyBackbone, build_vocab, new_toy_backbone
 

@@ -14,8 +14,8 @@ from torch import nn
 from tqdm import tqdm
 
 from i2l.config import Config
+from i2l.data.images import to_tensor
 from i2l.data.shards import load_split
-from i2l.images import to_tensor
 from i2l.model.encoder import ImageEncoder, new_toy_encoder
 from i2l.toy.backbone import tokenize_words
 

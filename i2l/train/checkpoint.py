@@ -11,12 +11,14 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from i2l.config import Config, config_from_dict
+from i2l.layout import resolve_paths
 from i2l.train.run_key import (  # noqa: F401  (re-exported: the run-key pieces live in the torch-free i2l.train.run_key)
     RUN_KEY_FILE,
     claim_run_dir,
@@ -141,8 +143,10 @@ def checkpoint_config(ck: Path, data_root: str | None = None) -> Config:
     When that root has moved since (a renamed clone, a data folder copied elsewhere), each part gone from its
     recorded place is looked up at the same place under the data root in use: `data_root`, else I2L_DATA_ROOT,
     else the root the checkpoint itself lies in (`<root>/runs/<preset>/<run>/checkpoints/step_X`). A user's own
-    path outside the data root is never changed; a part found nowhere keeps its recorded path (and its error)."""
-    cfg = config_from_dict(read_state(ck)["config"])
+    path outside the data root is never changed; a part found nowhere keeps its recorded path (and its error).
+    A path the checkpoint left empty is resolved under `data_root` (else its own), as i2l.layout.resolve_paths does.
+    A config key this version does not know (renamed or removed since) is refused, naming it."""
+    cfg = config_from_dict(read_state(ck)["config"], f"{Path(ck) / 'state.json'}")
     ck = Path(ck).absolute()
     roots = [Path(r) for r in (data_root, os.environ.get("I2L_DATA_ROOT")) if r]
     if len(ck.parents) > 4 and ck.parents[3].name == "runs":
@@ -154,4 +158,5 @@ def checkpoint_config(ck: Path, data_root: str | None = None) -> Config:
             continue
         moved = (r / recorded.relative_to(old) for r in roots)
         part.path = str(next((p for p in moved if p.exists()), recorded))
-    return cfg
+    resolved = resolve_paths(replace(cfg, data_root=data_root or cfg.data_root))
+    return replace(resolved, data_root=cfg.data_root)

@@ -63,12 +63,12 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from i2l.backbones import default_paths
     from i2l.cluster import ensure_ray
+    from i2l.layout import require_paths
     from i2l.train.loop import refuse_mixing_runs, run_summary
 
     refuse_mixing_runs(out_dir, resume, cfg)  # before Ray: a worker error would be retried, not reported
-    default_paths(cfg)
+    require_paths(cfg, "backbone.path", "encoder.path")  # here: a worker's error would be retried
     ensure_ray()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,11 @@ from tiny_models import (
 
 from i2l.backbones.base import Backbone, Cond
 from i2l.backbones.flux2 import load_flux2_backbone
+from i2l.backbones.schedule import timestep_schedule
 from i2l.backbones.zimage import load_zimage_backbone
 from i2l.config import FLUX2_TARGETS, ZIMAGE_TARGETS, BackboneConfig
-from i2l.model.flow_matching import fm_loss, sample, timestep_schedule
+from i2l.infer.guidance import sample
+from i2l.model.flow_matching import fm_loss
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))

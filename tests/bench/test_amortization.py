@@ -193,8 +193,8 @@ def test_eval_loss_command_takes_eval_settings_from_the_command_line(debug_run, 
     import inspect
     import json
 
-    from i2l.eval import methods as eval_methods
     from i2l.cli import main as cli
+    from i2l.eval import methods as eval_methods
     from i2l.eval.heldout_loss import heldout_loss, load_val_samples
     from i2l.store import Store
 

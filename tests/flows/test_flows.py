@@ -64,9 +64,8 @@ def snapshot(root: Path) -> dict[str, list]:
 # ---------- orchestration pieces (fast) ----------
 
 def test_paths_layout():
-    from i2l.backbones import default_paths
     from i2l.config import get_config
-    from i2l.layout import paths_for
+    from i2l.layout import paths_for, resolve_paths
 
     cfg = get_config("debug")
     cfg.data_root = "/d"
@@ -74,7 +73,7 @@ def test_paths_layout():
     assert p.prepared_dir == Path("/d/prepared/debug") and p.toyworld_dir == Path("/d/toyworld/debug")
     assert p.train_dir == Path("/d/runs/debug/train") and p.store_path == Path("/d/results.duckdb")
     assert p.report_dir("pipeline-debug-x/1") == Path("/r/pipeline-debug-x_1")
-    default_paths(cfg)  # the toy models' default places agree with the layout
+    cfg = resolve_paths(cfg)  # the toy models' default places agree with the layout
     assert (cfg.backbone.path, cfg.encoder.path, cfg.scorer.clip_checkpoint) == (
         str(p.backbone_dir), str(p.encoder_dir), str(p.scorer_dir))
 

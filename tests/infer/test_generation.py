@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from tiny_models import WORDS, partial, random_lora, tiny_flux2, tiny_toy, tiny_zimage
 
+from i2l.backbones.schedule import timestep_schedule
 from i2l.cli import main as cli
 from i2l.infer.generation import plan_samples, read_table, style_from_file
-from i2l.model.flow_matching import sample, timestep_schedule
+from i2l.infer.guidance import sample
 from i2l.model.lora import LoRA
 
 PROMPTS = ["a red cat", "a blue dog in the garden", "the green house"]

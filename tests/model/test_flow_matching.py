@@ -1,7 +1,9 @@
 import torch
 
+from i2l.backbones.schedule import timestep_schedule
 from i2l.config import get_config
-from i2l.model.flow_matching import fm_loss, interpolate, sample, timestep_schedule
+from i2l.infer.guidance import sample
+from i2l.model.flow_matching import fm_loss, interpolate
 from i2l.model.lora import LoRA
 from i2l.toy.backbone import build_vocab, new_toy_backbone
 

@@ -75,7 +75,7 @@ def test_produce_manifest_catalog_and_reruns(debug_run, model, tmp_path, ray_ses
     # an actor's LoRA = the API's LoRA from the same references
     images = {row["id"]: row["image"] for row in iter_rows(debug_run.prepared_dir, "val", ("id", "image"))}
     job = jobs[0]
-    from i2l.images import decode
+    from i2l.data.images import decode
 
     mine = model.predict_lora([decode(images[i]) for i in job.ref_ids])
     theirs = LoRA.load(out / by_style[job.style_id]["path"])

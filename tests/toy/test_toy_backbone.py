@@ -45,7 +45,7 @@ def test_pretrained_samples_draw_the_prompted_content_where_the_prompt_says(tmp_
     "one <size> <shape> at the <corner>" the darkest quadrant of the sample is the prompted corner far above
     chance (1/4); an untrained backbone is at chance. (Shape classes are not told apart at this budget.)"""
     from i2l.data.prepare import prepare
-    from i2l.model.flow_matching import sample
+    from i2l.infer.guidance import sample
     from i2l.toy.world import write_toyworld
 
     torch.set_num_threads(2)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from i2l.config import ToyWorldConfig
-from i2l.images import decode
+from i2l.data.images import decode
 from i2l.toy.world import MEGASTYLE_SCHEMA, ROWS_PER_STYLE, write_toyworld
 
 

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from i2l.config import get_config
+from i2l.data.images import MAX_PIXELS, decode, load_image_file, to_tensor
 from i2l.data.validate import decode_image
-from i2l.images import MAX_PIXELS, decode, load_image_file, to_tensor
 from i2l.infer.api import I2L
 
 CFG = get_config("debug")  # encoder.image_size 32
