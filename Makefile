@@ -32,6 +32,8 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check i2l flows tests
+	@# the package layers and who may import ray / duckdb / prefect / the CLI: .importlinter
+	$(BIN)/lint-imports --no-cache
 
 deploy: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" infra/prefect/deploy.sh

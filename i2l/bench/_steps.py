@@ -6,8 +6,6 @@ gradient checkpointing of the backbone on a GPU)."""
 from __future__ import annotations
 
 import hashlib
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -141,35 +139,6 @@ class Steps:
         opt.step()
         self.sync()
         return loss.item()
-
-
-def interleaved(cases: dict, rounds: int, warmup: int, peaks: dict[str, float] | None = None,
-                before=None) -> dict[str, list[float]]:
-    """Seconds per call of each case, cases run in turn each round (machine noise hits them alike).
-
-    With `peaks` (a GPU run: `Steps.peaks`), each case's peak allocated memory in GiB over all its calls: the
-    allocator's peak is reset before every call, so a case is charged for its own memory only, never for an
-    earlier case's (or a failed, out-of-memory attempt's). `before(name)` runs untimed before each call."""
-    times = {k: [] for k in cases}
-    for r in range(warmup + rounds):
-        for name, fn in cases.items():
-            if before is not None:
-                before(name)
-            if peaks is not None:
-                torch.cuda.reset_peak_memory_stats()  # outside the timed span: it is the allocator's bookkeeping
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            if r >= warmup:
-                times[name].append(dt)
-            if peaks is not None:
-                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
-    return times
-
-
-def median_ratio(num: list[float], den: list[float]) -> float:
-    """Median of per-round ratios: robust to a noisy round."""
-    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def peak_rows(st: Steps) -> list[dict]:

@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _median_time(fn, rounds: int = 5, warmup: bool = True) -> float:
-    from i2l.bench._steps import interleaved
+    from i2l.bench._timing import interleaved
 
     return statistics.median(interleaved({"fn": fn}, rounds, warmup=int(warmup))["fn"])
 
@@ -85,7 +85,8 @@ def run_cost(args: argparse.Namespace) -> list[dict]:
     gradient checkpointing unless memory forces it (then the unit says so)."""
     import torch
 
-    from i2l.bench._steps import Steps, interleaved, peak_rows, setup_rows, tag_rows
+    from i2l.bench._steps import Steps, peak_rows, setup_rows, tag_rows
+    from i2l.bench._timing import interleaved
 
     batches = _parse_batches(args.per_style_batches)
     st = Steps.build(args.preset, args.device, args.overrides)

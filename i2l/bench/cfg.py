@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from i2l.bench import format_rows, judged, torch_threads
+from i2l.bench._timing import interleaved
 
 GOALS = {"asymmetric/plain": ("<=", 1.05)}
 
@@ -114,15 +114,15 @@ def _measure(args: argparse.Namespace) -> list[dict]:
     }
     with torch.no_grad():
         outs = {k: f() for k, f in cases.items()}
-        wall: dict[str, list[float]] = {k: [] for k in cases}
-        cpu: dict[str, list[float]] = {k: [] for k in cases}
-        for r in range(args.warmup + args.rounds):
-            for k, f in cases.items():  # interleaved: drift of a shared machine hits every case alike
-                t0, c0 = time.perf_counter(), time.process_time()
-                f()
-                if r >= args.warmup:
-                    wall[k].append(time.perf_counter() - t0)
-                    cpu[k].append(time.process_time() - c0)
+        cpu: dict[str, list[float]] = {}
+        wall = interleaved(cases, args.rounds, args.warmup, cpu=cpu)
+    return _rows(outs, wall, cpu, n, rank, steps)
+
+
+def _rows(outs: dict, wall: dict[str, list[float]], cpu: dict[str, list[float]], n: int, rank: int,
+          steps: int) -> list[dict]:
+    import torch
+
     ms = {k: 1000 * statistics.median(v) / steps for k, v in cpu.items()}
     ms_wall = {k: 1000 * statistics.median(v) / steps for k, v in wall.items()}
     common = {"batch": n, "rows_per_forward": 2 * n, "steps": steps, "rank": rank, "threads": torch.get_num_threads()}

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 import warnings
 
 from i2l.bench import format_rows, judged, torch_threads
+from i2l.bench._timing import interleaved, median_ratio
 
 GOALS = {"c_batched_loras/a_no_lora": ("<=", 1.15), "d_peft_swap/c_batched_loras": (">=", 3.0)}
 
@@ -96,15 +96,14 @@ def _measure(args: argparse.Namespace) -> list[dict]:
             "d_peft_preloaded": peft_preloaded,
             "e_i2l_one_at_a_time": lambda: [bb.velocity(xi, ti, ci, loras[i]) for i, (xi, ti, ci) in enumerate(rows1)],
         }
-        times: dict[str, list[float]] = {k: [] for k in cases}
-        names = list(cases)
-        for r in range(args.warmup + args.rounds):
-            order = names[r % len(names):] + names[: r % len(names)]  # rotate: no case always runs first
-            for name in order:
-                t0 = time.perf_counter()
-                cases[name]()
-                if r >= args.warmup:
-                    times[name].append((time.perf_counter() - t0) * 1e3)
+        times = {k: [1e3 * s for s in v]  # ms
+                 for k, v in interleaved(cases, args.rounds, args.warmup, rotate=True).items()}
+
+    return _rows(times, n, rank, len(targets), args.rounds)
+
+
+def _rows(times: dict[str, list[float]], n: int, rank: int, layers: int, rounds: int) -> list[dict]:
+    import torch
 
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
@@ -116,10 +115,10 @@ def _measure(args: argparse.Namespace) -> list[dict]:
                      ("d_peft_swap", "c_batched_loras"), ("d_peft_preloaded", "c_batched_loras"),
                      ("e_i2l_one_at_a_time", "c_batched_loras")]:
         # median of per-round ratios: both cases of a round ran back to back under the same machine load
-        paired = round(statistics.median(a / b for a, b in zip(times[num], times[den])), 3)
+        paired = round(median_ratio(times[num], times[den]), 3)
         rows.append({"case": f"{num}/{den}", "metric": "ratio", "value": paired, "unit": "x",
                      **judged(paired, GOALS.get(f"{num}/{den}"))})  # judged as shown and stored
-    info = {"batch": n, "rank": rank, "layers": len(targets), "rounds": args.rounds,
+    info = {"batch": n, "rank": rank, "layers": layers, "rounds": rounds,
             "threads": torch.get_num_threads()}
     rows += [{"case": "setup", "metric": k, "value": v, "unit": ""} for k, v in info.items()]
     return rows

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> list[dict]:
     import torch  # here, not at import: every bench module is imported to build `i2l --help`
 
-    from i2l.bench._steps import Steps, interleaved, median_ratio, peak_rows, setup_rows, tag_rows
+    from i2l.bench._steps import Steps, peak_rows, setup_rows, tag_rows
+    from i2l.bench._timing import interleaved, median_ratio
 
     if args.threads:
         torch.set_num_threads(args.threads)
