@@ -9,7 +9,8 @@ from prefect import flow, task
 
 from flows.stages import TASK_OPTIONS, StageContext, StageResult, digest, jsonable, path_exists, prepared_key
 from i2l.data.megastyle import find_shards
-from i2l.data.prepare import plan_fingerprint, prepare
+from i2l.data.plan import plan_fingerprint
+from i2l.data.prepare import prepare
 from i2l.toy.world import write_toyworld
 
 

@@ -10,7 +10,8 @@ from prefect import flow, task
 from flows.stages import TASK_OPTIONS, StageContext, digest, jsonable, path_exists
 from flows.train import checkpoint_identity
 from i2l.io import file_sha256
-from i2l.produce.stage import CATALOG_FILE, jobs_from_manifest
+from i2l.produce.catalog import CATALOG_FILE
+from i2l.produce.jobs import jobs_from_manifest
 from i2l.produce.stage import produce as produce_loras
 from i2l.train.checkpoint import latest_checkpoint
 

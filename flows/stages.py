@@ -16,9 +16,8 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.cache_policies import NONE
 
-from i2l.backbones import default_paths
 from i2l.config import Config, get_config
-from i2l.layout import Paths, paths_for
+from i2l.layout import Paths, paths_for, resolve_paths
 from i2l.store import Store, StoreBusyError
 from i2l.train.run_key import forget_run_key, json_field, read_run_key, write_run_key
 
@@ -121,9 +120,9 @@ class StageContext:
         if unknown:
             raise ValueError(f"unknown stage(s) in force: {sorted(unknown)}; stages are {', '.join(STAGES)}")
         paths = paths_for(cfg, reports_root)
-        # The keys are taken before default_paths fills in the toy model locations (which follow data_root).
+        # The keys are taken before resolve_paths fills in the toy model locations (which follow data_root).
         keyed = config_without_paths(cfg)
-        default_paths(cfg)
+        cfg = resolve_paths(cfg)
         return cls(cfg, paths, Store(paths.store_path), parent_run_id, progress, frozenset(force or ()), keyed)
 
     def section(self, *names: str) -> dict:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from i2l.backbones import schedule
+from i2l.config import BackboneConfig
 from i2l.model.lora import BatchedLoRA, LoRA
 
 
@@ -79,6 +80,18 @@ class Backbone:
                              f"(e.g. {list(tensors)[:3]}): {e}") from e
 
     # ----- to implement -----
+    transformer_class: type  # the diffusers transformer class, as random init and sizing build it from `architecture`
+
+    @classmethod
+    def architecture(cls, bc: BackboneConfig) -> dict:
+        """The transformer's config for the preset `bc`, read without weights (sizing and random init)."""
+        raise NotImplementedError
+
+    @classmethod
+    def random(cls, bc: BackboneConfig, seed: int = 0) -> Backbone:
+        """A backbone of the preset's architecture with random weights: speed, memory and shapes only."""
+        raise NotImplementedError
+
     def encode_prompts(self, prompts: list[str]) -> Cond:
         raise NotImplementedError
 

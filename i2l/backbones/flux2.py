@@ -7,42 +7,41 @@ Shapes: B batch, C = transformer in_channels (4 × VAE latent channels: 2×2-pat
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from diffusers import (
-    AutoencoderKLFlux2,
-    FlowMatchEulerDiscreteScheduler,
-    Flux2KleinPipeline,
-    Flux2Transformer2DModel,
-)
+from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 from diffusers.loaders import Flux2LoraLoaderMixin
 
 from i2l.backbones import schedule
-from i2l.backbones.base import Backbone, Cond
+from i2l.backbones.base import Cond
+from i2l.backbones.diffusers_base import DiffusersBackbone
 from i2l.config import FLUX2_TARGETS, BackboneConfig
 
 QWEN3_LAYERS = (9, 18, 27)  # text-encoder hidden states the pipeline stacks into one prompt embedding
 MAX_TEXT_TOKENS = 512  # the pipeline pads every prompt to this length and attends to all of it
+# FLUX.2-klein 4B transformer: hidden 3072 (24 heads × 128), 5 double-stream + 20 single-stream blocks, MLP ratio 3,
+# text width 7680 = 3 stacked Qwen3-4B layers × 2560; no guidance embedding (klein is guidance-distilled away).
+KLEIN4B_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 7680, "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32),
+    "rope_theta": 2000, "guidance_embeds": False,
+}
 
 
-class Flux2Backbone(Backbone):
+class Flux2Backbone(DiffusersBackbone):
     """FLUX.2-klein seen through i2l: x_t latents (B, C, h, w) in the pipeline's normalised, patchified space."""
 
     kind = "flux2"
+    model_name, path_env = "FLUX.2-klein", "I2L_KLEIN4B_DIR"
+    pipeline_class, transformer_class = Flux2KleinPipeline, Flux2Transformer2DModel
+    default_targets = FLUX2_TARGETS
+    published_config = KLEIN4B_TRANSFORMER
     lora_loader = Flux2LoraLoaderMixin
     chat_thinking = False  # Flux2KleinPipeline's chat template: thinking off (Qwen3 then adds an empty think block)
 
     def __init__(self, pipe: Flux2KleinPipeline, targets: tuple[str, ...] = FLUX2_TARGETS,
                  text_encoder_out_layers: tuple[int, ...] = QWEN3_LAYERS, max_sequence_length: int = MAX_TEXT_TOKENS):
-        super().__init__(targets or FLUX2_TARGETS)
-        self.pipe = pipe  # kept whole: its methods encode prompts/images, and diffusers LoRA loading goes through it
-        self.transformer: Flux2Transformer2DModel = pipe.transformer
-        self.vae: AutoencoderKLFlux2 | None = getattr(pipe, "vae", None)
-        self.text_encoder = getattr(pipe, "text_encoder", None)
-        self.tokenizer = getattr(pipe, "tokenizer", None)
+        super().__init__(pipe, targets, max_sequence_length)
         self.text_encoder_out_layers = tuple(text_encoder_out_layers)
-        self.max_sequence_length = max_sequence_length
         c = self.transformer.config
         if c.guidance_embeds:
             raise ValueError("this transformer has guidance embeddings (FLUX.2-dev); the flux2 backbone expects a "
@@ -54,15 +53,6 @@ class Flux2Backbone(Backbone):
                             f"-l{c.num_layers}-s{c.num_single_layers}-j{c.joint_attention_dim}")
         self._check_text_encoder()
 
-    @classmethod
-    def from_components(cls, transformer: Flux2Transformer2DModel, vae: AutoencoderKLFlux2 | None = None,
-                        text_encoder=None, tokenizer=None, scheduler=None, targets: tuple[str, ...] = FLUX2_TARGETS,
-                        **kwargs) -> Flux2Backbone:
-        """Build from ready modules (e.g. tiny random ones in tests); absent parts make their stage raise."""
-        pipe = Flux2KleinPipeline(scheduler=scheduler or FlowMatchEulerDiscreteScheduler(), vae=vae,
-                                  text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
-        return cls(pipe, targets, **kwargs)
-
     def _check_text_encoder(self) -> None:
         if self.text_encoder is None:
             return
@@ -71,17 +61,14 @@ class Flux2Backbone(Backbone):
             raise ValueError(f"text_encoder_out_layers {self.text_encoder_out_layers} exceed the text encoder's "
                              f"{n} layers")
         D = len(self.text_encoder_out_layers) * self.text_encoder.config.hidden_size
-        if D != self.transformer.config.joint_attention_dim:
+        if D != self.text_width:
             raise ValueError(f"{len(self.text_encoder_out_layers)} stacked text layers × hidden "
                              f"{self.text_encoder.config.hidden_size} = {D}, but the transformer's "
-                             f"joint_attention_dim is {self.transformer.config.joint_attention_dim}")
-
-    def modules(self):
-        return [m for m in (self.transformer, self.vae, self.text_encoder) if m is not None]
+                             f"joint_attention_dim is {self.text_width}")
 
     @property
-    def vae_scale_factor(self) -> int:
-        return self.pipe.vae_scale_factor  # 8 for the real VAE (the pipeline assumes 8 when there is none)
+    def text_width(self) -> int:
+        return self.transformer.config.joint_attention_dim
 
     def latent_shape(self, image_size: int) -> tuple[int, ...]:
         n = image_size // (self.vae_scale_factor * 2)  # VAE downsampling, then the 2×2 patchify
@@ -94,42 +81,27 @@ class Flux2Backbone(Backbone):
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Prompt embeddings (B, L, D) exactly as Flux2KleinPipeline.encode_prompt makes them (no mask: the
         pipeline pads to max_sequence_length and the transformer attends to the padding too)."""
-        if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("this flux2 backbone has no text encoder/tokenizer: load the full pipeline directory "
-                             "(text_encoder/ and tokenizer/) or pass a Cond of precomputed prompt embeddings")
+        self._require_text_encoder("prompt embeddings")
         embeds, _ = self.pipe.encode_prompt(prompt=list(prompts), device=self.device,
                                             max_sequence_length=self.max_sequence_length,
                                             text_encoder_out_layers=self.text_encoder_out_layers)
         return Cond(embeds.to(self.dtype))  # (B, L, D)
 
     # ----- images -----
-    def _require_vae(self) -> AutoencoderKLFlux2:
-        if self.vae is None:
-            raise ValueError("this flux2 backbone has no VAE: load the full pipeline directory (vae/) to encode or "
-                             "decode images, or work with latents directly")
-        return self.vae
-
     def _bn_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vae = self._require_vae()
+        vae: AutoencoderKLFlux2 = self._require_vae()
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
         return mean, std  # (1, C, 1, 1) each
 
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> x1 (B, C, h, w): VAE mode, 2×2 patchify, batch-norm statistics
-        (the pipeline's `_encode_vae_image`)."""
-        vae = self._require_vae()
-        return self.pipe._encode_vae_image(images.to(vae.device, vae.dtype), generator=None).to(self.dtype)
+    def _encode_vae(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE mode, 2×2 patchify, batch-norm statistics: the pipeline's `_encode_vae_image`."""
+        return self.pipe._encode_vae_image(images, generator=None)  # (B, C, h, w)
 
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """x (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], undoing batch-norm and patchify as the pipeline does."""
-        vae = self._require_vae()
-        x = latents.to(vae.device, vae.dtype)
+    def _vae_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Undo batch-norm and patchify as the pipeline does before decoding."""
         mean, std = self._bn_stats(x)
-        x = self.pipe._unpatchify_latents(x * std + mean)  # (B, C/4, 2h, 2w)
-        return vae.decode(x, return_dict=False)[0].clamp(-1, 1)
+        return self.pipe._unpatchify_latents(x * std + mean)  # (B, C/4, 2h, 2w)
 
     # ----- velocity -----
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -148,13 +120,7 @@ class Flux2Backbone(Backbone):
 
 def load_flux2_backbone(bcfg: BackboneConfig) -> Flux2Backbone:
     """Load FLUX.2-klein from a local diffusers directory (`save_pretrained` layout; safetensors only)."""
-    path = Path(bcfg.path) if bcfg.path else None
-    if path is None or not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"no FLUX.2-klein pipeline directory at {bcfg.path!r}: set backbone.path (or "
-                                f"I2L_KLEIN4B_DIR) to a local diffusers directory with model_index.json")
-    dtype = getattr(torch, bcfg.dtype)
-    pipe = Flux2KleinPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                              use_safetensors=True)
+    pipe = Flux2Backbone.load_pipeline(bcfg)
     layers = tuple(int(i) for i in bcfg.text_encoder_layers) or QWEN3_LAYERS
     return Flux2Backbone(pipe, tuple(bcfg.targets) or FLUX2_TARGETS, text_encoder_out_layers=layers,
                          max_sequence_length=bcfg.max_sequence_length)

@@ -19,21 +19,12 @@ def _meta_targets(cfg: Config) -> tuple[dict[str, tuple[int, int]], int, str]:
     import torch
 
     from i2l.backbones.base import Backbone
+    from i2l.backbones.registry import backbone_class
 
     bc = cfg.backbone
-    with torch.device("meta"):
-        if bc.kind == "toy":
-            from i2l.toy.backbone import build_transformer
-
-            tr = build_transformer(bc) if not Path(bc.path, "transformer").is_dir() else None
-            if tr is None:
-                from diffusers import Flux2Transformer2DModel
-
-                tr = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(Path(bc.path, "transformer")))
-        else:  # the local config.json if the preset names a directory, else the published architecture
-            from i2l.backbones.random_init import transformer_class, transformer_config
-
-            tr = transformer_class(bc.kind).from_config(transformer_config(bc))
+    cls = backbone_class(bc.kind)
+    with torch.device("meta"):  # the local config.json if the preset names a directory, else the published one
+        tr = cls.transformer_class.from_config(cls.architecture(bc))
     probe = Backbone(bc.targets)
     probe.transformer = tr
     return probe.lora_targets(), param_count(tr), type(tr).__name__

@@ -19,6 +19,7 @@ from i2l.backbones.base import Backbone, Cond
 from i2l.config import Config
 from i2l.infer.guidance import sample
 from i2l.model.flow_matching import fm_loss, mixed_precision
+from i2l.train.step import TrainStep, WarmupCosine, step_generator
 
 WEIGHTS_FILE = "adapter.safetensors"
 INFO_FILE = "adapter.json"
@@ -127,7 +128,6 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
     from i2l.backbones import load_backbone
     from i2l.data.tuples import TupleStream, collate
     from i2l.model.encoder import load_encoder
-    from i2l.toy.backbone_pretrain import lr_at
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps = steps or cfg.eval.baseline_steps or cfg.train.steps
@@ -137,15 +137,14 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
         text_dim = backbone.encode_prompts([""]).embeds.shape[-1]
     adapter = build_adapter(cfg, encoder.dim, text_dim).to(device)
     opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    trainer = TrainStep(opt, cfg.train.grad_clip, adapter.parameters(), WarmupCosine(opt, steps, cfg.train.warmup))
     stream = iter(TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed))
-    bs, curve, t0 = cfg.train.batch_size, [], time.time()
+    bs, t0 = cfg.train.batch_size, time.time()
     bar = tqdm(range(steps), desc="train adapter", disable=not progress)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg.train.lr, cfg.train.warmup)
         targets, prompts, refs, n_refs = collate(list(itertools.islice(stream, bs)), cfg.backbone.image_size,
                                                  cfg.encoder.image_size)
-        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009)  # as train_predictor
+        g = step_generator(cfg.train.seed, step)  # the predictor's noise and timesteps at this step
         with mixed_precision(device, cfg.backbone.dtype):
             with torch.no_grad():
                 cond = backbone.encode_prompts(prompts)  # (B, L, E), frozen text encoder
@@ -153,18 +152,13 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
             extra = adapter_tokens(adapter, encoder, refs.to(device), n_refs)  # (B, M, E)
             cond = with_context(cond, extra)
             loss = fm_loss(backbone, x1, cond, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # outside autocast, as PyTorch's AMP recipe has it
-        gnorm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.train.grad_clip)
-        opt.step()
-        curve.append({"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
-                      "grad_norm": float(gnorm)})
-        bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
+        trainer.backward(loss)  # outside autocast, as PyTorch's AMP recipe has it
+        rec = trainer.step(loss)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
     secs = time.time() - t0
-    info = {"steps": steps, "batch_size": bs, "seconds": secs, "first_loss": _mean(curve[:20]),
-            "last_loss": _mean(curve[-20:]), "backbone_id": backbone.backbone_id,
-            "encoder_id": encoder.encoder_id, "dims": adapter.dims}
-    save_adapter(adapter, out_dir, {**info, "curve": curve, "config": cfg.to_dict()})
+    info = {"steps": steps, "batch_size": bs, "seconds": secs, **trainer.summary(),
+            "backbone_id": backbone.backbone_id, "encoder_id": encoder.encoder_id, "dims": adapter.dims}
+    save_adapter(adapter, out_dir, {**info, "curve": trainer.curve, "config": cfg.to_dict()})
     return {"dir": str(out_dir), **info}
 
 
@@ -193,7 +187,3 @@ def load_adapter(out_dir: str | Path, backbone: Backbone | None = None, encoder=
     adapter = AdapterProjector(**info["dims"])
     adapter.load_state_dict(load_file(str(out / WEIGHTS_FILE)))
     return adapter.to(device).eval().requires_grad_(False), info
-
-
-def _mean(recs: list[dict]) -> float:
-    return sum(r["loss"] for r in recs) / max(1, len(recs))

@@ -15,6 +15,7 @@ from i2l.backbones.base import Backbone
 from i2l.config import Config
 from i2l.model.flow_matching import fm_backward, mixed_precision
 from i2l.model.lora import LoRA, zero_lora
+from i2l.train.step import TrainStep, WarmupCosine, step_generator
 
 LORA_FILE = "mean_lora.safetensors"
 INFO_FILE = "mean_lora.json"
@@ -28,7 +29,6 @@ def train_mean_lora(cfg: Config, data_dir: str | Path, out_dir: str | Path, step
 
     from i2l.backbones import load_backbone
     from i2l.data.tuples import TupleStream, collate
-    from i2l.toy.backbone_pretrain import lr_at
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps = steps or cfg.eval.baseline_steps or cfg.train.steps
@@ -38,31 +38,29 @@ def train_mean_lora(cfg: Config, data_dir: str | Path, out_dir: str | Path, step
     B = {k: v.to(device).requires_grad_(True) for k, v in init.B.items()}  # (out, r)
     lr = cfg.eval.mean_lora_lr
     opt = torch.optim.Adam([*A.values(), *B.values()], lr=lr)
+    trainer = TrainStep(opt, schedule=WarmupCosine(opt, steps, cfg.train.warmup))  # no clipping
     stream = iter(TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed))
-    bs, curve, t0 = cfg.train.batch_size, [], time.time()
+    bs, t0 = cfg.train.batch_size, time.time()
     bar = tqdm(range(steps), desc="train mean-LoRA", disable=not progress)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, cfg.train.warmup)
         targets, prompts, _, _ = collate(list(itertools.islice(stream, bs)), cfg.backbone.image_size,
                                          cfg.encoder.image_size)
-        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009)  # as train_predictor
+        g = step_generator(cfg.train.seed, step)  # the predictor's noise and timesteps at this step
         lora = LoRA(A, B, backbone.backbone_id)
         with mixed_precision(device, cfg.backbone.dtype), torch.no_grad():
             cond = backbone.encode_prompts(prompts)  # (B, L, E)
             x1 = backbone.encode_images(targets.to(device))
         loss = fm_backward(backbone, x1, cond, lora, opt, generator=g)  # one LoRA shared by the batch
-        opt.step()
-        curve.append({"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
-        bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
+        rec = trainer.step(loss)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
     secs = time.time() - t0
-    info = {"steps": steps, "batch_size": bs, "lr": lr, "seconds": secs, "first_loss": _mean(curve[:20]),
-            "last_loss": _mean(curve[-20:]), "backbone_id": backbone.backbone_id, "rank": cfg.predictor.rank}
+    info = {"steps": steps, "batch_size": bs, "lr": lr, "seconds": secs, **trainer.summary(),
+            "backbone_id": backbone.backbone_id, "rank": cfg.predictor.rank}
     final = LoRA({k: v.detach().cpu() for k, v in A.items()}, {k: v.detach().cpu() for k, v in B.items()},
                  backbone.backbone_id, {"method": "mean_lora", "steps": steps})
     out = Path(out_dir)
     final.save(out / LORA_FILE, prefix=backbone.lora_prefix)
-    record = {**info, "curve": curve, "config": cfg.to_dict()}
+    record = {**info, "curve": trainer.curve, "config": cfg.to_dict()}
     (out / (INFO_FILE + ".tmp")).write_text(json.dumps(record, indent=2))
     (out / (INFO_FILE + ".tmp")).replace(out / INFO_FILE)  # written last: marks the directory complete
     return {"dir": str(out), **info}
@@ -74,7 +72,3 @@ def load_mean_lora(out_dir: str | Path, backbone: Backbone | None = None) -> tup
     if not (out / INFO_FILE).is_file():
         raise FileNotFoundError(f"no trained mean-LoRA in {out}: run `i2l train-mean-lora --out {out}` first")
     return LoRA.load(out / LORA_FILE, backbone), json.loads((out / INFO_FILE).read_text())
-
-
-def _mean(recs: list[dict]) -> float:
-    return sum(r["loss"] for r in recs) / max(1, len(recs))

@@ -36,8 +36,8 @@ def write_untrained_checkpoint(cfg, root: Path) -> Path:
     import torch
 
     from i2l.layout import resolve_paths
-    from i2l.model.encoder import new_toy_encoder
     from i2l.toy.backbone import new_toy_backbone
+    from i2l.toy.encoder import new_toy_encoder
     from i2l.train.checkpoint import save_checkpoint
     from i2l.train.loop import build_predictor
 
@@ -62,7 +62,7 @@ def write_untrained_checkpoint(cfg, root: Path) -> Path:
 
 def toy_jobs(styles: int, refs: int, size: int = 32) -> list:
     from i2l.config import ToyWorldConfig
-    from i2l.produce.stage import StyleJob
+    from i2l.produce.jobs import StyleJob
     from i2l.toy.world import generate_rows
 
     by_style: dict[str, list] = {}
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     from i2l.cluster import ensure_ray
     from i2l.config import get_config
     from i2l.io import file_sha256
-    from i2l.produce.stage import LoRAProducer, produce
+    from i2l.produce.producer import LoRAProducer
+    from i2l.produce.stage import produce
     from i2l.store import Store
 
     workers = [int(w) for w in str(args.workers).split(",") if w]
@@ -127,8 +128,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-
-
 
 
 if __name__ == "__main__":

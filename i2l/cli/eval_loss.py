@@ -9,6 +9,8 @@ data root from --preset / --set / --data-root, so both give the same held-out lo
 
 from i2l.cli import add_preset_args, config_from_args
 
+LOSS_FAMILIES = ("base", "per_style", "i2l")  # the held-out-loss methods; mean-LoRA and the adapter need training
+
 
 def add_arguments(p):
     add_preset_args(p)
@@ -21,34 +23,26 @@ def add_arguments(p):
 
 
 def main(args):
-    from i2l.eval.heldout_loss import format_table, summarize
-    from i2l.eval.methods import (
-        base_conditioning,
-        heldout_losses,
-        i2l_conditionings,
-        i2l_ref_counts,
-        per_style_conditionings,
-    )
-    from i2l.eval.stage import eval_config, held_out_samples
+    from dataclasses import replace
+
+    from i2l.eval.heldout_loss import format_loss_table, mean_loss_by_method
+    from i2l.eval.identity import eval_config
+    from i2l.eval.methods import heldout_losses, make_conditionings
+    from i2l.eval.stage import held_out_samples
     from i2l.infer.api import I2L
     from i2l.train.checkpoint import require_checkpoint
 
     cfg = config_from_args(args)  # an unknown preset or field is refused here, before anything loads
     ck = require_checkpoint(args.checkpoint)
     ecfg = eval_config(cfg, ck)
+    ev = ecfg.eval
+    if args.budgets is not None:
+        ev = replace(ev, optimize_budgets=tuple(int(b) for b in args.budgets.split(",") if b))
     model = I2L.load(ck, data_root=ecfg.data_root)
-    e = model.cfg.eval = ecfg.eval  # heldout_losses reads its grid (fm_timesteps, fm_noise_seeds) from here
-    budgets = e.optimize_budgets if args.budgets is None else \
-        tuple(int(b) for b in args.budgets.split(",") if b)
-    samples = held_out_samples(args.data, args.styles or e.styles)
-    # as i2l.eval.stage.make_conditionings: per-style seeded by eval.seed, i2L's reference counts by one rule
-    conds = [base_conditioning(len(samples)),
-             *per_style_conditionings(model.backbone, samples, budgets, ecfg.predictor.rank,
-                                      ecfg.backbone.image_size, e.lora_lr, e.per_style_rows, seed=e.seed,
-                                      progress=True),
-             *(c for c in i2l_conditionings(model, samples, i2l_ref_counts(samples)) if not c.asym)]
-    rows = heldout_losses(model, samples, conds, progress=True)
-    print(format_table(summarize(rows)))
+    samples = held_out_samples(args.data, args.styles or ev.styles)
+    conds = make_conditionings(model, samples, LOSS_FAMILIES, ev, progress=True)
+    rows = heldout_losses(model, samples, conds, ev, progress=True)
+    print(format_loss_table(mean_loss_by_method(rows)))
     if not args.no_store:
         from i2l.store import Store, store_path
 

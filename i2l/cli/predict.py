@@ -4,9 +4,6 @@ The references are fused by token concatenation (paper §4.5). Writes a diffuser
 (`transformer.<module>.lora_A.weight` / `lora_B.weight`) that `load_lora_weights` accepts.
 """
 
-import glob
-import os
-
 
 def add_arguments(p):
     p.add_argument("--checkpoint", required=True, help="training run dir or checkpoint dir")
@@ -16,19 +13,9 @@ def add_arguments(p):
     p.add_argument("--device", default="cpu")
 
 
-def expand_images(patterns: list[str]) -> list[str]:
-    """Paths as given, globs expanded; a file that exists is taken as named even if its name has * ? [ in it."""
-    out = []
-    for p in patterns:
-        hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") and not os.path.exists(p) else [p]
-        if not hits:
-            raise FileNotFoundError(f"no image matches {p!r}")
-        out.extend(hits)
-    return out
-
-
 def main(args):
     from i2l.infer.api import I2L
+    from i2l.infer.generation import expand_images
 
     # predicting needs the encoder and predictor only: a real backbone (GBs) is not loaded
     model = I2L.load(args.checkpoint, device=args.device, backbone=False)

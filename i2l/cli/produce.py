@@ -26,7 +26,8 @@ def add_arguments(p):
 
 
 def main(args):
-    from i2l.produce.stage import jobs_from_images, jobs_from_manifest, produce
+    from i2l.produce.jobs import jobs_from_images, jobs_from_manifest
+    from i2l.produce.stage import produce
     from i2l.store import Store, store_path
 
     cfg = config_from_args(args)

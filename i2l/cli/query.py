@@ -21,17 +21,14 @@ def add_arguments(p):
 
 
 def main(args):
-    import duckdb
     import pandas as pd
 
     from i2l.store import Store, store_path
+    from i2l.store.queries import user_query
 
     cfg = config_from_args(args)
     store = Store(Path(args.db) if args.db else store_path(cfg), read_only=True)
-    try:
-        df = store.query(args.sql)
-    except duckdb.Error as e:
-        raise ValueError(f"query failed: {e}") from None
+    df = user_query(store, args.sql)
     if args.format == "csv":
         print(df.to_csv(index=False), end="")
     elif args.format == "json":

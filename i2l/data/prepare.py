@@ -1,71 +1,33 @@
 """`prepare`: a MegaStyle-layout directory -> validated, upscaled, style-disjoint train/val parquet shards, made
 by a pool of Ray actors, with a quarantine of rejected rows, a validation manifest and a resumable manifest.
 
-Stages: plan (driver; reads only the `id` column) -> units (actors; read, validate, upscale, encode, write one
-train and one val shard each) -> finalize (driver; quarantine, val manifest, manifest.json). Every file is
-written under a temporary name and renamed; a unit whose record is on disk is never redone.
+Stages: plan (driver, data/plan.py; reads only the `id` column) -> units (pool actors, data/units.py; read,
+validate, upscale, encode, write one train and one val shard each) -> finalize (driver, here; quarantine, val
+manifest, manifest.json). Every file is written atomically; a unit whose record is on disk is never redone.
 """
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import json
 import logging
 import os
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from i2l.cluster.pool import ActorPool, Call, PoolOptions
 from i2l.config import Config, DataConfig
-from i2l.data.megastyle import (
-    QUARANTINE_SCHEMA,
-    InputShard,
-    RowRangeReader,
-    ShardWriter,
-    encode_image,
-    find_shards,
-    image_bytes,
-    read_metadata,
-    style_id_of,
-    write_quarantine,
-)
+from i2l.data.megastyle import find_shards, read_metadata, write_quarantine
+from i2l.data.plan import Plan, Unit, make_plan, plan_fingerprint, split_score
+from i2l.data.units import WORK, UnitRunner, unit_done
 from i2l.data.upscale import upscaler_needs_gpu
-from i2l.data.validate import Rejected, validate_row
-from i2l.io import atomic_tmp, write_json_atomic
+from i2l.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
-WORK = ".work"  # per-unit records and quarantine pieces: what makes a re-run resume
 OUTPUT_NAMES = ("train", "val", WORK, "manifest.json", "quarantine.parquet", "val_manifest.jsonl")
-# DataConfig fields that change how fast, not what is written: a change of them keeps finished shards valid.
-_RUNTIME_FIELDS = ("batch_size", "concurrency", "val_samples", "val_refs")
-_ROW_MASK = (1 << 40) - 1  # positions pack (shard index << 40) | row
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One piece of work: input row ranges holding whole styles; writes train/ and val/ part-{index}."""
-
-    index: int
-    segments: tuple[tuple[int, int, int], ...]  # (input shard, start row, stop row); a style's rows adjacent
-    val_styles: frozenset[str]
-    rows: int
-
-    @property
-    def name(self) -> str:
-        return f"part-{self.index:05d}"
-
-
-@dataclass
-class Plan:
-    shards: list[InputShard]
-    units: list[Unit]
-    rejects: list[dict]  # rows refused before reading images: bad_id, duplicate_id
-    fingerprint: str
 
 
 @dataclass
@@ -100,194 +62,6 @@ class PrepareSummary:
                 f"  time: {self.seconds:.1f} s; {self.rows_processed} rows processed at {self.rows_per_s:.1f} rows/s")
 
 
-def split_score(style_id: str, seed: int) -> float:
-    """Uniform in [0, 1) from (seed, style_id) alone: the split depends on no order and no worker count."""
-    h = hashlib.blake2b(f"{seed}:{style_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2**64
-
-
-def plan_fingerprint(shards: list[InputShard], cfg: DataConfig) -> str:
-    data = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS}
-    inputs = [s.to_dict() for s in shards]
-    return hashlib.sha256(json.dumps([inputs, data], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _reject(row_id, source: str, row: int, reason: str, detail: str) -> dict:
-    rid = row_id if isinstance(row_id, str) else None
-    return {"id": rid[:200] if rid else rid, "source_file": source, "row_index": row, "reason": reason,
-            "detail": detail[:500]}
-
-
-def make_plan(input_dir: str | os.PathLike, cfg: DataConfig, shards: list[InputShard] | None = None,
-              progress: bool = True) -> Plan:
-    """Read the id column only: bad and duplicate ids, style runs, the style-disjoint split and the units."""
-    from tqdm import tqdm
-
-    shards = shards if shards is not None else find_shards(input_dir)
-    reader = RowRangeReader(input_dir, columns=["id"])
-    runs: list[list] = []  # [style_id, shard, start, stop]: maximal consecutive rows of one style
-    rejects, digests, positions = [], [], []
-    for fi, shard in enumerate(tqdm(shards, desc="plan", unit="shard", disable=not progress)):
-        cur = None
-        for lo, table in reader.read(shard, 0, shard.rows):
-            ids = table.column("id").to_pylist()
-            keys, pos = [], []
-            for k, rid in enumerate(ids):
-                sid = style_id_of(rid)
-                if sid is None:
-                    rejects.append(_reject(rid, shard.path, lo + k, "bad_id", repr(rid)[:80]))
-                    cur = None
-                    continue
-                if cur is not None and cur[0] == sid and cur[3] == lo + k:
-                    cur[3] += 1
-                else:
-                    cur = [sid, fi, lo + k, lo + k + 1]
-                    runs.append(cur)
-                keys.append(hashlib.blake2b(rid.encode(), digest_size=16).digest())
-                pos.append((fi << 40) | (lo + k))
-            digests.append(np.frombuffer(b"".join(keys), dtype="S16"))
-            positions.append(np.asarray(pos, dtype=np.int64))
-    # Duplicates: 16-byte digests (24 B/row with positions), first occurrence in input order wins.
-    dup: dict[int, int] = {}
-    if digests:
-        d, p = np.concatenate(digests), np.concatenate(positions)
-        _, first, inverse = np.unique(d, return_index=True, return_inverse=True)
-        is_dup = np.ones(len(d), bool)
-        is_dup[first] = False
-        dup = dict(zip(p[is_dup].tolist(), p[first[inverse[is_dup]]].tolist()))
-    dup_pos = sorted(dup)
-    styles: dict[str, list[tuple[int, int, int]]] = {}  # insertion order = first appearance
-    for sid, fi, start, stop in runs:
-        segs = styles.setdefault(sid, [])
-        i = bisect.bisect_left(dup_pos, (fi << 40) | start)
-        while i < len(dup_pos) and dup_pos[i] < (fi << 40) | stop:  # cut the run around its duplicates
-            row, seen = dup_pos[i] & _ROW_MASK, dup[dup_pos[i]]
-            rejects.append(_reject(None, shards[fi].path, row, "duplicate_id",
-                                   f"first seen in {shards[seen >> 40].path} row {seen & _ROW_MASK}"))
-            if start < row:
-                segs.append((fi, start, row))
-            start, i = row + 1, i + 1
-        if start < stop:
-            segs.append((fi, start, stop))
-    _fill_ids(input_dir, [r for r in rejects if r["reason"] == "duplicate_id"])
-    val = _val_styles([s for s, segs in styles.items() if segs], cfg)
-    return Plan(shards, _make_units(styles, val, cfg.rows_per_shard), rejects, plan_fingerprint(shards, cfg))
-
-
-def _fill_ids(input_dir, rejects: list[dict]) -> None:
-    """Duplicates are found after the pass, by position: read their ids back (id column of those files only)."""
-    for source in {r["source_file"] for r in rejects}:
-        ids = pq.read_table(Path(input_dir) / source, columns=["id"]).column("id")
-        for r in (r for r in rejects if r["source_file"] == source):
-            r["id"] = ids[r["row_index"]].as_py()
-
-
-def _val_styles(style_ids: list[str], cfg: DataConfig) -> set[str]:
-    val = {s for s in style_ids if split_score(s, cfg.seed) < cfg.val_fraction}
-    if len(style_ids) >= 2 and not val:  # tiny inputs: still hold one style out
-        val = {min(style_ids, key=lambda s: split_score(s, cfg.seed))}
-    if len(style_ids) >= 2 and len(val) == len(style_ids):
-        val.discard(max(style_ids, key=lambda s: split_score(s, cfg.seed)))
-    return val
-
-
-def _make_units(styles: dict[str, list], val: set[str], rows_per_shard: int) -> list[Unit]:
-    """Walk styles in input order; close a unit at a style boundary once a split holds rows_per_shard rows."""
-    units, segs, vals, n = [], [], set(), Counter()
-    for sid, style_segs in styles.items():
-        if not style_segs:
-            continue
-        rows = sum(stop - start for _, start, stop in style_segs)
-        segs += style_segs
-        n["val" if sid in val else "train"] += rows
-        if sid in val:
-            vals.add(sid)
-        if max(n.values()) >= rows_per_shard:
-            units.append(Unit(len(units), tuple(segs), frozenset(vals), sum(n.values())))
-            segs, vals, n = [], set(), Counter()
-    if segs:
-        units.append(Unit(len(units), tuple(segs), frozenset(vals), sum(n.values())))
-    return units
-
-
-def process_unit(unit: Unit, shards: list[InputShard], input_dir, out_dir, cfg: DataConfig, upscaler,
-                 fingerprint: str) -> dict:
-    """Read, validate, upscale, encode and write one unit; returns (and writes, last) its record."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = Path(out_dir)
-    reader = RowRangeReader(input_dir)
-    writers = {s: ShardWriter(out / s / f"{unit.name}.parquet", s, cfg.row_group_rows) for s in ("train", "val")}
-    qwriter = ShardWriter(out / WORK / "quarantine" / f"{unit.name}.parquet", "quarantine", 1 << 16,
-                          QUARANTINE_SCHEMA)
-    batch: list[tuple[str, str, str, object]] = []  # (id, style_id, source, ValidRow)
-
-    def flush():
-        images = upscaler([v.image for *_, v in batch])
-        for (rid, sid, source, v), im in zip(batch, images):
-            data = encode_image(im, cfg.image_format, cfg.quality)
-            split = "val" if sid in unit.val_styles else "train"
-            writers[split].write({"id": rid, "style_id": sid, "content": v.content, "style": v.style,
-                                  "image": data, "width": im.size[0], "height": im.size[1],
-                                  "sha256": hashlib.sha256(data).hexdigest(), "split": split,
-                                  "source_file": source})
-        batch.clear()
-
-    try:
-        for fi, start, stop in unit.segments:
-            shard = shards[fi]
-            for lo, table in reader.read(shard, start, stop):
-                cols = zip(table.column("id").to_pylist(), image_bytes(table),
-                           table.column("content").to_pylist(), table.column("style").to_pylist())
-                for k, (rid, data, content, style) in enumerate(cols):
-                    try:
-                        batch.append((rid, style_id_of(rid), shard.path, validate_row(data, content, style, cfg)))
-                    except Rejected as e:
-                        qwriter.write(_reject(rid, shard.path, lo + k, e.reason, e.detail))
-                    if len(batch) >= cfg.batch_size:
-                        flush()
-        if batch:
-            flush()
-        shard_records = [r for r in (writers["train"].close(), writers["val"].close()) if r]
-        qwriter.close()
-    except BaseException:
-        for w in (*writers.values(), qwriter):
-            w.abort()
-        raise
-    record = {"fingerprint": fingerprint, "unit": unit.index, "rows_in": unit.rows, "shards": shard_records,
-              "quarantined": qwriter.rows, "seconds": round(time.perf_counter() - t0, 3),
-              "cpu_seconds": round(time.process_time() - c0, 3)}
-    if sum(r["rows"] for r in shard_records) + qwriter.rows != unit.rows:
-        raise RuntimeError(f"unit {unit.name}: {unit.rows} rows in but {record} out (a bug; please report)")
-    write_json_atomic((out / WORK / "units" / f"{unit.name}.json"), record)  # last: the unit counts as done only now
-    return record
-
-
-def unit_done(out: Path, unit: Unit, fingerprint: str) -> dict | None:
-    """The unit's record if an earlier run finished it (same plan, files in place), else None."""
-    try:
-        rec = json.loads((out / WORK / "units" / f"{unit.name}.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    files_ok = all((out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]
-                   for s in rec.get("shards", []))
-    q_ok = rec["quarantined"] == 0 or (out / WORK / "quarantine" / f"{unit.name}.parquet").is_file()
-    return rec if rec.get("fingerprint") == fingerprint and files_ok and q_ok else None
-
-
-class UnitActor:
-    """A Ray actor holding one upscaler (loaded once; on a GPU for diffusers) and running units."""
-
-    def __init__(self, input_dir: str, out_dir: str, cfg: DataConfig, shards: list[InputShard], fingerprint: str):
-        from i2l.data.upscale import load_upscaler
-
-        self.args = (shards, input_dir, out_dir, cfg)
-        self.upscaler, self.fingerprint = load_upscaler(cfg), fingerprint
-
-    def run(self, unit: Unit) -> dict:
-        shards, input_dir, out_dir, cfg = self.args
-        return process_unit(unit, shards, input_dir, out_dir, cfg, self.upscaler, self.fingerprint)
-
-
 def _check_out_dir(out: Path, fingerprint: str, force: bool) -> None:
     """Refuse to mix shards of another plan (other inputs or config) into out, unless force clears them."""
     stale = []
@@ -315,32 +89,16 @@ def _check_out_dir(out: Path, fingerprint: str, force: bool) -> None:
 
 
 def _run_units(todo: list[Unit], plan: Plan, input_dir: Path, out: Path, cfg: DataConfig, progress: bool):
-    from tqdm import tqdm
-
-    from i2l.cluster import ensure_ray
-
-    ray = ensure_ray()
-    res = ray.cluster_resources()
-    if upscaler_needs_gpu(cfg):
-        if res.get("GPU", 0) < 1:
-            raise ValueError("data.upscaler is a diffusers pipeline on cuda but the Ray cluster has no GPU; set "
-                             "RAY_ADDRESS to a GPU cluster, or data.upscaler_device=cpu (slow)")
-        options, slots = {"num_gpus": 1, "num_cpus": 1}, int(res["GPU"])
-    else:
-        options, slots = {"num_cpus": 1}, int(res.get("CPU", 1))
-    n = max(1, min(cfg.concurrency, len(todo), slots))  # more actors than slots would wait forever
-    actor_cls = ray.remote(UnitActor).options(**options)
-    actors = [actor_cls.remote(str(input_dir), str(out), cfg, plan.shards, plan.fingerprint) for _ in range(n)]
-    pool = ray.util.ActorPool(actors)
-    bar = tqdm(total=sum(u.rows for u in todo), desc=f"prepare ({n} workers)", unit="row", disable=not progress)
-    try:
-        for rec in pool.map_unordered(lambda a, u: a.run.remote(u), todo):
-            bar.update(rec["rows_in"])
-            yield rec
-    finally:
-        bar.close()
-        for a in actors:
-            ray.kill(a)
+    """Yield each unit's record as its actor finishes it (a unit whose actor died runs again on a fresh one)."""
+    options = PoolOptions(workers=cfg.concurrency, num_gpus=1.0 if upscaler_needs_gpu(cfg) else 0.0,
+                          queue_depth=1,  # units are long: one each balances the actors best at the end
+                          name="prepare", unit="row", progress=progress,
+                          cpu_hint="data.upscaler_device=cpu for the diffusers upscaler (slow)",
+                          start_hint=f"can every node read {input_dir} and the upscaler?")
+    init = (str(input_dir), str(out), cfg, plan.shards, plan.fingerprint)
+    with ActorPool(UnitRunner, init, options) as pool:
+        for done in pool.map(Call("run", (u,), size=u.rows) for u in todo):
+            yield done.value
 
 
 def write_val_manifest(out_dir: str | os.PathLike, cfg: DataConfig, progress: bool = False) -> int:
@@ -377,10 +135,7 @@ def write_val_manifest(out_dir: str | os.PathLike, cfg: DataConfig, progress: bo
             samples.append({"sample_id": f"v{len(samples):06d}", "style_id": s, "prompt": content, "target_id": rid,
                             "style": style, "reference_ids": refs})
         k += 1
-    path = Path(out_dir) / "val_manifest.jsonl"
-    tmp = atomic_tmp(path)
-    tmp.write_text("".join(json.dumps(x) + "\n" for x in samples))
-    os.replace(tmp, path)
+    write_text_atomic(Path(out_dir) / "val_manifest.jsonl", "".join(json.dumps(x) + "\n" for x in samples))
     return len(samples)
 
 

@@ -68,8 +68,8 @@ def heldout_loss(backbone: Backbone, sample: ValSample, lora: LoRA | None, image
     return float(fm_loss(backbone, x1.expand(n, *x1.shape[1:]), cond, lora, t=t, noise=noise))
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean loss and conditioning time per method (rows of eval_methods.heldout_losses), highest loss first."""
+def mean_loss_by_method(rows: list[dict]) -> list[dict]:
+    """Mean loss and conditioning time per method (rows of i2l.eval.methods.heldout_losses), highest loss first."""
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["method"], []).append(r)
@@ -78,7 +78,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: r["loss"], reverse=True)
 
 
-def format_table(summary: list[dict]) -> str:
+def format_loss_table(summary: list[dict]) -> str:
+    """mean_loss_by_method as a text table, each loss also relative to the base model's."""
     base = next((r["loss"] for r in summary if r["method"] == "base"), None)
     lines = [f"{'method':<22}{'held-out FM loss':>18}{'vs base':>10}{'LoRA time (s)':>15}{'styles':>8}"]
     for r in summary:

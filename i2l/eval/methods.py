@@ -1,21 +1,25 @@
-"""The methods compared on held-out samples, as per-sample conditioning: a LoRA (or none: base) for mean-LoRA,
-per-style optimisation at step budgets and i2L with 1 / 4 references, context tokens for the adapter; with the
-wall time to make one style's conditioning, and each method's held-out FM loss.
+"""The methods compared on held-out samples as per-sample conditioning, with the wall time to make one style's:
+base, mean-LoRA, per-style LoRAs at step budgets, i2L from 1 / 4 references, adapter tokens (make_conditionings:
+the one list the evaluation stage and `i2l eval-loss` use); and each method's held-out FM loss.
 Shapes: S samples, N references, k rows per style and step, r rank.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from i2l.backbones.base import Backbone
 from i2l.baselines.per_style import optimize_loras
+from i2l.config import EvalConfig
 from i2l.data.images import to_tensor
 from i2l.eval.heldout_loss import ValSample, heldout_loss
 from i2l.model.lora import LoRA
+
+FAMILIES = ("base", "mean_lora", "per_style", "i2l", "adapter")  # the method families, in table order
 
 
 @dataclass
@@ -118,16 +122,17 @@ def adapter_conditioning(adapter, encoder, samples: list[ValSample], n_refs: int
                         note="frozen encoder tokens -> extra context tokens, one forward")
 
 
-def heldout_losses(model, samples: list[ValSample], conds: list[Conditioning], progress: bool) -> list[dict]:
-    """Rows {method, style_id, n_refs, steps, wall_s, loss} on evaluation.heldout_loss's fixed grid, for each
-    method's own conditioning (CFG plays no part, so asym variants are left out), plus the gray-image LoRA and
-    a wrong style's i2L LoRA as sanity checks."""
+def heldout_losses(model, samples: list[ValSample], conds: list[Conditioning], ev: EvalConfig,
+                   progress: bool = False) -> list[dict]:
+    """Rows {method, style_id, n_refs, steps, wall_s, loss} on i2l.eval.heldout_loss's fixed grid (ev.fm_timesteps
+    x ev.fm_noise_seeds), for each method's own conditioning (CFG plays no part, so asym variants are left out),
+    plus the gray-image LoRA and a wrong style's i2L LoRA as sanity checks."""
     from tqdm import tqdm
 
     from i2l.baselines.adapter import ConditionedBackbone
 
-    cfg, bb = model.cfg, model.backbone
-    size, T, S = cfg.backbone.image_size, cfg.eval.fm_timesteps, cfg.eval.fm_noise_seeds
+    bb = model.backbone
+    size, T, S = model.cfg.backbone.image_size, ev.fm_timesteps, ev.fm_noise_seeds
     i2l = [c for c in conds if c.method.startswith("i2l") and not c.asym]
     rows = []
     for i, s in enumerate(tqdm(samples, desc="held-out FM loss", disable=not progress)):
@@ -147,3 +152,28 @@ def heldout_losses(model, samples: list[ValSample], conds: list[Conditioning], p
             if len(samples) > 1:  # the most-references i2L LoRA of the next sample's style
                 add("i2l_wrong_style", i2l[-1].n_refs, 0, 0.0, lora=i2l[-1].loras[(i + 1) % len(samples)])
     return rows
+
+
+def make_conditionings(model, samples: list[ValSample], families: tuple[str, ...], ev: EvalConfig,
+                       baseline: Callable[[str], tuple] | None = None, progress: bool = False) -> list[Conditioning]:
+    """The conditionings of the method `families` (base, mean_lora, per_style, i2l, adapter), in that order,
+    with the eval settings `ev` (per-style budgets, lr, rows and seed). The model gives the rank and image size.
+    baseline(kind) -> (trained mean-LoRA or adapter, its info): needed for those two families only."""
+    cfg, n = model.cfg, len(samples)
+    if {"mean_lora", "adapter"} & set(families) and baseline is None:
+        raise ValueError("the mean_lora and adapter families need their trained baseline: pass `baseline`")
+    conds = []
+    if "base" in families:
+        conds.append(base_conditioning(n))
+    if "mean_lora" in families:
+        lora, info = baseline("mean_lora")
+        conds.append(mean_lora_conditioning(lora, n, info["seconds"]))
+    if "per_style" in families:
+        conds += per_style_conditionings(model.backbone, samples, ev.optimize_budgets, cfg.predictor.rank,
+                                         cfg.backbone.image_size, ev.lora_lr, ev.per_style_rows, ev.seed, progress)
+    if "i2l" in families:
+        conds += i2l_conditionings(model, samples, i2l_ref_counts(samples), progress)
+    if "adapter" in families:
+        adapter, _ = baseline("adapter")
+        conds.append(adapter_conditioning(adapter, model.encoder, samples, 4, progress))
+    return conds

@@ -16,6 +16,7 @@ from PIL import Image
 
 from i2l.backbones import load_backbone
 from i2l.backbones.base import Backbone
+from i2l.backbones.registry import backbone_class
 from i2l.config import Config
 from i2l.data.images import gray_image, load_image_file, to_pil, to_tensor
 from i2l.infer.guidance import sample
@@ -71,14 +72,7 @@ class I2L:
         """Key prefix of this backbone's diffusers LoRA files (`LoRA.save(path, prefix=...)`)."""
         if self.backbone is not None:
             return self.backbone.lora_prefix
-        kind = self.cfg.backbone.kind  # read off the adapter class: no need to load the backbone
-        if kind == "flux2":
-            from i2l.backbones.flux2 import Flux2Backbone as cls
-        elif kind == "zimage":
-            from i2l.backbones.zimage import ZImageBackbone as cls
-        else:
-            from i2l.toy.backbone import ToyBackbone as cls
-        return cls.lora_prefix
+        return backbone_class(self.cfg.backbone.kind).lora_prefix  # read off the class: no backbone to load
 
     def _images(self, images) -> torch.Tensor:
         pil = [im if isinstance(im, Image.Image) else load_image_file(im) for im in images]

@@ -9,6 +9,7 @@ lengths, masks), and every file is written under a temporary name and renamed, s
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import io
 import json
@@ -28,8 +29,8 @@ TABLE_COLUMNS = ("sample_id", "prompt", "lora_id", "seed", "image", "settings")
 
 
 @dataclass
-class Style:
-    """A LoRA to generate with, and the id its samples are filed under."""
+class StyleLoRA:
+    """A style to generate with: its LoRA, and the id its samples are filed under."""
 
     lora_id: str
     lora: LoRA
@@ -61,31 +62,40 @@ def _digest(paths: list) -> str:
 
 
 # ---------- styles ----------
-def style_from_file(path: str | os.PathLike, backbone) -> Style:
+def expand_images(patterns: list[str]) -> list[str]:
+    """Paths as given, globs expanded; a file that exists is taken as named even if its name has * ? [ in it."""
+    out = []
+    for p in patterns:
+        hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") and not os.path.exists(p) else [p]
+        if not hits:
+            raise FileNotFoundError(f"no image matches {p!r}")
+        out.extend(hits)
+    return out
+
+
+def style_from_file(path: str | os.PathLike, backbone) -> StyleLoRA:
     """A LoRA file, checked against the backbone (another backbone's file fails naming its layers); id
     `<name>-<digest of its resolved path>`."""
     lora = LoRA.load(path, backbone=backbone)
-    return Style(f"{_slug(Path(path).stem)}-{_digest([path])}", lora, str(path))
+    return StyleLoRA(f"{_slug(Path(path).stem)}-{_digest([path])}", lora, str(path))
 
 
-def style_from_images(model, images: list) -> Style:
+def style_from_images(model, images: list) -> StyleLoRA:
     """One LoRA from 1..N references fused by token concatenation (paper §4.5); id from the images' digest."""
-    from i2l.cli.predict import expand_images
-
     paths = expand_images([str(p) for p in images])
     if not paths:
         raise ValueError("no reference images given: i2L needs at least one")
     lora = model.predict_lora(paths)
-    return Style(f"refs-{_slug(Path(paths[0]).stem)}-{len(paths)}-{_digest(paths)}", lora, json.dumps(paths))
+    return StyleLoRA(f"refs-{_slug(Path(paths[0]).stem)}-{len(paths)}-{_digest(paths)}", lora, json.dumps(paths))
 
 
-def mix_styles(styles: list[Style], weights: list[float]) -> Style:
+def mix_styles(styles: list[StyleLoRA], weights: list[float]) -> StyleLoRA:
     """LoRA-space mixing: ΔW = Σ w_i·ΔW_i (exact, ranks concatenated); weights (1, 0) return the first LoRA."""
     if len(weights) != len(styles):
         raise ValueError(f"{len(styles)} styles but {len(weights)} mixing weights: give one weight per style")
     lora = LoRA.mix([s.lora for s in styles], weights)
     label = "+".join(f"{w:g}x{s.lora_id}" for s, w in zip(styles, weights) if w)
-    return Style(_slug(f"mix-{label}") if len(label) < 60 else f"mix-{hashlib.sha256(label.encode()).hexdigest()[:8]}",
+    return StyleLoRA(_slug(f"mix-{label}") if len(label) < 60 else f"mix-{hashlib.sha256(label.encode()).hexdigest()[:8]}",
                  lora, label)
 
 
@@ -119,7 +129,7 @@ def load_inpaint(backbone, image_path, mask_path, image_size: int) -> tuple[torc
 
 
 # ---------- sampling ----------
-def plan_samples(styles: list[Style], prompts: list[str], seeds: list[int]) -> list[dict]:
+def plan_samples(styles: list[StyleLoRA], prompts: list[str], seeds: list[int]) -> list[dict]:
     """Every (style, prompt, seed), with a stable sample id."""
     if not styles:
         raise ValueError("no style to generate with: pass --lora FILE or --images IMG ...")
@@ -134,7 +144,7 @@ def plan_samples(styles: list[Style], prompts: list[str], seeds: list[int]) -> l
             for s in styles for pi, p in enumerate(prompts) for seed in seeds]
 
 
-def generate_samples(model, styles: list[Style], prompts: list[str], out_dir: str | os.PathLike,
+def generate_samples(model, styles: list[StyleLoRA], prompts: list[str], out_dir: str | os.PathLike,
                      settings: GenerateSettings | None = None, seeds: list[int] = (0,),
                      inpaint: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True) -> list[dict]:
     """Sample every style × prompt × seed in batches of settings.batch_size; write PNGs + the samples table.

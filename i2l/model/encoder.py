@@ -1,7 +1,7 @@
 """The frozen SigLIP-class image encoder (paper §3.1): references -> patch-level tokens (not the pooled vector).
 
 Real weights: a local `siglip2-*` (Siglip2VisionModel) or `siglip-*` (SiglipVisionModel) directory. Toy: a tiny
-SiglipVisionModel trained by i2l on the toy world with a sigmoid image<->style-description loss, then frozen.
+SiglipVisionModel built in i2l.toy.encoder and trained by i2l on the toy world, loaded from its directory the same way.
 Shapes: B batch, N references, P patches per image, D encoder width.
 """
 
@@ -14,13 +14,6 @@ import torch
 from torch import nn
 
 from i2l.config import EncoderConfig
-
-
-def _toy_vision_config(cfg: EncoderConfig):
-    from transformers import SiglipVisionConfig
-
-    return SiglipVisionConfig(hidden_size=cfg.hidden, intermediate_size=cfg.hidden * 4, num_hidden_layers=cfg.layers,
-                              num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch)
 
 
 class ImageEncoder(nn.Module):
@@ -81,13 +74,6 @@ class ImageEncoder(nn.Module):
         ref_index = torch.arange(N, device=tok.device).repeat_interleave(P).expand(B, -1)  # (B, N·P)
         keep = ref_index < n_refs.to(tok.device)[:, None]  # (B, N·P): padding references are masked out
         return tok, keep, ref_index
-
-
-def new_toy_encoder(cfg: EncoderConfig, seed: int = 0) -> ImageEncoder:
-    from transformers import SiglipVisionModel
-
-    torch.manual_seed(seed)
-    return ImageEncoder(SiglipVisionModel(_toy_vision_config(cfg)), cfg, "toy-siglip")
 
 
 def load_encoder(cfg: EncoderConfig) -> ImageEncoder:

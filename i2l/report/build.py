@@ -12,7 +12,7 @@ import pandas as pd
 from i2l.layout import report_dir
 from i2l.report.figures import ablation_plot, amortization_plot, curve_plot, sample_grid
 from i2l.report.render import Document, Table, fmt, rank_marks
-from i2l.store import METRICS, Store, method_sort_key, parse_method
+from i2l.store import METRICS, Store, method_sort_key, parse_method, queries
 
 OVERALL_NOTE = ("Overall: for each metric, the methods' means are min-max normalised over the methods "
                 "compared in this run (lower-is-better metrics inverted, so 1 = best, 0 = worst), then "
@@ -23,30 +23,14 @@ OVERALL_NOTE = ("Overall: for each metric, the methods' means are min-max normal
 def resolve_run(store: Store, run_id: str | None) -> str:
     """`run_id` if it exists; else the latest top-level run that has samples (or, failing that, any)."""
     if run_id:
-        if not store.rows("SELECT count(*) FROM runs WHERE run_id = ?", [run_id])[0][0]:
-            known = [r[0] for r in store.rows("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 5")]
+        if not queries.run_exists(store, run_id):
+            known = queries.recent_run_ids(store)
             raise ValueError(f"no run {run_id!r} in {store.path}; recent runs: {', '.join(known) or 'none'}")
         return run_id
-    got = store.rows("""
-        WITH RECURSIVE fam(top, run_id) AS (
-            SELECT run_id, run_id FROM runs WHERE parent_id IS NULL
-            UNION SELECT f.top, r.run_id FROM runs r JOIN fam f ON r.parent_id = f.run_id)
-        SELECT r.run_id FROM runs r
-        WHERE r.parent_id IS NULL
-        ORDER BY EXISTS (SELECT 1 FROM fam f JOIN samples s ON s.run_id = f.run_id
-                         WHERE f.top = r.run_id) DESC,
-                 r.started_at DESC LIMIT 1""")
-    if not got:
+    got = queries.latest_top_level_run(store)
+    if got is None:
         raise ValueError(f"no runs in {store.path}; run the pipeline first (`i2l run`)")
-    return got[0][0]
-
-
-def run_family(store: Store, run_id: str) -> pd.DataFrame:
-    """The run and all runs below it (parent_id chain), oldest first."""
-    return store.query("""
-        WITH RECURSIVE fam(run_id) AS (SELECT run_id FROM runs WHERE run_id = ?
-            UNION SELECT r.run_id FROM runs r JOIN fam f ON r.parent_id = f.run_id)
-        SELECT * FROM runs WHERE run_id IN (SELECT run_id FROM fam) ORDER BY started_at, run_id""", [run_id])
+    return got
 
 
 def build_report(store: Store, run_id: str | None = None, out_dir: str | Path | None = None,
@@ -54,19 +38,19 @@ def build_report(store: Store, run_id: str | None = None, out_dir: str | Path | 
     """Write the report and return the path of index.html. Sample/reference images are read only from
     `image_roots` (default: the store's directory)."""
     run_id = resolve_run(store, run_id)
-    family = run_family(store, run_id)
+    family = queries.run_family(store, run_id)
     runs = family.run_id.tolist()
     out_dir = Path(out_dir) if out_dir else report_dir(run_id)  # $I2L_REPORTS_DIR/<run>, else reports/<run>
     roots = [Path(r) for r in (image_roots or [store.path.parent])]
     doc = Document(f"i2l report — {run_id}")
     _runs_section(doc, family)
-    eval_run = _eval_run(store, runs)
+    eval_run = queries.latest_eval_run(store, runs)
     if eval_run is None:
         doc.para("No evaluation samples were recorded in this run, so there is no Table 1, grid or ablation.",
                  note=True)
     else:
-        summary = store.query("SELECT * FROM v_method_summary WHERE run_id = ?", [eval_run])
-        amort = store.query("SELECT * FROM v_amortization WHERE run_id = ?", [eval_run])
+        summary = queries.method_summary(store, eval_run)
+        amort = queries.amortization(store, eval_run)
         _table1_section(doc, summary, eval_run)
         _grid_section(doc, store, eval_run, roots, grid_rows)
         _amortization_section(doc, amort)
@@ -75,12 +59,6 @@ def build_report(store: Store, run_id: str | None = None, out_dir: str | Path | 
     _benchmark_section(doc, store)
     _data_section(doc, store, runs)
     return doc.write(out_dir)
-
-
-def _eval_run(store: Store, runs: list[str]) -> str | None:
-    got = store.rows("SELECT run_id FROM samples WHERE list_contains(?, run_id) GROUP BY run_id "
-                     "ORDER BY max(created_at) DESC LIMIT 1", [runs])
-    return got[0][0] if got else None
 
 
 def _runs_section(doc: Document, family: pd.DataFrame) -> None:
@@ -135,9 +113,7 @@ def _mean(r) -> float | None:
 
 
 def _grid_section(doc: Document, store: Store, eval_run: str, roots: list[Path], max_rows: int) -> None:
-    samples = store.query("""
-        SELECT s.style_id, s.prompt, s.seed, s.method, s.image_path, s.settings, st.ref_paths
-        FROM samples s LEFT JOIN styles st USING (style_id) WHERE s.run_id = ?""", [eval_run])
+    samples = queries.grid_samples(store, eval_run)
     if samples.empty:
         return
     methods = sorted(samples.method.unique(), key=method_sort_key)
@@ -261,8 +237,7 @@ def _ablation_section(doc: Document, amort: pd.DataFrame) -> None:
 
 
 def _curve_section(doc: Document, store: Store, runs: list[str]) -> None:
-    df = store.query("SELECT run_id, step, loss, lr FROM train_curves WHERE list_contains(?, run_id) "
-                     "AND loss > 0 ORDER BY run_id, step", [runs])
+    df = queries.training_curves(store, runs)
     if df.empty:
         return
     doc.heading("Training curve", "training")
@@ -274,7 +249,7 @@ def _curve_section(doc: Document, store: Store, runs: list[str]) -> None:
 
 
 def _benchmark_section(doc: Document, store: Store) -> None:
-    df = store.query("SELECT * FROM v_benchmarks ORDER BY bench, case_name, metric, device")
+    df = queries.latest_benchmarks(store)
     doc.heading("Benchmarks (latest per bench, case, metric and device)", "benchmarks")
     if df.empty:
         doc.para("No benchmarks recorded yet (`i2l bench ...`).", note=True)
@@ -285,11 +260,10 @@ def _benchmark_section(doc: Document, store: Store) -> None:
 
 
 def _data_section(doc: Document, store: Store, runs: list[str]) -> None:
-    df = store.query("SELECT * FROM v_data_summary WHERE list_contains(?, run_id) ORDER BY recorded_at",
-                     [runs])
+    df = queries.data_summaries(store, runs)
     scope = "recorded by this run"
     if df.empty:
-        df = store.query("SELECT * FROM v_data_summary ORDER BY recorded_at DESC LIMIT 1")
+        df = queries.data_summaries(store)
         scope = "latest in the store"
     doc.heading("Data summary", "data")
     if df.empty:
@@ -302,9 +276,7 @@ def _data_section(doc: Document, store: Store, runs: list[str]) -> None:
                     [[r.dataset_id, fmt(r.rows_in), fmt(r.rows_written), fmt(r.rows_quarantined),
                       fmt(r.styles_train), fmt(r.styles_val), fmt(r.n_shards), fmt(r.shard_bytes, 0)]
                      for r in df.itertuples()], table_id="data"))
-    q = store.query("SELECT dataset_id, reason, n FROM v_quarantine_by_reason "
-                    "WHERE list_contains(?, dataset_id) "
-                    "ORDER BY dataset_id, n DESC, reason", [df.dataset_id.tolist()])
+    q = queries.quarantine_by_reason(store, df.dataset_id.tolist())
     if q.empty:
         doc.para("Nothing was quarantined.", note=True)
     else:

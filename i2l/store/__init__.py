@@ -21,6 +21,8 @@ Contract:
     store.record_eval_loss(run_id, rows)                      # method, style_id, n_refs, steps, wall_s, loss
     store.is_stage_done(stage, key); store.mark_stage_done(stage, key, info)
     Store(path, read_only=True).query(sql, params) -> pandas.DataFrame
+    i2l.store.rows: one row builder per table (e.g. lora_row), which the writers above store
+    i2l.store.queries: the read queries the report and the CLI ask (run_family, method_summary, ...)
 
 Concurrency: DuckDB lets one process hold a file read-write and then no other process may open it. So the
 store never keeps a connection: each outermost transaction and each query opens the file, works, and closes

@@ -4,22 +4,35 @@ free between writes and readers in other processes can open it), retrying while 
 from __future__ import annotations
 
 import json
-import math
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from i2l.store.schema import MIGRATIONS, parse_method
+from i2l.store.rows import (
+    COLUMNS,
+    benchmark_rows,
+    checkpoint_row,
+    curve_rows,
+    dedupe,
+    eval_loss_row,
+    method_row,
+    now_utc,
+    sample_row,
+    score_row,
+    stage_row,
+    stored_lora_row,
+    style_row,
+    to_json,
+)
+from i2l.store.schema import MIGRATIONS
 
 RUN_STATUSES = ("running", "ok", "failed", "cancelled")
 _MIGRATE_LOCK = threading.Lock()  # threads of one process migrate one at a time
@@ -27,15 +40,6 @@ _MIGRATE_LOCK = threading.Lock()  # threads of one process migrate one at a time
 
 class StoreBusyError(RuntimeError):
     """The store file stayed locked by another process for longer than the store's lock timeout."""
-
-
-def now_utc() -> datetime:
-    """Naive UTC timestamp (all store times are UTC)."""
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, default=str, sort_keys=True)
 
 
 def _is_busy(e: Exception) -> bool:
@@ -192,7 +196,7 @@ class Store:
             con.execute(
                 "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'running', ?, NULL, ?) "
                 "ON CONFLICT (run_id) DO UPDATE SET status = 'running', finished_at = NULL",
-                [run_id, parent_id, kind, preset, _json(config), now_utc(), socket.gethostname()]).fetchall()
+                [run_id, parent_id, kind, preset, to_json(config), now_utc(), socket.gethostname()]).fetchall()
         return run_id
 
     def finish_run(self, run_id: str, status: str = "ok") -> None:
@@ -218,11 +222,9 @@ class Store:
 
     def record_checkpoint(self, run_id: str, path: str | Path, step: int, backbone: str, sha256: str,
                           meta: dict | None = None) -> str:
-        checkpoint_id = f"{run_id}:{step}"
-        row = {"checkpoint_id": checkpoint_id, "run_id": run_id, "path": str(path), "step": step,
-               "backbone": backbone, "sha256": sha256, "meta": _json(meta), "created_at": now_utc()}
-        self._insert("checkpoints", list(row), [row], replace=True)
-        return checkpoint_id
+        row = checkpoint_row(run_id, path, step, backbone, sha256, meta)
+        self._insert("checkpoints", COLUMNS["checkpoints"], [row], replace=True)
+        return row["checkpoint_id"]
 
     def is_stage_done(self, stage: str, key: str) -> bool:
         return bool(self.rows("SELECT count(*) FROM stages WHERE stage = ? AND key = ?", [stage, key])[0][0])
@@ -234,8 +236,7 @@ class Store:
 
     def mark_stage_done(self, stage: str, key: str, info: dict | None = None) -> None:
         """Call inside the stage's transaction so results and the done-mark commit together."""
-        self._insert("stages", ["stage", "key", "info", "done_at"],
-                     [{"stage": stage, "key": key, "info": _json(info), "done_at": now_utc()}], replace=True)
+        self._insert("stages", COLUMNS["stages"], [stage_row(stage, key, info)], replace=True)
 
     # -- data --------------------------------------------------------------------------------------
 
@@ -266,77 +267,39 @@ class Store:
 
     def record_styles(self, rows: Iterable[dict]) -> int:
         """rows: style_id, split, description, dataset_id, ref_paths (list of image files)."""
-        rows = [{**r, "ref_paths": _json(r.get("ref_paths"))} for r in rows]
-        return self._insert("styles", ["style_id", "split", "description", "dataset_id", "ref_paths"],
-                            _dedupe(rows, "style_id"), replace=True)
+        return self._insert("styles", COLUMNS["styles"], dedupe([style_row(r) for r in rows], "style_id"),
+                            replace=True)
 
     # -- methods, LoRAs, samples, scores -----------------------------------------------------------
 
     def record_method(self, run_id: str, method: str, wall_s: float | None = None, family: str | None = None,
                       budget_steps: int | None = None, note: str | None = None) -> None:
         """A method compared in a run, with its wall time to obtain one style's LoRA (for v_amortization)."""
-        info = parse_method(method)
-        self._insert("methods", ["run_id", "method", "family", "budget_steps", "wall_s", "note"],
-                     [{"run_id": run_id, "method": method, "family": family or info["family"],
-                           "budget_steps": budget_steps if budget_steps is not None else info["budget_steps"],
-                           "wall_s": wall_s, "note": note}], replace=True)
+        self._insert("methods", COLUMNS["methods"], [method_row(run_id, method, wall_s, family, budget_steps, note)],
+                     replace=True)
 
     def _ensure_methods(self, pairs: set[tuple[str, str]]) -> None:
-        rows = [{"run_id": r, "method": m, "family": parse_method(m)["family"],
-                     "budget_steps": parse_method(m)["budget_steps"]} for r, m in sorted(pairs)]
-        self._insert("methods", ["run_id", "method", "family", "budget_steps"], rows, ignore=True)
+        self._insert("methods", COLUMNS["methods"], [method_row(r, m) for r, m in sorted(pairs)], ignore=True)
 
     def record_loras(self, rows: Iterable[dict]) -> list[str]:
-        """rows: style_id, method, checkpoint_id, path, sha256, rank, n_refs, norms (dict), ref_ids (list); returns ids
-        (`lora_id` if given, else '<method>:<style_id>:<sha256[:12]>')."""
-        out = []
-        for r in rows:
-            lora_id = r.get("lora_id") or f"{r['method']}:{r.get('style_id')}:{(r.get('sha256') or '')[:12]}"
-            ref_ids = r.get("ref_ids")
-            out.append({**r, "lora_id": lora_id, "path": _str(r.get("path")), "norms": _json(r.get("norms")),
-                        "ref_ids": _json(list(ref_ids)) if ref_ids is not None else None, "created_at": now_utc()})
-        self._insert("loras", ["lora_id", "style_id", "method", "checkpoint_id", "path", "sha256", "rank",
-                               "n_refs", "norms", "ref_ids", "created_at"], _dedupe(out, "lora_id"), replace=True)
+        """rows: i2l.store.rows.lora_row's (style_id, method, checkpoint_id, path, sha256, rank, n_refs, norms
+        (dict), ref_ids (list)); returns ids (`lora_id` if given, else '<method>:<style_id>:<sha256[:12]>')."""
+        out = [stored_lora_row(r) for r in rows]
+        self._insert("loras", COLUMNS["loras"], dedupe(out, "lora_id"), replace=True)
         return [r["lora_id"] for r in out]
 
     def record_samples(self, rows: Iterable[dict]) -> int:
         """rows: sample_id, run_id, method, style_id, prompt, seed, lora_id, image_path, settings (dict)."""
-        out = []
-        for r in rows:
-            for key in ("sample_id", "run_id", "method"):
-                if not r.get(key):
-                    raise ValueError(f"sample row needs {key!r}: {r}")
-            out.append({**r, "image_path": _str(r.get("image_path")), "settings": _json(r.get("settings")),
-                        "created_at": now_utc()})
+        out = [sample_row(r) for r in rows]
         with self.transaction():
             self._ensure_methods({(r["run_id"], r["method"]) for r in out})
-            return self._insert("samples", ["sample_id", "run_id", "method", "style_id", "prompt", "seed",
-                                            "lora_id", "image_path", "settings", "created_at"],
-                                _dedupe(out, "sample_id"), replace=True)
+            return self._insert("samples", COLUMNS["samples"], dedupe(out, "sample_id"), replace=True)
 
     def record_scores(self, rows: Iterable[dict]) -> int:
         """rows: sample_id, metric, value, scorer, scorer_version, status ('ok'|'skipped'), reason.
         A skipped score must carry a reason and no value; an 'ok' score a finite value."""
-        out = []
-        for r in rows:
-            status = r.get("status") or ("ok" if r.get("value") is not None else None)
-            value, what = r.get("value"), f"{r.get('sample_id')}/{r.get('metric')}"
-            if status == "ok":
-                if value is None or not math.isfinite(float(value)):
-                    raise ValueError(f"score {what} has status 'ok' but value {value!r}; record it as "
-                                     "status='skipped' with a reason instead")
-                value = float(value)
-            elif status == "skipped":
-                if value is not None:
-                    raise ValueError(f"skipped score {what} must have value None")
-                if not r.get("reason"):
-                    raise ValueError(f"skipped score {what} needs a reason")
-            else:
-                raise ValueError(f"score status must be 'ok' or 'skipped', got {status!r} in {r}")
-            out.append({**r, "status": status, "value": value})
-        out = _dedupe(out, ("sample_id", "metric"))
-        return self._insert("scores", ["sample_id", "metric", "value", "scorer", "scorer_version", "status",
-                                       "reason"], out, replace=True)
+        out = dedupe([score_row(r) for r in rows], ("sample_id", "metric"))
+        return self._insert("scores", COLUMNS["scores"], out, replace=True)
 
     # -- benchmarks, curves, evaluation losses -----------------------------------------------------
 
@@ -344,68 +307,21 @@ class Store:
                          run_id: str | None = None) -> int:
         """Long rows {case, metric, value, unit}; a row without metric/value is wide: each numeric field
         becomes one metric. Unknown fields are kept in `extra`."""
-        t = now_utc()
-        out = []
-        for r in rows:
-            case = r.get("case", r.get("case_name"))
-            base = {"bench": name, "case_name": None if case is None else str(case), "device": device,
-                    "time": t, "run_id": run_id}
-            if "metric" in r and "value" in r:
-                extra = {k: v for k, v in r.items()
-                         if k not in ("case", "case_name", "metric", "value", "unit")}
-                out.append({**base, "metric": r["metric"], "value": _num(r["value"]), "unit": r.get("unit"),
-                            "extra": _json(extra or None)})
-                continue
-            fixed = {k: v for k, v in r.items() if k in ("case", "case_name", "unit", "device")}
-            extra = {k: v for k, v in r.items() if k not in fixed and not _is_number(v)}
-            for k, v in r.items():
-                if k not in fixed and _is_number(v):
-                    out.append({**base, "metric": k, "value": float(v), "unit": r.get("unit"),
-                                "extra": _json(extra or None)})
-        return self._insert("benchmarks", ["bench", "case_name", "metric", "value", "unit", "device", "time",
-                                           "run_id", "extra"], out)
+        return self._insert("benchmarks", COLUMNS["benchmarks"], benchmark_rows(name, rows, device, run_id))
 
     def record_curve(self, run_id: str, rows: Iterable[dict]) -> int:
         """Training curve rows: step, loss, lr, anything else (kept in `extra`); a re-logged step replaces."""
-        t = now_utc()
-        out = [{"run_id": run_id, "step": int(r["step"]), "loss": _num(r.get("loss")),
-                "lr": _num(r.get("lr")), "time": t,
-                "extra": _json({k: v for k, v in r.items() if k not in ("step", "loss", "lr")} or None)}
-               for r in rows]
-        return self._insert("train_curves", ["run_id", "step", "loss", "lr", "extra", "time"],
-                            _dedupe(out, "step"), replace=True)
+        return self._insert("train_curves", COLUMNS["train_curves"], dedupe(curve_rows(run_id, rows), "step"),
+                            replace=True)
 
     def record_eval_loss(self, run_id: str, rows: Iterable[dict]) -> int:
         """Held-out loss rows: method, style_id, n_refs, steps (per-style budget), wall_s, loss."""
-        out = [{**r, "run_id": run_id} for r in rows]
+        out = [eval_loss_row(run_id, r) for r in rows]
         with self.transaction():
             self._ensure_methods({(run_id, r["method"]) for r in out})
-            return self._insert("eval_losses", ["run_id", "method", "style_id", "n_refs", "steps", "wall_s",
-                                                "loss"], out)
+            return self._insert("eval_losses", COLUMNS["eval_losses"], out)
 
 
 def store_path(cfg) -> Path:
     """Default store file of a config: <data_root>/results.duckdb."""
     return Path(cfg.data_root) / "results.duckdb"
-
-
-
-
-
-
-def _str(v: Any) -> str | None:
-    return None if v is None else str(v)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _num(v: Any) -> float | None:
-    return None if v is None else float(v)
-
-
-def _dedupe(rows: list[dict], key: str | tuple[str, ...]) -> list[dict]:
-    # INSERT OR REPLACE rejects a key twice in one statement: the last row for a key wins.
-    keys = (key,) if isinstance(key, str) else key
-    return list({tuple(r.get(k) for k in keys): r for r in rows}.values())

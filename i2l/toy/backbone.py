@@ -76,20 +76,26 @@ def text_ids(L: int, device) -> torch.Tensor:
     return torch.stack([z, z, z, torch.arange(L, device=device)], -1)  # (L, 4)
 
 
-def build_transformer(cfg: BackboneConfig) -> Flux2Transformer2DModel:
+def transformer_config(cfg: BackboneConfig) -> dict:
+    """The toy transformer's diffusers config, from the preset's fields."""
     head_dim = cfg.dim // cfg.heads
     if head_dim % 4:
         raise ValueError("backbone.dim / backbone.heads must be divisible by 4 (4 rope axes)")
-    return Flux2Transformer2DModel(
-        patch_size=1, in_channels=3 * cfg.patch**2, num_layers=cfg.double_layers,
-        num_single_layers=cfg.single_layers, attention_head_dim=head_dim, num_attention_heads=cfg.heads,
-        joint_attention_dim=cfg.text_dim, timestep_guidance_channels=64, mlp_ratio=3.0,
-        axes_dims_rope=(head_dim // 4,) * 4, guidance_embeds=False,
-    )
+    return {
+        "patch_size": 1, "in_channels": 3 * cfg.patch**2, "num_layers": cfg.double_layers,
+        "num_single_layers": cfg.single_layers, "attention_head_dim": head_dim, "num_attention_heads": cfg.heads,
+        "joint_attention_dim": cfg.text_dim, "timestep_guidance_channels": 64, "mlp_ratio": 3.0,
+        "axes_dims_rope": (head_dim // 4,) * 4, "guidance_embeds": False,
+    }
+
+
+def build_transformer(cfg: BackboneConfig) -> Flux2Transformer2DModel:
+    return Flux2Transformer2DModel(**transformer_config(cfg))
 
 
 class ToyBackbone(Backbone):
     kind = "toy"
+    transformer_class = Flux2Transformer2DModel
     lora_loader = Flux2LoraLoaderMixin  # its transformer is diffusers' Flux2Transformer2DModel
 
     def __init__(self, cfg: BackboneConfig, transformer: Flux2Transformer2DModel, text_encoder: ToyTextEncoder):
@@ -104,6 +110,17 @@ class ToyBackbone(Backbone):
         rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
         zeros = torch.zeros(n * n, dtype=torch.long)
         self.img_ids = torch.stack([zeros, rows.flatten(), cols.flatten(), zeros], -1)  # (T, 4)
+
+    @classmethod
+    def architecture(cls, cfg: BackboneConfig) -> dict:
+        """The transformer's config without weights: a saved toy backbone's if there is one, else the preset's."""
+        saved = Path(cfg.path, "transformer")
+        return Flux2Transformer2DModel.load_config(saved) if saved.is_dir() else transformer_config(cfg)
+
+    @classmethod
+    def random(cls, cfg: BackboneConfig, seed: int = 0) -> ToyBackbone:
+        """Random weights in the preset's own architecture (a saved toy backbone is not read)."""
+        return new_toy_backbone(cfg, build_vocab(["one small circle at the top left"]), seed=seed)
 
     def modules(self):
         return [self.transformer, self.text_encoder]

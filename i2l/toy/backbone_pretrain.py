@@ -4,7 +4,6 @@ styles, so that with no LoRA it draws the prompted content in a generic style. T
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -16,14 +15,7 @@ from i2l.data.images import to_tensor
 from i2l.data.shards import load_split
 from i2l.model.flow_matching import fm_loss
 from i2l.toy.backbone import ToyBackbone, build_vocab, new_toy_backbone
-
-
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warmup then cosine decay to 10 %."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+from i2l.train.step import TrainStep, WarmupCosine
 
 
 def pretrain_backbone(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps: int | None = None,
@@ -39,13 +31,12 @@ def pretrain_backbone(cfg: Config, data_dir: str | Path, out_dir: str | Path, st
     bb: ToyBackbone = new_toy_backbone(cfg.backbone, vocab, seed=cfg.train.seed)
     params = list(bb.transformer.parameters()) + list(bb.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.train.backbone_lr, weight_decay=0.0)
+    trainer = TrainStep(opt, cfg.train.grad_clip, params, WarmupCosine(opt, steps, max(1, steps // 20)))
     g = torch.Generator().manual_seed(cfg.train.seed)
     bs = cfg.train.backbone_batch_size
-    curve, t0 = [], time.time()
+    t0 = time.time()
     bar = tqdm(range(steps), desc="pretrain backbone", disable=not progress)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg.train.backbone_lr, max(1, steps // 20))
         idx = torch.randint(len(images), (bs,), generator=g)
         x1 = images[idx]
         batch_prompts = [prompts[i] for i in idx.tolist()]
@@ -53,18 +44,13 @@ def pretrain_backbone(cfg: Config, data_dir: str | Path, out_dir: str | Path, st
         drop = torch.rand(bs, generator=g) < 0.1
         batch_prompts = ["" if d else p for p, d in zip(batch_prompts, drop.tolist())]
         loss = fm_loss(bb, x1, bb.encode_prompts(batch_prompts), generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        opt.step()
-        curve.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+        trainer.backward(loss)
+        rec = trainer.step(loss)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
     bb.freeze()
     out = bb.save(out_dir)
-    info = {"steps": steps, "images": len(images), "seconds": time.time() - t0,
-            "first_loss": sum(c["loss"] for c in curve[:20]) / min(20, len(curve)),
-            "last_loss": sum(c["loss"] for c in curve[-20:]) / min(20, len(curve))}
-    (out / "loss_curve.json").write_text(json.dumps(curve))
+    info = {"steps": steps, "images": len(images), "seconds": time.time() - t0, **trainer.summary()}
+    (out / "loss_curve.json").write_text(json.dumps(trainer.curve))
     (out / "pretrain.json").write_text(json.dumps({**info, "config": cfg.to_dict()}, indent=2))
     return {"dir": str(out), **info}

@@ -16,8 +16,10 @@ from tqdm import tqdm
 from i2l.config import Config
 from i2l.data.images import to_tensor
 from i2l.data.shards import load_split
-from i2l.model.encoder import ImageEncoder, new_toy_encoder
+from i2l.model.encoder import ImageEncoder
 from i2l.toy.backbone import tokenize_words
+from i2l.toy.encoder import new_toy_encoder
+from i2l.train.step import TrainStep
 
 
 class BagOfWords(nn.Module):
@@ -56,8 +58,9 @@ def pretrain_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path, ste
     t_scale, t_bias = nn.Parameter(torch.tensor(2.3)), nn.Parameter(torch.tensor(-5.0))  # SigLIP's init
     params = [*vision.parameters(), *text.parameters(), t_scale, t_bias]
     opt = torch.optim.AdamW(params, lr=2e-3)
+    trainer = TrainStep(opt)  # constant lr, no clipping
     g = torch.Generator().manual_seed(cfg.train.seed)
-    t0, curve = time.time(), []
+    t0 = time.time()
     bar = tqdm(range(steps), desc="pretrain encoder", disable=not progress)
     for step in bar:
         idx = torch.randint(len(images), (64,), generator=g)
@@ -70,18 +73,14 @@ def pretrain_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path, ste
         logits = img @ txt.t() * t_scale.exp() + t_bias  # (B, B)
         same = labels[idx][:, None] == labels[idx][None, :]
         loss = -F.logsigmoid(torch.where(same, logits, -logits)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        curve.append(loss.item())
+        trainer.backward(loss)
+        rec = trainer.step(loss)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
     vision.eval()
     out = Path(out_dir)
     vision.save_pretrained(out, safe_serialization=True)
-    info = {"steps": steps, "seconds": time.time() - t0,
-            "first_loss": sum(curve[:10]) / max(1, min(10, len(curve))) if curve else None,
-            "last_loss": sum(curve[-10:]) / max(1, min(10, len(curve))) if curve else None}
+    info = {"steps": steps, "seconds": time.time() - t0, **trainer.summary(10, 10)}
     (out / "encoder.json").write_text(json.dumps({"kind": "toy", "image_size": cfg.encoder.image_size, **info}))
     return {"dir": str(out), **info}
 

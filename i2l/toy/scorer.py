@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from i2l.config import Config
+from i2l.train.step import TrainStep, loss_summary
 
 TOY_CLIP_NAME = "i2l-toy-clip"
 SCORER_VERSION = "1"
@@ -166,19 +167,19 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
     model, _, preprocess = open_clip.create_model_and_transforms(TOY_CLIP_NAME, pretrained=None)
     tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
     with _torch_threads(sc.pretrain_threads):
-        losses, heldout = _train(model, tokenizer, preprocess, rows, data_dir, sc, rng, progress)
+        curve, heldout = _train(model, tokenizer, preprocess, rows, data_dir, sc, rng, progress)
 
     weights_path = out / WEIGHTS_FILE
     tmp = weights_path.with_suffix(".safetensors.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, weights_path)
     styles, contents = {r["style"] for r in rows}, {r["content"] for r in rows}
+    summary = loss_summary(curve, first=1, last=10)
     info = {
         "name": TOY_CLIP_NAME, "version": SCORER_VERSION, "model": TOY_CLIP_NAME, "preset": cfg.name,
         "steps": sc.pretrain_steps, "batch_size": min(sc.pretrain_batch_size, len(rows)), "rows": len(rows),
         "styles": len(styles), "contents": len(contents), "data_hash": data_hash(rows), "data_dir": str(data_dir),
-        "first_loss": losses[0] if losses else None,
-        "final_loss": float(np.mean(losses[-10:])) if losses else None,
+        "first_loss": summary["first_loss"], "final_loss": summary["last_loss"],
         "heldout": heldout, "seconds": round(time.time() - t0, 2),
     }
     _write_atomic(out / SCORER_FILE, json.dumps(info, indent=2))
@@ -186,7 +187,7 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
 
 
 def _train(model, tokenizer, preprocess, rows, data_dir, sc, rng, progress):
-    """The contrastive loop; returns the per-step losses and, for a prepared dir, held-out pair accuracy."""
+    """The contrastive loop; returns the loss curve and, for a prepared dir, held-out pair accuracy."""
     from tqdm import tqdm
 
     from i2l.eval.metrics.clip import ClipModel, resolve_device
@@ -214,7 +215,8 @@ def _train(model, tokenizer, preprocess, rows, data_dir, sc, rng, progress):
     steps, bs, warmup = sc.pretrain_steps, min(sc.pretrain_batch_size, len(rows)), max(sc.pretrain_steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0)))))
-    order, pos, losses = rng.permutation(len(rows)), 0, []
+    trainer = TrainStep(opt, grad_clip=1.0, params=params, schedule=sched)
+    order, pos = rng.permutation(len(rows)), 0
     bar = tqdm(range(steps), desc="scorer: train", unit="step", disable=not progress)
     for _ in bar:
         if pos + bs > len(order):
@@ -228,15 +230,11 @@ def _train(model, tokenizer, preprocess, rows, data_dir, sc, rng, progress):
         scale = model.logit_scale.exp()
         loss = (sc.content_weight * multi_positive_clip_loss(img, txt[:len(c_uniq)], c_lab, scale)
                 + (1 - sc.content_weight) * multi_positive_clip_loss(img, txt[len(c_uniq):], s_lab, scale))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        trainer.backward(loss)
+        rec = trainer.step(loss)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # as open_clip's trainer does
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
 
     model.eval()
     heldout = None
@@ -244,7 +242,7 @@ def _train(model, tokenizer, preprocess, rows, data_dir, sc, rng, progress):
     if val_rows:  # a prepared dir: check the scorer on styles it never saw
         clip = ClipModel(model, tokenizer, preprocess, device, TOY_CLIP_NAME, SCORER_VERSION)
         heldout = {"rows": len(val_rows), **pair_accuracy(clip, val_rows)}
-    return losses, heldout
+    return trainer.curve, heldout
 
 
 @contextlib.contextmanager

@@ -51,8 +51,8 @@ MOODS = ("bold", "calm", "playful", "retro", "crisp", "moody")
 
 
 @dataclass(frozen=True)
-class Style:
-    """The visual parameters shared by all images of one style."""
+class ToyStyle:
+    """One procedural style of the toy world: the visual parameters shared by all its images."""
 
     background: str
     pattern_color: str
@@ -91,10 +91,10 @@ class Content:
         return f"{'one' if self.count == 1 else 'two'} {self.size} {noun} {self.position}"
 
 
-def sample_style(rng: np.random.Generator) -> Style:
+def sample_style(rng: np.random.Generator) -> ToyStyle:
     bg, pc = rng.choice(len(LIGHT), size=2, replace=False)
     fg = rng.integers(len(DARK))
-    return Style(
+    return ToyStyle(
         background=LIGHT[bg], pattern_color=LIGHT[pc], foreground=DARK[fg],
         pattern=PATTERNS[rng.integers(len(PATTERNS))], frequency=FREQUENCIES[rng.integers(2)],
         angle=int(rng.choice([45, 135])), outline=OUTLINES[rng.integers(len(OUTLINES))],
@@ -137,7 +137,7 @@ def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, 
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(style: Style, content: Content, size: int, rng: np.random.Generator) -> Image.Image:
+def render(style: ToyStyle, content: Content, size: int, rng: np.random.Generator) -> Image.Image:
     """Draw one image: supersampled 4x, then box-downsampled so edges are anti-aliased."""
     s = size * 4
     y, x = np.mgrid[0:s, 0:s].astype(np.float32) / s  # unit coordinates
@@ -195,7 +195,7 @@ MEGASTYLE_SCHEMA = pa.schema([
 ])
 
 
-def generate_styles(cfg: ToyWorldConfig) -> list[Style]:
+def generate_styles(cfg: ToyWorldConfig) -> list[ToyStyle]:
     """`cfg.styles` distinct styles, deterministic from the seed."""
     rng = np.random.default_rng(cfg.seed)
     styles, seen = [], set()
@@ -209,7 +209,7 @@ def generate_styles(cfg: ToyWorldConfig) -> list[Style]:
 
 
 def generate_rows(cfg: ToyWorldConfig):
-    """Yield MegaStyle rows style by style (8 consecutive rows per style) with their Style."""
+    """Yield MegaStyle rows style by style (8 consecutive rows per style) with their ToyStyle."""
     for si, style in enumerate(generate_styles(cfg)):
         rng = np.random.default_rng([cfg.seed, si])
         contents, seen = [], set()

@@ -19,7 +19,6 @@ from i2l.data.tuples import TupleStream, collate_groups
 from i2l.model.encoder import load_encoder
 from i2l.model.flow_matching import fm_backward, mixed_precision
 from i2l.model.predictor import I2LPredictor, predict_lora
-from i2l.toy.backbone_pretrain import lr_at
 from i2l.train.checkpoint import (
     check_same_run,
     latest_checkpoint,
@@ -27,6 +26,7 @@ from i2l.train.checkpoint import (
     read_state,
     save_checkpoint,
 )
+from i2l.train.step import TrainStep, WarmupCosine, loss_summary, step_generator
 
 
 @dataclass
@@ -61,7 +61,12 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     start, curve = 0, []
     if resume and (ck := latest_checkpoint(out)) is not None:
         start, curve = load_checkpoint(ck, predictor, opt, backbone, cfg)
+        for group in opt.param_groups:  # a checkpoint from before the lr scheduler; the lr is cfg's (same run)
+            group.setdefault("initial_lr", cfg.train.lr)
         print(f"resuming from {ck} at step {start}")
+    steps = cfg.train.steps
+    trainer = TrainStep(opt, cfg.train.grad_clip, predictor.parameters(),
+                        WarmupCosine(opt, steps, cfg.train.warmup, start=start), start=start, curve=curve)
     model = wrap_model(predictor) if wrap_model else predictor
     if device.type == "cuda":
         backbone.transformer.enable_gradient_checkpointing()  # memory: recompute blocks in backward
@@ -76,26 +81,20 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
         next(batches)
     from tqdm import tqdm
 
-    steps, t0, done = cfg.train.steps, time.time(), 0
+    t0, done = time.time(), 0
     bar = tqdm(range(start, steps), desc="train i2L", initial=start, total=steps,
                disable=not progress or world.rank != 0)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg.train.lr, cfg.train.warmup)
         targets, prompts, refs, n_refs, owner = collate_groups(next(batches), cfg.backbone.image_size,
                                                                cfg.encoder.image_size)
-        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + world.rank)
+        g = step_generator(cfg.train.seed, step, world.rank)
         with mixed_precision(device, cfg.backbone.dtype):
             with torch.no_grad():
                 cond = backbone.encode_prompts(prompts)  # frozen text encoder
                 x1 = backbone.encode_images(targets.to(device))
             lora = predict_lora(model, encoder, refs.to(device), n_refs).take(owner.to(device))  # (U) -> (B)
         loss = fm_backward(backbone, x1, cond, lora, opt, generator=g)  # backward outside autocast
-        gnorm = torch.nn.utils.clip_grad_norm_(predictor.parameters(), cfg.train.grad_clip)
-        opt.step()
-        rec = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
-               "n_refs_mean": float(n_refs.float().mean())}
-        curve.append(rec)
+        rec = trainer.step(loss, n_refs_mean=float(n_refs.float().mean()))
         bar.set_postfix(loss=f"{rec['loss']:.4f}")
         done += 1
         if world.rank == 0 and ((step + 1) % cfg.train.ckpt_every == 0 or step + 1 == steps):
@@ -106,7 +105,7 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
             break
     secs = time.time() - t0
     return {"out_dir": str(out), "steps": start + done, "seconds": secs, "steps_per_s": done / max(secs, 1e-9),
-            **_loss_summary(curve)}
+            **loss_summary(curve)}
 
 
 def refuse_mixing_runs(out_dir: str | Path, resume: bool, cfg: Config) -> None:
@@ -128,16 +127,7 @@ def run_summary(out_dir: str | Path) -> dict:
     if ck is None:
         return {}
     curve = json.loads((ck / "curve.json").read_text())
-    return {"out_dir": str(out_dir), "steps": read_state(ck)["step"], "checkpoint": str(ck), **_loss_summary(curve)}
-
-
-def _loss_summary(curve: list[dict]) -> dict:
-    """The mean loss of the first and of the last 20 steps of a loss curve."""
-    return {"first_loss": _mean(curve[:20]), "last_loss": _mean(curve[-20:])}
-
-
-def _mean(recs: list[dict]) -> float:
-    return sum(r["loss"] for r in recs) / max(1, len(recs))
+    return {"out_dir": str(out_dir), "steps": read_state(ck)["step"], "checkpoint": str(ck), **loss_summary(curve)}
 
 
 def _batches(stream: TupleStream, bs: int):

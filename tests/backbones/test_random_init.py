@@ -13,9 +13,9 @@ from i2l.backbones.random_init import random_backbone, random_cond, random_encod
 from i2l.backbones.sizes import param_count
 from i2l.bench._steps import setup_tag
 from i2l.config import get_config
-from i2l.model.encoder import new_toy_encoder
 from i2l.model.predictor import I2LPredictor, predict_lora
 from i2l.store import Store
+from i2l.toy.encoder import new_toy_encoder
 
 
 @pytest.mark.parametrize("preset,params,layers,ident", [

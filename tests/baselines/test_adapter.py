@@ -21,6 +21,7 @@ from i2l.config import get_config
 from i2l.data.tuples import TupleStream, collate
 from i2l.model.encoder import load_encoder
 from i2l.model.flow_matching import fm_loss
+from i2l.train.step import lr_at
 
 
 def _cfg(debug_run, **over):
@@ -89,6 +90,10 @@ def test_adapter_trains_loss_falls_and_round_trips(debug_run, tmp_path):
     after = _fixed_loss(bb, enc, adapter, batch)
     assert info["steps"] == 20 and info["batch_size"] == cfg.train.batch_size  # the predictor's budget
     assert len(saved["curve"]) == 20
+    # the predictor's step: its lr schedule, clipping, and a summary of the recorded losses
+    assert [r["lr"] for r in saved["curve"]] == [lr_at(s, 20, 1e-2, 2) for s in range(20)]
+    assert all("grad_norm" in r for r in saved["curve"])
+    assert info["last_loss"] == sum(r["loss"] for r in saved["curve"]) / 20
     # An untrained adapter appends zeros whatever the references (loss == before exactly); the debug backbone,
     # trained 2 steps, barely reads its context, so the trained adapter's gain is small but must be there.
     assert after < before, (before, after)
@@ -110,8 +115,10 @@ def test_mean_lora_trains_on_all_styles_and_loss_falls(debug_run, tmp_path):
     bb, enc = load_backbone(cfg), load_encoder(cfg.encoder)
     before = _fixed_loss(bb, enc, None, batch)
     info = train_mean_lora(cfg, debug_run.prepared_dir, tmp_path / "mean", progress=False, device="cpu")
-    lora, _ = load_mean_lora(tmp_path / "mean", bb)
+    lora, saved = load_mean_lora(tmp_path / "mean", bb)
     assert info["steps"] == 20 and lora.rank == cfg.predictor.rank and not lora.batched
+    assert [r["lr"] for r in saved["curve"]] == [lr_at(s, 20, 0.1, 2) for s in range(20)]
+    assert not any("grad_norm" in r for r in saved["curve"])  # a LoRA optimised as per-style ones: no clipping
     assert set(lora.names) == set(bb.lora_targets())
     after = _fixed_loss(bb, enc, None, batch, lora=lora)
     assert after < before * 0.98, (before, after)

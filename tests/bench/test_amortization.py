@@ -12,12 +12,14 @@ import torch
 from i2l.backbones import load_backbone
 from i2l.baselines.per_style import optimize_lora
 from i2l.config import get_config
+from i2l.layout import resolve_paths
 from i2l.model.lora import LoRA
 
 
 def _debug_backbone(debug_run):
     cfg = get_config("debug")
     cfg.data_root = str(debug_run.data_root)
+    cfg = resolve_paths(cfg)
     return cfg, load_backbone(cfg)
 
 

@@ -23,7 +23,8 @@ from PIL import Image
 
 from i2l.config import get_config
 from i2l.data.megastyle import QUARANTINE_SCHEMA
-from i2l.data.prepare import make_plan, prepare
+from i2l.data.plan import make_plan
+from i2l.data.prepare import prepare
 from i2l.data.shards import iter_rows, split_files
 from i2l.toy.world import write_toyworld
 

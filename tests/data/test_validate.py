@@ -24,7 +24,8 @@ from PIL import Image
 
 from i2l.config import get_config
 from i2l.data.megastyle import QUARANTINE_SCHEMA, find_shards, style_id_of
-from i2l.data.prepare import make_plan, process_unit
+from i2l.data.plan import make_plan
+from i2l.data.units import process_unit
 from i2l.data.upscale import LanczosUpscaler
 from i2l.data.validate import REASONS, Rejected, decode_image, validate_row
 

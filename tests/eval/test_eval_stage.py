@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from i2l.baselines.per_style import optimize_lora, optimize_loras
 from i2l.config import get_config
-from i2l.eval.methods import Conditioning, optimize_loras
+from i2l.eval.methods import Conditioning
 from i2l.eval.stage import FAMILIES, draw, evaluate
 from i2l.store import Store
 
@@ -123,16 +124,16 @@ def test_an_image_does_not_depend_on_its_batch(debug_run):
     from i2l.model.lora import zero_lora
 
     model = I2L.load(debug_run.run_dir)
-    model.cfg.eval = dataclasses.replace(model.cfg.eval, sample_steps=3)
+    ev = dataclasses.replace(model.cfg.eval, sample_steps=3)
     lora = zero_lora(model.backbone.lora_targets(), 2, model.backbone.backbone_id)
     g = torch.Generator().manual_seed(0)
     lora.B.update({k: torch.randn(v.shape, generator=g) for k, v in lora.B.items()})  # a LoRA that acts
     base = Conditioning("base", loras=[None, None])
     styled = Conditioning("i2l_1ref_asym", loras=[lora, lora], asym=True)
-    alone = draw(model, ["one circle"], [(base, 0)], [3])[0]
-    mixed = draw(model, ["two stars", "one circle"], [(styled, 0), (base, 1)], [5, 3])
+    alone = draw(model, ev, ["one circle"], [(base, 0)], [3])[0]
+    mixed = draw(model, ev, ["two stars", "one circle"], [(styled, 0), (base, 1)], [5, 3])
     assert _diff(alone, mixed[1]) <= 1  # the same image up to float rounding, whatever it is batched with
-    assert _diff(alone, draw(model, ["one circle"], [(styled, 0)], [3])[0]) > 10  # while the LoRA does act
+    assert _diff(alone, draw(model, ev, ["one circle"], [(styled, 0)], [3])[0]) > 10  # while the LoRA does act
 
 
 def test_styles_optimised_side_by_side_do_not_interact(debug_run):
@@ -145,13 +146,30 @@ def test_styles_optimised_side_by_side_do_not_interact(debug_run):
     g = torch.Generator().manual_seed(0)
     images = torch.rand(3, 3, 3, 32, 32, generator=g) * 2 - 1  # (styles, N, 3, H, W)
     prompts = [["one circle", "two stars", "one ring"]] * 2
-    a = optimize_loras(bb, images[[0, 1]], prompts, 2, 3, lr=1e-2, seed=1, snapshots=(2, 3), rows=2)
-    b = optimize_loras(bb, images[[0, 2]], prompts, 2, 3, lr=1e-2, seed=1, snapshots=(3,), rows=2)[3]
+    final, curve = optimize_loras(bb, images[[0, 1]], prompts, 2, 3, lr=1e-2, seed=1, snapshots=(2, 3), rows=2)
+    a = {c["steps"]: c["lora"] for c in curve}
+    b = optimize_loras(bb, images[[0, 2]], prompts, 2, 3, lr=1e-2, seed=1, snapshots=(3,), rows=2)[0]
     name = a[3].names[0]
-    assert set(a) == {2, 3} and a[3].batch_size == 2
+    assert set(a) == {2, 3} and a[3].batch_size == 2 and torch.equal(final.delta(name), a[3].delta(name))
     assert torch.allclose(a[3].delta(name)[0], b.delta(name)[0], atol=1e-6)
     assert not torch.allclose(a[3].delta(name)[1], b.delta(name)[1])
     assert a[3].delta(name)[0].abs().sum() > 0
+
+
+def test_one_style_alone_is_a_batch_of_one(debug_run):
+    """optimize_lora (one style) is optimize_loras on a batch of one: the same LoRA, unbatched."""
+    from i2l.backbones import load_backbone
+
+    cfg = get_config("debug")
+    cfg.backbone.path = debug_run.cfg.backbone.path
+    bb = load_backbone(cfg)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (N, 3, H, W)
+    prompts = ["one circle", "two stars", "one ring"]
+    one, curve = optimize_lora(bb, images, prompts, 2, 3, lr=1e-2, seed=1, snapshots=(3,), batch_size=2)
+    batch, _ = optimize_loras(bb, images[None], [prompts], 2, 3, lr=1e-2, seed=1, rows=2)
+    name = one.names[0]
+    assert not one.batched and batch.batch_size == 1 and one.meta == {"method": "per_style", "steps": 3}
+    assert torch.equal(one.delta(name), batch[0].delta(name)) and torch.equal(curve[0]["lora"].B[name], one.B[name])
 
 
 def test_one_reference_per_sample_makes_one_i2l_method_not_two_copies(debug_run):
@@ -170,3 +188,22 @@ def _diff(a, b) -> float:
     import numpy as np
 
     return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max())
+
+
+def test_table1_rows_average_ok_scores_and_losses_per_method():
+    from i2l.eval.table1 import format_table1, table1_rows
+
+    conds = [Conditioning("base", wall_s=[0.0, 0.0]), Conditioning("i2l_1ref", wall_s=[0.2, 0.4])]
+    samples = [{"sample_id": f"{m}/{i}", "method": m} for m in ("base", "i2l_1ref") for i in range(2)]
+    scores = [{"sample_id": "base/0", "metric": "clip_style", "value": 10.0, "status": "ok"},
+              {"sample_id": "base/1", "metric": "clip_style", "value": 20.0, "status": "ok"},
+              {"sample_id": "i2l_1ref/0", "metric": "clip_style", "value": 30.0, "status": "ok"},
+              {"sample_id": "i2l_1ref/1", "metric": "clip_style", "value": None, "status": "skipped"}]
+    losses = [{"method": "i2l_1ref", "loss": 0.5}, {"method": "i2l_1ref", "loss": 0.7}]
+    rows = table1_rows(conds, samples, scores, losses)
+    assert rows == [{"method": "base", "wall_s": 0.0, "clip_style": 15.0},
+                    {"method": "i2l_1ref", "wall_s": pytest.approx(0.3), "clip_style": 30.0,
+                     "fm_loss": pytest.approx(0.6)}]
+    text = format_table1(rows).splitlines()
+    assert text[0].split()[:2] == ["method", "clip_style"] and text[1].split()[0] == "base"
+    assert text[1].split()[-2] == "-" and text[2].split()[-2] == "0.6000"  # base has no held-out loss

@@ -244,7 +244,7 @@ def test_pretrain_scorer_reads_the_presets_prepared_data_else_its_toy_world(tmp_
     """Without --data: <root>/prepared/<preset> when it has a train split, else <root>/toyworld/<preset>
     (i2l.layout), the places `i2l prepare` and `i2l toyworld` write to."""
     from i2l.cli import main
-    from i2l.eval.metrics import toy_clip
+    from i2l.toy import scorer as toy_clip
 
     (tmp_path / "toyworld" / "debug").mkdir(parents=True)
     if prepared:

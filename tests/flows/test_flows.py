@@ -260,7 +260,7 @@ def test_pipeline_runs_every_flow(pipeline_world):
         assert (root / "toy" / "debug" / name).is_file(), name
     assert store.rows("SELECT step FROM checkpoints")[0][0] == 2
     assert store.rows("SELECT count(DISTINCT step) FROM train_curves")[0][0] == 2
-    from i2l.produce.stage import jobs_from_manifest
+    from i2l.produce.jobs import jobs_from_manifest
 
     styles = len(jobs_from_manifest(root / "prepared" / "debug" / "val_manifest.jsonl"))
     produced = store.rows("SELECT lora_id FROM loras WHERE lora_id LIKE 'i2l:%' OR lora_id LIKE 'gray_lora@%'")

@@ -149,7 +149,7 @@ def test_prompt_length_is_counted_on_the_text_the_pipeline_tokenizes(builder):
 
 
 def test_an_existing_file_is_taken_as_named_even_with_glob_characters(tmp_path):
-    from i2l.cli.predict import expand_images
+    from i2l.infer.generation import expand_images
 
     for name in ("style[1].png", "b.png"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)

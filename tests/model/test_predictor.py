@@ -5,10 +5,10 @@ import torch
 from tiny_models import tiny_flux2, tiny_zimage
 
 from i2l.config import get_config
-from i2l.model.encoder import new_toy_encoder
 from i2l.model.flow_matching import fm_loss
 from i2l.model.predictor import I2LPredictor, predict_lora
 from i2l.toy.backbone import build_vocab, new_toy_backbone
+from i2l.toy.encoder import new_toy_encoder
 
 
 def _toy():

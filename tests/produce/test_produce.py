@@ -15,16 +15,10 @@ from i2l.cli import main as cli
 from i2l.data.shards import iter_rows
 from i2l.io import file_sha256
 from i2l.model.lora import LoRA
-from i2l.produce.stage import (
-    GRAY_FILE,
-    LoRAProducer,
-    StyleJob,
-    jobs_from_images,
-    jobs_from_manifest,
-    produce,
-    read_catalog,
-    remove_leftovers,
-)
+from i2l.produce.catalog import GRAY_FILE, read_catalog, remove_leftovers
+from i2l.produce.jobs import StyleJob, jobs_from_images, jobs_from_manifest
+from i2l.produce.producer import LoRAProducer
+from i2l.produce.stage import produce
 from i2l.store import Store
 
 
@@ -171,10 +165,11 @@ def test_killed_actor_is_retried_and_every_lora_exists_once(debug_run, tmp_path,
 
 
 def test_leftovers_of_a_killed_run_are_removed_and_finished_files_kept(tmp_path):
-    """LoRA.save writes `<name>.tmp` and renames it; the catalog and production.json use `.<name>.tmp`."""
+    """LoRA.save writes `<name>.tmp` and renames it; the catalog and production.json use `.<name>.<random>.tmp`."""
     out = tmp_path / "loras"
     (out / "styles").mkdir(parents=True)
-    left = [out / f"{GRAY_FILE}.tmp", out / ".catalog.parquet.tmp", out / "styles" / "s1.safetensors.tmp",
+    left = [out / f"{GRAY_FILE}.tmp", out / ".catalog.parquet.tmp", out / ".catalog.parquet.0123abcd.tmp",
+            out / ".production.json.89abcdef.tmp", out / "styles" / "s1.safetensors.tmp",
             out / "styles" / ".s2.safetensors.tmp"]
     kept = [out / GRAY_FILE, out / "catalog.parquet", out / "production.json", out / "styles" / "s1.safetensors"]
     for p in (*left, *kept):

@@ -292,3 +292,42 @@ def test_query_command(fixture_store, capsys):
     assert capsys.readouterr().out == "n\n30\n"
     assert main(["query", "--db", str(store.path), "DROP TABLE runs"]) == 2
     assert "read-only" in capsys.readouterr().err
+
+
+def test_a_lora_row_round_trips_through_the_store(tmp_path):
+    """lora_row reads rank and norms off the LoRA and the sha256 off its file; the loras table keeps them."""
+    import torch
+
+    from i2l.io import file_sha256
+    from i2l.model.lora import LoRA
+    from i2l.store.rows import lora_row
+
+    g = torch.Generator().manual_seed(0)
+    lora = LoRA({"blocks.0.attn.to_q": torch.randn(2, 8, generator=g)},
+                {"blocks.0.attn.to_q": torch.randn(8, 2, generator=g)}, "toy")
+    path = lora.save(tmp_path / "style.safetensors")
+    row = lora_row("run/i2l_4ref/v1", "s000001", "i2l_4ref", lora, checkpoint_id="train:2", path=path, n_refs=4,
+                   ref_ids=["a", "b", "c", "d"])
+    store = Store(tmp_path / "results.duckdb")
+    assert store.record_loras([row]) == ["run/i2l_4ref/v1"]
+    got = store.query("SELECT * FROM loras").iloc[0]
+    assert (got.style_id, got.method, got.checkpoint_id, got.path, got.sha256, got["rank"], got.n_refs) == \
+        ("s000001", "i2l_4ref", "train:2", str(path), file_sha256(path), 2, 4)
+    assert json.loads(got.norms) == pytest.approx(lora.norms()) and json.loads(got.ref_ids) == ["a", "b", "c", "d"]
+    bare = lora_row(None, "s000002", "per_style@5", lora)  # no file, no id: named by method and style
+    assert store.record_loras([bare]) == ["per_style@5:s000002:"] and bare["sha256"] is None
+
+
+def test_report_queries_answer_from_the_fixture_run(fixture_store):
+    from i2l.store import queries
+
+    store, info = fixture_store
+    top = queries.latest_top_level_run(store)
+    family = queries.run_family(store, top)
+    assert family.run_id.iloc[0] == top and info["eval_run"] in set(family.run_id)
+    assert queries.run_exists(store, top) and not queries.run_exists(store, "nope")
+    assert queries.recent_run_ids(store, limit=2) and len(queries.recent_run_ids(store, limit=2)) == 2
+    assert queries.latest_eval_run(store, family.run_id.tolist()) == info["eval_run"]
+    assert set(queries.grid_samples(store, info["eval_run"]).method) == set(info["methods"])
+    with pytest.raises(ValueError, match="query failed"):
+        queries.user_query(store, "SELECT * FROM no_such_table")

@@ -1,5 +1,7 @@
 """The toy backbone: pretraining lowers the loss and the saved diffusers layout reloads to identical outputs."""
 
+import json
+
 import pytest
 import torch
 from diffusers import Flux2Transformer2DModel
@@ -7,12 +9,17 @@ from diffusers import Flux2Transformer2DModel
 from i2l.config import get_config
 from i2l.toy.backbone import build_vocab, load_toy_backbone, new_toy_backbone
 from i2l.toy.backbone_pretrain import pretrain_backbone
+from i2l.train.step import lr_at
 
 
 def test_pretraining_loss_falls(debug_run, tmp_path):
     cfg = get_config("debug", {"train.backbone_steps": 60, "train.backbone_lr": 3e-3})
     info = pretrain_backbone(cfg, debug_run.prepared_dir, tmp_path / "bb", progress=False)
     assert info["steps"] == 60 and info["last_loss"] < 0.8 * info["first_loss"], info
+    curve = json.loads((tmp_path / "bb" / "loss_curve.json").read_text())
+    assert [r["step"] for r in curve] == list(range(1, 61))
+    assert [r["lr"] for r in curve] == [lr_at(s, 60, 3e-3, 3) for s in range(60)]  # warmup: 60 // 20 steps
+    assert info["first_loss"] == sum(r["loss"] for r in curve[:20]) / 20
 
 
 def test_save_then_load_reproduces_outputs_exactly(tmp_path):

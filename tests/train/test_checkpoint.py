@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from i2l.config import get_config
+from i2l.layout import resolve_paths
 from i2l.train.checkpoint import claim_run_dir, latest_checkpoint, read_run_key, run_config_changes
 
 
@@ -77,13 +80,12 @@ def _run_with_config(root: Path, cfg) -> Path:
 
 
 def test_toy_parts_are_found_again_under_a_moved_data_root(tmp_path, monkeypatch):
-    from i2l.backbones import default_paths
     from i2l.train.checkpoint import checkpoint_config
 
     monkeypatch.delenv("I2L_DATA_ROOT", raising=False)
     cfg = get_config("debug")
     cfg.data_root = str(tmp_path / "old")
-    default_paths(cfg)
+    cfg = resolve_paths(cfg)
     cfg.scorer.clip_checkpoint = str(tmp_path / "mine" / "scorer")  # a user's own path, outside the data root
     new = tmp_path / "new"
     ck = _run_with_config(new, cfg)  # the data root moved: old/ is gone, new/ holds the run and the parts
@@ -105,3 +107,35 @@ def test_toy_parts_are_found_again_under_a_moved_data_root(tmp_path, monkeypatch
 
     (tmp_path / "old" / "toy" / "debug" / "backbone").mkdir(parents=True)  # the recorded place exists again
     assert checkpoint_config(ck).backbone.path == cfg.backbone.path
+
+
+def test_a_saved_config_with_an_unknown_or_renamed_key_is_refused_naming_it(tmp_path):
+    """A key dropped on load would come back as its default: the checkpoint must be fixed, not silently changed."""
+    from i2l.train.checkpoint import checkpoint_config
+
+    cfg = resolve_paths(get_config("debug"))
+    ck = _run_with_config(tmp_path, cfg)
+    state = json.loads((ck / "state.json").read_text())
+    state["config"]["train"]["targets_per_style"] = state["config"]["train"].pop("targets_per_lora")  # renamed
+    state["config"]["eval"]["old_knob"] = 1  # removed
+    (ck / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"train\.targets_per_style \(renamed to train\.targets_per_lora\?\)") as e:
+        checkpoint_config(ck)
+    assert "eval.old_knob" in str(e.value) and str(ck / "state.json") in str(e.value) and "rename" in str(e.value)
+
+
+def test_paths_a_checkpoint_left_empty_are_resolved_under_the_data_root_in_use(tmp_path, monkeypatch):
+    """Runs trained from a config whose scorer was never set record it empty; it is resolved on load, under the
+    data root the caller uses (the checkpoint's own otherwise), and the recorded data root is kept."""
+    from i2l.train.checkpoint import checkpoint_config
+
+    monkeypatch.delenv("I2L_DATA_ROOT", raising=False)
+    cfg = get_config("debug")
+    cfg.data_root = str(tmp_path / "old")
+    ck = _run_with_config(tmp_path / "old", cfg)  # nothing resolved: every default place is empty
+    got = checkpoint_config(ck)
+    assert got.data_root == cfg.data_root
+    assert got.scorer.clip_checkpoint == str(tmp_path / "old" / "toy" / "debug" / "scorer")
+    assert got.backbone.path == str(tmp_path / "old" / "toy" / "debug" / "backbone")
+    elsewhere = checkpoint_config(ck, str(tmp_path / "new"))
+    assert elsewhere.encoder.path == str(tmp_path / "new" / "toy" / "debug" / "encoder")

@@ -141,7 +141,7 @@ def test_ray_job_submit_produce(ray_head, debug_run, tmp_path):
     assert r.returncode == 0 and "succeeded" in logs, logs[-4000:]
     assert "Connecting to existing Ray cluster" in logs and "Started a local Ray instance" not in logs
 
-    from i2l.produce.stage import jobs_from_manifest
+    from i2l.produce.jobs import jobs_from_manifest
     from i2l.store import Store
 
     styles = {j.style_id for j in jobs_from_manifest(root / "prepared" / "debug" / "val_manifest.jsonl")}

@@ -1,0 +1,117 @@
+"""What the diffusers adapters (flux2, zimage) share: a pipeline's components behind i2l's Backbone interface,
+loaded from a local directory or built from ready modules, the VAE round trip, and the architecture that random
+init and sizing build without weights. Each subclass adds its prompt encoding, latent layout and schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from i2l.backbones.base import Backbone
+from i2l.config import BackboneConfig
+
+
+class DiffusersBackbone(Backbone):
+    """A diffusers pipeline seen through i2l: x_t latents (B, C, h, w) in the subclass's latent space."""
+
+    pipeline_class: type  # the diffusers pipeline whose components and methods the adapter uses
+    default_targets: tuple[str, ...] = ()
+    published_config: dict | None = None  # the published checkpoint's transformer config.json
+    model_name = ""  # the model as messages name it
+    path_env = ""  # the environment variable the preset reads backbone.path from
+
+    def __init__(self, pipe, targets: tuple[str, ...] = (), max_sequence_length: int = 512):
+        super().__init__(targets or self.default_targets)
+        self.pipe = pipe  # kept whole: its methods encode prompts and images, and diffusers LoRA loading goes through it
+        self.transformer = pipe.transformer
+        self.vae = getattr(pipe, "vae", None)
+        self.text_encoder = getattr(pipe, "text_encoder", None)
+        self.tokenizer = getattr(pipe, "tokenizer", None)
+        self.max_sequence_length = max_sequence_length
+
+    @classmethod
+    def from_components(cls, transformer, vae=None, text_encoder=None, tokenizer=None, scheduler=None,
+                        targets: tuple[str, ...] = (), **kwargs) -> DiffusersBackbone:
+        """Build from ready modules (e.g. tiny random ones in tests); absent parts make their stage raise."""
+        pipe = cls.pipeline_class(scheduler=scheduler or FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                  text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+        return cls(pipe, targets, **kwargs)
+
+    @classmethod
+    def load_pipeline(cls, bcfg: BackboneConfig):
+        """The pipeline of a local diffusers directory (`save_pretrained` layout; safetensors only, no download)."""
+        path = Path(bcfg.path) if bcfg.path else None
+        if path is None or not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"no {cls.model_name} pipeline directory at {bcfg.path!r}: set backbone.path (or "
+                                    f"{cls.path_env}) to a local diffusers directory with model_index.json")
+        return cls.pipeline_class.from_pretrained(str(path), dtype=getattr(torch, bcfg.dtype), local_files_only=True,
+                                                  use_safetensors=True)
+
+    @classmethod
+    def architecture(cls, bc: BackboneConfig) -> dict:
+        """The transformer's config: the local config.json if the preset names a directory, else the published
+        architecture (no weights are read)."""
+        if bc.path:
+            local = Path(bc.path, "transformer", "config.json")
+            if not local.is_file():
+                raise FileNotFoundError(f"{local} not found: backbone.path must be a diffusers pipeline directory "
+                                        f"(or leave it empty for the published {bc.kind} architecture)")
+            return json.loads(local.read_text())
+        if cls.published_config is None:
+            raise ValueError(f"no published architecture for backbone kind {bc.kind!r}")
+        return dict(cls.published_config)
+
+    @classmethod
+    def random(cls, bc: BackboneConfig, seed: int = 0) -> DiffusersBackbone:
+        """The architecture with random weights and no VAE or text encoder: speed, memory and shapes only."""
+        torch.manual_seed(seed)
+        return cls.from_components(cls.transformer_class.from_config(cls.architecture(bc)), targets=tuple(bc.targets))
+
+    def modules(self):
+        return [m for m in (self.transformer, self.vae, self.text_encoder) if m is not None]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor  # 8 for the real VAE (the pipeline assumes 8 when there is none)
+
+    @property
+    def text_width(self) -> int:
+        """D, the width of the prompt embeddings the transformer takes."""
+        raise NotImplementedError
+
+    def _require_text_encoder(self, precomputed: str) -> None:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(f"this {self.kind} backbone has no text encoder/tokenizer: load the full pipeline "
+                             f"directory (text_encoder/ and tokenizer/) or pass a Cond of precomputed {precomputed}")
+
+    # ----- images -----
+    def _require_vae(self):
+        if self.vae is None:
+            raise ValueError(f"this {self.kind} backbone has no VAE: load the full pipeline directory (vae/) to "
+                             f"encode or decode images, or work with latents directly")
+        return self.vae
+
+    def _encode_vae(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in the VAE's dtype -> x1 (B, C, h, w) in the pipeline's latent space."""
+        raise NotImplementedError
+
+    def _vae_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, h, w) in the VAE's dtype -> the latents the VAE decodes (the inverse of `_encode_vae`'s scaling)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> x1 (B, C, h, w), from the VAE's mode (not a sample, so that targets
+        are deterministic)."""
+        vae = self._require_vae()
+        return self._encode_vae(images.to(vae.device, vae.dtype)).to(self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """x (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], as the pipeline decodes."""
+        vae = self._require_vae()
+        x = self._vae_latents(latents.to(vae.device, vae.dtype))
+        return vae.decode(x, return_dict=False)[0].clamp(-1, 1)

@@ -1,0 +1,53 @@
+"""The one backbone registry: `backbone.kind` -> its adapter class and loader, as import paths resolved on use, so
+`import i2l.backbones` loads no diffusers pipeline and no toy code (i2l.toy sits above this package)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from i2l.backbones.base import Backbone
+    from i2l.config import BackboneConfig
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Where one backbone kind lives, as "module:name" import paths."""
+
+    backbone: str  # the Backbone subclass; its classmethods architecture(bc) and random(bc, seed) read no weights
+    load: str  # load(BackboneConfig) -> Backbone with the weights of a local directory
+    text_tokens: int = 0  # prompt length a benchmark feeds when the backbone has no text encoder (`random_cond`)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "toy": BackboneSpec("i2l.toy.backbone:ToyBackbone", "i2l.toy.backbone:load_toy_backbone"),
+    # FLUX.2-klein pads every prompt to 512 tokens
+    "flux2": BackboneSpec("i2l.backbones.flux2:Flux2Backbone", "i2l.backbones.flux2:load_flux2_backbone",
+                          text_tokens=512),
+    # Z-Image drops the padding, and a MegaStyle content prompt in its chat template is well under 64 tokens
+    "zimage": BackboneSpec("i2l.backbones.zimage:ZImageBackbone", "i2l.backbones.zimage:load_zimage_backbone",
+                           text_tokens=64),
+}
+
+
+def backbone_spec(kind: str) -> BackboneSpec:
+    if kind not in BACKBONES:
+        raise ValueError(f"unknown backbone kind {kind!r}: known kinds are {', '.join(BACKBONES)}")
+    return BACKBONES[kind]
+
+
+def resolve(path: str):
+    """The object an import path "module:name" names (its module is imported now)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def backbone_class(kind: str) -> type[Backbone]:
+    return resolve(backbone_spec(kind).backbone)
+
+
+def backbone_loader(kind: str) -> Callable[[BackboneConfig], Backbone]:
+    return resolve(backbone_spec(kind).load)

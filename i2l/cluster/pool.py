@@ -1,0 +1,168 @@
+"""The one Ray actor pool: a plain Python class becomes CPU or GPU actors, tasks are calls of its methods, and
+results come back as they finish (for the caller to write durably). An actor's death never loses a task."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any, Self
+
+from i2l.cluster import ensure_ray
+
+
+@dataclass
+class PoolOptions:
+    """How many actors, on what, and how hard to try. Failure policy, in two layers:
+
+    1. Ray's: an actor whose process dies (crash, OOM kill) is restarted in place up to `max_restarts` times, and
+       the calls it had pending are re-sent up to `max_task_retries` times.
+    2. The pool's, for what Ray gives up on (restarts spent, `ray.kill`, node lost): the actor is replaced by a
+       fresh one and the call goes back to the front of the queue; a call whose actor died more than `max_retries`
+       times stops the run with a RuntimeError naming it. An exception raised by the call itself propagates at once.
+    """
+
+    workers: int = 2  # actors wanted; capped by the calls to make and by the cluster's free slots
+    num_gpus: float = 0.0  # GPUs per actor; 0 = CPU actors (1 CPU each)
+    max_retries: int = 3  # times a call is requeued after its actor died for good
+    max_restarts: int = 1  # Ray restarts of a crashed actor (its __init__ runs again)
+    max_task_retries: int = 1  # Ray re-sends of a call whose actor crashed and was restarted
+    queue_depth: int = 2  # calls queued per actor: 2 keeps an actor busy while the driver handles a result
+    name: str = "pool"  # progress bar and error messages
+    unit: str = "task"  # what a call's `size` counts, on the progress bar
+    progress: bool = True
+    cpu_hint: str = ""  # the setting that runs the actors without GPUs, named when the cluster has too few
+    start_hint: str = ""  # what every node must be able to read, named when the actors fail to start
+
+    def __post_init__(self):
+        if self.workers < 1 or self.queue_depth < 1:
+            raise ValueError("pool workers and queue_depth must be >= 1")
+        if min(self.num_gpus, self.max_retries, self.max_restarts, self.max_task_retries) < 0:
+            raise ValueError("pool num_gpus, max_retries, max_restarts and max_task_retries must be >= 0")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One task: a method of the actor class with its arguments; `size` is what it adds to the progress bar."""
+
+    method: str
+    args: tuple = ()
+    size: int = 1
+
+
+@dataclass
+class Finished:
+    call: Call
+    value: Any  # what the method returned
+    actor: Any  # the actor handle that ran it
+
+
+class ActorPool:
+    """`with ActorPool(Cls, init_args, options) as pool: for done in pool.map(calls): ...`
+
+    Actors start in `map` (as many as the calls and the cluster allow) and are killed when the block ends, also
+    on an error. Calls run in the given order (a requeued call first); results arrive in finishing order, and the
+    next call is submitted only after the caller's loop body ran, so a body that kills an actor loses nothing.
+    After `map`: `workers` (actors started), `retried` (calls requeued), `seconds` (first call to last result).
+    """
+
+    def __init__(self, actor_cls: type, init_args: tuple = (), options: PoolOptions | None = None):
+        self.actor_cls, self.init_args, self.options = actor_cls, tuple(init_args), options or PoolOptions()
+        self.workers, self.retried, self.seconds = 0, 0, 0.0
+        self._actors: list = []
+        self._new_actor = None  # starts one more actor, once map() knows the options
+        self._bar = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._actors:
+            ray = ensure_ray()
+            for a in self._actors:
+                ray.kill(a)
+        self._actors = []
+
+    def _actor_options(self, ray) -> tuple[dict, int]:
+        """Ray options of one actor and how many such actors fit in the cluster at once."""
+        o, res = self.options, ray.cluster_resources()
+        options = {"num_cpus": 1, "max_restarts": o.max_restarts, "max_task_retries": o.max_task_retries}
+        if o.num_gpus <= 0:
+            return options, int(res.get("CPU", 1))
+        if res.get("GPU", 0) < o.num_gpus:
+            raise ValueError(f"{o.name} actors need {o.num_gpus} GPU(s) each but the Ray cluster has "
+                             f"{res.get('GPU', 0)}: set RAY_ADDRESS to a GPU cluster"
+                             + (f", or {o.cpu_hint}" if o.cpu_hint else ""))
+        return {**options, "num_gpus": o.num_gpus}, int(res["GPU"] // o.num_gpus)
+
+    def _start(self, ray, calls: deque) -> None:
+        from ray.exceptions import RayActorError
+        from tqdm import tqdm
+
+        o = self.options
+        options, slots = self._actor_options(ray)
+        self.workers = max(1, min(o.workers, len(calls), slots))  # more actors than slots would wait forever
+        remote_cls = ray.remote(self.actor_cls).options(**options)
+        self._new_actor = lambda: remote_cls.remote(*self.init_args)
+        self._actors = [self._new_actor() for _ in range(self.workers)]
+        self._bar = tqdm(total=sum(c.size for _, c in calls), desc=f"{o.name} ({self.workers} actors)",
+                         unit=o.unit, disable=not o.progress)
+        try:  # start-up (imports, weights) is paid once per actor: keep it out of `seconds`
+            ray.get([a.__ray_ready__.remote() for a in self._actors])
+        except RayActorError as e:
+            hint = f" ({o.start_hint})" if o.start_hint else ""
+            raise RuntimeError(f"{o.name} actors failed to start{hint}: {str(e)[-800:]}") from e
+
+    def map(self, calls: Iterable[Call]) -> Iterator[Finished]:
+        """Run every call once on the actors and yield each result as it finishes (see the class doc)."""
+        from ray.exceptions import RayActorError
+
+        o = self.options
+        queue = deque(enumerate(calls))  # (call number, call)
+        if not queue:
+            return
+        ray = ensure_ray()
+        if self._actors:
+            raise RuntimeError("an ActorPool maps once: make a new one")
+        self._start(ray, queue)
+        t0 = perf_counter()
+        generation = [0] * self.workers  # bumped when a slot's actor is replaced
+        inflight: dict = {}  # object ref -> (slot, generation, actor, call number, call)
+        deaths: Counter = Counter()  # call number -> times its actor died for good under it
+
+        def submit(slot: int) -> None:
+            if queue:
+                k, call = queue.popleft()
+                actor = self._actors[slot]
+                inflight[getattr(actor, call.method).remote(*call.args)] = (slot, generation[slot], actor, k, call)
+
+        for slot in range(self.workers):
+            for _ in range(o.queue_depth):
+                submit(slot)
+        while inflight:
+            [ref], _ = ray.wait(list(inflight), num_returns=1)
+            slot, gen, actor, k, call = inflight.pop(ref)
+            try:
+                value = ray.get(ref)
+            except RayActorError as e:  # Ray's restarts and re-sends are spent: our layer
+                deaths[k] += 1
+                if deaths[k] > o.max_retries:
+                    raise RuntimeError(f"{o.name}: call {call.method} #{k} failed {deaths[k]} times because its "
+                                       f"actor died; last: {str(e)[-800:]}") from e
+                self.retried += 1
+                queue.appendleft((k, call))
+                if gen == generation[slot]:  # the first failure seen from this actor: replace it, once
+                    ray.kill(actor)
+                    self._actors[slot], generation[slot] = self._new_actor(), gen + 1
+                submit(slot)
+                continue
+            self._bar.update(call.size)
+            yield Finished(call, value, actor)
+            submit(slot)  # after the caller's body: a call given to an actor it killed is retried for sure
+        self.seconds = perf_counter() - t0
