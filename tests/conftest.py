@@ -1,6 +1,6 @@
-"""Shared fixtures: the offline environment, one local Ray cluster per session (`ray_session`), and `debug_run`, a
-debug-preset world built once per session (toy world -> prepared shards -> toy backbone + encoder -> a 2-step
-predictor checkpoint). Untrained but valid: enough for every stage that needs a checkpoint."""
+"""Shared session fixtures: the offline environment, one local Ray cluster (`ray_session`), one real Prefect server
+(`prefect_server`), the toy preset's toy world (`toy_preset_world`, read only) and `debug_run`, a debug world built
+once (toy world -> prepared shards -> toy backbone + encoder -> an untrained 2-step predictor checkpoint)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from conftest_ray import ray_session  # noqa: F401  (one Ray cluster for the whole session)
+from servers import prefect_env, start_prefect_server
 
 # Tiny budgets: the fixture must take seconds, and no test may depend on training quality.
 DEBUG_OVERRIDES = {"train.steps": 2, "train.ckpt_every": 2, "train.backbone_steps": 2, "encoder.pretrain_steps": 2}
@@ -64,3 +65,32 @@ def build_debug_run(root: Path) -> DebugRun:
 def debug_run(tmp_path_factory, ray_session) -> DebugRun:  # noqa: F811
     """A debug world + 2-step checkpoint, built once per test session (~30 s on 2 cores)."""
     return build_debug_run(tmp_path_factory.mktemp("debug_run"))
+
+
+@dataclass
+class PrefectServer:
+    """The session's `prefect server start`. Tests share its database, so each keeps to its own flow runs,
+    deployments and data roots; `env(home)` is a CLI subprocess's environment with a Prefect home of its own."""
+
+    api_url: str
+
+    def env(self, home: Path) -> dict:
+        return prefect_env(home, self.api_url)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> PrefectServer:
+    """One real Prefect API for the session (its start-up takes 10-40 s on a busy 2-core machine)."""
+    with start_prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
+        yield PrefectServer(url)
+
+
+@pytest.fixture(scope="session")
+def toy_preset_world(tmp_path_factory) -> Path:
+    """The toy preset's toy world (400 styles), written once; tests read it and write elsewhere."""
+    from i2l.config import get_config
+    from i2l.toy.world import write_toyworld
+
+    out = tmp_path_factory.mktemp("toy_preset") / "toyworld"
+    write_toyworld(get_config("toy").toyworld, out, progress=False)
+    return out

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 def free_ports(n: int) -> list[int]:
@@ -43,3 +49,31 @@ def stop_group(proc: subprocess.Popen, wait_s: float = 30) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
+
+
+def prefect_env(home: Path, api_url: str | None = None) -> dict:
+    """An environment with its own Prefect home (never the user's profile) and this venv first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_AUTH_MODE="disabled",
+               HF_HUB_OFFLINE="1", PATH=f"{BIN}:{env['PATH']}", PYTHONPATH=str(REPO))
+    env.pop("RAY_ADDRESS", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+@contextlib.contextmanager
+def start_prefect_server(home: Path) -> Iterator[str]:
+    """`prefect server start` on 127.0.0.1 with its own home (database, log); yields its API URL; stopped after."""
+    home.mkdir(parents=True, exist_ok=True)
+    (port,) = free_ports(1)
+    url, log_path = f"http://127.0.0.1:{port}/api", home / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                 str(port)], env=prefect_env(home), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until_up(f"{url}/health", proc, log_path, "prefect server")
+        yield url
+    finally:
+        stop_group(proc)  # the server and its uvicorn children (a session of their own)

@@ -1,4 +1,5 @@
-"""One way to get a Ray cluster: join RAY_ADDRESS when set, else start a local one without a dashboard."""
+"""One way to get a Ray cluster: join RAY_ADDRESS when set, else start a local one without a dashboard. The one
+actor pool every stage uses is `i2l.cluster.pool.ActorPool`."""
 
 from __future__ import annotations
 

@@ -5,28 +5,11 @@ and its results land in the results store."""
 from __future__ import annotations
 
 import inspect
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from servers import free_ports, stop_group, wait_until_up
-
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def prefect_env(home: Path, api_url: str | None = None) -> dict:
-    """An environment with its own Prefect home (never the user's profile) and this venv first on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_AUTH_MODE="disabled",
-               HF_HUB_OFFLINE="1", PATH=f"{BIN}:{env['PATH']}", PYTHONPATH=str(REPO))
-    env.pop("RAY_ADDRESS", None)
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    return env
+from servers import BIN, REPO, prefect_env
 
 
 def test_prefect_yaml_has_a_deployment_per_flow():
@@ -55,26 +38,10 @@ def test_deploy_refuses_without_a_server(tmp_path):
     assert r.returncode == 2 and "PREFECT_API_URL" in r.stderr
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
-    """`prefect server start` on 127.0.0.1 with its own home; yields (api_url, env); stopped afterwards."""
-    home = tmp_path / "prefect-home"
-    (port,) = free_ports(1)
-    url = f"http://127.0.0.1:{port}/api"
-    env = prefect_env(home)
-    with open(tmp_path / "server.log", "w") as log:
-        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                 str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until_up(f"{url}/health", proc, tmp_path / "server.log", "prefect server")
-        yield url, prefect_env(home, url)
-    finally:
-        stop_group(proc)  # the server and its uvicorn children (a session of their own)
-
-
 @pytest.mark.slow
 def test_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
-    url, env = prefect_server
+    """On the session's `prefect server start` (conftest.py), with a Prefect home of this test's own."""
+    url, env = prefect_server.api_url, prefect_server.env(tmp_path / "prefect-home")
     root = tmp_path / "data"
 
     def run(*cmd, timeout=600, cwd=REPO):

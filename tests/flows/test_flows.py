@@ -26,11 +26,11 @@ OVERRIDES = ["train.steps=2", "train.ckpt_every=1", "train.backbone_steps=2", "e
 # ---------- fixtures ----------
 
 @pytest.fixture(scope="module")
-def harness():
-    """A temporary Prefect API for this module (its start-up is slow on a busy 2-core machine)."""
-    from prefect.testing.utilities import prefect_test_harness
+def harness(prefect_server):
+    """The flows of this module run against the session's Prefect server (conftest.py)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=180):
+    with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
         yield
 
 

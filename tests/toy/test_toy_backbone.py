@@ -47,18 +47,16 @@ def _darkness_by_quadrant(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_pretrained_samples_draw_the_prompted_content_where_the_prompt_says(tmp_path, ray_session):
+def test_pretrained_samples_draw_the_prompted_content_where_the_prompt_says(tmp_path, ray_session, toy_preset_world):
     """Half the toy pretraining (400 of 800 steps, ~2 min) already places the prompted shape: for
     "one <size> <shape> at the <corner>" the darkest quadrant of the sample is the prompted corner far above
     chance (1/4); an untrained backbone is at chance. (Shape classes are not told apart at this budget.)"""
     from i2l.data.prepare import prepare
     from i2l.infer.guidance import sample
-    from i2l.toy.world import write_toyworld
 
     torch.set_num_threads(2)
     cfg = get_config("toy", {"train.backbone_steps": 400})
-    write_toyworld(cfg.toyworld, tmp_path / "world", progress=False)
-    prepare(cfg, tmp_path / "world", tmp_path / "prepared", progress=False)
+    prepare(cfg, toy_preset_world, tmp_path / "prepared", progress=False)
     corners = ("at the top left", "at the top right", "at the bottom left", "at the bottom right")
     prompts = [f"one {size} {shape} {pos}" for shape in ("circle", "square", "triangle", "diamond", "cross")
                for size in ("large", "small") for pos in corners for _ in range(2)]

@@ -134,14 +134,13 @@ def _values(rows, metric):
 
 
 @pytest.mark.slow
-def test_trained_toy_scorer_prefers_own_prompt_style_and_references(tmp_path):
+def test_trained_toy_scorer_prefers_own_prompt_style_and_references(tmp_path, toy_preset_world):
     """~1.5 min on 2 cores: the toy preset's scorer (400 styles, 300 steps), scored on 60 unseen styles."""
     from i2l.toy.scorer import pretrain_toy_clip
 
     cfg = get_config("toy")
     cfg.data_root = str(tmp_path)
-    write_toyworld(cfg.toyworld, tmp_path / "toyworld", progress=False)
-    pretrain_toy_clip(cfg, tmp_path / "toyworld", tmp_path / "toy" / "toy" / "scorer", progress=False)
+    pretrain_toy_clip(cfg, toy_preset_world, tmp_path / "toy" / "toy" / "scorer", progress=False)
     scorer = build_scorers(cfg)[:1]
 
     b = _heldout_batch()
