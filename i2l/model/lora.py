@@ -19,6 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from i2l.io import atomic_path
+
 FORMAT_VERSION = "1"
 
 
@@ -155,7 +157,6 @@ class LoRA:
         if self.batched:
             raise ValueError("save one LoRA at a time: index the batch first (lora[i])")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for k in self.names:
             tensors[f"{prefix}.{k}.lora_A.weight"] = self.A[k].detach().contiguous().cpu()
@@ -163,9 +164,8 @@ class LoRA:
         meta = {"format": "pt", "i2l.format_version": FORMAT_VERSION, "i2l.backbone": self.backbone,
                 "i2l.rank": str(self.rank), "i2l.alpha": "folded into lora_B (scaling 1)",
                 "i2l.meta": json.dumps(self.meta)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # never a half-written LoRA file
+        with atomic_path(path) as tmp:  # never a half-written LoRA file, nor one temp name for two writers
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod

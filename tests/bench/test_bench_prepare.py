@@ -7,10 +7,15 @@ import pytest
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_bench_prepare_stores_each_case_apart_and_judges_both_goals(tmp_path, capsys):
+def test_bench_prepare_stores_each_case_apart_and_judges_both_goals(tmp_path, capsys, monkeypatch):
+    import i2l.bench.prepare
     from i2l.cli import main
     from i2l.store import Store
 
+    assert i2l.bench.prepare.GOALS == {"per_worker/loop": (">=", 0.8), "2_workers/1_worker": (">=", 1.7)}
+    # goals every timing meets / none meets: judged met / missed whatever this machine measures
+    monkeypatch.setattr(i2l.bench.prepare, "GOALS", {"per_worker/loop": (">=", 0.0),
+                                                     "2_workers/1_worker": (">=", 1e9)})
     store = tmp_path / "results.duckdb"
     assert main(["bench", "prepare", "--styles", "4", "--size", "16", "--resolution", "32", "--workers", "1,2",
                  "--store", str(store)]) == 0
@@ -25,12 +30,12 @@ def test_bench_prepare_stores_each_case_apart_and_judges_both_goals(tmp_path, ca
         assert fig[(case, "cpu_ms_per_row")].value > 0
     rate = {c: fig[(c, "rows_per_s")].value for c in ("pil_loop", "ray_w1", "ray_w2")}
     judged = {}
-    for (case, metric), goal in {("ray_w1/pil_loop", "per_worker_ratio"): 0.8,
-                                 ("ray_w2/pil_loop", "per_worker_ratio"): 0.8,
-                                 ("ray_w2/ray_w1", "ratio"): 1.7}.items():
+    for (case, metric), goal in {("ray_w1/pil_loop", "per_worker_ratio"): (">= 0", True),
+                                 ("ray_w2/pil_loop", "per_worker_ratio"): (">= 0", True),
+                                 ("ray_w2/ray_w1", "ratio"): (">= 1e+09", False)}.items():
         r = fig[(case, metric)]
         extra = json.loads(r.extra)
-        assert extra["goal"] == f">= {goal}" and extra["goal_met"] == (r.value >= goal)
+        assert (extra["goal"], extra["goal_met"]) == goal
         judged[case] = r.value
     assert judged["ray_w2/pil_loop"] == pytest.approx(rate["ray_w2"] / 2 / rate["pil_loop"], rel=1e-9)
     assert judged["ray_w2/ray_w1"] == pytest.approx(rate["ray_w2"] / rate["ray_w1"], rel=1e-9)
