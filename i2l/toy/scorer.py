@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from i2l.config import Config
+from i2l.eval.metrics.clip import SCORER_FILE, WEIGHTS_FILE, register_model_config
 from i2l.train.step import TrainStep, loss_summary
 
 TOY_CLIP_NAME = "i2l-toy-clip"
 SCORER_VERSION = "1"
-WEIGHTS_FILE = "model.safetensors"
-SCORER_FILE = "scorer.json"
 
 
 def toy_clip_config(image_size: int = 32) -> dict:
@@ -43,19 +42,6 @@ def toy_clip_config(image_size: int = 32) -> dict:
         "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
                      "mlp_ratio": 2.0},
     }
-
-
-def register_model_config(config_path: str | os.PathLike) -> str:
-    """Register one open_clip model config JSON (file stem = model name) and return the name."""
-    import open_clip
-
-    path = Path(config_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"open_clip model config {path} not found")
-    open_clip.add_model_config(path)
-    if path.stem not in open_clip.list_models():
-        raise ValueError(f"{path} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
-    return path.stem
 
 
 def read_caption_rows(data_dir: str | os.PathLike, split: str = "train", max_rows: int | None = None) -> list[dict]:

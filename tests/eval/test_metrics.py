@@ -133,7 +133,7 @@ def _tiny_open_clip(tmp_path, embed_dim):
     import open_clip
     from safetensors.torch import save_file
 
-    from i2l.toy.scorer import register_model_config
+    from i2l.eval.metrics.clip import register_model_config
 
     cfg = {"embed_dim": embed_dim,
            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},

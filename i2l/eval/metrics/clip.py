@@ -13,10 +13,28 @@ from PIL import Image
 
 from i2l.config import ScorerConfig
 from i2l.eval.metrics.leakage import leakage_scores
-from i2l.toy.scorer import SCORER_FILE, TOY_CLIP_NAME, WEIGHTS_FILE, register_model_config
 
 # Weight files we agree to open: safetensors, or torch pickles read with weights_only=True.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+# A scorer directory (as `i2l pretrain-scorer` writes one): scorer.json naming the open_clip model, that model's
+# config <model>.json, and its weights.
+SCORER_FILE = "scorer.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def register_model_config(config_path: str | os.PathLike) -> str:
+    """Register one open_clip model config JSON (file stem = model name) and return the name."""
+    import open_clip
+
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"open_clip model config {path} not found")
+    open_clip.add_model_config(path)
+    if path.stem not in open_clip.list_models():
+        raise ValueError(f"{path} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+    return path.stem
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -139,8 +157,8 @@ class ClipScorer:
     def available(self) -> tuple[bool, str]:
         p = self.path
         if not p.exists():
-            if self.model_name == TOY_CLIP_NAME:
-                return False, f"toy CLIP scorer {p} not found: run `i2l pretrain-scorer` first"
+            if not p.suffix:  # a scorer directory, as the toy presets use
+                return False, f"CLIP scorer directory {p} not found: run `i2l pretrain-scorer` first"
             return False, (f"no {self.model_name} checkpoint at {p}: set scorer.clip_checkpoint "
                            f"(I2L_CLIP_CKPT for klein4b/zimage) to a local open_clip checkpoint file")
         if p.is_dir() and (p / SCORER_FILE).is_file():
