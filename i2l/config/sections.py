@@ -107,9 +107,7 @@ class EncoderConfig:
     hidden: int = 64
     layers: int = 2
     heads: int = 2
-    # toy only: sigmoid image<->style-description training. 2000 steps (~45 s): linear probes of pattern 0.76 and
-    # frequency 0.85 vs 0.32 / 0.52 at 300 steps, and i2L held-out loss -8.3 % vs -7.5 % at 600 predictor steps
-    pretrain_steps: int = 2000
+    pretrain_steps: int = 2000  # toy only: sigmoid image<->style-description training (docs/results.md)
 
     def __post_init__(self):
         if self.kind not in ("toy", "siglip2", "siglip"):
@@ -174,12 +172,10 @@ class EvalConfig:
     fm_noise_seeds: int = 2
     optimize_budgets: tuple[int, ...] = (5, 25, 100)  # per-style LoRA step budgets
     seed: int = 0
-    # Adam lr of the per-style LoRAs. Toy: the best of 1.5e-3 .. 3e-2 at every budget (held-out loss vs base
-    # @5/25/100: -7.4/-16.9/-24.3 % at 5e-3, -6.9/-15.0/-21.4 % at 1e-2, -6.2/-16.5/-24.1 % at 3e-3); the real
+    # Adam lr of the per-style LoRAs: on the toy, the best of a sweep at every budget (docs/results.md); the real
     # presets set their own.
     lora_lr: float = 5e-3
-    # Adam lr of the mean-LoRA baseline (batch train.batch_size, the predictor's schedule). Toy: -2.5 % held-out
-    # at 1e-2 vs -2.3 % at 5e-3.
+    # Adam lr of the mean-LoRA baseline (batch train.batch_size, the predictor's schedule; swept on the toy)
     mean_lora_lr: float = 1e-2
     per_style_rows: int = 4  # rows per style per per-style optimisation step (its references, fresh noise)
     baseline_steps: int = 0  # mean-LoRA / adapter training steps; 0 = the predictor's train.steps (fair budget)
@@ -207,7 +203,7 @@ class ScorerConfig:
     device: str = "auto"  # auto (cuda when present) | cpu | cuda[:N]
     batch_size: int = 64  # images per scorer forward
     # toy scorer pretraining (`i2l pretrain-scorer`)
-    pretrain_steps: int = 300  # toy: ~55 s on one core; held-out pair accuracy ~0.83 (text) / ~0.98 (style)
+    pretrain_steps: int = 300
     pretrain_batch_size: int = 128
     pretrain_lr: float = 3e-3
     content_weight: float = 0.8  # loss share of image<->prompt vs image<->style text (content learns slower)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from i2l.io import atomic_tmp, file_sha256, replace_durably
+from i2l.io import atomic_path, atomic_tmp, file_sha256, replace_durably
 
 # `s{style}_c{content}`; anything else (a path, an empty string, 10 kB of junk) is a bad id.
 ID_RE = re.compile(r"(s[0-9A-Za-z]{1,32})_c[0-9A-Za-z]{1,32}")  # used with fullmatch: no "\n" tail
@@ -223,12 +223,10 @@ def write_quarantine(path: Path, rows: list[dict], pieces: list[Path], progress:
     from tqdm import tqdm
 
     by_reason = Counter(r["reason"] for r in rows)
-    tmp = atomic_tmp(path)
-    with pq.ParquetWriter(tmp, QUARANTINE_SCHEMA, compression="zstd") as w:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, QUARANTINE_SCHEMA, compression="zstd") as w:
         w.write_table(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA))
         for piece in tqdm(pieces, desc="quarantine", unit="piece", disable=not progress):
             table = pq.read_table(piece, schema=QUARANTINE_SCHEMA)
             by_reason.update(table.column("reason").to_pylist())
             w.write_table(table)
-    os.replace(tmp, path)
     return by_reason

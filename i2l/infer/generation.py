@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from i2l.io import atomic_path, write_bytes_atomic
 from i2l.model.lora import LoRA, check_compatible
 
 TABLE_FILE = "samples.csv"
@@ -187,9 +188,7 @@ def generate_samples(model, styles: list[StyleLoRA], prompts: list[str], out_dir
 def _write_png(image: Image.Image, path: Path) -> None:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def read_table(path: str | os.PathLike) -> list[dict]:
@@ -206,10 +205,8 @@ def write_table(rows: list[dict], path: str | os.PathLike) -> None:
     path = Path(path)
     merged = {r["sample_id"]: r for r in read_table(path)}
     merged.update({r["sample_id"]: r for r in rows})
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
         w.writeheader()
         for r in merged.values():
             w.writerow({**{k: r[k] for k in TABLE_COLUMNS}, "settings": json.dumps(r["settings"], sort_keys=True)})
-    os.replace(tmp, path)

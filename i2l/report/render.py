@@ -7,11 +7,12 @@ import base64
 import html
 import math
 import numbers
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+
+from i2l.io import write_bytes_atomic
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
@@ -138,17 +139,12 @@ class Document:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "figures").mkdir(exist_ok=True)
         for name, png in self.figures.items():
-            _atomic_write(out_dir / "figures" / f"{name}.png", png)
+            write_bytes_atomic(out_dir / "figures" / f"{name}.png", png)
         page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}'
                 f"</title><style>{_CSS}</style></head><body><h1>{html.escape(self.title)}</h1>"
                 + "\n".join(self.html) + f"<script>{_SCRIPT}</script></body></html>\n")
-        _atomic_write(out_dir / "report.md", "\n".join(self.md).encode())
-        _atomic_write(out_dir / "index.html", page.encode())
+        # a reader (or a browser refresh) never sees half a report
+        write_bytes_atomic(out_dir / "report.md", "\n".join(self.md).encode())
+        write_bytes_atomic(out_dir / "index.html", page.encode())
         return out_dir / "index.html"
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A reader (or a browser refresh) never sees half a report.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from i2l.config import ToyWorldConfig
-from i2l.io import atomic_tmp, replace_durably
+from i2l.io import atomic_path, atomic_tmp, replace_durably
 
 ROWS_PER_STYLE = 8  # as in MegaStyle: 8 contents per style, consecutive rows
 
@@ -242,9 +242,8 @@ def write_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike, progress: bo
     def flush():
         nonlocal rows, shard_idx
         path = out / f"train-{shard_idx:05d}-of-{n_shards:05d}.parquet"
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(pa.Table.from_pylist(rows, schema=MEGASTYLE_SCHEMA), tmp, compression="zstd")
-        os.replace(tmp, path)  # atomic: a reader never sees half a shard
+        with atomic_path(path) as tmp:  # a reader never sees half a shard
+            pq.write_table(pa.Table.from_pylist(rows, schema=MEGASTYLE_SCHEMA), tmp, compression="zstd")
         written.append(path.name)
         rows, shard_idx = [], shard_idx + 1
 
