@@ -6,11 +6,11 @@ from __future__ import annotations
 from prefect import flow, task
 
 from flows.pretrain_toy import toy_model_keys
-from flows.produce import resolve_checkpoint
 from flows.report import report
 from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, jsonable, path_exists
-from flows.train import checkpoint_identity
 from i2l.eval.stage import evaluate as evaluate_methods
+from i2l.train.checkpoint import checkpoint_identity
+from i2l.train.run_key import require_checkpoint
 
 # Scorer fields that change how scoring runs, not its numbers.
 _SCORER_RUNTIME = ("device", "batch_size")
@@ -42,7 +42,7 @@ def evaluate(preset: str = "toy", overrides: list[str] | None = None, data_root:
              ) -> list[dict]:
     """checkpoint: None = the newest of runs/<preset>/train. build_report: then report this evaluation."""
     ctx = StageContext.open(preset, overrides, data_root, parent_run_id, progress, force)
-    ck = resolve_checkpoint(ctx, checkpoint)
+    ck = require_checkpoint(checkpoint or ctx.paths.train_dir)
     out = ctx.paths.eval_dir
     result = ctx.run_stage(
         "evaluate", evaluate_key(ctx, ck), path_exists(out),

@@ -8,12 +8,12 @@ from pathlib import Path
 from prefect import flow, task
 
 from flows.stages import TASK_OPTIONS, StageContext, digest, jsonable, path_exists
-from flows.train import checkpoint_identity
 from i2l.io import file_sha256
 from i2l.produce.catalog import CATALOG_FILE
 from i2l.produce.jobs import jobs_from_manifest
 from i2l.produce.stage import produce as produce_loras
-from i2l.train.checkpoint import latest_checkpoint
+from i2l.train.checkpoint import checkpoint_identity
+from i2l.train.run_key import require_checkpoint
 
 
 @task(name="produce-loras", **TASK_OPTIONS)
@@ -25,22 +25,13 @@ def produce_task(cfg, checkpoint: str, manifest: str, out_dir: str, store, progr
     return jsonable(summary)
 
 
-def resolve_checkpoint(ctx: StageContext, checkpoint: str | None) -> Path:
-    """`checkpoint` (a run or checkpoint directory), else the newest checkpoint of this preset's training run."""
-    where = checkpoint or ctx.paths.train_dir
-    ck = latest_checkpoint(where)
-    if ck is None:
-        raise FileNotFoundError(f"no checkpoint under {where}: run the train flow first, or pass checkpoint=DIR")
-    return ck
-
-
 @flow(name="produce")
 def produce(preset: str = "toy", overrides: list[str] | None = None, data_root: str | None = None,
             checkpoint: str | None = None, manifest: str | None = None, parent_run_id: str | None = None,
             progress: bool = True, force: list[str] | None = None) -> list[dict]:
     """checkpoint: None = the newest of runs/<preset>/train; manifest: None = the prepared validation manifest."""
     ctx = StageContext.open(preset, overrides, data_root, parent_run_id, progress, force)
-    ck = resolve_checkpoint(ctx, checkpoint)
+    ck = require_checkpoint(checkpoint or ctx.paths.train_dir)
     manifest_path = Path(manifest) if manifest else ctx.paths.val_manifest_path
     if not manifest_path.is_file():
         raise FileNotFoundError(f"no manifest at {manifest_path}: run prepare_data first, or pass manifest=FILE")

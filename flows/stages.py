@@ -3,7 +3,6 @@ results store says, store runs for the work done, and which failures are worth a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -17,6 +16,7 @@ from prefect import get_run_logger
 from prefect.cache_policies import NONE
 
 from i2l.config import Config, get_config
+from i2l.io import json_digest
 from i2l.layout import Paths, paths_for, resolve_paths
 from i2l.store import Store, StoreBusyError
 from i2l.train.run_key import forget_run_key, json_field, read_run_key, write_run_key
@@ -74,8 +74,7 @@ def load_config(preset: str, overrides: Iterable[str] | None = None, data_root: 
 
 def digest(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (dataclasses become dicts)."""
-    norm = [asdict(p) if is_dataclass(p) else p for p in parts]
-    return hashlib.sha256(json.dumps(norm, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest([asdict(p) if is_dataclass(p) else p for p in parts])
 
 
 def config_without_paths(cfg: Config) -> dict:

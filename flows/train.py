@@ -12,10 +12,9 @@ from prefect import flow, get_run_logger, task
 
 from flows.pretrain_toy import toy_model_keys
 from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, jsonable
-from i2l.io import file_sha256
-from i2l.train.checkpoint import read_state
+from i2l.train.checkpoint import checkpoint_identity, finished_checkpoint
 from i2l.train.launcher import launch_training
-from i2l.train.run_key import claim_run_dir, latest_checkpoint, read_run_key
+from i2l.train.run_key import claim_run_dir, read_run_key
 
 
 @task(name="train-predictor", **TASK_OPTIONS)
@@ -29,23 +28,10 @@ def train_key(ctx: StageContext) -> str:
     return digest(data, toy_model_keys(ctx, data), ctx.section("backbone", "encoder", "predictor", "train"))
 
 
-def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
-    """The latest checkpoint of run_dir if it reached `steps`, else None."""
-    ck = latest_checkpoint(run_dir)
-    return ck if ck is not None and read_state(ck)["step"] >= steps else None
-
-
 def run_finished(run_dir: Path, steps: int, key: str) -> bool:
     """The stage's outputs: run_dir is the run of `key` (a store mark for one key must not accept another key's
     checkpoint) and it reached `steps`."""
     return read_run_key(run_dir) == key and finished_checkpoint(run_dir, steps) is not None
-
-
-def checkpoint_identity(ck: Path) -> dict:
-    """What a checkpoint is, for the keys of the stages that use it: its step and its weights' sha256."""
-    state = read_state(ck)
-    return {"path": str(ck), "step": state["step"], "backbone": state["backbone_id"],
-            "sha256": file_sha256(Path(ck) / "predictor.safetensors")}
 
 
 def record_training(ctx: StageContext, run_id: str, info: dict) -> None:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from i2l.config import Config, config_from_dict
+from i2l.io import file_sha256
 from i2l.layout import resolve_paths
 from i2l.train.run_key import (  # noqa: F401  (re-exported: the run-key pieces live in the torch-free i2l.train.run_key)
     RUN_KEY_FILE,
@@ -160,3 +161,16 @@ def checkpoint_config(ck: Path, data_root: str | None = None) -> Config:
         part.path = str(next((p for p in moved if p.exists()), recorded))
     resolved = resolve_paths(replace(cfg, data_root=data_root or cfg.data_root))
     return replace(resolved, data_root=cfg.data_root)
+
+
+def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
+    """The latest checkpoint of run_dir if it reached `steps`, else None."""
+    ck = latest_checkpoint(run_dir)
+    return ck if ck is not None and read_state(ck)["step"] >= steps else None
+
+
+def checkpoint_identity(ck: Path) -> dict:
+    """What a checkpoint is, for the keys of the stages that use it: its step and its weights' sha256."""
+    state = read_state(ck)
+    return {"path": str(ck), "step": state["step"], "backbone": state["backbone_id"],
+            "sha256": file_sha256(Path(ck) / "predictor.safetensors")}
