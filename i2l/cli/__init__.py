@@ -24,6 +24,23 @@ def add_preset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="data root (default: data/, or I2L_DATA_ROOT)")
 
 
+def add_baseline_training_args(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that train a baseline (mean LoRA, adapter) on the prepared train split."""
+    add_preset_args(p)
+    p.add_argument("--data", required=True, help="prepared data dir (train split)")
+    p.add_argument("--out", required=True, help="output dir")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the predictor's budget)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def train_baseline(args: argparse.Namespace, train, name: str) -> int:
+    """Run `train(cfg, data, out, steps=, device=)` from the baseline options and print what it reached."""
+    info = train(config_from_args(args), args.data, args.out, steps=args.steps, device=args.device)
+    print(f"{name}: loss {info['first_loss']:.4f} -> {info['last_loss']:.4f} in {info['steps']} steps "
+          f"({info['seconds']:.0f}s) -> {info['dir']}")
+    return 0
+
+
 def config_from_args(args: argparse.Namespace):
     """The preset with its overrides on the data root, its toy models' paths resolved there (once, here)."""
     from i2l.config import get_config
