@@ -53,13 +53,21 @@ def config_from_args(args: argparse.Namespace):
     return resolve_paths(cfg)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, like the commands' own errors (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="i2l",
         description="i2l: predict style LoRAs from reference images in one forward pass, and run the "
         "pipeline that trains, mass-produces and evaluates them. Every command runs on the toy world "
         "by default (--preset toy) and on real checkpoints with --preset klein4b / zimage.",
     )
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
@@ -69,8 +77,56 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(info.name.replace("_", "-"), help=doc.splitlines()[0] if doc else None,
                            description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
+        # Also after the command (`i2l query --debug ...`); SUPPRESS keeps a top-level --debug.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the full traceback")
         p.set_defaults(_run=mod.main)
     return parser
+
+
+# Exceptions that mean the user named a wrong file or value (exit 2); anything else is a failure (exit 1).
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                PermissionError)
+
+
+def _library(e: BaseException) -> str:
+    """The top-level package that defined the exception's class (or a base of it): duckdb, safetensors, ray."""
+    for cls in type(e).__mro__:
+        top = cls.__module__.split(".")[0].lstrip("_")
+        if top in ("duckdb", "safetensors", "ray", "pickle"):
+            return top
+    return ""
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return " ".join(lines)
+
+
+def explain(e: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an exception a command raised: the known library errors get what
+    to do; the rest say their type and point to --debug."""
+    lib, msg = _library(e), _one_line(e)
+    if type(e).__name__ == "StoreBusyError":
+        return 1, msg
+    if lib == "safetensors" and "while serializing" in msg:
+        return 2, f"cannot write a .safetensors file ({msg}): make --out name a file in a writable directory"
+    if lib == "safetensors":
+        return 2, (f"not a readable .safetensors file ({msg}): pass a LoRA or checkpoint file that i2l wrote; "
+                   "this one is truncated, pickled or of another format")
+    if lib == "pickle":
+        return 2, f"not a readable checkpoint file ({msg}): pass a file that i2l wrote; this one is damaged"
+    if lib == "duckdb":
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # the later lines quote the SQL
+        if "not a valid DuckDB database" in msg or "Is a directory" in msg:
+            return 2, f"{reason}; pass a results store written by i2l (--db / --store)"
+        return 1, f"results store: {reason}"
+    if lib == "ray":
+        return 1, (f"Ray failed ({type(e).__name__}: {msg.split(' Traceback')[0][:300]}); check the worker "
+                   "logs (ray logs / /tmp/ray/session_latest/logs), free resources or lower --workers")
+    if isinstance(e, _USER_ERRORS):
+        return 2, msg or type(e).__name__
+    return 1, f"{type(e).__name__}: {msg} (rerun with --debug for the traceback)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,10 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # User errors: say what is wrong and what to do, without a traceback.
-        print(f"i2l {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"i2l {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        # One line that names the file or setting and what to do; the traceback only with --debug.
+        code, msg = explain(e)
+        print(f"i2l {args.command}: error: {msg}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -14,11 +14,15 @@ _FAMILY = """WITH RECURSIVE fam(run_id) AS (SELECT run_id FROM runs WHERE run_id
 
 
 def user_query(store: Store, sql: str) -> pd.DataFrame:
-    """One read-only statement a user typed (`i2l query`); a bad one is a ValueError naming DuckDB's reason."""
+    """One read-only statement a user typed (`i2l query`), with no access outside the store (see
+    `Store.user_query`); a bad or refused one is a ValueError naming DuckDB's reason on one line."""
     try:
-        return store.query(sql)
+        return store.user_query(sql)
     except duckdb.Error as e:
-        raise ValueError(f"query failed: {e}") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # the lines after it point into the SQL
+        if "not a valid DuckDB database" in reason or "Is a directory" in reason:
+            reason += "; pass a results store written by i2l (--db)"
+        raise ValueError(f"query failed: {reason}") from None
 
 
 # ----- runs ------------------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ from i2l.store.schema import MIGRATIONS
 
 RUN_STATUSES = ("running", "ok", "failed", "cancelled")
 _MIGRATE_LOCK = threading.Lock()  # threads of one process migrate one at a time
+# SQL a person typed runs without access to anything but the store file (no COPY TO, read_csv, ATTACH,
+# INSTALL/LOAD), and locked so that the SQL cannot SET the access back on.
+USER_SQL_CONFIG = {"enable_external_access": False, "lock_configuration": True}
 
 
 class StoreBusyError(RuntimeError):
@@ -71,11 +74,15 @@ class Store:
 
     # -- connections and transactions --------------------------------------------------------------
 
-    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+    def _connect(self, read_only: bool, user_sql: bool = False) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + self.lock_timeout_s
         delay = 0.005
         while True:
             try:
+                if user_sql:
+                    # Never the shared read-write instance: its configuration is not locked. A writer of this
+                    # process holding the file reads as busy, and the loop waits for it to close.
+                    return duckdb.connect(str(self.path), read_only=True, config=USER_SQL_CONFIG)
                 if not read_only:
                     return duckdb.connect(str(self.path))
                 try:
@@ -132,11 +139,18 @@ class Store:
         """One read query as Python tuples (NULL -> None)."""
         return self._read(sql, params, lambda result: result.fetchall())
 
-    def _read(self, sql: str, params, fetch):
+    def user_query(self, sql: str) -> pd.DataFrame:
+        """SQL a person typed (`i2l query`, a notebook): read-only, on a connection that cannot reach files,
+        the network or extensions, nor turn that access back on (DuckDB's PermissionException otherwise)."""
+        if getattr(self._local, "con", None) is not None:
+            raise ValueError("user SQL cannot run inside a store transaction; run it after the transaction")
+        return self._read(sql, None, lambda result: result.df(), user_sql=True)
+
+    def _read(self, sql: str, params, fetch, user_sql: bool = False):
         con = getattr(self._local, "con", None)
-        if con is not None:
+        if con is not None and not user_sql:
             return fetch(con.execute(sql, params))
-        con = self._connect(read_only=True)
+        con = self._connect(read_only=True, user_sql=user_sql)
         try:
             con.execute("BEGIN TRANSACTION READ ONLY")  # `i2l query` must never write
             return fetch(con.execute(sql, params))
