@@ -18,6 +18,7 @@ from torch import nn
 from i2l.backbones.base import Backbone, Cond
 from i2l.config import Config
 from i2l.infer.guidance import sample
+from i2l.io import atomic_path, write_text_atomic
 from i2l.model.flow_matching import fm_loss, mixed_precision
 from i2l.train.step import TrainStep, WarmupCosine, step_generator
 
@@ -165,11 +166,9 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
 def save_adapter(adapter: AdapterProjector, out_dir: str | Path, info: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}, str(tmp))
-    tmp.replace(out / WEIGHTS_FILE)  # weights first; the info file marks the directory complete
-    (out / (INFO_FILE + ".tmp")).write_text(json.dumps(info, indent=2, default=str))
-    (out / (INFO_FILE + ".tmp")).replace(out / INFO_FILE)
+    with atomic_path(out / WEIGHTS_FILE) as tmp:  # weights first; the info file marks the directory complete
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}, str(tmp))
+    write_text_atomic(out / INFO_FILE, json.dumps(info, indent=2, default=str))
     return out
 
 

@@ -13,6 +13,7 @@ import torch
 
 from i2l.backbones.base import Backbone
 from i2l.config import Config
+from i2l.io import write_text_atomic
 from i2l.model.flow_matching import fm_backward, mixed_precision
 from i2l.model.lora import LoRA, zero_lora
 from i2l.train.step import TrainStep, WarmupCosine, step_generator
@@ -61,8 +62,7 @@ def train_mean_lora(cfg: Config, data_dir: str | Path, out_dir: str | Path, step
     out = Path(out_dir)
     final.save(out / LORA_FILE, prefix=backbone.lora_prefix)
     record = {**info, "curve": trainer.curve, "config": cfg.to_dict()}
-    (out / (INFO_FILE + ".tmp")).write_text(json.dumps(record, indent=2))
-    (out / (INFO_FILE + ".tmp")).replace(out / INFO_FILE)  # written last: marks the directory complete
+    write_text_atomic(out / INFO_FILE, json.dumps(record, indent=2))  # written last: marks the directory complete
     return {"dir": str(out), **info}
 
 

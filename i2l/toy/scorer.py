@@ -22,6 +22,7 @@ from PIL import Image
 
 from i2l.config import Config
 from i2l.eval.metrics.clip import SCORER_FILE, WEIGHTS_FILE, register_model_config
+from i2l.io import atomic_path, write_text_atomic
 from i2l.train.step import TrainStep, loss_summary
 
 TOY_CLIP_NAME = "i2l-toy-clip"
@@ -148,7 +149,7 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / f"{TOY_CLIP_NAME}.json"
-    _write_atomic(config_path, json.dumps(toy_clip_config(sc.image_size), indent=2))
+    write_text_atomic(config_path, json.dumps(toy_clip_config(sc.image_size), indent=2))
     register_model_config(config_path)
     model, _, preprocess = open_clip.create_model_and_transforms(TOY_CLIP_NAME, pretrained=None)
     tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
@@ -156,9 +157,8 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
         curve, heldout = _train(model, tokenizer, preprocess, rows, data_dir, sc, rng, progress)
 
     weights_path = out / WEIGHTS_FILE
-    tmp = weights_path.with_suffix(".safetensors.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, weights_path)
+    with atomic_path(weights_path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     styles, contents = {r["style"] for r in rows}, {r["content"] for r in rows}
     summary = loss_summary(curve, first=1, last=10)
     info = {
@@ -168,7 +168,7 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
         "first_loss": summary["first_loss"], "final_loss": summary["last_loss"],
         "heldout": heldout, "seconds": round(time.time() - t0, 2),
     }
-    _write_atomic(out / SCORER_FILE, json.dumps(info, indent=2))
+    write_text_atomic(out / SCORER_FILE, json.dumps(info, indent=2))
     return info
 
 
@@ -242,8 +242,3 @@ def _torch_threads(n: int):
     finally:
         torch.set_num_threads(prev)
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
