@@ -63,9 +63,11 @@ def test_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
         state = client.read_flow_run(flow_run_id).state
     assert state.is_completed(), state
 
+    from i2l.config import get_config
     from i2l.store import Store
 
     store = Store(root / "results.duckdb", read_only=True)
-    assert store.rows("SELECT rows_written FROM datasets")[0][0] > 0
+    styles = get_config("debug").toyworld.styles  # the debug toy world: 8 valid rows per style, none quarantined
+    assert store.rows("SELECT rows_written, rows_quarantined FROM datasets") == [(8 * styles, 0)]
     assert dict(store.rows("SELECT kind, status FROM runs")) == {"toyworld": "ok", "prepare": "ok"}
     assert (root / "prepared" / "debug" / "manifest.json").is_file()

@@ -265,8 +265,12 @@ def test_pipeline_runs_every_flow(pipeline_world):
     styles = len(jobs_from_manifest(root / "prepared" / "debug" / "val_manifest.jsonl"))
     produced = store.rows("SELECT lora_id FROM loras WHERE lora_id LIKE 'i2l:%' OR lora_id LIKE 'gray_lora@%'")
     assert len(produced) == styles + 1, "one LoRA per held-out style, plus the gray LoRA"
-    assert store.rows("SELECT count(*) FROM samples")[0][0] > 0
-    assert store.rows("SELECT count(*) FROM scores WHERE status = 'ok'")[0][0] > 0
+    # every method on each of the eval.styles=2 held-out styles (per_style@ each eval.optimize_budgets=1,2)
+    methods = ["adapter", "base", "i2l_1ref", "i2l_1ref_asym", "i2l_4ref", "i2l_4ref_asym", "mean_lora",
+               "per_style@1", "per_style@2"]
+    assert store.rows("SELECT method, count(*) FROM samples GROUP BY 1 ORDER BY 1") == [(m, 2) for m in methods]
+    ok = dict(store.rows("SELECT metric, count(*) FROM scores WHERE status = 'ok' GROUP BY 1"))
+    assert ok == {m: 2 * len(methods) for m in ("clip_text", "clip_style", "ref_style_sim", "leakage")}
 
 
 @pytest.mark.slow
