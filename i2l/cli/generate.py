@@ -42,21 +42,28 @@ def main(args):
         style_from_file,
         style_from_images,
     )
+    from i2l.model.lora import require_finite
 
+    for flag, value in (("--guidance", args.guidance), ("--strength", args.strength)):
+        if value is not None:
+            require_finite(value, flag)  # argparse's float() takes "nan" and "inf"
     if not args.lora and not args.images:
         raise ValueError("no style given: pass --lora FILE and/or --images IMG [IMG ...]")
     if bool(args.inpaint) != bool(args.mask):
         raise ValueError("--inpaint and --mask go together")
     if args.samples < 1:
         raise ValueError("--samples must be >= 1")
-    model = I2L.load(args.checkpoint, device=args.device)
-    styles = [style_from_file(f, model.backbone) for f in args.lora]
-    styles += [style_from_images(model, group) for group in args.images]
-    if args.mix:
+    weights = None
+    if args.mix:  # checked before anything is loaded
         try:
             weights = [float(w) for w in args.mix.split(",")]
         except ValueError:
             raise ValueError(f"--mix takes comma-separated numbers, got {args.mix!r}") from None
+        weights = [require_finite(w, f"--mix weight {i + 1}") for i, w in enumerate(weights)]
+    model = I2L.load(args.checkpoint, device=args.device)
+    styles = [style_from_file(f, model.backbone) for f in args.lora]
+    styles += [style_from_images(model, group) for group in args.images]
+    if weights is not None:
         styles = [mix_styles(styles, weights)]
     settings = GenerateSettings(
         guidance=model.cfg.eval.guidance if args.guidance is None else args.guidance,

@@ -16,13 +16,17 @@ def add_arguments(p):
 def main(args):
     from i2l.infer.api import I2L
     from i2l.infer.generation import expand_images
+    from i2l.model.lora import MAX_ABS_WEIGHT, require_finite
 
+    require_finite(args.strength, "--strength")  # argparse's float() takes "nan" and "inf"
     # predicting needs the encoder and predictor only: a real backbone (GBs) is not loaded
     model = I2L.load(args.checkpoint, device=args.device, backbone=False)
     images = expand_images(args.images)
     lora = model.predict_lora(images)
     if args.strength != 1.0:
         lora = lora.scaled(args.strength)
+        # never write a file that LoRA.load would refuse
+        lora.check_finite(f"LoRA at --strength {args.strength:g}", bound=MAX_ABS_WEIGHT)
     path = lora.save(args.out, prefix=model.lora_prefix)
     print(f"LoRA from {len(images)} reference(s): rank {lora.rank}, {len(lora.names)} layers -> {path}")
     return 0

@@ -34,8 +34,14 @@ def to_tensor(images: list[Image.Image], size: int | None = None) -> torch.Tenso
 
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    """(B, 3, H, W) in [-1, 1] -> PIL images; non-finite pixels are a ValueError (clamp would write NaN as black)."""
+    x = x.detach().float()
+    ok = torch.isfinite(x).flatten(1).all(1)  # (B,)
+    if not bool(ok.all()):
+        rows = (~ok).nonzero().flatten().tolist()
+        raise ValueError(f"image(s) {rows} of a batch of {len(ok)} hold NaN/Inf pixels (a diverged sample or "
+                         "decoder): refusing to write them as black images")
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a, "RGB") for a in arr]
 
 

@@ -22,7 +22,7 @@ from i2l.data.images import gray_image, load_image_file, to_pil, to_tensor
 from i2l.infer.guidance import sample
 from i2l.model.encoder import ImageEncoder, load_encoder
 from i2l.model.flow_matching import mixed_precision
-from i2l.model.lora import LoRA
+from i2l.model.lora import LoRA, require_finite
 from i2l.model.predictor import I2LPredictor, predict_lora
 from i2l.train.checkpoint import check_fits, checkpoint_config, read_state, require_checkpoint
 
@@ -107,6 +107,7 @@ class I2L:
         the CPU: files and mixing stay fp32 whatever the forward ran in."""
         with mixed_precision(self.encoder.device, self.cfg.backbone.dtype):
             out = predict_lora(self.predictor, self.encoder, refs.to(self.encoder.device), n_refs)
+        out.check_finite(f"LoRA predicted by checkpoint {self.checkpoint_id}")  # on the device: one sync
         return out.to_host(torch.float32)
 
     def gray_lora(self) -> LoRA:
@@ -127,7 +128,8 @@ class I2L:
         if self.backbone is None:
             raise ValueError("this I2L was loaded with backbone=False (predict-only): load it with the backbone "
                              "to generate")
-        guidance = self.cfg.eval.guidance if guidance is None else guidance
+        guidance = require_finite(self.cfg.eval.guidance if guidance is None else guidance, "guidance")
+        strength = require_finite(strength, "strength")
         steps = steps or self.cfg.eval.sample_steps
         n = len(prompts)
         if isinstance(loras, LoRA) or loras is None:
@@ -139,6 +141,7 @@ class I2L:
             if lo is not None:
                 from i2l.model.lora import check_compatible
                 check_compatible(lo, self.backbone)
+                lo.check_finite()
         zero = LoRA({k: torch.zeros(1, v[0]) for k, v in base_targets.items()},
                     {k: torch.zeros(v[1], 1) for k, v in base_targets.items()}, self.backbone.backbone_id)
         pos = LoRA.stack([lo if lo is not None else zero for lo in loras]).to(self.backbone.device)
@@ -149,7 +152,7 @@ class I2L:
         elif negative_lora is None:
             neg = pos  # plain CFG: the same LoRA on both branches
         else:
-            neg = LoRA.stack([negative_lora] * n)
+            neg = LoRA.stack([negative_lora.check_finite("negative_lora")] * n)
         shape = self.backbone.latent_shape(self.cfg.backbone.image_size)
         # noise (B, *latent) fp32 on the CPU: `sample` moves it to the device (its state stays fp32)
         if isinstance(seed, int):

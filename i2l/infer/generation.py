@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from i2l.infer.guidance import NonFiniteSample
 from i2l.io import atomic_path, write_bytes_atomic
-from i2l.model.lora import LoRA, check_compatible
+from i2l.model.lora import LoRA, check_compatible, require_finite
 
 TABLE_FILE = "samples.csv"
 TABLE_COLUMNS = ("sample_id", "prompt", "lora_id", "seed", "image", "settings")
@@ -50,6 +51,8 @@ class GenerateSettings:
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch size must be >= 1")
+        self.guidance = require_finite(self.guidance, "guidance")
+        self.strength = require_finite(self.strength, "strength")
 
 
 def _slug(text: str) -> str:
@@ -159,6 +162,7 @@ def generate_samples(model, styles: list[StyleLoRA], prompts: list[str], out_dir
     check_prompt_lengths(bb, [*prompts, settings.negative_prompt])
     for s in styles:
         check_compatible(s.lora, bb, source=f"LoRA {s.source}")
+        s.lora.check_finite(f"LoRA {s.source}")  # one made in memory (mixed, predicted) as well as a file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     common = {**asdict(settings), "cfg": "asymmetric" if settings.asymmetric else "plain",
@@ -172,10 +176,14 @@ def generate_samples(model, styles: list[StyleLoRA], prompts: list[str], out_dir
         if inpaint is not None:
             known, mask = inpaint
             paint = (known.expand(len(chunk), *known.shape[1:]), mask.expand(len(chunk), *mask.shape[1:]))
-        images = model.generate([c["prompt"] for c in chunk], [c["style"].lora for c in chunk],
-                                negative_lora="gray" if settings.asymmetric else None, guidance=settings.guidance,
-                                steps=settings.steps, seed=[c["seed"] for c in chunk], strength=settings.strength,
-                                negative_prompt=settings.negative_prompt, inpaint=paint)
+        try:
+            images = model.generate([c["prompt"] for c in chunk], [c["style"].lora for c in chunk],
+                                    negative_lora="gray" if settings.asymmetric else None,
+                                    guidance=settings.guidance, steps=settings.steps,
+                                    seed=[c["seed"] for c in chunk], strength=settings.strength,
+                                    negative_prompt=settings.negative_prompt, inpaint=paint)
+        except NonFiniteSample as e:
+            raise _name_styles(e, chunk) from None
         for c, im in zip(chunk, images):
             name = f"{c['sample_id']}.png"
             _write_png(im, out / name)
@@ -183,6 +191,14 @@ def generate_samples(model, styles: list[StyleLoRA], prompts: list[str], out_dir
                          "seed": c["seed"], "image": name, "settings": {**common, "lora_source": c["style"].source}})
         write_table(rows, out / TABLE_FILE)  # after every batch: the table lists exactly the images on disk
     return rows
+
+
+def _name_styles(e: NonFiniteSample, chunk: list[dict]) -> ValueError:
+    """The sampler's error with its batch rows named: sample id, lora id and where the LoRA came from."""
+    which = "; ".join(f"{chunk[r]['sample_id']} (lora {chunk[r]['style'].lora_id} from {chunk[r]['style'].source}) "
+                      f"at sampler step {k} of {e.steps}" for r, k in e.first_bad.items())
+    return ValueError(f"sample went non-finite (NaN/Inf): {which}; no image written for this batch "
+                      "(lower --strength or --guidance, or check the LoRA)")
 
 
 def _write_png(image: Image.Image, path: Path) -> None:

@@ -9,7 +9,18 @@ import torch
 from i2l.backbones.base import Backbone, Cond
 from i2l.backbones.schedule import timestep_schedule
 from i2l.model.flow_matching import interpolate
-from i2l.model.lora import LoRA
+from i2l.model.lora import LoRA, require_finite
+
+
+class NonFiniteSample(ValueError):
+    """Samples of a batch went NaN/Inf: `first_bad` maps each such batch row to the sampler step (1-based) after
+    which its state first held a non-finite value. Callers that know the rows' LoRAs re-raise naming them."""
+
+    def __init__(self, first_bad: dict[int, int], steps: int):
+        self.first_bad, self.steps = first_bad, steps
+        where = ", ".join(f"row {r} at step {k}" for r, k in first_bad.items())
+        super().__init__(f"sampling went non-finite (NaN/Inf) after {where} of {steps}: a LoRA, strength or guidance "
+                         "too large for this backbone, or a broken checkpoint; no image written")
 
 
 def _cat_loras(pos: LoRA | None, neg: LoRA | None, n: int) -> LoRA | None:
@@ -40,6 +51,7 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
     shift None: the t grid of the backbone's own pipeline (`Backbone.sampling_schedule`); a number: that static
     shift of a uniform grid instead.
     """
+    guidance, strength = require_finite(guidance, "guidance"), require_finite(strength, "strength")
     n = len(cond)
     if noise is None:
         noise = torch.randn((n, *shape), generator=generator)
@@ -55,6 +67,7 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
         lora = lora.expand(n)
     ts = (backbone.sampling_schedule(steps, tuple(x.shape[1:])) if shift is None
           else timestep_schedule(steps, shift)).to(x.device)
+    finite = []  # per step (B,) bool, kept on the device: one reduction per step, one sync at the end
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
         if cfg:
@@ -69,4 +82,9 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
             known, mask = inpaint
             t_next = ts[i + 1]
             x = mask * x + (1 - mask) * interpolate(noise, known, t_next.expand(n))
+        finite.append(torch.isfinite(x).flatten(1).all(1))  # (B,)
+    if finite and not bool((ok := torch.stack(finite)).all()):  # ok (steps, B)
+        bad = ~ok
+        first = (bad.to(torch.uint8).argmax(0) + 1).tolist()  # first bad step of each row, 1-based
+        raise NonFiniteSample({r: first[r] for r in bad.any(0).nonzero().flatten().tolist()}, steps)
     return x

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +23,43 @@ from torch import nn
 from i2l.io import atomic_path
 
 FORMAT_VERSION = "1"
+# A LoRA factor with |w| above this is corrupt, not a style: trained and predicted factors are O(0.01..1), and a
+# ΔW of r·1e4·1e4 = 1e8·r overflows fp16/bf16 activations (max 65504 / no headroom) into Inf, then NaN images.
+MAX_ABS_WEIGHT = 1e4
+
+
+def require_finite(value, name: str) -> float:
+    """`value` as a float, or a ValueError naming `name` (a flag or argument) when it is not a finite number."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return x
+
+
+def check_weights(tensors: dict[str, torch.Tensor], source: str, bound: float | None = MAX_ABS_WEIGHT) -> None:
+    """Raise a ValueError naming `source` and the first key whose tensor is not floating point, holds NaN/Inf, or
+    (bound given) has |w| > bound. One reduction per tensor and one device sync for all of them."""
+    for k, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{source}: {k} is {t.dtype}, not floating point: a LoRA's weights are floats "
+                             "(a quantized or integer file would act as no LoRA at all)")
+    keys = [k for k, t in tensors.items() if t.numel()]
+    if not keys:
+        return
+    dev = tensors[keys[0]].device
+    peaks = torch.stack([tensors[k].detach().float().abs().amax().to(dev) for k in keys]).tolist()  # NaN propagates
+    for k, m in zip(keys, peaks):
+        t = tensors[k].detach()
+        if not math.isfinite(m):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise ValueError(f"{source}: {k} holds {nan} NaN and {inf} Inf value(s) of {t.numel()}: "
+                             "a corrupt LoRA would sample black or NaN images")
+        if bound is not None and m > bound:
+            raise ValueError(f"{source}: {k} has |w| up to {m:.3g}, above {bound:g} (MAX_ABS_WEIGHT): "
+                             "no trained LoRA is that large, the file is corrupt or mis-scaled")
 
 
 @dataclass
@@ -77,8 +115,15 @@ class LoRA:
         return LoRA({k: v.detach() for k, v in self.A.items()}, {k: v.detach() for k, v in self.B.items()},
                     self.backbone, dict(self.meta))
 
+    def check_finite(self, source: str = "LoRA", bound: float | None = None) -> LoRA:
+        """This LoRA, or a ValueError naming `source` and the first matrix holding NaN/Inf (or |w| > bound)."""
+        check_weights({**{f"{k}.lora_A": v for k, v in self.A.items()},
+                       **{f"{k}.lora_B": v for k, v in self.B.items()}}, source, bound=bound)
+        return self
+
     def scaled(self, strength: float) -> LoRA:
         """Strength control: ΔW -> strength·ΔW."""
+        require_finite(strength, "LoRA strength")
         return LoRA(dict(self.A), {k: v * strength for k, v in self.B.items()}, self.backbone, dict(self.meta))
 
     def __getitem__(self, i: int) -> LoRA:
@@ -138,6 +183,7 @@ class LoRA:
         Zero weights are dropped, so mixing with (1, 0) returns the first LoRA itself."""
         if len(loras) != len(weights) or not loras:
             raise ValueError("mix needs one weight per LoRA")
+        weights = [require_finite(w, f"mixing weight {i + 1}") for i, w in enumerate(weights)]
         kept = [(lo, w) for lo, w in zip(loras, weights) if w != 0]
         if not kept:
             return loras[0].scaled(0.0)
@@ -183,6 +229,8 @@ class LoRA:
             meta = f.metadata() or {}
             # LoRA pieces only: a model file passed by mistake fails fast instead of being read whole
             tensors = {k: f.get_tensor(k) for k in f.keys() if "lora" in k or k.endswith(".alpha")}  # noqa: SIM118
+        # the file's own keys in the message; α may be stored as an integer, the matrices may not
+        check_weights({k: t if not k.endswith(".alpha") else t.double() for k, t in tensors.items()}, str(path))
         if backbone is not None and "i2l.format_version" not in meta:  # i2l's own files are diffusers' layout
             tensors = backbone.convert_lora_keys(tensors, str(path))
         A, B, alphas = {}, {}, {}
@@ -197,6 +245,8 @@ class LoRA:
             raise ValueError(f"{path}: not a LoRA file (no matching lora_A/lora_B pairs{hint})")
         # i2l's files have the scale folded in already; other trainers' files scale by alpha/r at run time
         for k, s in _alpha_scales(A, alphas, meta.get("lora_adapter_metadata")).items():
+            if not math.isfinite(s) or abs(s) > MAX_ABS_WEIGHT:  # json reads NaN/Infinity in adapter metadata
+                raise ValueError(f"{path}: {k} has alpha/rank scale {s:g}: not a finite scale of a LoRA")
             B[k] = B[k] * s
         lora = cls(A, B, meta.get("i2l.backbone", ""), json.loads(meta.get("i2l.meta", "{}") or "{}"))
         if backbone is not None:
