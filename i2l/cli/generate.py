@@ -42,7 +42,7 @@ def main(args):
         style_from_file,
         style_from_images,
     )
-    from i2l.model.lora import require_finite
+    from i2l.model.finite import require_finite
 
     for flag, value in (("--guidance", args.guidance), ("--strength", args.strength)):
         if value is not None:

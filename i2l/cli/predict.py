@@ -16,7 +16,7 @@ def add_arguments(p):
 def main(args):
     from i2l.infer.api import I2L
     from i2l.infer.generation import expand_images
-    from i2l.model.lora import MAX_ABS_WEIGHT, require_finite
+    from i2l.model.finite import MAX_ABS_WEIGHT, require_finite
 
     require_finite(args.strength, "--strength")  # argparse's float() takes "nan" and "inf"
     # predicting needs the encoder and predictor only: a real backbone (GBs) is not loaded

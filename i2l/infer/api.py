@@ -21,8 +21,9 @@ from i2l.config import Config
 from i2l.data.images import gray_image, load_image_file, to_pil, to_tensor
 from i2l.infer.guidance import sample
 from i2l.model.encoder import ImageEncoder, load_encoder
+from i2l.model.finite import require_finite
 from i2l.model.flow_matching import mixed_precision
-from i2l.model.lora import LoRA, require_finite
+from i2l.model.lora import LoRA
 from i2l.model.predictor import I2LPredictor, predict_lora
 from i2l.train.checkpoint import check_fits, checkpoint_config, read_state, require_checkpoint
 

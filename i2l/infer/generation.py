@@ -24,7 +24,8 @@ from PIL import Image
 
 from i2l.infer.guidance import NonFiniteSample
 from i2l.io import atomic_path, write_bytes_atomic
-from i2l.model.lora import LoRA, check_compatible, require_finite
+from i2l.model.finite import require_finite
+from i2l.model.lora import LoRA, check_compatible
 
 TABLE_FILE = "samples.csv"
 TABLE_COLUMNS = ("sample_id", "prompt", "lora_id", "seed", "image", "settings")

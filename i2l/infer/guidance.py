@@ -8,8 +8,9 @@ import torch
 
 from i2l.backbones.base import Backbone, Cond
 from i2l.backbones.schedule import timestep_schedule
+from i2l.model.finite import require_finite
 from i2l.model.flow_matching import interpolate
-from i2l.model.lora import LoRA, require_finite
+from i2l.model.lora import LoRA
 
 
 class NonFiniteSample(ValueError):
