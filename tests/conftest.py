@@ -41,6 +41,9 @@ class DebugRun:
 
 def build_debug_run(root: Path) -> DebugRun:
     """Build the debug world under root with the library calls the CLI makes (Ray is used by prepare)."""
+    import torch
+    from golden_losses import THREADS
+
     from i2l.config import get_config
     from i2l.data.prepare import prepare
     from i2l.layout import resolve_paths
@@ -55,9 +58,15 @@ def build_debug_run(root: Path) -> DebugRun:
     toy, prepared, run = root / "toyworld", root / "prepared", root / "runs" / "train"
     write_toyworld(cfg.toyworld, toy, progress=False)
     prepare(cfg, toy, prepared, progress=False)
-    pretrain_backbone(cfg, prepared, cfg.backbone.path, progress=False)
-    pretrain_encoder(cfg, prepared, cfg.encoder.path, progress=False)
-    train_predictor(cfg, prepared, run, progress=False)
+    # the golden losses build on this world's models: the same reductions whatever an earlier test left set
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        pretrain_backbone(cfg, prepared, cfg.backbone.path, progress=False)
+        pretrain_encoder(cfg, prepared, cfg.encoder.path, progress=False)
+        train_predictor(cfg, prepared, run, progress=False)
+    finally:
+        torch.set_num_threads(before)
     return DebugRun(root, toy, prepared, run, cfg)
 
 

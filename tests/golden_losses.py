@@ -12,6 +12,9 @@ import torch
 
 GOLDEN_PATH = Path(__file__).parent / "golden" / "debug_losses.json"
 STEPS = 5  # per loop: enough to see the lr schedule, clipping and the optimiser at work
+# CPU matmuls reduce in another order with another thread count: the file was recorded with 2 (this machine's
+# default, and CI's), and every comparison pins it, whatever an earlier test left set.
+THREADS = 2
 
 
 @contextlib.contextmanager
@@ -55,11 +58,15 @@ def loop_losses(debug_run, tmp: Path) -> dict[str, list[float]]:
         "mean_lora": lambda: train_mean_lora(cfg, data, tmp / "mean_lora", steps=STEPS, progress=False),
         "adapter": lambda: train_adapter(cfg, data, tmp / "adapter", steps=STEPS, progress=False),
     }
-    out = {}
-    for name, run in runs.items():
-        with recording_backward() as seen:
-            run()
-        out[name] = seen
+    out, before = {}, torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        for name, run in runs.items():
+            with recording_backward() as seen:
+                run()
+            out[name] = seen
+    finally:
+        torch.set_num_threads(before)
     return out
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from i2l.bench import judged
+from i2l.bench import judged, torch_threads
 
 GOAL = 1.3
 NO_CKPT = "_no_ckpt"  # suffix of the cases timed without gradient checkpointing
@@ -33,13 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    with torch_threads(args.threads):  # the caller gets its own thread count back
+        return _measure(args)
+
+
+def _measure(args: argparse.Namespace) -> list[dict]:
     import torch  # here, not at import: every bench module is imported to build `i2l --help`
 
     from i2l.bench._steps import Steps, peak_rows, setup_rows, tag_rows
     from i2l.bench._timing import interleaved, median_ratio
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     st = Steps.build(args.preset, args.device, args.overrides)
     B = args.batch or st.cfg.train.batch_size
     G = max(1, min(st.cfg.train.targets_per_lora, B))

@@ -47,13 +47,16 @@ def _darkness_by_quadrant(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_pretrained_samples_draw_the_prompted_content_where_the_prompt_says(tmp_path, ray_session, toy_preset_world):
+def test_pretrained_samples_draw_the_prompted_content_where_the_prompt_says(tmp_path, ray_session, toy_preset_world,
+                                                                          request):
     """Half the toy pretraining (400 of 800 steps, ~2 min) already places the prompted shape: for
     "one <size> <shape> at the <corner>" the darkest quadrant of the sample is the prompted corner far above
     chance (1/4); an untrained backbone is at chance. (Shape classes are not told apart at this budget.)"""
     from i2l.data.prepare import prepare
     from i2l.infer.guidance import sample
 
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))  # leak no thread count into later tests
     torch.set_num_threads(2)
     cfg = get_config("toy", {"train.backbone_steps": 400})
     prepare(cfg, toy_preset_world, tmp_path / "prepared", progress=False)
