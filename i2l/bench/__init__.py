@@ -1,22 +1,7 @@
 """Benchmarks: one module per measured stage (`python -m i2l.bench.<name>`), each with `add_arguments(p)` and
 `run(args) -> list[dict]`, measuring i2l against the plain baseline it replaces, side by side in one run."""
 
-import contextlib
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Time with n torch threads (None / 0: as set), then give the caller back its own setting: benches also run
-    in-process (tests, notebooks), where a leaked thread count slows everything that follows."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from i2l.train.threads import torch_threads  # noqa: F401  (the benches time under it)
 
 
 def judged(value: float, goal: tuple[str, float] | None) -> dict:

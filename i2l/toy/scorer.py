@@ -4,7 +4,6 @@ Independent of the model under test: it sees only dataset rows, never generated 
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import io
@@ -24,6 +23,7 @@ from i2l.config import Config
 from i2l.eval.metrics.clip import SCORER_FILE, WEIGHTS_FILE, register_model_config
 from i2l.io import atomic_path, write_text_atomic
 from i2l.train.step import TrainStep, loss_summary
+from i2l.train.threads import torch_threads
 
 TOY_CLIP_NAME = "i2l-toy-clip"
 SCORER_VERSION = "1"
@@ -153,7 +153,7 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
     register_model_config(config_path)
     model, _, preprocess = open_clip.create_model_and_transforms(TOY_CLIP_NAME, pretrained=None)
     tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
-    with _torch_threads(sc.pretrain_threads):
+    with torch_threads(sc.pretrain_threads):
         curve, heldout = _train(model, tokenizer, preprocess, rows, data_dir, sc, rng, progress)
 
     weights_path = out / WEIGHTS_FILE
@@ -229,16 +229,4 @@ def _train(model, tokenizer, preprocess, rows, data_dir, sc, rng, progress):
         clip = ClipModel(model, tokenizer, preprocess, device, TOY_CLIP_NAME, SCORER_VERSION)
         heldout = {"rows": len(val_rows), **pair_accuracy(clip, val_rows)}
     return trainer.curve, heldout
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """Run with n intra-op threads (0: leave as is), then restore the previous count."""
-    prev = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
