@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import flow, task
 
 from flows.stages import TASK_OPTIONS, StageContext, digest, jsonable, path_exists
+from i2l.doctor import require_healthy
 from i2l.io import file_sha256
 from i2l.produce.catalog import CATALOG_FILE
 from i2l.produce.jobs import jobs_from_manifest
@@ -19,6 +20,7 @@ from i2l.train.run_key import require_checkpoint
 @task(name="produce-loras", **TASK_OPTIONS)
 def produce_task(cfg, checkpoint: str, manifest: str, out_dir: str, store, progress: bool) -> dict:
     p = cfg.produce
+    require_healthy(cfg, purpose="produce")  # configs and headers only, before any Ray actor starts
     summary = produce_loras(checkpoint, jobs_from_manifest(manifest), out_dir, store, workers=p.workers,
                             batch_size=p.batch_size, num_gpus=p.num_gpus, max_retries=p.max_retries,
                             progress=progress)

@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.pretrain_toy import toy_model_keys
 from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, jsonable
+from i2l.doctor import require_healthy
 from i2l.train.checkpoint import checkpoint_identity, finished_checkpoint
 from i2l.train.launcher import launch_training
 from i2l.train.run_key import claim_run_dir, read_run_key
@@ -57,9 +58,14 @@ def train(preset: str = "toy", overrides: list[str] | None = None, data_root: st
     # Before the done-check: switching settings back restores their run, which the check then finds finished.
     for note in claim_run_dir(paths.train_dir, key, fresh="train" in ctx.force):
         get_run_logger().warning(f"train: {note}")
+
+    def run(run_id: str) -> dict:
+        require_healthy(cfg, purpose="train")  # configs and headers only, before Ray Train starts
+        return train_task(cfg, str(paths.prepared_dir), str(paths.train_dir), progress)
+
     result = ctx.run_stage(
         "train", key,
         lambda: run_finished(paths.train_dir, cfg.train.steps, key),
-        lambda run_id: train_task(cfg, str(paths.prepared_dir), str(paths.train_dir), progress),
+        run,
         record=lambda run_id, info: record_training(ctx, run_id, info))
     return [result.to_dict()]

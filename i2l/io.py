@@ -1,21 +1,118 @@
 """Atomic, durable file writes and content digests: the one place every stage writes a file that must be whole
-or absent after a crash (write to a unique temporary name beside it, fsync, rename over)."""
+or absent after a crash or a full disk (write to a temporary name beside it that names its writer, fsync, rename
+over), and tells a dead writer's leftovers from a live one's in-flight file."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"  # no dots: the temp name is split on them
+FOREIGN_TMP_STALE_S = 24 * 3600  # another host's temp file untouched this long is a leftover (its pid is not ours)
+
+
+class DiskFullError(OSError):
+    """No space left on a device while writing `filename`; the partial file was removed. Built by `disk_full`
+    (OSError's own arguments, so that it crosses process boundaries: Ray actors)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def disk_full(path: str | os.PathLike) -> DiskFullError:
+    return DiskFullError(errno.ENOSPC, f"no space left on device writing {path}: nothing half-written was kept; "
+                                       "free space (or choose another output folder) and re-run, finished files "
+                                       "are kept", str(path))
+
+
+def disk_full_cause(e: BaseException) -> BaseException | None:
+    """The out-of-space error behind `e` (its causes and contexts, a Ray task error's cause), else None.
+    safetensors reports ENOSPC as `SafetensorError(... os error 28)`, pyarrow as OSError(28), Python as ENOSPC."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(getattr(x, "cause", None), BaseException):  # a Ray task error: look at what the task raised
+            todo.append(x.cause)
+            continue
+        if isinstance(x, DiskFullError) or (isinstance(x, OSError) and x.errno == errno.ENOSPC):
+            return x
+        if not isinstance(x, OSError) and re.search(r"No space left on device|os error 28\b", str(x)):
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
+
+
+def as_disk_full(e: BaseException, path: str | os.PathLike) -> DiskFullError | None:
+    """The DiskFullError to raise for `e` (its own, naming the file, or one naming `path`); None if `e` is not
+    about a full disk."""
+    full = disk_full_cause(e)
+    if full is None:
+        return None
+    return full if isinstance(full, DiskFullError) else disk_full(path)
+
+
+@contextlib.contextmanager
+def naming_disk_full(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an out-of-space error raised in the block into a DiskFullError naming `path` (others pass through)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if disk_full_cause(e) is None:
+            raise
+        raise disk_full(path) from e
 
 
 def atomic_tmp(path: str | os.PathLike) -> Path:
-    """A temporary name beside `path`, unique to this call (so concurrent writers never share one)."""
+    """`.<name>.<host>.<pid>.<random>.tmp` beside `path`: unique to this call (so concurrent writers never share
+    one) and naming its writer, so that a cleaner removes only the leftovers of writers that are gone."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def tmp_writer_alive(tmp: str | os.PathLike) -> bool:
+    """Whether the process writing temporary file `tmp` (an `atomic_tmp` name) may still be running: its pid is
+    alive on this host, or (another host's file) it was touched within FOREIGN_TMP_STALE_S. A name that does not
+    say its writer (older formats) is a leftover."""
+    tmp = Path(tmp)
+    parts = tmp.name.removesuffix(".tmp").rsplit(".", 3)
+    if len(parts) != 4 or not parts[2].isdigit():
+        return False
+    host, pid = parts[1], int(parts[2])
+    if host != _HOST:
+        try:
+            return time.time() - tmp.stat().st_mtime < FOREIGN_TMP_STALE_S
+        except FileNotFoundError:
+            return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def remove_dead_tmp(paths: Iterable[Path]) -> list[Path]:
+    """Delete the temporary files among `paths` whose writer is gone (see tmp_writer_alive); returns them."""
+    gone = [p for p in paths if p.is_file() and not tmp_writer_alive(p)]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
 
 
 def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -28,14 +125,16 @@ def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, mkdir: bool = True) -> Iterator[Path]:
     """`with atomic_path(p) as tmp: write(tmp)`: tmp replaces p when the block succeeds; on any error tmp is
-    removed and p is left as it was. For writers that take a path (safetensors, parquet, PIL)."""
+    removed and p is left as it was (a full disk raises DiskFullError naming p). For writers that take a path
+    (safetensors, parquet, PIL)."""
     path = Path(path)
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_tmp(path)
     try:
-        yield tmp
-        replace_durably(tmp, path)
+        with naming_disk_full(path):
+            yield tmp
+            replace_durably(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -111,6 +111,12 @@ class Backbone:
         latents of latent_shape (C, h, w). Uniform here; the diffusers backbones ask their pipeline's scheduler."""
         return schedule.uniform(steps)
 
+    def training_timesteps(self, latent_shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The grid of t (G,) this backbone's own training recipe draws training timesteps from (uniformly), for
+        latents of latent_shape (C, h, w); None = no grid: a continuous logit-normal t, as the toy backbone is
+        pretrained. The diffusers backbones give their scheduler's shifted grid (i2l/backbones/schedule.py)."""
+        return None
+
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """v for x_t already in the backbone's weight dtype (`velocity` casts in and back out)."""
         raise NotImplementedError

@@ -5,6 +5,7 @@ init and sizing build without weights. Each subclass adds its prompt encoding, l
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -12,6 +13,18 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from i2l.backbones.base import Backbone
 from i2l.config import BackboneConfig
+
+log = logging.getLogger(__name__)
+
+
+def read_model_index(path: str | Path) -> dict:
+    """model_index.json of a diffusers pipeline directory: `_class_name`, the components, flags such as
+    `is_distilled` (no weights are read)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found: backbone.path must be a diffusers pipeline directory "
+                                f"(`save_pretrained` layout, as the checkpoints are published)")
+    return json.loads(index.read_text())
 
 
 class DiffusersBackbone(Backbone):
@@ -22,6 +35,7 @@ class DiffusersBackbone(Backbone):
     published_config: dict | None = None  # the published checkpoint's transformer config.json
     model_name = ""  # the model as messages name it
     path_env = ""  # the environment variable the preset reads backbone.path from
+    base_checkpoint = ""  # the undistilled checkpoint to train on, named when a step-distilled one is given
 
     def __init__(self, pipe, targets: tuple[str, ...] = (), max_sequence_length: int = 512):
         super().__init__(targets or self.default_targets)
@@ -31,6 +45,8 @@ class DiffusersBackbone(Backbone):
         self.text_encoder = getattr(pipe, "text_encoder", None)
         self.tokenizer = getattr(pipe, "tokenizer", None)
         self.max_sequence_length = max_sequence_length
+        # a step-distilled checkpoint (FLUX.2-klein-4B) samples without CFG, as its pipeline does (`sampling_guidance`)
+        self.distilled = bool(pipe.config.get("is_distilled", False))
 
     @classmethod
     def from_components(cls, transformer, vae=None, text_encoder=None, tokenizer=None, scheduler=None,
@@ -41,12 +57,47 @@ class DiffusersBackbone(Backbone):
         return cls(pipe, targets, **kwargs)
 
     @classmethod
+    def check_index(cls, path: str | Path, index: dict) -> None:
+        """Refuse a pipeline directory whose model_index.json names another pipeline than this adapter's."""
+        from i2l.backbones.registry import kind_for_pipeline
+
+        name = index.get("_class_name", "")
+        if name != cls.pipeline_class.__name__:
+            other = kind_for_pipeline(name)
+            fix = f"set backbone.kind={other}" if other else f"point backbone.path at a {cls.model_name} directory"
+            raise ValueError(f"{Path(path) / 'model_index.json'} names a {name or 'unnamed'} pipeline, but "
+                             f"backbone.kind={cls.kind} reads {cls.pipeline_class.__name__}: {fix}")
+
+    @classmethod
+    def distillation(cls, path: str | Path, index: dict) -> tuple[str, str] | None:
+        """(why a step-distilled checkpoint cannot be trained on, what to use instead); None when not distilled."""
+        if not index.get("is_distilled"):
+            return None
+        base = cls.base_checkpoint or f"the undistilled {cls.model_name}"
+        why = f"{Path(path) / 'model_index.json'} says is_distilled: true, the step-distilled {cls.model_name}"
+        return (f"{why} that samples without CFG",
+                f"i2l trains (and guides) on the base model: point backbone.path ({cls.path_env}) at {base}")
+
+    def sampling_guidance(self, guidance: float) -> float:
+        """The CFG scale this backbone's own pipeline samples with: a step-distilled pipeline ignores guidance (one
+        branch, no CFG), and says so once (logger warning), naming the base model asymmetric guidance needs."""
+        if not self.distilled or guidance == 1.0:
+            return guidance
+        base = self.base_checkpoint or f"the undistilled {self.model_name}"
+        log.warning(f"this {self.model_name} is step-distilled (model_index.json is_distilled: true): sampled as its "
+                    f"pipeline does, without CFG (guidance {guidance:g} ignored); asymmetric LoRA guidance needs the "
+                    f"base model, {base}")
+        return 1.0
+
+    @classmethod
     def load_pipeline(cls, bcfg: BackboneConfig):
-        """The pipeline of a local diffusers directory (`save_pretrained` layout; safetensors only, no download)."""
+        """The pipeline of a local diffusers directory (`save_pretrained` layout; safetensors only, no download),
+        after its model_index.json names this adapter's pipeline."""
         path = Path(bcfg.path) if bcfg.path else None
         if path is None or not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"no {cls.model_name} pipeline directory at {bcfg.path!r}: set backbone.path (or "
                                     f"{cls.path_env}) to a local diffusers directory with model_index.json")
+        cls.check_index(path, read_model_index(path))
         return cls.pipeline_class.from_pretrained(str(path), dtype=getattr(torch, bcfg.dtype), local_files_only=True,
                                                   use_safetensors=True)
 

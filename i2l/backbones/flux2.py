@@ -32,6 +32,7 @@ class Flux2Backbone(DiffusersBackbone):
 
     kind = "flux2"
     model_name, path_env = "FLUX.2-klein", "I2L_KLEIN4B_DIR"
+    base_checkpoint = "FLUX.2-klein-base-4B"  # what to train on instead of the step-distilled FLUX.2-klein-4B
     pipeline_class, transformer_class = Flux2KleinPipeline, Flux2Transformer2DModel
     default_targets = FLUX2_TARGETS
     published_config = KLEIN4B_TRANSFORMER
@@ -76,6 +77,9 @@ class Flux2Backbone(DiffusersBackbone):
 
     def sampling_schedule(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         return schedule.flux2_klein(self.pipe.scheduler.config, steps, latent_shape[1] * latent_shape[2])  # h·w tokens
+
+    def training_timesteps(self, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        return schedule.flux2_klein_training(self.pipe.scheduler.config)  # (1000,): mu 0.8, as the authors train
 
     # ----- text -----
     def encode_prompts(self, prompts: list[str]) -> Cond:

@@ -20,16 +20,17 @@ class BackboneSpec:
     backbone: str  # the Backbone subclass; its classmethods architecture(bc) and random(bc, seed) read no weights
     load: str  # load(BackboneConfig) -> Backbone with the weights of a local directory
     text_tokens: int = 0  # prompt length a benchmark feeds when the backbone has no text encoder (`random_cond`)
+    pipeline: str = ""  # the diffusers pipeline class its directory's model_index.json names (`_class_name`)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     "toy": BackboneSpec("i2l.toy.backbone:ToyBackbone", "i2l.toy.backbone:load_toy_backbone"),
     # FLUX.2-klein pads every prompt to 512 tokens
     "flux2": BackboneSpec("i2l.backbones.flux2:Flux2Backbone", "i2l.backbones.flux2:load_flux2_backbone",
-                          text_tokens=512),
+                          text_tokens=512, pipeline="Flux2KleinPipeline"),
     # Z-Image drops the padding, and a MegaStyle content prompt in its chat template is well under 64 tokens
     "zimage": BackboneSpec("i2l.backbones.zimage:ZImageBackbone", "i2l.backbones.zimage:load_zimage_backbone",
-                           text_tokens=64),
+                           text_tokens=64, pipeline="ZImagePipeline"),
 }
 
 
@@ -37,6 +38,11 @@ def backbone_spec(kind: str) -> BackboneSpec:
     if kind not in BACKBONES:
         raise ValueError(f"unknown backbone kind {kind!r}: known kinds are {', '.join(BACKBONES)}")
     return BACKBONES[kind]
+
+
+def kind_for_pipeline(class_name: str) -> str | None:
+    """The backbone kind whose directories name this pipeline class in model_index.json (None: no kind does)."""
+    return next((k for k, s in BACKBONES.items() if s.pipeline and s.pipeline == class_name), None)
 
 
 def resolve(path: str):

@@ -61,6 +61,10 @@ class ZImageBackbone(DiffusersBackbone):
         seq = (latent_shape[1] // 2) * (latent_shape[2] // 2)  # tokens, counted as ZImagePipeline counts them
         return schedule.zimage(self.pipe.scheduler.config, steps, seq)
 
+    def training_timesteps(self, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        seq = (latent_shape[1] // 2) * (latent_shape[2] // 2)
+        return schedule.zimage_training(self.pipe.scheduler.config, seq)  # (1000,): shift 3, as the authors train
+
     # ----- text -----
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Caption features as ZImagePipeline._encode_prompt makes them (second-to-last hidden state, padding

@@ -135,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from i2l.cli._warnings import echo_warnings
+
     try:
-        return int(args._run(args) or 0)
+        # the library's warnings (a broken checkpoint skipped, ...) reach the user as `i2l CMD: warning: ...`
+        with echo_warnings(args.command):
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -45,13 +45,17 @@ def main(args):
     from i2l.bench import format_rows
 
     mod, name = args._bench_module, args._bench_name
-    rows = mod.run(args)
-    print(format_rows(rows))
+    store = None
     if not args.no_store:
         from i2l.store import Store
 
         root = getattr(args, "data_root", None) or os.environ.get("I2L_DATA_ROOT", "data")
+        # opened (created or migrated, then closed) before the benchmark runs: a wrong --store fails at once,
+        # not after minutes of measuring
         store = Store(args.store or Path(root) / "results.duckdb")
+    rows = mod.run(args)
+    print(format_rows(rows))
+    if store is not None:
         n = store.record_benchmark(name, rows, device=device_label())  # a wide row holds several figures
         print(f"recorded {n} figures of bench {name!r} in {store.path}")
     return 0

@@ -27,8 +27,10 @@ def add_arguments(p):
 def main(args):
     from i2l.eval.stage import FAMILIES, evaluate
     from i2l.store import Store, store_path
+    from i2l.train.checkpoint import resolve_checkpoint
 
     cfg = config_from_args(args)
+    resolve_checkpoint(args.checkpoint)  # verified before anything starts; a broken newest step is warned about once
     if args.styles:
         cfg.eval.styles = args.styles
     families = tuple(m for m in args.methods.split(",") if m) if args.methods else FAMILIES

@@ -32,16 +32,11 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true")
 
 
-def main(args):
-    from i2l.infer.api import I2L
-    from i2l.infer.generation import (
-        GenerateSettings,
-        generate_samples,
-        load_inpaint,
-        mix_styles,
-        style_from_file,
-        style_from_images,
-    )
+def _check_before_load(args) -> tuple[list[list[str]], list[float] | None]:
+    """Every flag and path, before the model loads (seconds to minutes): the reference groups (globs expanded) and
+    the --mix weights."""
+    from i2l.data.images import check_image_file
+    from i2l.infer.generation import check_image_paths, check_lora_file, check_output
     from i2l.model.finite import require_finite
 
     for flag, value in (("--guidance", args.guidance), ("--strength", args.strength)):
@@ -54,15 +49,38 @@ def main(args):
     if args.samples < 1:
         raise ValueError("--samples must be >= 1")
     weights = None
-    if args.mix:  # checked before anything is loaded
+    if args.mix:
         try:
             weights = [float(w) for w in args.mix.split(",")]
         except ValueError:
             raise ValueError(f"--mix takes comma-separated numbers, got {args.mix!r}") from None
         weights = [require_finite(w, f"--mix weight {i + 1}") for i, w in enumerate(weights)]
-    model = I2L.load(args.checkpoint, device=args.device)
+    for f in args.lora:
+        check_lora_file(f)
+    groups = [check_image_paths(group) for group in args.images]
+    for image in filter(None, (args.inpaint, args.mask)):
+        check_image_file(image)
+    check_output(args.out, directory=True)
+    return groups, weights
+
+
+def main(args):
+    from i2l.infer.api import I2L
+    from i2l.infer.generation import (
+        GenerateSettings,
+        generate_samples,
+        load_inpaint,
+        mix_styles,
+        style_from_file,
+        style_from_images,
+    )
+    from i2l.train.checkpoint import resolve_checkpoint
+
+    groups, weights = _check_before_load(args)
+    ck = resolve_checkpoint(args.checkpoint)  # verified; a broken newest step falls back to an older one, warned
+    model = I2L.load(ck, device=args.device)
     styles = [style_from_file(f, model.backbone) for f in args.lora]
-    styles += [style_from_images(model, group) for group in args.images]
+    styles += [style_from_images(model, group) for group in groups]
     if weights is not None:
         styles = [mix_styles(styles, weights)]
     settings = GenerateSettings(

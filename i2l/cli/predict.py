@@ -15,13 +15,17 @@ def add_arguments(p):
 
 def main(args):
     from i2l.infer.api import I2L
-    from i2l.infer.generation import expand_images
+    from i2l.infer.generation import check_image_paths, check_output
     from i2l.model.finite import MAX_ABS_WEIGHT, require_finite
+    from i2l.train.checkpoint import resolve_checkpoint
 
     require_finite(args.strength, "--strength")  # argparse's float() takes "nan" and "inf"
+    # every path is checked before the model loads (seconds to minutes): a typo fails at once
+    images = check_image_paths(args.images)
+    check_output(args.out, directory=False)
+    ck = resolve_checkpoint(args.checkpoint)  # verified; a broken newest step falls back to an older one, warned
     # predicting needs the encoder and predictor only: a real backbone (GBs) is not loaded
-    model = I2L.load(args.checkpoint, device=args.device, backbone=False)
-    images = expand_images(args.images)
+    model = I2L.load(ck, device=args.device, backbone=False)
     lora = model.predict_lora(images)
     if args.strength != 1.0:
         lora = lora.scaled(args.strength)

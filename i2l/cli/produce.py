@@ -26,11 +26,16 @@ def add_arguments(p):
 
 
 def main(args):
+    from i2l.doctor import require_healthy
     from i2l.produce.jobs import jobs_from_images, jobs_from_manifest
     from i2l.produce.stage import produce
     from i2l.store import Store, store_path
+    from i2l.train.checkpoint import checkpoint_config, resolve_checkpoint
 
     cfg = config_from_args(args)
+    ck = resolve_checkpoint(args.checkpoint)  # verified; a broken newest step falls back to an older one, warned
+    # the checkpoint's own backbone and encoder, from configs and headers: refuse before any Ray actor starts
+    require_healthy(checkpoint_config(ck), purpose="produce")  # as the actors will load it
     pc = cfg.produce
     for flag, name in (("workers", "workers"), ("batch_size", "batch_size"), ("num_gpus", "num_gpus")):
         if getattr(args, flag) is not None:
@@ -38,7 +43,7 @@ def main(args):
     pc.__post_init__()
     jobs = jobs_from_manifest(args.manifest, args.limit) if args.manifest else jobs_from_images(args.images)
     store = Store(args.db or store_path(cfg))
-    summary = produce(args.checkpoint, jobs, args.out, store, workers=pc.workers, batch_size=pc.batch_size,
+    summary = produce(ck, jobs, args.out, store, workers=pc.workers, batch_size=pc.batch_size,
                       num_gpus=pc.num_gpus, max_retries=pc.max_retries, progress=not args.no_progress)
     print(summary.format())
     return 0

@@ -37,6 +37,12 @@ def flow_parameters(args, data_root: str) -> dict:
     params = {"preset": args.preset, "overrides": list(args.overrides), "data_root": data_root,
               "progress": not args.no_progress, "force": list(args.force)}
     if args.flow in ("pipeline", "prepare_data"):
+        if args.input:
+            from i2l.data.megastyle import find_shards
+
+            if Path(args.input).is_file():
+                raise NotADirectoryError(f"--input {args.input} is a file: pass a MegaStyle-layout directory")
+            find_shards(args.input)  # parquet footers only: a wrong --input fails before Prefect and Ray start
         params["input_dir"] = args.input
     elif args.input:
         raise ValueError(f"--input applies to the pipeline and prepare_data flows, not {args.flow}")

@@ -28,6 +28,9 @@ def main(args):
         cfg.train.steps = args.steps
     if args.workers:
         cfg.train.num_workers = args.workers
+    from i2l.doctor import require_healthy
+
+    require_healthy(cfg, purpose="train")  # configs and headers only: refuse a bad checkpoint before Ray starts
     if args.no_ray:
         from i2l.train.loop import train_predictor
 

@@ -21,6 +21,8 @@ class PoolOptions:
     2. The pool's, for what Ray gives up on (restarts spent, `ray.kill`, node lost): the actor is replaced by a
        fresh one and the call goes back to the front of the queue; a call whose actor died more than `max_retries`
        times stops the run with a RuntimeError naming it. An exception raised by the call itself propagates at once.
+    Once the queue is empty, an actor with nothing left in flight is killed: it frees its slot for the restart (or
+    the replacement) of an actor whose node was lost, which would otherwise wait for that slot forever.
     """
 
     workers: int = 2  # actors wanted; capped by the calls to make and by the cluster's free slots
@@ -86,7 +88,8 @@ class ActorPool:
         if self._actors:
             ray = ensure_ray()
             for a in self._actors:
-                ray.kill(a)
+                if a is not None:  # None: retired when it ran out of calls
+                    ray.kill(a)
         self._actors = []
 
     def _actor_options(self, ray) -> tuple[dict, int]:
@@ -134,6 +137,7 @@ class ActorPool:
         t0 = perf_counter()
         generation = [0] * self.workers  # bumped when a slot's actor is replaced
         inflight: dict = {}  # object ref -> (slot, generation, actor, call number, call)
+        busy = [0] * self.workers  # calls in flight per slot
         deaths: Counter = Counter()  # call number -> times its actor died for good under it
 
         def submit(slot: int) -> None:
@@ -141,6 +145,14 @@ class ActorPool:
                 k, call = queue.popleft()
                 actor = self._actors[slot]
                 inflight[getattr(actor, call.method).remote(*call.args)] = (slot, generation[slot], actor, k, call)
+                busy[slot] += 1
+
+        def retire_if_idle(slot: int) -> None:
+            # Nothing left to give it: free its CPU/GPU now. A call whose node died waits for Ray to restart its
+            # actor (or for our replacement) in a free slot; with every slot held by an idle actor it never ran.
+            if not queue and not busy[slot] and self._actors[slot] is not None:
+                ray.kill(self._actors[slot])
+                self._actors[slot] = None
 
         for slot in range(self.workers):
             for _ in range(o.queue_depth):
@@ -148,6 +160,7 @@ class ActorPool:
         while inflight:
             [ref], _ = ray.wait(list(inflight), num_returns=1)
             slot, gen, actor, k, call = inflight.pop(ref)
+            busy[slot] -= 1
             try:
                 value = ray.get(ref)
             except RayActorError as e:  # Ray's restarts and re-sends are spent: our layer
@@ -165,4 +178,5 @@ class ActorPool:
             self._bar.update(call.size)
             yield Finished(call, value, actor)
             submit(slot)  # after the caller's body: a call given to an actor it killed is retried for sure
+            retire_if_idle(slot)
         self.seconds = perf_counter() - t0

@@ -19,6 +19,12 @@ from i2l.config.sections import (
 )
 
 # Flux2 LoRA targets (diffusers' module names): attention projections and MLPs of double and single blocks.
+# Source: no published code or text gives the FLUX.2 i2L's targets (the paper names none; the authors' v2 network,
+# model.py, is fetched from the ModelScope model repo at run time by diffsynth/diffusion/template.py and is not in
+# DiffSynth-Studio). These are the FLUX.2 counterpart of the authors' only published i2L targets (v1 Z-Image,
+# diffsynth/models/z_image_image2lora.py: every attention q/k/v/out and feed-forward linear of every block): all
+# 12 linears of each double block and both of each single block (`to_qkv_mlp_proj` fuses q, k, v and the MLP
+# input), named as diffusers' Flux2Transformer2DModel names them (NOTES.md) -> L = 5·12 + 20·2 = 100 layers.
 FLUX2_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -64,14 +70,23 @@ def _klein4b() -> Config:
         backbone=BackboneConfig(kind="flux2", path=os.environ.get("I2L_KLEIN4B_DIR", ""), image_size=1024,
                                 targets=FLUX2_TARGETS, dtype="bfloat16"),
         encoder=EncoderConfig(kind="siglip2", path=os.environ.get("I2L_SIGLIP2_DIR", ""), image_size=512),
+        # rank 8: not published for FLUX.2 (see FLUX2_TARGETS); i2l's choice, so that the predictor's 2·k·L queries
+        # (2·8·100 = 1,600) match the authors' Z-Image setting (rank 4 × 238 layers = 1,904 queries; v1 code).
+        # max_refs 4: the paper's evaluation and the authors' examples use 4 references.
         predictor=PredictorConfig(rank=8, hidden=1024, depth=8, heads=16, compress=64, max_refs=4),
         # the paper: global batch 8 on 8 GPUs, lr 1e-5. One target per reference set: next to a 2-4B backbone the
-        # predictor is cheap, so grouping targets would only cut the reference sets seen per step.
+        # predictor is cheap, so grouping targets would only cut the reference sets seen per step. The authors'
+        # release (DiffSynth-Studio: diffsynth/diffusion/flow_match.py, loss.py, parsers.py): t drawn uniformly from
+        # the backbone's own shifted 1000-point grid, loss weighted by a Gaussian over t, AdamW weight decay 0.01.
         train=TrainConfig(steps=200_000, batch_size=8, targets_per_lora=1, lr=1e-5, warmup=1000, ckpt_every=2000,
-                          num_workers=8, use_gpu=True),
+                          num_workers=8, use_gpu=True, timesteps="backbone", loss_weighting="gaussian",
+                          weight_decay=0.01),
         # per-style / mean LoRAs: the 1e-4 .. 3e-4 that FLUX.2-klein LoRA trainers use at ranks 8-64 (toy's 5e-3
         # would be ~20x too high on a 4B backbone); not yet tuned on real weights
-        eval=EvalConfig(styles=1000, guidance=4.0, sample_steps=28, lora_lr=3e-4, mean_lora_lr=3e-4),
+        # gray negative from as many gray images as references: the authors' release (examples/flux2/
+        # model_inference/KleinBase4B-i2L-v2.py, negative_template_inputs)
+        eval=EvalConfig(styles=1000, guidance=4.0, sample_steps=28, lora_lr=3e-4, mean_lora_lr=3e-4,
+                        gray_negative="per_reference"),
         scorer=ScorerConfig(clip_model="ViT-H-14", clip_checkpoint=os.environ.get("I2L_CLIP_CKPT", "")),
         produce=ProduceConfig(workers=8, batch_size=16, num_gpus=1.0),
     )
@@ -82,6 +97,7 @@ def _zimage() -> Config:
     cfg.name = "zimage"
     cfg.backbone = BackboneConfig(kind="zimage", path=os.environ.get("I2L_ZIMAGE_DIR", ""), image_size=1024,
                                   targets=ZIMAGE_TARGETS, dtype="bfloat16")
+    # rank 4: the authors' v1 Z-Image i2L (diffsynth/models/z_image_image2lora.py); targets: ZIMAGE_TARGETS
     cfg.predictor = PredictorConfig(rank=4, hidden=1024, depth=8, heads=16, compress=64, max_refs=4)
     return cfg
 

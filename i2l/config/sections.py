@@ -144,6 +144,11 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    # how training draws t: logit_normal | uniform (continuous), or backbone = uniformly from the backbone's own
+    # shifted training grid as the authors train (FLUX.2: mu 0.8; Z-Image: its scheduler's shift 3; toy: none,
+    # so logit-normal, as it was pretrained)
+    timesteps: str = "logit_normal"
+    loss_weighting: str = "none"  # none | gaussian: the authors' Gaussian loss weight over the grid's t
     ckpt_every: int = 200
     num_workers: int = 1  # Ray Train workers (DDP)
     max_failures: int = 2  # worker-group restarts after a worker dies (each resumes from the latest checkpoint)
@@ -159,6 +164,13 @@ class TrainConfig:
         if self.batch_size < self.num_workers:
             raise ValueError(f"train.batch_size={self.batch_size} is the global batch: it must be at least "
                              f"train.num_workers={self.num_workers} (one target per worker)")
+        if self.timesteps not in ("logit_normal", "uniform", "backbone"):
+            raise ValueError(f"train.timesteps must be logit_normal, uniform or backbone, not {self.timesteps!r}")
+        if self.loss_weighting not in ("none", "gaussian"):
+            raise ValueError(f"train.loss_weighting must be none or gaussian, not {self.loss_weighting!r}")
+        if self.loss_weighting == "gaussian" and self.timesteps != "backbone":
+            raise ValueError("train.loss_weighting=gaussian weights the points of the backbone's training grid: set "
+                             "train.timesteps=backbone too")
 
 
 @dataclass
@@ -167,6 +179,9 @@ class EvalConfig:
 
     styles: int = 16  # held-out styles evaluated
     guidance: float = 2.0
+    # the negative branch's gray LoRA (paper §3.4): from one gray image, or "per_reference": from as many gray
+    # images as the positive LoRA has references, as the authors' release builds it (real presets)
+    gray_negative: str = "one"
     sample_steps: int = 20
     fm_timesteps: int = 8  # fixed timestep grid for held-out FM loss
     fm_noise_seeds: int = 2
@@ -190,6 +205,8 @@ class EvalConfig:
     def __post_init__(self):
         if min(self.styles, self.sample_steps, self.gen_batch, self.adapter_tokens, self.per_style_rows) < 1:
             raise ValueError("eval.styles, sample_steps, gen_batch, adapter_tokens and per_style_rows must be >= 1")
+        if self.gray_negative not in ("one", "per_reference"):
+            raise ValueError(f"eval.gray_negative must be one or per_reference, not {self.gray_negative!r}")
         if any(b < 1 for b in self.optimize_budgets):
             raise ValueError("eval.optimize_budgets must be positive step counts, e.g. 5,25,100")
 

@@ -4,13 +4,14 @@ and safe reading of user image files."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from i2l.data.validate import REASONS, Rejected, decode_image, to_rgb
+from i2l.data.validate import ALLOWED_FORMATS, REASONS, Rejected, decode_image, to_rgb
 
 MAX_PIXELS = 64_000_000  # decompression-bomb guard for user images
 
@@ -54,11 +55,36 @@ def decode(data: bytes, name: str = "image") -> Image.Image:
         raise ValueError(f"cannot read image {name}: {REASONS[e.reason]} ({e.detail})") from None
 
 
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"reference image {path} is a directory, give an image file (or a glob like "
+                                f"'{path}/*.png')")
+    if not path.is_file():
+        raise FileNotFoundError(f"reference image not found: {path}")
+
+
+def check_image_file(path: str | Path) -> None:
+    """Refuse, before any model loads, what `load_image_file` would refuse later and can be told from the header:
+    missing, a directory, not an image of an allowed format, too many pixels. No pixel is decoded."""
+    path = Path(path)
+    _require_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
+        try:
+            with Image.open(path, formats=ALLOWED_FORMATS) as im:  # reads the header only
+                w, h = im.size
+        except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+            why = REASONS["not_an_image"] if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+            raise ValueError(f"cannot read image {path}: {why}") from None
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"cannot read image {path}: {REASONS['decompression_bomb']} ({w}x{h} = {w * h} pixels > "
+                         f"limit {MAX_PIXELS})")
+
+
 def load_image_file(path: str | Path) -> Image.Image:
     """Read a user image file with a clear error for missing/unreadable files."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference image not found: {path}")
+    _require_file(path)
     return decode(path.read_bytes(), name=str(path))
 
 

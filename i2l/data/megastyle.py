@@ -3,6 +3,7 @@ schema, streaming writer and reader of the prepared (training-ready) shards."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from i2l.io import atomic_path, atomic_tmp, file_sha256, replace_durably
+from i2l.io import atomic_path, atomic_tmp, file_sha256, naming_disk_full, replace_durably
 
 # `s{style}_c{content}`; anything else (a path, an empty string, 10 kB of junk) is a bad id.
 ID_RE = re.compile(r"(s[0-9A-Za-z]{1,32})_c[0-9A-Za-z]{1,32}")  # used with fullmatch: no "\n" tail
@@ -194,11 +195,12 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
-        self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema),
-                                 row_group_size=self.row_group_rows)
+        with naming_disk_full(self.path):  # ENOSPC: a DiskFullError naming the shard (abort removes the tmp)
+            if self._writer is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema),
+                                     row_group_size=self.row_group_rows)
         self._buffer = []
 
     def close(self) -> dict | None:
@@ -206,15 +208,18 @@ class ShardWriter:
         self._flush()
         if self._writer is None:
             return None
-        self._writer.close()
-        replace_durably(self.tmp, self.path)  # atomic: readers never see half a shard
+        with naming_disk_full(self.path):
+            self._writer.close()
+            replace_durably(self.tmp, self.path)  # atomic: readers never see half a shard
         return {"name": f"{self.split}/{self.path.name}" if self.split in SPLITS else self.path.name,
                 "split": self.split, "rows": self.rows, "bytes": self.path.stat().st_size,
                 "sha256": file_sha256(self.path), "styles": len(self.styles)}
 
     def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(OSError, ValueError):  # a full disk fails the close too: the tmp goes anyway
+                writer.close()
         self.tmp.unlink(missing_ok=True)
 
 

@@ -3,7 +3,8 @@ by a pool of Ray actors, with a quarantine of rejected rows, a validation manife
 
 Stages: plan (driver, data/plan.py; reads only the `id` column) -> units (pool actors, data/units.py; read,
 validate, upscale, encode, write one train and one val shard each) -> finalize (driver, here; quarantine, val
-manifest, manifest.json). Every file is written atomically; a unit whose record is on disk is never redone.
+manifest, manifest.json). Every file is written atomically; a unit whose record is on disk is never redone. A full
+disk stops the run with one DiskFullError naming the file; finished units are kept for the re-run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from i2l.data.megastyle import find_shards, read_metadata, write_quarantine
 from i2l.data.plan import Plan, Unit, make_plan, plan_fingerprint, split_score
 from i2l.data.units import WORK, UnitRunner, unit_done
 from i2l.data.upscale import upscaler_needs_gpu
-from i2l.io import write_json_atomic, write_text_atomic
+from i2l.io import as_disk_full, remove_dead_tmp, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 OUTPUT_NAMES = ("train", "val", WORK, "manifest.json", "quarantine.parquet", "val_manifest.jsonl")
@@ -83,9 +84,9 @@ def _check_out_dir(out: Path, fingerprint: str, force: bool) -> None:
         for name in OUTPUT_NAMES:  # only what prepare writes: never the rest of a user's folder
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    for tmp in (p for d in ("train", "val", WORK, f"{WORK}/units", f"{WORK}/quarantine", ".")
-                for p in (out / d).glob(".*.tmp")):
-        tmp.unlink(missing_ok=True)  # leftovers of a killed run
+    # leftovers of a killed run (or a full disk); another live run's in-flight files stay
+    remove_dead_tmp(p for d in ("train", "val", WORK, f"{WORK}/units", f"{WORK}/quarantine", ".")
+                    for p in (out / d).glob(".*.tmp"))
 
 
 def _run_units(todo: list[Unit], plan: Plan, input_dir: Path, out: Path, cfg: DataConfig, progress: bool):
@@ -96,9 +97,15 @@ def _run_units(todo: list[Unit], plan: Plan, input_dir: Path, out: Path, cfg: Da
                           cpu_hint="data.upscaler_device=cpu for the diffusers upscaler (slow)",
                           start_hint=f"can every node read {input_dir} and the upscaler?")
     init = (str(input_dir), str(out), cfg, plan.shards, plan.fingerprint)
-    with ActorPool(UnitRunner, init, options) as pool:
-        for done in pool.map(Call("run", (u,), size=u.rows) for u in todo):
-            yield done.value
+    try:
+        with ActorPool(UnitRunner, init, options) as pool:
+            for done in pool.map(Call("run", (u,), size=u.rows) for u in todo):
+                yield done.value
+    except Exception as e:  # an actor's full disk: its DiskFullError names the shard, not Ray's traceback
+        full = as_disk_full(e, out)
+        if full is None or full is e:
+            raise
+        raise full from e
 
 
 def write_val_manifest(out_dir: str | os.PathLike, cfg: DataConfig, progress: bool = False) -> int:

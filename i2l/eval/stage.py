@@ -247,7 +247,7 @@ def draw(model, ev: EvalConfig, prompts: list[str], jobs: list[tuple[Conditionin
     zero = LoRA({k: torch.zeros(1, v[0]) for k, v in targets.items()},
                 {k: torch.zeros(v[1], 1) for k, v in targets.items()}, bb.backbone_id)  # the base model
     pos = [c.loras[i] if c.loras[i] is not None else zero for c, i in jobs]
-    neg = [model.gray_lora() if c.asym else p for (c, _), p in zip(jobs, pos, strict=True)]
+    neg = [model.gray_lora(c.n_refs) if c.asym else p for (c, _), p in zip(jobs, pos, strict=True)]
     n = len(prompts)
     x = sample(bb, bb.encode_prompts(prompts), bb.encode_prompts([""] * n), LoRA.stack(pos).to(bb.device),
                LoRA.stack(neg).to(bb.device), guidance, steps, noise=noise.to(bb.device))

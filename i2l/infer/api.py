@@ -25,7 +25,7 @@ from i2l.model.finite import require_finite
 from i2l.model.flow_matching import mixed_precision
 from i2l.model.lora import LoRA
 from i2l.model.predictor import I2LPredictor, predict_lora
-from i2l.train.checkpoint import check_fits, checkpoint_config, read_state, require_checkpoint
+from i2l.train.checkpoint import check_fits, checkpoint_config, read_state, resolve_checkpoint
 
 
 class I2L:
@@ -35,18 +35,19 @@ class I2L:
                  checkpoint: Path | None = None):
         self.cfg, self.backbone, self.encoder, self.predictor = cfg, backbone, encoder, predictor
         self.checkpoint = checkpoint
-        self._gray: LoRA | None = None
+        self._gray: dict[int, LoRA] = {}  # by the number of gray images
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, device: str = "cpu", data_root: str | None = None,
              backbone: bool = True) -> I2L:
-        """Load from a training run directory (its latest checkpoint) or one checkpoint directory.
+        """Load from a training run directory (its newest intact checkpoint) or one checkpoint directory (or, when
+        that one is broken, the newest intact older step of its run); each broken step skipped is logged as a warning.
 
         backbone=False: predict-only (mass production): the adapted layers come from the checkpoint's record, so
         the (large) backbone is not loaded; `generate` then refuses."""
         from safetensors.torch import load_file
 
-        ck = require_checkpoint(checkpoint_dir)
+        ck = resolve_checkpoint(checkpoint_dir)
         cfg = checkpoint_config(ck, data_root)
         if data_root:
             cfg.data_root = data_root
@@ -111,12 +112,15 @@ class I2L:
         out.check_finite(f"LoRA predicted by checkpoint {self.checkpoint_id}")  # on the device: one sync
         return out.to_host(torch.float32)
 
-    def gray_lora(self) -> LoRA:
-        """The neutral LoRA predicted from a pure gray image: the negative branch of asymmetric guidance."""
-        if self._gray is None:
-            self._gray = self.predict_lora([gray_image(self.cfg.encoder.image_size)])
-            self._gray.meta["kind"] = "gray"
-        return self._gray
+    def gray_lora(self, n_refs: int = 1) -> LoRA:
+        """The neutral LoRA predicted from pure gray images: the negative branch of asymmetric guidance. One gray
+        image, or (eval.gray_negative="per_reference", as the authors' release) as many as the positive LoRA's
+        n_refs references."""
+        n = max(1, int(n_refs)) if self.cfg.eval.gray_negative == "per_reference" else 1
+        if n not in self._gray:
+            self._gray[n] = self.predict_lora([gray_image(self.cfg.encoder.image_size)] * n)
+            self._gray[n].meta["kind"] = "gray"
+        return self._gray[n]
 
     @torch.no_grad()
     def generate(self, prompts: list[str], loras: list[LoRA | None] | LoRA | None = None,
@@ -130,6 +134,8 @@ class I2L:
             raise ValueError("this I2L was loaded with backbone=False (predict-only): load it with the backbone "
                              "to generate")
         guidance = require_finite(self.cfg.eval.guidance if guidance is None else guidance, "guidance")
+        if hasattr(self.backbone, "sampling_guidance"):  # a step-distilled backbone: no CFG, as its own pipeline
+            guidance = self.backbone.sampling_guidance(guidance)
         strength = require_finite(strength, "strength")
         steps = steps or self.cfg.eval.sample_steps
         n = len(prompts)
@@ -149,7 +155,7 @@ class I2L:
         if isinstance(negative_lora, str):
             if negative_lora != "gray":
                 raise ValueError("negative_lora must be 'gray', None or a LoRA")
-            neg = LoRA.stack([self.gray_lora()] * n)
+            neg = LoRA.stack([self.gray_lora(lo.meta.get("n_refs", 1) if lo is not None else 1) for lo in loras])
         elif negative_lora is None:
             neg = pos  # plain CFG: the same LoRA on both branches
         else:

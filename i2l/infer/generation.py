@@ -105,6 +105,48 @@ def mix_styles(styles: list[StyleLoRA], weights: list[float]) -> StyleLoRA:
 
 
 # ---------- checks ----------
+def check_image_paths(patterns: list[str]) -> list[str]:
+    """The images `patterns` name (globs expanded), each checked from its header before any model loads."""
+    from i2l.data.images import check_image_file
+
+    paths = expand_images(patterns)
+    for p in paths:
+        check_image_file(p)
+    return paths
+
+
+def check_lora_file(path: str | os.PathLike) -> None:
+    """Refuse, before any model loads, a --lora that is missing, a directory or not a whole safetensors file (its
+    keys and shapes are checked against the backbone once that is loaded)."""
+    from i2l.train.checkpoint import safetensors_problem
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--lora {path} is a directory, give a .safetensors LoRA file")
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    why = safetensors_problem(path)
+    if why:
+        raise ValueError(f"--lora {path}: {why}; pass a LoRA file written by i2l or diffusers")
+
+
+def check_output(path: str | os.PathLike, directory: bool, flag: str = "--out") -> None:
+    """Refuse, before any model loads, an output that cannot be written: a directory where a file goes (or a file
+    where a directory goes), or a place under a file or a folder this user may not write to."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{flag} {path} is a file: name a directory for the images")
+    if not directory and path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a directory: name the .safetensors file to write")
+    parent = path if directory and path.is_dir() else path.absolute().parent
+    while not parent.exists():  # what is missing is created when written
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: no permission to write in {parent}; choose another place")
+
+
 def check_prompt_lengths(backbone, prompts: list[str]) -> None:
     """Refuse prompts longer than the text encoder takes (the diffusers pipelines would truncate them silently)."""
     tok, limit = getattr(backbone, "tokenizer", None), getattr(backbone, "max_sequence_length", None)

@@ -1,19 +1,88 @@
 """The frozen SigLIP-class image encoder (paper §3.1): references -> patch-level tokens (not the pooled vector).
 
-Real weights: a local `siglip2-*` (Siglip2VisionModel) or `siglip-*` (SiglipVisionModel) directory. Toy: a tiny
-SiglipVisionModel built in i2l.toy.encoder and trained by i2l on the toy world, loaded from its directory the same way.
+The checkpoint's own config.json decides the class (`read_encoder_checkpoint`): `siglip` / `siglip_vision_model`
+(FixRes: SiglipVisionModel, conv patches, fixed positions, e.g. siglip2-so400m-patch16-512) or `siglip2` /
+`siglip2_vision_model` (NaFlex: Siglip2VisionModel, pre-patchified pixels within its patch budget); whole image+text
+checkpoints load their vision tower only. The toy encoder is a tiny SiglipVisionModel directory written by i2l.
 Shapes: B batch, N references, P patches per image, D encoder width.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from i2l.config import EncoderConfig
+
+# config.json model_type -> (NaFlex?, whole image+text checkpoint?)
+MODEL_TYPES = {"siglip": (False, True), "siglip_vision_model": (False, False),
+               "siglip2": (True, True), "siglip2_vision_model": (True, False)}
+
+
+@dataclass(frozen=True)
+class EncoderCheckpoint:
+    """What an encoder directory says about itself (config.json, and a NaFlex processor's patch budget)."""
+
+    path: Path
+    model_type: str
+    naflex: bool  # Siglip2VisionModel (linear patches, variable count) rather than SiglipVisionModel (FixRes)
+    whole: bool  # vision + text towers: only `vision_model.*` is read
+    vision: object  # the transformers vision config (defaults filled in)
+    budget: int  # patches per image: FixRes (image_size / patch)², NaFlex the largest square grid in its budget
+
+    @property
+    def class_name(self) -> str:
+        return "Siglip2VisionModel" if self.naflex else "SiglipVisionModel"
+
+    @property
+    def patch_size(self) -> int:
+        return self.vision.patch_size
+
+    @property
+    def image_size(self) -> int:
+        """The square side the encoder sees: FixRes its image_size; NaFlex patch × ⌊√budget⌋ (all patches used)."""
+        return self.patch_size * math.isqrt(self.budget) if self.naflex else self.vision.image_size
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def model_class(self) -> type:
+        from transformers import Siglip2VisionModel, SiglipVisionModel
+
+        return Siglip2VisionModel if self.naflex else SiglipVisionModel
+
+
+def read_encoder_checkpoint(path: str | Path) -> EncoderCheckpoint:
+    """Read config.json (and preprocessor_config.json for NaFlex's max_num_patches); no weights, no remote code."""
+    from transformers import Siglip2Config, Siglip2VisionConfig, SiglipConfig, SiglipVisionConfig
+
+    path = Path(path)
+    conf = path / "config.json"
+    if not conf.is_file():
+        raise FileNotFoundError(f"{conf} not found: encoder.path must be a SigLIP checkpoint directory "
+                                f"(config.json + model.safetensors)")
+    model_type = json.loads(conf.read_text()).get("model_type", "")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{conf} says model_type {model_type!r}; i2l reads SigLIP checkpoints "
+                         f"({', '.join(MODEL_TYPES)}): point encoder.path at a SigLIP / SigLIP2 directory")
+    naflex, whole = MODEL_TYPES[model_type]
+    config_cls = {(False, True): SiglipConfig, (False, False): SiglipVisionConfig,
+                  (True, True): Siglip2Config, (True, False): Siglip2VisionConfig}[naflex, whole]
+    config = config_cls.from_pretrained(path, local_files_only=True)
+    vision = config.vision_config if whole else config
+    if naflex:
+        proc = path / "preprocessor_config.json"
+        budget = json.loads(proc.read_text()).get("max_num_patches") if proc.is_file() else None
+        budget = int(budget or vision.num_patches)
+    else:
+        budget = (vision.image_size // vision.patch_size) ** 2
+    return EncoderCheckpoint(path, model_type, naflex, whole, vision, budget)
 
 
 class ImageEncoder(nn.Module):
@@ -76,20 +145,41 @@ class ImageEncoder(nn.Module):
         return tok, keep, ref_index
 
 
+def _vision_tower(ck: EncoderCheckpoint) -> nn.Module:
+    """The vision model of a local checkpoint, refusing any weight it would have to invent (missing keys)."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    if ck.whole:  # the text tower's keys are expected leftovers: keep transformers' load report quiet about them
+        logging.set_verbosity_error()
+    try:
+        model, info = ck.model_class().from_pretrained(ck.path, local_files_only=True, use_safetensors=True,
+                                                       output_loading_info=True)
+    finally:
+        logging.set_verbosity(verbosity)
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{ck.path}: {len(missing)} weight(s) of its {ck.class_name} are not in the checkpoint "
+                         f"(e.g. {missing[:3]}): the directory is incomplete; run `i2l doctor` on it and re-copy "
+                         f"its .safetensors files")
+    return model
+
+
 def load_encoder(cfg: EncoderConfig) -> ImageEncoder:
-    """Load the frozen encoder from a local directory (no hub, no remote code)."""
+    """Load the frozen encoder from a local directory (no hub, no remote code). Its config.json decides the class
+    and the input size: cfg.image_size is set to what the checkpoint sees (`i2l doctor` reports a preset that
+    expects another)."""
     path = Path(cfg.path)
     if not path.is_dir():
         hint = "run `i2l pretrain-encoder --preset toy` (or `make run`)" if cfg.kind == "toy" else \
-            "point encoder.path (or I2L_SIGLIP2_DIR) at a local siglip2 directory"
+            "point encoder.path (or I2L_SIGLIP2_DIR) at a local SigLIP / SigLIP2 directory"
         raise FileNotFoundError(f"no image encoder at {path!r}: {hint}")
-    if cfg.kind == "siglip2":
-        from transformers import Siglip2VisionModel as cls
-    else:
-        from transformers import SiglipVisionModel as cls
-    model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
-    meta = path / "encoder.json"
+    ck = read_encoder_checkpoint(path)
+    model = _vision_tower(ck)
+    cfg.image_size = ck.image_size
+    meta = path / "encoder.json"  # the toy encoder records the side it was trained at
     if meta.is_file():
         cfg.image_size = json.loads(meta.read_text()).get("image_size", cfg.image_size)
-    enc_id = f"{cfg.kind}:{path.name}" if cfg.kind != "toy" else "toy-siglip"
+    family = "siglip2-naflex" if ck.naflex else "siglip"
+    enc_id = f"{family}:{path.name}" if cfg.kind != "toy" else "toy-siglip"
     return ImageEncoder(model, cfg, enc_id)

@@ -15,7 +15,9 @@ from i2l.config import PredictorConfig
 from i2l.model.compressed_decoding import CompressedHeads
 from i2l.model.lora import LoRA
 
-MAX_REFS = 64  # learned per-reference signals: any N up to this works
+# Rows of the reference-index table: kept at 64 so that checkpoints keep their shape, but only the first
+# `predictor.max_refs` (the most references training draws) are ever read: see I2LPredictor.ref_slots.
+MAX_REFS = 64
 
 
 class I2LPredictor(nn.Module):
@@ -28,6 +30,9 @@ class I2LPredictor(nn.Module):
         self.backbone_id = backbone_id
         L, k, H = len(self.names), cfg.rank, cfg.hidden
         self.in_proj = nn.Linear(token_dim, H)
+        if not 1 <= cfg.max_refs <= MAX_REFS:
+            raise ValueError(f"predictor.max_refs must be in [1, {MAX_REFS}], got {cfg.max_refs}")
+        self.trained_refs = cfg.max_refs  # training draws 1..max_refs references: rows beyond never get a gradient
         self.ref_embed = nn.Embedding(MAX_REFS, H)  # which reference a token came from
         # small like the other learned embeddings: N copies of one reference then fuse to ~its own LoRA
         nn.init.normal_(self.ref_embed.weight, std=0.02)
@@ -46,6 +51,17 @@ class I2LPredictor(nn.Module):
         self.log_alpha = nn.Parameter(torch.full((L,), math.log(cfg.alpha)))  # α per layer, learned
         self.register_buffer("a_scale", torch.tensor([targets[n][0] ** -0.5 for n in self.names]))
 
+    def ref_slots(self, ref_index: torch.Tensor) -> torch.Tensor:
+        """Reference index -> the row of ref_embed that tags its tokens: reference i takes row i mod max_refs.
+
+        The paper concatenates the references' tokens as an unordered set (§3.1, Eq. 1) and trains on 1..max_refs
+        of them (§3.3); the rows only tell the references apart, and training draws them in random order, so the
+        rows are interchangeable tags of which the model has seen up to max_refs at once. Up to max_refs
+        references this is the identity (what training saw, bit for bit); beyond it the references reuse the
+        trained rows in turn, evenly (8 references on max_refs 4 = two tagged sets of 4), so no row that never
+        received a gradient is ever read."""
+        return ref_index % self.trained_refs
+
     @property
     def num_queries(self) -> int:
         return self.query.shape[0] * 2 * self.query.shape[2]
@@ -54,7 +70,7 @@ class I2LPredictor(nn.Module):
         """tokens (B, S, D), keep (B, S) bool, ref_index (B, S) -> batched LoRA (A (B, k, in), B (B, out, k))."""
         Bsz = tokens.shape[0]
         L, _, k, H = self.query.shape
-        z = self.in_proj(tokens) + self.ref_embed(ref_index)  # (B, S, H)
+        z = self.in_proj(tokens) + self.ref_embed(self.ref_slots(ref_index))  # (B, S, H)
         q = (self.query + self.layer_embed + self.type_embed + self.rank_embed).reshape(1, -1, H)  # (1, Q, H)
         x = torch.cat([q.expand(Bsz, -1, -1), z], dim=1)  # (B, Q+S, H)
         # Additive key bias: -inf drops padding; -log N on image tokens gives N fused references together the
@@ -87,8 +103,6 @@ def predict_lora(predictor: I2LPredictor, encoder, refs: torch.Tensor, n_refs: t
         n_refs = torch.full((refs.shape[0],), refs.shape[1], dtype=torch.long)
     if refs.shape[1] == 0 or int(n_refs.min()) < 1:
         raise ValueError("i2L needs at least one reference image per LoRA")
-    if refs.shape[1] > MAX_REFS:
-        raise ValueError(f"at most {MAX_REFS} reference images per LoRA, got {refs.shape[1]}")
     tokens, keep, ref_index = encoder.encode_refs(refs, n_refs)
     p = next(predictor.parameters())
     return predictor(tokens.to(p.dtype), keep, ref_index)

@@ -1,17 +1,22 @@
 """A production directory's bookkeeping: it is bound to one checkpoint (production.json), its catalog.parquet says
-which LoRA files are finished (one row per file), files a killed run wrote are adopted, half-written ones removed."""
+which LoRA files are finished (one row per file, merged under a lock so that concurrent producers lose none), files a
+killed run wrote are adopted, and half-written ones removed once their writer is gone."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-from i2l.io import atomic_path, file_sha256, write_json_atomic
+from i2l.io import atomic_path, file_sha256, remove_dead_tmp, write_json_atomic
 
 PRODUCTION_FILE = "production.json"
 CATALOG_FILE = "catalog.parquet"
 GRAY_FILE = "gray.safetensors"
+LOCK_FILE = ".catalog.lock"  # flock'ed for each read-merge-write of the catalog and for the binding
 
 
 def style_path(out: Path, style_id: str) -> Path:
@@ -69,23 +74,63 @@ def write_catalog(out: Path, rows: list[dict]) -> None:
         pq.write_table(table, tmp)
 
 
-def bind_checkpoint(out: Path, ck: Path, sha: str, checkpoint_id: str, backbone: str) -> None:
-    """An output directory holds the LoRAs of one checkpoint: refuse to mix in another's."""
+@contextlib.contextmanager
+def catalog_lock(out: Path) -> Iterator[None]:
+    """Exclusive lock of a production directory's bookkeeping, between processes (and Ray actors) of this host
+    and, where the file system supports flock, of others. Held for a read-merge-write, never for a whole run."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def merge_catalog(out: Path, rows: dict[str, dict]) -> dict[str, dict]:
+    """Write the union of the catalog on disk and `rows` (by lora_id), under the lock; returns the union, which
+    `rows` is updated to. When both hold a row for one file with different hashes (two producers made the same
+    style), the row whose hash is the file's wins: files are renamed into place, the last rename is what is there."""
+    with catalog_lock(out):
+        merged = {r["lora_id"]: r for r in read_catalog(out)}
+        for k, mine in rows.items():
+            theirs = merged.get(k)
+            if theirs is None or theirs["sha256"] == mine["sha256"]:
+                merged[k] = mine
+            elif (out / mine["path"]).is_file() and file_sha256(out / mine["path"]) == mine["sha256"]:
+                merged[k] = mine  # else theirs: the file is theirs, or a third writer's, who will merge its row
+        write_catalog(out, list(merged.values()))
+    rows.clear()
+    rows.update(merged)
+    return merged
+
+
+def _binding(out: Path, ck: Path, sha: str) -> bool:
+    """Whether `out` is bound to the checkpoint of `sha` (True) or to none yet (False); refuses another's."""
     meta = out / PRODUCTION_FILE
-    if meta.is_file():
-        theirs = json.loads(meta.read_text())
-        if theirs.get("checkpoint_sha256") != sha:
-            raise FileExistsError(f"{out} holds LoRAs of checkpoint {theirs.get('checkpoint_id')} "
-                                  f"({theirs.get('checkpoint_dir')}); choose another --out for {ck}")
-        return
-    write_json_atomic(meta, {"checkpoint_dir": str(ck), "checkpoint_id": checkpoint_id, "checkpoint_sha256": sha,
-                             "backbone": backbone}, indent=2, sort_keys=False)
+    if not meta.is_file():
+        return False
+    theirs = json.loads(meta.read_text())
+    if theirs.get("checkpoint_sha256") != sha:
+        raise FileExistsError(f"{out} holds LoRAs of checkpoint {theirs.get('checkpoint_id')} "
+                              f"({theirs.get('checkpoint_dir')}); choose another --out for {ck}")
+    return True
 
 
-def remove_leftovers(out: Path) -> None:
-    """Delete what a killed run left half-written (never catalogued): the catalog's and production.json's
-    `.<name>.<random>.tmp` and LoRA.save's `<name>.tmp` (pathlib's `*` matches dot-names too); finished files never
-    end in .tmp, so they stay."""
-    for tmp in [*out.glob("*.tmp"), *(out / "styles").glob("*.tmp")]:
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
+def check_binding(out: Path, ck: Path, sha: str) -> None:
+    """Refuse, before anything is loaded or written, an output directory bound to another checkpoint."""
+    _binding(out, ck, sha)
+
+
+def bind_checkpoint(out: Path, ck: Path, sha: str, checkpoint_id: str, backbone: str) -> None:
+    """An output directory holds the LoRAs of one checkpoint: bind it to this one (call once the checkpoint has
+    loaded: a checkpoint that fails to load must not claim the folder) or refuse if it is another's."""
+    with catalog_lock(out):  # two producers of different checkpoints: one binds, the other is refused
+        if not _binding(out, ck, sha):
+            write_json_atomic(out / PRODUCTION_FILE, {"checkpoint_dir": str(ck), "checkpoint_id": checkpoint_id,
+                                                      "checkpoint_sha256": sha, "backbone": backbone},
+                              indent=2, sort_keys=False)
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete what killed runs left half-written (never catalogued): `.<name>.<host>.<pid>.<random>.tmp` files
+    (i2l.io.atomic_tmp: LoRA files, catalog, production.json) whose writer is gone, and older formats' `*.tmp`;
+    another live run's in-flight files stay, and so do finished files (never named .tmp). Returns what went."""
+    return remove_dead_tmp([*out.glob("*.tmp"), *(out / "styles").glob("*.tmp")])

@@ -5,7 +5,9 @@ folder of user images. One diffusers-format file per style, the gray-image LoRA 
 Output directory (bound to one checkpoint): production.json, gray.safetensors, styles/<style_id>.safetensors and
 catalog.parquet (lora_id, style_id, ref_ids, checkpoint_id, path, sha256, bytes, rank, n_refs, per-layer norms); the
 same rows go to the results store's `loras` table. Idempotent: a re-run skips what the catalog holds; a batch whose
-actor died is retried on a fresh actor; files and catalog rows are keyed by style, so each exists exactly once.
+actor died is retried on a fresh actor; files and catalog rows are keyed by style, so each exists exactly once, also
+with several producers on one directory (the catalog is merged with what is on disk under a lock). The directory is
+bound to the checkpoint once the actors have loaded it; a full disk stops the run with finished files catalogued.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from i2l.cluster.pool import ActorPool, Call, PoolOptions
-from i2l.io import file_sha256
+from i2l.io import as_disk_full, file_sha256
 from i2l.produce.catalog import (
     GRAY_FILE,
     adopt,
     bind_checkpoint,
+    check_binding,
     lora_id,
+    merge_catalog,
     read_catalog,
     remove_leftovers,
     style_path,
-    write_catalog,
 )
 from i2l.produce.jobs import StyleJob, check_jobs
 from i2l.produce.producer import LoRAProducer
@@ -72,7 +75,11 @@ def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: st
     out = Path(out_dir)
     sha = file_sha256(ck / "predictor.safetensors")
     checkpoint_id = checkpoint_id_by_sha(store, sha) or f"{ck.parent.parent.name}/{ck.name}@{sha[:12]}"
-    bind_checkpoint(out, ck, sha, checkpoint_id, read_state(ck)["backbone_id"])
+    check_binding(out, ck, sha)  # another checkpoint's folder is refused now; binding waits for a good load
+
+    def bind() -> None:
+        bind_checkpoint(out, ck, sha, checkpoint_id, read_state(ck)["backbone_id"])
+
     remove_leftovers(out)
 
     catalog = _catalog_with_adopted(out, jobs, sha)
@@ -84,7 +91,9 @@ def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: st
     if missing:  # catalogued here (or adopted) but not in this store: another --db, or a kill between writes
         _record(store, out, missing)
     summary = ProduceSummary(out, checkpoint_id, len(jobs), 0, len(jobs) - len(todo), 0, 0, 0.0, 0.0)
-    if todo or need_gray:
+    if not (todo or need_gray):
+        bind()  # nothing to load: every LoRA here is already this checkpoint's
+    else:
         calls = [Call("make_gray")] if need_gray else []  # the gray LoRA first: one small call
         calls += [Call("make", (todo[i:i + batch_size],), size=len(todo[i:i + batch_size]))
                   for i in range(0, len(todo), batch_size)]
@@ -92,7 +101,13 @@ def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: st
                               unit="LoRA", progress=progress, cpu_hint="produce.num_gpus=0 for CPU actors",
                               start_hint=f"are checkpoint {ck} and its encoder readable on every node?")
         init = (str(ck), str(out), "cuda" if num_gpus > 0 else "cpu", checkpoint_id, sha)
-        _run_pool(ActorPool(LoRAProducer, init, options), calls, out, store, catalog, summary, on_batch)
+        try:
+            _run_pool(ActorPool(LoRAProducer, init, options), calls, out, store, catalog, summary, on_batch, bind)
+        except Exception as e:  # a full disk, in an actor (a LoRA file) or here (the catalog): one clear error
+            full = as_disk_full(e, out)
+            if full is None or full is e:
+                raise
+            raise full from e
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -116,7 +131,7 @@ def _catalog_with_adopted(out: Path, jobs: list[StyleJob], sha: str) -> dict[str
             catalog[row["lora_id"]] = row
             adopted.append(row)
     if adopted:
-        write_catalog(out, list(catalog.values()))
+        merge_catalog(out, catalog)
     return catalog
 
 
@@ -125,18 +140,21 @@ def _record(store: Store, out: Path, rows: list[dict]) -> None:
 
 
 def _run_pool(pool: ActorPool, calls: list[Call], out: Path, store: Store, catalog: dict[str, dict],
-              summary: ProduceSummary, on_batch) -> None:
-    """Run the calls; write catalog + store every FLUSH_S seconds and at the end, also after a failure."""
+              summary: ProduceSummary, on_batch, bind: Callable[[], None]) -> None:
+    """Run the calls; bind the directory at the first result (an actor has loaded the checkpoint); write catalog +
+    store every FLUSH_S seconds and at the end, also after a failure."""
     unrecorded: list[dict] = []
     last_flush = time.perf_counter()
 
     def flush() -> None:
-        write_catalog(out, list(catalog.values()))  # the catalog decides what a re-run skips
-        _record(store, out, unrecorded)
+        merge_catalog(out, catalog)  # the catalog decides what a re-run skips; other producers' rows are kept
+        _record(store, out, [catalog[r["lora_id"]] for r in unrecorded])  # the row the catalog kept
 
     with pool:
         try:
             for done in pool.map(calls):
+                if not summary.produced:
+                    bind()
                 for r in done.value:
                     catalog[r["lora_id"]] = r
                 unrecorded += done.value

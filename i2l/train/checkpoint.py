@@ -3,13 +3,16 @@ written under a temporary name and renamed, so a kill never leaves a half checkp
 the backbone, the adapted layers and the config it was made with; loading it elsewhere, or resuming it with
 other run-defining settings, is refused with a clear message. A run directory may record the key of the
 stage that owns it (`run_key.json`, see i2l.train.run_key): a run of another key is moved aside, never resumed nor
-deleted."""
+deleted. state.json records each file's size and sha256: every load goes through `resolve_checkpoint`, which
+verifies them and falls back to the newest intact step, warning about each broken one."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -26,9 +29,16 @@ from i2l.train.run_key import (  # noqa: F401  (re-exported: the run-key pieces 
     forget_run_key,
     latest_checkpoint,
     read_run_key,
-    require_checkpoint,
     write_run_key,
 )
+
+log = logging.getLogger(__name__)
+STEP_DIR = re.compile(r"step_(\d+)")  # checkpoints/step_0000042; `.tmp_step_*` (being written) never matches
+MAX_HEADER = 100_000_000  # the safetensors format's own limit on its JSON header
+
+
+class CheckpointError(ValueError):
+    """No intact checkpoint where one was asked for (a ValueError: the CLI reports it in one line)."""
 
 
 def targets_digest(targets: dict[str, tuple[int, int]]) -> str:
@@ -73,15 +83,27 @@ def save_checkpoint(run_dir, step: int, predictor, opt, backbone, encoder, cfg: 
              backbone.lora_targets().items()}, "targets_digest": targets_digest(backbone.lora_targets()),
              "encoder_id": encoder.encoder_id, "token_dim": encoder.dim, "optimizer": opt_meta,
              "config": cfg.to_dict()}
-    (tmp / "state.json").write_text(json.dumps(state))
     (tmp / "curve.json").write_text(json.dumps(curve))
+    # written last, naming every other file with its size and hash: a load can tell a whole step from a damaged one
+    state["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(tmp.iterdir())}
+    (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # atomic: the checkpoint appears whole
     return final
 
 
 def read_state(ck: Path) -> dict:
-    return json.loads((Path(ck) / "state.json").read_text())
+    """A checkpoint's state.json; an error names the file."""
+    path = Path(ck) / "state.json"
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (not a checkpoint step, or a damaged one)") from None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ValueError(f"{path}: unreadable checkpoint state ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{path}: not a checkpoint state (no step recorded)")
+    return state
 
 
 def check_fits(state: dict, backbone, source: str) -> None:
@@ -98,7 +120,8 @@ def check_fits(state: dict, backbone, source: str) -> None:
 
 # What defines a run: resuming with any of these changed would continue another optimisation than the one saved.
 # train.steps may grow (extending a run); workers, checkpoint period, retries and device only change how it runs.
-RUN_TRAIN_FIELDS = ("seed", "lr", "batch_size", "targets_per_lora", "warmup", "weight_decay", "grad_clip")
+RUN_TRAIN_FIELDS = ("seed", "lr", "batch_size", "targets_per_lora", "warmup", "weight_decay", "grad_clip",
+                    "timesteps", "loss_weighting")
 
 
 def run_config_changes(saved: dict, cfg: Config) -> list[str]:
@@ -127,6 +150,8 @@ def check_same_run(state: dict, cfg: Config, source: str) -> None:
 
 
 def load_checkpoint(ck: Path, predictor, opt, backbone, cfg: Config) -> tuple[int, list[dict]]:
+    """Resume from ck (verified; if it is broken, from the newest intact older step of its run, with a warning)."""
+    ck = resolve_checkpoint(ck)
     state = read_state(ck)
     check_fits(state, backbone, str(ck))
     predictor.load_state_dict(load_file(str(Path(ck) / "predictor.safetensors")))
@@ -164,7 +189,8 @@ def checkpoint_config(ck: Path, data_root: str | None = None) -> Config:
 
 
 def finished_checkpoint(run_dir: Path, steps: int) -> Path | None:
-    """The latest checkpoint of run_dir if it reached `steps`, else None."""
+    """The latest checkpoint of run_dir if it reached `steps`, else None. Not verified here (whether a stage is
+    done); whatever loads it goes through `resolve_checkpoint`, which falls back to an intact step."""
     ck = latest_checkpoint(run_dir)
     return ck if ck is not None and read_state(ck)["step"] >= steps else None
 
@@ -174,3 +200,146 @@ def checkpoint_identity(ck: Path) -> dict:
     state = read_state(ck)
     return {"path": str(ck), "step": state["step"], "backbone": state["backbone_id"],
             "sha256": file_sha256(Path(ck) / "predictor.safetensors")}
+
+
+# ---------- verification ----------
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a .safetensors file's framing, from its header alone (None: whole): missing, truncated, not
+    safetensors. Cheap whatever the file's size: the tensors are not read."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 0 or n > MAX_HEADER:
+                return f"not a safetensors file ({size} bytes, no valid header)"
+            if 8 + n > size:
+                return f"truncated ({size} bytes, its header alone declares {8 + n})"
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except FileNotFoundError:
+        return "missing"
+    except IsADirectoryError:
+        return "a directory, not a file"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError):  # not JSON, or not safetensors' layout
+        return "not a safetensors file (its header is not a tensor table)"
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"truncated ({size} of {expected} bytes)"
+    if size > expected:
+        return f"{size - expected} bytes longer than its header declares"
+    return None
+
+
+_SHA_SEEN: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256: a step verified twice in a process is hashed once
+
+
+def _sha256(path: Path, st: os.stat_result) -> str:
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _SHA_SEEN:
+        _SHA_SEEN[key] = file_sha256(path)
+    return _SHA_SEEN[key]
+
+
+def _file_problem(path: Path, record: dict, full: bool) -> str | None:
+    """What is wrong with one file of a step against its record in state.json (None: intact)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if st.st_size != record["bytes"]:
+        return (f"truncated ({st.st_size} of {record['bytes']} bytes)" if st.st_size < record["bytes"] else
+                f"{st.st_size} bytes, {record['bytes']} recorded")
+    if path.suffix == ".safetensors" and (why := safetensors_problem(path)):
+        return why
+    if full and _sha256(path, st) != record["sha256"]:
+        return "hash mismatch (not the bytes that were written: the file was damaged or changed since)"
+    return None
+
+
+def checkpoint_problems(ck: Path, full: bool = True) -> list[str]:
+    """What is broken in one checkpoint step, as '<file>: <why>' ([]: intact). Sizes and safetensors headers are
+    always checked; full=True hashes every file too. A step written before state.json recorded its files gets the
+    header check of its weights only."""
+    ck = Path(ck)
+    try:
+        state = read_state(ck)
+    except (OSError, ValueError) as e:
+        return [str(e)]  # names state.json
+    files = state.get("files")
+    if not isinstance(files, dict):  # an older checkpoint: no sizes or hashes recorded
+        names = ["predictor.safetensors"] + (["optimizer.safetensors"] if (ck / "optimizer.safetensors").exists()
+                                             else [])
+        return [f"{ck / n}: {why}" for n in names if (why := safetensors_problem(ck / n))]
+    problems = [] if "predictor.safetensors" in files else [f"{ck / 'state.json'}: records no predictor.safetensors"]
+    for name, record in sorted(files.items()):
+        if Path(name).name != name or name in (".", ".."):  # a name from a file is never a path
+            problems.append(f"{ck / 'state.json'}: names {name!r}, which is not a file of this step")
+            continue
+        try:
+            why = _file_problem(ck / name, record, full)
+        except (KeyError, TypeError):
+            why = "its record in state.json has no size and hash"
+        if why:
+            problems.append(f"{ck / name}: {why}")
+    return problems
+
+
+def _step_dirs(checkpoints: Path) -> list[Path]:
+    """The step folders under a run's checkpoints/, oldest first (by step number, whatever the padding)."""
+    if not checkpoints.is_dir():
+        return []
+    steps = [(int(m.group(1)), d) for d in checkpoints.iterdir() if (m := STEP_DIR.fullmatch(d.name)) and d.is_dir()]
+    return [d for _, d in sorted(steps)]
+
+
+def _candidates(path: Path) -> list[Path]:
+    """The steps `path` may load, newest first: a run's steps; a step and the older steps of its run; or a lone
+    checkpoint folder."""
+    if STEP_DIR.fullmatch(path.name) and path.parent.name == "checkpoints" and path.is_dir():
+        n = int(STEP_DIR.fullmatch(path.name).group(1))
+        return [d for d in reversed(_step_dirs(path.parent)) if int(d.name[5:]) <= n]
+    if (path / "state.json").is_file():
+        return [path]
+    return list(reversed(_step_dirs(path / "checkpoints")))
+
+
+def find_checkpoint(path, full: bool = True) -> tuple[Path, list[str]]:
+    """The newest intact checkpoint `path` names (a run dir, or a step whose run may hold older ones) and one
+    warning per newer step skipped as broken. No step at all: FileNotFoundError; none intact: CheckpointError
+    naming each broken file."""
+    path = Path(path)
+    candidates = _candidates(path)
+    if not candidates:
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path}: no such directory; pass a training run dir "
+                                    "(`i2l train --out`) or one of its checkpoints/step_* folders")
+        what = "it is a file, not a run directory" if path.is_file() else "train one with `i2l train` first"
+        raise FileNotFoundError(f"no checkpoint under {path}: {what}")
+    broken = []
+    for ck in candidates:
+        problems = checkpoint_problems(ck, full)
+        if not problems:
+            return ck, [f"checkpoint {b} is broken ({'; '.join(p)}): using the newest intact one, {ck}"
+                        for b, p in broken]
+        broken.append((ck, problems))
+    listed = "; ".join(p for _, ps in broken for p in ps)
+    raise CheckpointError(f"no intact checkpoint under {path}: {listed}. Restore these files from a copy, or delete "
+                          "the broken step folders and train again with `i2l train`")
+
+
+def resolve_checkpoint(path, full: bool = True) -> Path:
+    """The checkpoint every load uses (predict, generate, produce, evaluate, resume): `find_checkpoint`'s step, each
+    broken step it skipped logged as a warning (the CLI prints them on stderr)."""
+    ck, warnings = find_checkpoint(path, full)
+    for w in warnings:
+        log.warning(w)
+    return ck
+
+
+require_checkpoint = resolve_checkpoint  # the name the stages call it by

@@ -17,7 +17,7 @@ from i2l.backbones import load_backbone
 from i2l.config import Config
 from i2l.data.tuples import TupleStream, collate_groups
 from i2l.model.encoder import load_encoder
-from i2l.model.flow_matching import fm_backward, mixed_precision
+from i2l.model.flow_matching import TimestepSampler, fm_backward, mixed_precision
 from i2l.model.predictor import I2LPredictor, predict_lora
 from i2l.train.checkpoint import (
     check_same_run,
@@ -41,6 +41,15 @@ class World:
 def build_predictor(cfg: Config, backbone, encoder) -> I2LPredictor:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every fresh run
     return I2LPredictor(cfg.predictor, backbone.lora_targets(), encoder.dim, backbone.backbone_id)
+
+
+def timestep_sampler(cfg: Config, backbone) -> TimestepSampler:
+    """How this run draws t (train.timesteps, train.loss_weighting): "backbone" takes the backbone's own training
+    grid for latents of the run's image size (FLUX.2 / Z-Image: their shifted schedules; toy: logit-normal)."""
+    grid = None
+    if cfg.train.timesteps == "backbone":
+        grid = backbone.training_timesteps(backbone.latent_shape(cfg.backbone.image_size))
+    return TimestepSampler.build(cfg.train.timesteps, cfg.train.loss_weighting, grid)
 
 
 def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
@@ -68,6 +77,7 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     trainer = TrainStep(opt, cfg.train.grad_clip, predictor.parameters(),
                         WarmupCosine(opt, steps, cfg.train.warmup, start=start), start=start, curve=curve)
     model = wrap_model(predictor) if wrap_model else predictor
+    timesteps = timestep_sampler(cfg, backbone)
     if device.type == "cuda":
         backbone.transformer.enable_gradient_checkpointing()  # memory: recompute blocks in backward
     stream = TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed, world.rank, world.size,
@@ -93,7 +103,7 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
                 cond = backbone.encode_prompts(prompts)  # frozen text encoder
                 x1 = backbone.encode_images(targets.to(device))
             lora = predict_lora(model, encoder, refs.to(device), n_refs).take(owner.to(device))  # (U) -> (B)
-        loss = fm_backward(backbone, x1, cond, lora, opt, generator=g)  # backward outside autocast
+        loss = fm_backward(backbone, x1, cond, lora, opt, generator=g, timesteps=timesteps)  # backward: no autocast
         rec = trainer.step(loss, n_refs_mean=float(n_refs.float().mean()))
         bar.set_postfix(loss=f"{rec['loss']:.4f}")
         done += 1

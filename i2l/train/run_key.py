@@ -27,11 +27,11 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 
 def require_checkpoint(run_dir) -> Path:
-    """The latest checkpoint of a training run (or a checkpoint dir), or a message that says what to do."""
-    ck = latest_checkpoint(run_dir)
-    if ck is None:
-        raise FileNotFoundError(f"no checkpoint under {run_dir}: train one with `i2l train` first")
-    return ck
+    """The newest intact checkpoint of a training run (or a checkpoint dir), verified: see
+    i2l.train.checkpoint.resolve_checkpoint (imported here only when called: it brings torch)."""
+    from i2l.train.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(run_dir)
 
 
 def read_run_key(run_dir) -> str | None:

@@ -165,7 +165,8 @@ def test_killed_actor_is_retried_and_every_lora_exists_once(debug_run, tmp_path,
 
 
 def test_leftovers_of_a_killed_run_are_removed_and_finished_files_kept(tmp_path):
-    """LoRA.save writes `<name>.tmp` and renames it; the catalog and production.json use `.<name>.<random>.tmp`."""
+    """Temp names that do not say their writer (older formats: `<name>.tmp`, `.<name>.<random>.tmp`) are leftovers;
+    live writers' files are kept (tests/produce/test_produce_concurrency.py)."""
     out = tmp_path / "loras"
     (out / "styles").mkdir(parents=True)
     left = [out / f"{GRAY_FILE}.tmp", out / ".catalog.parquet.tmp", out / ".catalog.parquet.0123abcd.tmp",
@@ -204,3 +205,26 @@ def test_bad_inputs_are_refused_before_any_work(debug_run, tmp_path):
     (out / "production.json").write_text(json.dumps({"checkpoint_sha256": "0" * 64, "checkpoint_id": "other"}))
     with pytest.raises(FileExistsError, match="holds LoRAs of checkpoint other"):
         produce(debug_run.run_dir, [StyleJob("s1", ["a"], [row["image"]])], out, store, progress=False)
+
+
+@pytest.mark.slow  # one pool whose actors fail to start, one that works
+def test_a_checkpoint_that_fails_to_load_does_not_bind_the_folder(debug_run, tmp_path, ray_session):
+    """The output folder is bound (production.json) only once the actors have loaded the checkpoint: a truncated
+    predictor fails the run and leaves the folder free for the repaired checkpoint."""
+    import shutil
+
+    ck = tmp_path / "run" / "checkpoints" / debug_run.checkpoint_dir.name
+    shutil.copytree(debug_run.checkpoint_dir, ck)
+    weights = ck / "predictor.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # a copy cut short
+    row = next(iter_rows(debug_run.prepared_dir, "val", ("id", "image")))
+    jobs, out, store = [StyleJob("s1", ["a"], [row["image"]])], tmp_path / "loras", Store(tmp_path / "r.duckdb")
+    with pytest.raises(Exception):  # noqa: B017  (the actors' load error, or the checkpoint's own check)
+        produce(ck, jobs, out, store, workers=1, progress=False)
+    assert not (out / "production.json").exists(), "a checkpoint that did not load must not claim the folder"
+    weights.write_bytes(good)  # repaired
+    s = produce(ck, jobs, out, store, workers=1, progress=False)
+    assert s.produced == 2
+    assert json.loads((out / "production.json").read_text())["checkpoint_sha256"] == file_sha256(weights)
+    assert [r["style_id"] for r in read_catalog(out)].count("s1") == 1

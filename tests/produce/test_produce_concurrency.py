@@ -1,0 +1,91 @@
+"""Several producers on one output folder: two real `i2l produce` processes at once, with different and overlapping
+styles, leave a catalog with every LoRA file exactly once (rows = files, hashes match, store alike); a producer's
+clean-up removes the leftovers of dead writers only, never another live run's in-flight file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from i2l.data.shards import iter_rows
+from i2l.io import file_sha256
+from i2l.produce.catalog import GRAY_FILE, read_catalog, remove_leftovers
+from i2l.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(ray_session) -> dict:
+    return dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
+                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.mark.slow  # two producers, one actor each, on the session's cluster
+def test_two_concurrent_producers_leave_every_lora_once(debug_run, tmp_path, ray_session):
+    rows = list(iter_rows(debug_run.prepared_dir, "train", ("id", "image")))
+    styles = {"a": range(6), "b": range(3, 9)}  # style3-5 in both: the same references, the same LoRA
+    for who, ks in styles.items():
+        for k in ks:
+            d = tmp_path / who / f"style{k}"
+            d.mkdir(parents=True)
+            for row in rows[8 * k: 8 * k + 2]:
+                (d / f"{row['id']}.png").write_bytes(row["image"])
+    out, db = tmp_path / "loras", tmp_path / "results.duckdb"
+    procs = [subprocess.Popen([sys.executable, "-m", "i2l.cli", "produce", "--preset", "debug", "--checkpoint",
+                               str(debug_run.run_dir), "--images", str(tmp_path / who), "--out", str(out),
+                               "--db", str(db), "--workers", "1", "--batch-size", "1", "--no-progress"],
+                              cwd=REPO, env=_env(ray_session), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for who in styles]
+    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-2000:] for x in logs)
+
+    catalog = read_catalog(out)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.safetensors"))
+    assert files == sorted([GRAY_FILE, *(f"styles/style{k}.safetensors" for k in range(9))])
+    assert sorted(r["path"] for r in catalog) == files, "every file exactly once in the catalog"
+    assert len({r["lora_id"] for r in catalog}) == len(catalog)
+    assert all(r["sha256"] == file_sha256(out / r["path"]) for r in catalog)
+    stored = Store(db, read_only=True).rows("SELECT lora_id, sha256 FROM loras")
+    assert sorted(stored) == sorted((r["lora_id"], r["sha256"]) for r in catalog)
+    assert not list(out.rglob("*.tmp"))
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from i2l.io import atomic_path
+    with atomic_path(sys.argv[1]) as tmp:  # a LoRA file being written, as LoRA.save writes it
+        tmp.write_bytes(b"half a LoRA")
+        print(tmp, flush=True)
+        time.sleep(120)
+""")
+
+
+def test_clean_up_removes_only_dead_writers_leftovers(tmp_path):
+    out = tmp_path / "loras"
+    (out / "styles").mkdir(parents=True)
+    (out / "styles" / "done.safetensors").write_bytes(b"a finished LoRA")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    live = subprocess.Popen([sys.executable, "-c", WRITER, str(out / "styles" / "s1.safetensors")], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    dead = subprocess.Popen([sys.executable, "-c", WRITER, str(out / GRAY_FILE)], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        live_tmp, dead_tmp = Path(live.stdout.readline().strip()), Path(dead.stdout.readline().strip())
+        assert live_tmp.is_file() and dead_tmp.is_file() and str(live.pid) in live_tmp.name
+        dead.send_signal(signal.SIGKILL)  # our own child, by pid: a producer killed mid-write
+        dead.wait()
+        older = out / ".catalog.parquet.0123abcd.tmp"  # a temp name of before writers were named: a leftover
+        older.write_bytes(b"x")
+        assert sorted(remove_leftovers(out)) == sorted([dead_tmp, older])
+        assert live_tmp.is_file(), "another live run's in-flight file must stay"
+        assert (out / "styles" / "done.safetensors").is_file()
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.wait()
+    assert remove_leftovers(out) == [live_tmp] and not list(out.rglob("*.tmp"))
