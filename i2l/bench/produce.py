@@ -88,9 +88,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         common = {"styles": len(jobs), "refs": args.refs, "batch_size": args.batch_size}
         rows = []
 
-        from i2l.train.checkpoint import latest_checkpoint
+        from i2l.train.checkpoint import resolve_checkpoint
 
-        ck_dir = latest_checkpoint(ck)
+        ck_dir = resolve_checkpoint(ck)  # verified, as produce itself loads it
         out = work / "out-in-process"
         out.mkdir(parents=True, exist_ok=True)
         with torch_threads(1):  # baseline: the actor's own code in this process, one thread as each CPU actor gets

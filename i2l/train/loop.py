@@ -24,6 +24,7 @@ from i2l.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     read_state,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from i2l.train.step import TrainStep, WarmupCosine, loss_summary, step_generator
@@ -68,7 +69,8 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     predictor = build_predictor(cfg, backbone, encoder).to(device)
     opt = torch.optim.AdamW(predictor.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     start, curve = 0, []
-    if resume and (ck := latest_checkpoint(out)) is not None:
+    if resume and latest_checkpoint(out) is not None:
+        ck = resolve_checkpoint(out)  # the newest intact step; a broken newer one is warned about and retrained
         start, curve = load_checkpoint(ck, predictor, opt, backbone, cfg)
         for group in opt.param_groups:  # a checkpoint from before the lr scheduler; the lr is cfg's (same run)
             group.setdefault("initial_lr", cfg.train.lr)
@@ -127,15 +129,16 @@ def refuse_mixing_runs(out_dir: str | Path, resume: bool, cfg: Config) -> None:
     if not resume:
         raise FileExistsError(f"{out_dir} already holds a training run (latest checkpoint {ck.name}): pass --resume "
                               f"to continue it, or choose another --out for a new run")
+    ck = resolve_checkpoint(out_dir)  # what the resume will load: a broken newest step is skipped, warned
     check_same_run(read_state(ck), cfg, str(ck))
 
 
 def run_summary(out_dir: str | Path) -> dict:
     """What the run in out_dir reached, read back from its latest checkpoint (the launcher's result: Ray Train
     keeps only metrics reported together with a checkpoint, so a worker's final report never reaches it)."""
-    ck = latest_checkpoint(out_dir)
-    if ck is None:
+    if latest_checkpoint(out_dir) is None:
         return {}
+    ck = resolve_checkpoint(out_dir)
     curve = json.loads((ck / "curve.json").read_text())
     return {"out_dir": str(out_dir), "steps": read_state(ck)["step"], "checkpoint": str(ck), **loss_summary(curve)}
 

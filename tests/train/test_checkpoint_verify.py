@@ -131,11 +131,17 @@ def test_a_file_name_from_state_json_is_never_a_path(run):
     assert found.name == "step_0000001" and "not a file of this step" in warnings[0]
 
 
-def test_resume_from_a_damaged_newest_step_continues_from_the_older_one(debug_run, run, caplog):
+def _break_state(f: Path) -> None:
+    f.write_text('{"step": 2, "config": ')  # a write cut short
+
+
+@pytest.mark.parametrize("name, damage", [("predictor.safetensors", _flip_last_byte), ("state.json", _break_state)])
+def test_resume_from_a_damaged_newest_step_continues_from_the_older_one(debug_run, run, caplog, name, damage):
+    """The run check (same settings), the resume and the run's summary all read the newest intact step."""
     from i2l.train.loop import train_predictor
 
     newest = run / "checkpoints" / "step_0000002"
-    _flip_last_byte(newest / "predictor.safetensors")
+    damage(newest / name)
     info = train_predictor(debug_run.cfg, debug_run.prepared_dir, run, resume=True, progress=False)
-    assert info["steps"] == 2 and any(str(newest / "predictor.safetensors") in r.getMessage() for r in caplog.records)
+    assert info["steps"] == 2 and any(str(newest / name) in r.getMessage() for r in caplog.records)
     assert find_checkpoint(run) == (newest, [])  # step 2 trained again from step 1 and written whole
