@@ -238,6 +238,9 @@ class ScorerConfig:
     pickscore_processor_path: str = ""  # CLIPProcessor dir (CLIP-ViT-H-14); empty => pickscore_path
     imagereward_path: str = ""  # ImageReward.pt (med_config.json beside it)
     hpsv2_path: str = ""  # HPS_v2(.1) checkpoint on open_clip ViT-H-14
+    # open_clip architecture of that checkpoint: a registered name, or an open_clip model config JSON (its file
+    # stem is the name), e.g. a replica's tiny ViT-H-14
+    hpsv2_clip_model: str = "ViT-H-14"
     hpsv3_path: str = ""  # HPSv3 checkpoint
 
     def __post_init__(self):

@@ -49,8 +49,18 @@ def check_model_dir(comp: Component, root: Path, sub: str, library: str, class_n
         comp.problem(f"cannot build {class_name} from {sub}/config.json ({type(e).__name__}: {e})",
                      f"use a checkpoint of the layout {library} reads, or update {library}")
         return w
-    comp.extend(compare_shapes(expected, tied, w, f"{sub}/config.json"))
+    comp.extend(compare_shapes(expected, tied, w, f"{sub}/config.json", _stored_prefix(library, class_name,
+                                                                                        expected, w)))
     return w
+
+
+def _stored_prefix(library: str, class_name: str, expected: dict, w: Weights) -> str:
+    """A base model saved under its head model's names (Z-Image's text_encoder: a Qwen3Model whose weights carry
+    Qwen3ForCausalLM's `model.` prefix), which transformers loads by stripping `base_model_prefix`."""
+    base = getattr(getattr(importlib.import_module(library), class_name, None), "base_model_prefix", "")
+    if library != "transformers" or not base or any(k in w.tensors for k in expected):
+        return ""
+    return f"{base}." if any(k.startswith(f"{base}.") for k in w.tensors) else ""
 
 
 def check_targets(comp: Component, targets: tuple[str, ...], w: Weights, where: str) -> None:

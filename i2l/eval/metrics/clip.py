@@ -120,6 +120,8 @@ def load_clip_scorer(path: str | os.PathLike, model_name: str | None = None, dev
             raise ValueError(f"checkpoint file {p} needs its architecture: set scorer.clip_model (e.g. ViT-H-14)")
         if p.suffix not in WEIGHT_SUFFIXES:
             raise ValueError(f"{p}: unsupported weight file type {p.suffix!r}; use one of {WEIGHT_SUFFIXES}")
+        if model_name.endswith(".json"):  # an open_clip model config file: register it under its stem
+            model_name = register_model_config(model_name)
         if model_name not in open_clip.list_models():
             raise ValueError(f"unknown open_clip model {model_name!r}; register its config JSON first")
         name = model_name

@@ -199,7 +199,7 @@ class HPSv2Scorer(_Plugin):
     @torch.no_grad()
     def score(self, batch) -> dict[str, list[float]]:
         if self._model is None:
-            self._model = load_clip_scorer(self.path, "ViT-H-14", self.sc.device)
+            self._model = load_clip_scorer(self.path, self.sc.hpsv2_clip_model, self.sc.device)
         img = self._model.encode_images(batch.images, self.sc.batch_size)  # (B, D)
         txt = self._model.encode_texts(batch.prompts)  # (B, D)
         return {"hpsv2": (img * txt).sum(-1).tolist()}
