@@ -166,3 +166,34 @@ def file_sha256(path: str | os.PathLike) -> str:
 def json_digest(obj) -> str:
     """16 hex digits naming a JSON-able value (key order ignored): dataset ids, evaluation and baseline keys."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors format's own limit on its JSON header
+
+
+class NotSafetensors(ValueError):
+    """A file whose framing is not a whole safetensors file; the message says why (without the file's name)."""
+
+
+def safetensors_table(path: str | os.PathLike) -> tuple[dict[str, dict], int, int]:
+    """(tensor table without __metadata__, the file's size, the size its header declares) from the 8-byte length and
+    the JSON header alone: no tensor is read, so a file of any size costs the same. NotSafetensors when the framing
+    is wrong or the file is shorter than it declares; OSError (missing, a directory, unreadable) as it comes."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > SAFETENSORS_MAX_HEADER:
+            raise NotSafetensors(f"not a safetensors file ({size} bytes, no valid header)")
+        if 8 + n > size:
+            raise NotSafetensors(f"truncated ({size} bytes, its header alone declares {8 + n})")
+        try:
+            table = json.loads(f.read(n))
+            table.pop("__metadata__", None)
+            declared = 8 + n + max((v["data_offsets"][1] for v in table.values()), default=0)
+        except (ValueError, AttributeError, KeyError, TypeError, IndexError):  # not JSON, or not a tensor table
+            raise NotSafetensors("not a safetensors file (its header is not a tensor table)") from None
+    if size < declared:
+        raise NotSafetensors(f"truncated ({size} of {declared} bytes)")
+    return table, size, declared

@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MAX_HEADER = 100 * 2**20  # a safetensors header is a JSON table; anything larger is not one
+from i2l.io import NotSafetensors, safetensors_table
+
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
          "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -28,23 +29,12 @@ class Tensor:
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
     """name -> (dtype, shape, end offset) from a safetensors header; HeaderError if the file is not whole."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 2 or n > MAX_HEADER:
-                raise HeaderError(f"{path.name} is not a safetensors file ({size} bytes, no valid header)")
-            if 8 + n > size:
-                raise HeaderError(f"{path.name} is truncated ({size} bytes; its header alone declares {8 + n})")
-            table = json.loads(f.read(n))
-        table.pop("__metadata__", None)
-        out = {k: (v["dtype"], tuple(v["shape"]), v["data_offsets"][1]) for k, v in table.items()}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, IndexError):
+        table, _, _ = safetensors_table(path)
+        return {k: (v["dtype"], tuple(v["shape"]), v["data_offsets"][1]) for k, v in table.items()}
+    except NotSafetensors as e:
+        raise HeaderError(f"{path.name} is {e}") from None
+    except (KeyError, TypeError):
         raise HeaderError(f"{path.name} is not a safetensors file (its header is not a tensor table)") from None
-    need = 8 + n + max((e for _, _, e in out.values()), default=0)
-    if size < need:
-        raise HeaderError(f"{path.name} is truncated ({size} of {need} bytes)")
-    return out
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from i2l.config import Config, config_from_dict
-from i2l.io import file_sha256
+from i2l.io import NotSafetensors, file_sha256, safetensors_table
 from i2l.layout import resolve_paths
 from i2l.train.run_key import (  # noqa: F401  (re-exported: the run-key pieces live in the torch-free i2l.train.run_key)
     RUN_KEY_FILE,
@@ -34,7 +34,6 @@ from i2l.train.run_key import (  # noqa: F401  (re-exported: the run-key pieces 
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"step_(\d+)")  # checkpoints/step_0000042; `.tmp_step_*` (being written) never matches
-MAX_HEADER = 100_000_000  # the safetensors format's own limit on its JSON header
 
 
 class CheckpointError(ValueError):
@@ -206,31 +205,18 @@ def checkpoint_identity(ck: Path) -> dict:
 def safetensors_problem(path: Path) -> str | None:
     """What is wrong with a .safetensors file's framing, from its header alone (None: whole): missing, truncated, not
     safetensors. Cheap whatever the file's size: the tensors are not read."""
-    path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 0 or n > MAX_HEADER:
-                return f"not a safetensors file ({size} bytes, no valid header)"
-            if 8 + n > size:
-                return f"truncated ({size} bytes, its header alone declares {8 + n})"
-            header = json.loads(f.read(n))
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        _, size, declared = safetensors_table(path)
     except FileNotFoundError:
         return "missing"
     except IsADirectoryError:
         return "a directory, not a file"
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
-    except (ValueError, AttributeError, KeyError, TypeError, IndexError):  # not JSON, or not safetensors' layout
-        return "not a safetensors file (its header is not a tensor table)"
-    expected = 8 + n + max(ends, default=0)
-    if size < expected:
-        return f"truncated ({size} of {expected} bytes)"
-    if size > expected:
-        return f"{size - expected} bytes longer than its header declares"
+    except NotSafetensors as e:
+        return str(e)
+    if size > declared:
+        return f"{size - declared} bytes longer than its header declares"
     return None
 
 
