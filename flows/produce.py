@@ -23,7 +23,7 @@ def produce_task(cfg, checkpoint: str, manifest: str, out_dir: str, store, progr
     require_healthy(cfg, purpose="produce")  # configs and headers only, before any Ray actor starts
     summary = produce_loras(checkpoint, jobs_from_manifest(manifest), out_dir, store, workers=p.workers,
                             batch_size=p.batch_size, num_gpus=p.num_gpus, max_retries=p.max_retries,
-                            progress=progress)
+                            progress=progress, fmt=p.format)
     return jsonable(summary)
 
 

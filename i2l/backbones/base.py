@@ -8,6 +8,7 @@ u = x1 - x0. Each adapter maps this onto its diffusers model's own time/sign con
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from i2l.backbones import schedule
 from i2l.config import BackboneConfig
 from i2l.model.lora import BatchedLoRA, LoRA
+from i2l.model.lora_formats import check_format
 
 
 @dataclass
@@ -60,6 +62,15 @@ class Backbone:
     chat_thinking: bool = False  # enable_thinking of the pipeline's chat template (`prompt_text`)
     # diffusers' LoRA loader for this transformer: its lora_state_dict knows the other trainers' key layouts
     lora_loader: type | None = None
+    # How other programs name the adapted layers, per LoRA file format (i2l.model.lora_formats): (regex on the
+    # diffusers module name, that program's name as a `re` template) pairs; modules several pairs send to one name
+    # are one fused layer there, in pair order. A format not listed keeps diffusers' names (prefix aside).
+    lora_file_names: ClassVar[dict[str, tuple[tuple[str, str], ...]]] = {}
+
+    @classmethod
+    def lora_names(cls, format: str) -> tuple[tuple[str, str], ...]:
+        """The renaming table `LoRA.save(..., format=format, backbone=cls)` writes this backbone's layers with."""
+        return tuple(cls.lora_file_names.get(check_format(format), ()))
 
     def __init__(self, targets: tuple[str, ...]):
         self.target_suffixes = tuple(targets)

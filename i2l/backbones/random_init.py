@@ -56,5 +56,7 @@ def random_cond(backbone: Backbone, prompts: list[str], generator: torch.Generat
         return backbone.encode_prompts(prompts)
     # a same-size random backbone has no text encoder
     tokens = backbone_spec(backbone.kind).text_tokens
+    if hasattr(backbone, "random_cond"):  # hidream_o1: its transformer embeds token ids itself
+        return backbone.random_cond(len(prompts), tokens, generator)
     emb = torch.randn(len(prompts), tokens, backbone.text_width, generator=generator)
     return Cond(emb.to(backbone.device, backbone.dtype))

@@ -31,6 +31,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     # Z-Image drops the padding, and a MegaStyle content prompt in its chat template is well under 64 tokens
     "zimage": BackboneSpec("i2l.backbones.zimage:ZImageBackbone", "i2l.backbones.zimage:load_zimage_backbone",
                            text_tokens=64, pipeline="ZImagePipeline"),
+    # HiDream-O1-Image: DiffSynth's model, no diffusers pipeline (no model_index.json); a prompt in its chat template
+    "hidream_o1": BackboneSpec("i2l.backbones.hidream_o1:HiDreamO1Backbone",
+                               "i2l.backbones.hidream_o1:load_hidream_o1_backbone", text_tokens=64),
 }
 
 

@@ -24,7 +24,10 @@ def _meta_targets(cfg: Config) -> tuple[dict[str, tuple[int, int]], int, str]:
     bc = cfg.backbone
     cls = backbone_class(bc.kind)
     with torch.device("meta"):  # the local config.json if the preset names a directory, else the published one
-        tr = cls.transformer_class.from_config(cls.architecture(bc))
+        arch = cls.architecture(bc)
+        # a backbone on a non-diffusers model (hidream_o1: DiffSynth's) builds it itself
+        build = getattr(cls, "build_transformer", None)
+        tr = build(arch) if build is not None else cls.transformer_class.from_config(arch)
     probe = Backbone(bc.targets)
     probe.transformer = tr
     return probe.lora_targets(), param_count(tr), type(tr).__name__

@@ -5,6 +5,8 @@ both branches of every sample in a batch run as one forward per step. --plain-cf
 Styles: --lora FILE (repeatable) and/or --images IMG ... (repeatable; each group of references, paths or globs, is
 fused into one LoRA by token concatenation); --mix W,W,... mixes all given styles into one in LoRA space.
 --inpaint IMAGE --mask MASK regenerates the mask's white region and keeps the rest (composition).
+--init-image IMG --denoise D (img2img): start from IMG noised to where a fraction D of the steps remains.
+--negative gray|base|none: the negative branch is the gray-image LoRA (the paper), the base model, or absent (no CFG).
 Writes OUT/<sample_id>.png and OUT/samples.csv (sample id, prompt, lora id, seed, settings).
 """
 
@@ -28,6 +30,14 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=16, help="samples per batched sampling call")
     p.add_argument("--inpaint", default=None, metavar="IMAGE", help="image to inpaint (needs --mask)")
     p.add_argument("--mask", default=None, metavar="MASK", help="mask image: white = regenerate, black = keep")
+    p.add_argument("--init-image", action="append", default=[], metavar="IMG",
+                   help="img2img: start from this image (one for all prompts, or repeat once per --prompt); resized "
+                        "to the model's image size")
+    p.add_argument("--denoise", type=float, default=None, metavar="D",
+                   help="img2img: fraction of the steps sampled from the noised init image, in [0, 1] (1 = from pure "
+                        "noise, 0 = the init image back; default 0.6)")
+    p.add_argument("--negative", choices=("gray", "base", "none"), default="gray",
+                   help="CFG negative branch: gray-image LoRA (paper, default), base model (no LoRA), none (no CFG)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
 
@@ -48,6 +58,21 @@ def _check_before_load(args) -> tuple[list[list[str]], list[float] | None]:
         raise ValueError("--inpaint and --mask go together")
     if args.samples < 1:
         raise ValueError("--samples must be >= 1")
+    if args.denoise is not None:
+        args.denoise = require_finite(args.denoise, "--denoise")
+        if not 0.0 <= args.denoise <= 1.0:
+            raise ValueError(f"--denoise must be in [0, 1] (1 = from pure noise, 0 = the init image back), "
+                             f"got {args.denoise:g}")
+        if not args.init_image:
+            raise ValueError("--denoise needs --init-image (img2img)")
+    if args.init_image:
+        if args.inpaint:
+            raise ValueError("--init-image (img2img) and --inpaint together are not supported: use one of them")
+        if len(args.init_image) not in (1, len(args.prompt)):
+            raise ValueError(f"{len(args.init_image)} --init-image for {len(args.prompt)} --prompt: give one for "
+                             "all prompts or one per prompt")
+    if args.plain_cfg and args.negative != "gray":
+        raise ValueError(f"--plain-cfg and --negative {args.negative} both choose the negative branch: give one")
     weights = None
     if args.mix:
         try:
@@ -58,7 +83,7 @@ def _check_before_load(args) -> tuple[list[list[str]], list[float] | None]:
     for f in args.lora:
         check_lora_file(f)
     groups = [check_image_paths(group) for group in args.images]
-    for image in filter(None, (args.inpaint, args.mask)):
+    for image in filter(None, (args.inpaint, args.mask, *args.init_image)):
         check_image_file(image)
     check_output(args.out, directory=True)
     return groups, weights
@@ -74,6 +99,7 @@ def main(args):
         style_from_file,
         style_from_images,
     )
+    from i2l.infer.guidance import DEFAULT_DENOISE
     from i2l.train.checkpoint import resolve_checkpoint
 
     groups, weights = _check_before_load(args)
@@ -86,13 +112,17 @@ def main(args):
     settings = GenerateSettings(
         guidance=model.cfg.eval.guidance if args.guidance is None else args.guidance,
         steps=args.steps or model.cfg.eval.sample_steps, strength=args.strength, asymmetric=not args.plain_cfg,
-        negative_prompt=args.negative_prompt, batch_size=args.batch_size)
+        negative_prompt=args.negative_prompt, batch_size=args.batch_size, negative=args.negative,
+        denoise=1.0 if not args.init_image else DEFAULT_DENOISE if args.denoise is None else args.denoise)
     inpaint = None
     if args.inpaint:
         inpaint = load_inpaint(model.backbone, args.inpaint, args.mask, model.cfg.backbone.image_size)
     rows = generate_samples(model, styles, args.prompt, args.out, settings,
                             seeds=list(range(args.seed, args.seed + args.samples)), inpaint=inpaint,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, init_images=args.init_image)
+    cfg = settings.cfg_kind(model.backbone)
+    how = "no CFG" if cfg == "none" else f"{cfg} CFG {settings.guidance:g}"
+    img2img = f", img2img denoise {settings.denoise:g}" if args.init_image else ""
     print(f"{len(rows)} image(s) of {len(styles)} style(s) x {len(args.prompt)} prompt(s) -> {args.out} "
-          f"({'asymmetric' if settings.asymmetric else 'plain'} CFG {settings.guidance:g}, {settings.steps} steps)")
+          f"({how}, {settings.steps} steps{img2img})")
     return 0

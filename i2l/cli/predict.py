@@ -1,8 +1,16 @@
 """Predict one style LoRA from 1..N reference images in a single forward pass.
 
-The references are fused by token concatenation (paper §4.5). Writes a diffusers/PEFT-format safetensors file
-(`transformer.<module>.lora_A.weight` / `lora_B.weight`) that `load_lora_weights` accepts.
+The references are fused by token concatenation (paper §4.5). Writes a safetensors file in the key layout of the
+program that will read it (`--format`: diffusers, diffsynth or comfyui; docs/cli.md).
 """
+
+from i2l.config.sections import LORA_FORMATS
+
+FORMAT_HELP = ("LoRA file key layout, for the program that reads it: diffusers (default; "
+               "`transformer.<module>.lora_A.weight`, diffusers' load_lora_weights), diffsynth (no prefix, the "
+               "module names of DiffSynth-Studio's DiT classes: its GeneralLoRALoader patches every layer), comfyui "
+               "(`diffusion_model.<module>`, ComfyUI's model names: BFL's for FLUX.2, q/k/v fused into qkv). "
+               "i2l reads all three back")
 
 
 def add_arguments(p):
@@ -11,9 +19,11 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--strength", type=float, default=1.0, help="scale the LoRA (ΔW -> s·ΔW)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--format", default="diffusers", choices=LORA_FORMATS, help=FORMAT_HELP)
 
 
 def main(args):
+    from i2l.backbones.registry import backbone_class
     from i2l.infer.api import I2L
     from i2l.infer.generation import check_image_paths, check_output
     from i2l.model.finite import MAX_ABS_WEIGHT, require_finite
@@ -31,6 +41,9 @@ def main(args):
         lora = lora.scaled(args.strength)
         # never write a file that LoRA.load would refuse
         lora.check_finite(f"LoRA at --strength {args.strength:g}", bound=MAX_ABS_WEIGHT)
-    path = lora.save(args.out, prefix=model.lora_prefix)
-    print(f"LoRA from {len(images)} reference(s): rank {lora.rank}, {len(lora.names)} layers -> {path}")
+    # the layer names each program uses are the backbone class's (no backbone weights loaded)
+    path = lora.save(args.out, prefix=model.lora_prefix, format=args.format,
+                     backbone=backbone_class(model.cfg.backbone.kind))
+    print(f"LoRA from {len(images)} reference(s): rank {lora.rank}, {len(lora.names)} layers -> {path} "
+          f"({args.format} format)")
     return 0

@@ -1,4 +1,4 @@
-"""Named presets: `debug` (tests, seconds), `toy` (embedded default, minutes), `klein4b` and `zimage` (real
+"""Named presets: `debug` (tests, seconds), `toy` (embedded default, minutes), `klein4b`, `zimage`, `hidream_o1` (real
 checkpoints from local directories, named by environment variables)."""
 
 from __future__ import annotations
@@ -35,6 +35,14 @@ FLUX2_TARGETS = (
 ZIMAGE_TARGETS = (
     "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+)
+# HiDream-O1 LoRA targets, named as DiffSynth's HiDreamO1ImageModel names them: attention q/k/v/o and the gated MLP
+# of each Qwen3-VL decoder layer (model.language_model.layers.*), the counterpart of ZIMAGE_TARGETS (the released
+# HidreamO1-i2L-v2's own set is not readable here). The vision tower (`attn.qkv`, `mlp.linear_fc*`) is not
+# matched: text-to-image sampling never runs it. 36 layers x 7 = 252 adapted layers.
+HIDREAM_O1_TARGETS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 )
 
 
@@ -87,7 +95,8 @@ def _klein4b() -> Config:
         # model_inference/KleinBase4B-i2L-v2.py, negative_template_inputs)
         eval=EvalConfig(styles=1000, guidance=4.0, sample_steps=28, lora_lr=3e-4, mean_lora_lr=3e-4,
                         gray_negative="per_reference"),
-        scorer=ScorerConfig(clip_model="ViT-H-14", clip_checkpoint=os.environ.get("I2L_CLIP_CKPT", "")),
+        # workers=1: each configured scorer in its own Ray actor (one model per actor, a GPU each on cuda)
+        scorer=ScorerConfig(clip_model="ViT-H-14", clip_checkpoint=os.environ.get("I2L_CLIP_CKPT", ""), workers=1),
         produce=ProduceConfig(workers=8, batch_size=16, num_gpus=1.0),
     )
 
@@ -102,4 +111,17 @@ def _zimage() -> Config:
     return cfg
 
 
-PRESETS = {"debug": _debug, "toy": _toy, "klein4b": _klein4b, "zimage": _zimage}
+def _hidream_o1() -> Config:
+    cfg = _klein4b()
+    cfg.name = "hidream_o1"
+    # HiDream-O1-Image (the undistilled "full" model) from a local copy of its published directory; 1024² as the
+    # other backbones are trained (its pipeline defaults to 2048²)
+    cfg.backbone = BackboneConfig(kind="hidream_o1", path=os.environ.get("I2L_HIDREAM_O1_DIR", ""), image_size=1024,
+                                  targets=HIDREAM_O1_TARGETS, dtype="bfloat16")
+    # rank 4 as the Z-Image i2L: 2·4·252 = 2,016 queries
+    cfg.predictor = PredictorConfig(rank=4, hidden=1024, depth=8, heads=16, compress=64, max_refs=4)
+    cfg.eval.sample_steps = 50  # HiDreamO1ImagePipeline's num_inference_steps (cfg_scale 4.0 = eval.guidance)
+    return cfg
+
+
+PRESETS = {"debug": _debug, "toy": _toy, "klein4b": _klein4b, "zimage": _zimage, "hidream_o1": _hidream_o1}

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# LoRA file key layouts, one per consumer of the files (i2l.model.lora_formats says what each one is)
+LORA_FORMATS = ("diffusers", "diffsynth", "comfyui")
+
 
 @dataclass
 class ToyWorldConfig:
@@ -71,8 +74,9 @@ class DataConfig:
 class BackboneConfig:
     """The frozen text-to-image transformer that LoRAs adapt."""
 
-    kind: str = "toy"  # toy | flux2 | zimage
-    path: str = ""  # local directory with a diffusers layout (toy: written by `i2l pretrain-backbone`)
+    kind: str = "toy"  # toy | flux2 | zimage | hidream_o1
+    # local directory with a diffusers layout (toy: written by `i2l pretrain-backbone`; hidream_o1: as published)
+    path: str = ""
     image_size: int = 32  # generation side in pixels
     # toy backbone only: tiny Flux2Transformer2DModel in pixel space through a patch codec
     patch: int = 4  # pixel patch side: one token = patch*patch*3 channels
@@ -90,8 +94,10 @@ class BackboneConfig:
     text_encoder_layers: tuple[int, ...] = ()  # flux2: stacked Qwen3 hidden states; () = the pipeline's (9, 18, 27)
 
     def __post_init__(self):
-        if self.kind not in ("toy", "flux2", "zimage"):
-            raise ValueError(f"backbone.kind must be toy, flux2 or zimage, not {self.kind!r}")
+        if self.kind not in ("toy", "flux2", "zimage", "hidream_o1"):
+            raise ValueError(f"backbone.kind must be toy, flux2, zimage or hidream_o1, not {self.kind!r}")
+        if self.kind == "hidream_o1" and (self.image_size % 32 or self.image_size < 64):
+            raise ValueError("backbone.image_size must be a multiple of 32 (HiDream-O1's pixel patch), at least 64")
         if self.kind == "toy" and self.image_size % self.patch:
             raise ValueError("backbone.image_size must be a multiple of backbone.patch")
 
@@ -230,22 +236,25 @@ class ScorerConfig:
     # and run ~4x slower with two when the cores are shared
     pretrain_threads: int = 1
     seed: int = 0
-    # plugins: empty path => skipped with a recorded reason
-    aesthetic_path: str = ""  # LAION improved-aesthetic MLP weights (.safetensors or .pth state dict)
-    aesthetic_clip_model: str = "ViT-L-14-quickgelu"  # open_clip arch of the MLP's CLIP (OpenAI ViT-L/14)
-    aesthetic_clip_checkpoint: str = ""  # its local checkpoint (OpenAI CLIP ViT-L/14 weights)
-    pickscore_path: str = ""  # transformers CLIPModel dir (PickScore_v1)
-    pickscore_processor_path: str = ""  # CLIPProcessor dir (CLIP-ViT-H-14); empty => pickscore_path
-    imagereward_path: str = ""  # ImageReward.pt (med_config.json beside it)
-    hpsv2_path: str = ""  # HPS_v2(.1) checkpoint on open_clip ViT-H-14
-    # open_clip architecture of that checkpoint: a registered name, or an open_clip model config JSON (its file
-    # stem is the name), e.g. a replica's tiny ViT-H-14
-    hpsv2_clip_model: str = "ViT-H-14"
-    hpsv3_path: str = ""  # HPSv3 checkpoint
+    # Table-1 preference scorers, read through diffsynth.metrics (i2l/eval/metrics/plugins.py): each path is a
+    # local folder of DiffSynth-Studio/ImageMetrics' layout (model.safetensors + the files below; config.json, when
+    # present, gives the model's sizes, else DiffSynth's full-size default). Empty => skipped with a recorded reason.
+    aesthetic_path: str = ""  # Aesthetic/: model.safetensors, preprocessor_config.json [, config.json CLIPVision]
+    pickscore_path: str = ""  # PickScore/: model.safetensors, CLIP processor + tokenizer files [, config.json]
+    imagereward_path: str = ""  # ImageReward/: model.safetensors, med_config.json, vocab.txt (+ tokenizer files)
+    hpsv2_path: str = ""  # HPSv2/: model.safetensors (open_clip keys), CLIP processor files [, config.json]
+    hpsv3_path: str = ""  # HPSv3/: model.safetensors, Qwen2-VL processor + tokenizer files [, config.json]
+    # evaluation scoring on Ray (i2l/eval/metrics/actors.py): 0 = in the evaluating process; N >= 1 = N actors per
+    # configured scorer, each holding that one model, asking gpus_per_actor GPUs when scorer.device is cuda (or
+    # auto on a cluster with GPUs), else one CPU
+    workers: int = 0
+    gpus_per_actor: float = 1.0
 
     def __post_init__(self):
         if self.batch_size < 1 or self.pretrain_batch_size < 2:
             raise ValueError("scorer.batch_size must be >= 1 and scorer.pretrain_batch_size >= 2")
+        if self.workers < 0 or self.gpus_per_actor <= 0:
+            raise ValueError("scorer.workers must be >= 0 and scorer.gpus_per_actor > 0")
         if not 0.0 <= self.content_weight <= 1.0:
             raise ValueError("scorer.content_weight must be in [0, 1]")
 
@@ -258,11 +267,14 @@ class ProduceConfig:
     batch_size: int = 8  # styles per actor call (one batched predictor forward)
     num_gpus: float = 0.0  # GPUs per actor: 0 = CPU actors; real presets use 1 on a GPU cluster
     max_retries: int = 3  # attempts per batch when its actor dies (then the run fails)
+    format: str = "diffusers"  # LoRA file key layout: diffusers | diffsynth | comfyui (i2l.model.lora_formats)
 
     def __post_init__(self):
         if self.workers < 1 or self.batch_size < 1 or self.max_retries < 0 or self.num_gpus < 0:
             raise ValueError("produce.workers and produce.batch_size must be >= 1, produce.max_retries and "
                              "produce.num_gpus >= 0")
+        if self.format not in LORA_FORMATS:
+            raise ValueError(f"produce.format must be one of {', '.join(LORA_FORMATS)}, got {self.format!r}")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The backbone's checks: a diffusers pipeline directory read through its model_index.json (`_class_name`,
 `is_distilled`, the components it lists), each component's config.json against its safetensors headers, the
-preset's LoRA target layers among the transformer's weights, the text encoder's width; or the toy backbone's
-directory. Nothing but configs and headers is read."""
+preset's LoRA target layers among the transformer's weights, the text encoder's width; a HiDream-O1-Image folder
+(config.json, shards, processor files); or the toy backbone's directory. Nothing but configs and headers is read."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from i2l.config import BackboneConfig, Config
+from i2l.config.presets import HIDREAM_O1_TARGETS
 from i2l.doctor import Component
 from i2l.doctor.weights import Weights, compare_shapes, expected_shapes, read_weights
 
@@ -152,6 +153,40 @@ def check_pipeline(comp: Component, bc: BackboneConfig, root: Path, distilled_is
         _text_width(comp, bc, root, index)
 
 
+def check_hidream_o1(comp: Component, bc: BackboneConfig, root: Path) -> None:
+    """A HiDream-O1-Image directory as published (no model_index.json: one transformers-style folder that
+    DiffSynth reads): config.json, the model-*.safetensors shards against the shapes DiffSynth's HiDreamO1ImageModel
+    has at the config's sizes, the LoRA targets, and the processor files its pipeline loads."""
+    from i2l.backbones.hidream_o1 import PROCESSOR_FILES, build_transformer, model_files
+
+    if not (root / "config.json").is_file():
+        comp.problem(f"config.json is missing in {root}", "copy the published HiDream-O1-Image directory whole")
+        return
+    try:
+        model_files(root)
+    except FileNotFoundError as e:
+        comp.problem(str(e), "copy the published model-0000k-of-0000N.safetensors files")
+        return
+    w = read_weights(root, root)
+    comp.extend(w.problems)
+    try:
+        arch = json.loads((root / "config.json").read_text())
+        expected, tied = expected_shapes(lambda: build_transformer(arch))
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, RuntimeError) as e:  # say so, never guess
+        comp.problem(f"cannot build DiffSynth's HiDreamO1ImageModel from config.json ({type(e).__name__}: {e})",
+                     "use the published HiDream-O1-Image directory, or update diffsynth")
+        return
+    comp.extend(compare_shapes(expected, tied, w, "config.json", ""))
+    comp.facts.append(f"HiDreamO1ImageModel (DiffSynth), {human(w.params)} params, {w.dtypes}")
+    check_targets(comp, tuple(bc.targets) or HIDREAM_O1_TARGETS, w, "the model")
+    for f in PROCESSOR_FILES:
+        if not (root / f).is_file():
+            comp.problem(f"{f} is missing in {root} (the pipeline's AutoProcessor reads it)",
+                         "copy the published processor and tokenizer files")
+    if not any((root / f).is_file() for f in TOKENIZER_FILES):
+        comp.problem(f"{root} holds no tokenizer files", "copy the published tokenizer files")
+
+
 def check_toy(comp: Component, bc: BackboneConfig, root: Path) -> None:
     if not (root / "backbone.json").is_file():
         comp.problem(f"no toy backbone at {root} (backbone.json missing)",
@@ -187,6 +222,8 @@ def check_backbone(cfg: Config, distilled_is_problem: bool = True) -> Component:
         return comp
     if bc.kind == "toy":
         check_toy(comp, bc, root)
+    elif bc.kind == "hidream_o1":
+        check_hidream_o1(comp, bc, root)
     else:
         check_pipeline(comp, bc, root, distilled_is_problem)
     return comp

@@ -187,27 +187,32 @@ def generate_and_score(model, cfg: Config, samples: list[ValSample], conds: list
                        refs: list[list[str]], loras: dict, samples_dir: Path, store: Store, run_id: str,
                        progress: bool) -> tuple[list[dict], list[dict]]:
     """One image per (method, sample) with the sample's prompt and seed (cfg.eval), many styles per batched
-    sampling call; each chunk is saved and scored (cfg.scorer) as soon as it is drawn. -> (sample rows, score
-    rows)."""
+    sampling call; each chunk is saved and scored (cfg.scorer) as soon as it is drawn — or, with scorer.workers
+    >= 1, scored once all are drawn by Ray actors, one model per actor (i2l/eval/metrics/actors.py), from the
+    saved files. Either way the same rows. -> (sample rows, score rows)."""
     from tqdm import tqdm
 
     from i2l.eval.metrics import ScoreBatch, build_scorers, score_samples
+    from i2l.eval.metrics.actors import ScoreJob, score_on_actors
 
     jobs = [(c, i) for c in conds for i in range(len(samples))]
     # LoRA methods share batches; adapter rows carry longer contexts, so they are batched among themselves
     groups = [[j for j in jobs if j[0].extra is None], [j for j in jobs if j[0].extra is not None]]
     chunks = [g[k:k + cfg.eval.gen_batch] for g in groups for k in range(0, len(g), cfg.eval.gen_batch)]
     scorers = build_scorers(cfg)
-    sample_rows, score_rows = [], []
-    for chunk in tqdm(chunks, desc="generate + score", disable=not progress):
+    on_actors = cfg.scorer.workers > 0
+    sample_rows, score_rows, jobs = [], [], []  # jobs: (sample ids, ScoreJob) for the actors
+    root = store.path.parent
+    for chunk in tqdm(chunks, desc="generate" if on_actors else "generate + score", disable=not progress):
         seeds = [cfg.eval.seed + i for _, i in chunk]
         images = draw(model, cfg.eval, [samples[i].prompt for _, i in chunk], chunk, seeds)
-        ids = []
+        ids, paths = [], []
         for (c, i), im, seed in zip(chunk, images, seeds, strict=True):
             s = samples[i]
             path = samples_dir / c.method / f"{s.sample_id}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             im.save(path)
+            paths.append(str(path.resolve()))
             ids.append(f"{run_id}/{c.method}/{s.sample_id}")
             lora = loras.get((c.lora_of or c.method, i))
             sample_rows.append({
@@ -220,11 +225,24 @@ def generate_and_score(model, cfg: Config, samples: list[ValSample], conds: list
                              "refs": refs[i][:c.n_refs]}})
         # every method is judged against the sample's full reference set, whatever it saw
         chosen = [samples[i] for _, i in chunk]
+        if on_actors:
+            jobs.append((ids, ScoreJob(paths, [s.prompt for s in chosen], [s.style for s in chosen],
+                                       [[str(root / p) for p in refs[i]] for _, i in chunk],
+                                       [s.ref_prompts for s in chosen])))
+            continue
         batch = ScoreBatch(images, [s.prompt for s in chosen], [s.style for s in chosen],
                            [s.refs for s in chosen], [s.ref_prompts for s in chosen])
-        for r in score_samples(scorers, batch):
-            score_rows.append({**{k: v for k, v in r.items() if k != "index"}, "sample_id": ids[r["index"]]})
+        score_rows += _with_ids(score_samples(scorers, batch), ids)
+    if on_actors:
+        chunk_rows = score_on_actors(cfg, scorers, [job for _, job in jobs], progress)
+        for (ids, _), rows in zip(jobs, chunk_rows, strict=True):
+            score_rows += _with_ids(rows, ids)
     return sample_rows, score_rows
+
+
+def _with_ids(rows: list[dict], ids: list[str]) -> list[dict]:
+    """Score rows keyed by sample id instead of their position in the chunk."""
+    return [{**{k: v for k, v in r.items() if k != "index"}, "sample_id": ids[r["index"]]} for r in rows]
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Generation for the command line and batch use: styles × prompts × seeds sampled in batches, where one forward per
 step carries both CFG branches of every style in the batch (asymmetric LoRA guidance: style LoRA + prompt against
-gray LoRA + negative prompt), written as PNGs plus a table of (sample id, prompt, lora id, seed, settings).
+gray LoRA + negative prompt; or the base model, or no CFG), from noise or (img2img) from noised init images, written
+as PNGs plus a table of (sample id, prompt, lora id, seed, settings).
 
 Everything is checked before the first image is written (LoRA files against the backbone, reference images, prompt
 lengths, masks), and every file is written under a temporary name and renamed, so a failure leaves nothing half done.
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from i2l.infer.guidance import NonFiniteSample
+from i2l.infer.guidance import NEGATIVES, NonFiniteSample, denoise_steps
 from i2l.io import atomic_path, write_bytes_atomic
 from i2l.model.finite import require_finite
 from i2l.model.lora import LoRA, check_compatible
@@ -48,12 +49,29 @@ class GenerateSettings:
     asymmetric: bool = True  # True: gray-image LoRA on the negative branch (paper §3.4); False: plain CFG
     negative_prompt: str = ""
     batch_size: int = 16  # samples per batched sampling call (2× rows per forward)
+    negative: str = "gray"  # CFG negative branch: "gray" LoRA (paper), "base" model (no LoRA), "none" (no CFG)
+    denoise: float = 1.0  # img2img: fraction of the steps sampled from the noised init image (1 = from noise)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch size must be >= 1")
         self.guidance = require_finite(self.guidance, "guidance")
         self.strength = require_finite(self.strength, "strength")
+        denoise_steps(self.steps, self.denoise)  # denoise in [0, 1]
+        if self.negative not in NEGATIVES:
+            raise ValueError(f"negative must be one of {', '.join(NEGATIVES)}, got {self.negative!r}")
+        if not self.asymmetric and self.negative != "gray":
+            raise ValueError(f"plain CFG (the style LoRA on both branches) and negative={self.negative!r} both choose "
+                             "the negative branch: give one")
+
+    def cfg_kind(self, backbone) -> str:
+        """What the negative branch is, as recorded with each sample: asymmetric (a gray-image LoRA), base (the base
+        model), plain (the style LoRA on both), or none (no CFG: asked, or a step-distilled backbone)."""
+        if self.negative == "none" or getattr(backbone, "distilled", False):
+            return "none"
+        if self.negative == "base":
+            return "base"
+        return "asymmetric" if self.asymmetric else "plain"
 
 
 def _slug(text: str) -> str:
@@ -187,15 +205,18 @@ def plan_samples(styles: list[StyleLoRA], prompts: list[str], seeds: list[int]) 
         if s.lora_id in seen:
             raise ValueError(f"style {s.source} is given twice (as {seen[s.lora_id]} too): give each style once")
         seen[s.lora_id] = s.source
-    return [{"sample_id": f"{s.lora_id}_p{pi:02d}_s{seed}", "style": s, "prompt": p, "seed": int(seed)}
+    return [{"sample_id": f"{s.lora_id}_p{pi:02d}_s{seed}", "style": s, "prompt": p, "prompt_index": pi,
+             "seed": int(seed)}
             for s in styles for pi, p in enumerate(prompts) for seed in seeds]
 
 
 def generate_samples(model, styles: list[StyleLoRA], prompts: list[str], out_dir: str | os.PathLike,
                      settings: GenerateSettings | None = None, seeds: list[int] = (0,),
-                     inpaint: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True) -> list[dict]:
+                     inpaint: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True,
+                     init_images: list[str] | None = None) -> list[dict]:
     """Sample every style × prompt × seed in batches of settings.batch_size; write PNGs + the samples table.
 
+    init_images (img2img at settings.denoise): one image for every prompt, or one per prompt.
     Each sample's noise comes from its own seed, so an image does not depend on what it was batched with."""
     from tqdm import tqdm
 
@@ -206,10 +227,21 @@ def generate_samples(model, styles: list[StyleLoRA], prompts: list[str], out_dir
     for s in styles:
         check_compatible(s.lora, bb, source=f"LoRA {s.source}")
         s.lora.check_finite(f"LoRA {s.source}")  # one made in memory (mixed, predicted) as well as a file
+    init = None
+    if init_images:
+        if len(init_images) not in (1, len(prompts)):
+            raise ValueError(f"{len(prompts)} prompts but {len(init_images)} init images: give one init image for "
+                             "all prompts or one per prompt")
+        if inpaint is not None:
+            raise ValueError("img2img (--init-image) and inpainting (--inpaint) together are not supported: inpaint "
+                             "regenerates the mask's region from noise; use one of them")
+        init = model.init_latents(list(init_images))  # (1 or P, *latent): each image encoded once
+    elif settings.denoise != 1.0:
+        raise ValueError(f"denoise {settings.denoise:g} needs an init image (--init-image) to start from")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    common = {**asdict(settings), "cfg": "asymmetric" if settings.asymmetric else "plain",
-              "checkpoint": model.checkpoint_id, "inpaint": inpaint is not None}
+    common = {**asdict(settings), "cfg": settings.cfg_kind(bb), "checkpoint": model.checkpoint_id,
+              "inpaint": inpaint is not None}
     common.pop("batch_size")
     rows = []
     bs = settings.batch_size
@@ -219,9 +251,11 @@ def generate_samples(model, styles: list[StyleLoRA], prompts: list[str], out_dir
         if inpaint is not None:
             known, mask = inpaint
             paint = (known.expand(len(chunk), *known.shape[1:]), mask.expand(len(chunk), *mask.shape[1:]))
+        start = None if init is None else init[[c["prompt_index"] if len(init) > 1 else 0 for c in chunk]]
         try:
             images = model.generate([c["prompt"] for c in chunk], [c["style"].lora for c in chunk],
                                     negative_lora="gray" if settings.asymmetric else None,
+                                    negative=settings.negative, init_images=start, denoise=settings.denoise,
                                     guidance=settings.guidance, steps=settings.steps,
                                     seed=[c["seed"] for c in chunk], strength=settings.strength,
                                     negative_prompt=settings.negative_prompt, inpaint=paint)
@@ -231,9 +265,17 @@ def generate_samples(model, styles: list[StyleLoRA], prompts: list[str], out_dir
             name = f"{c['sample_id']}.png"
             _write_png(im, out / name)
             rows.append({"sample_id": c["sample_id"], "prompt": c["prompt"], "lora_id": c["style"].lora_id,
-                         "seed": c["seed"], "image": name, "settings": {**common, "lora_source": c["style"].source}})
+                         "seed": c["seed"], "image": name, "settings": {**common, "lora_source": c["style"].source,
+                                                                          "init_image": _init_of(init_images, c)}})
         write_table(rows, out / TABLE_FILE)  # after every batch: the table lists exactly the images on disk
     return rows
+
+
+def _init_of(init_images: list[str] | None, spec: dict) -> str | None:
+    """The init image a sample started from (img2img), as given; None for text-to-image."""
+    if not init_images:
+        return None
+    return str(init_images[spec["prompt_index"] if len(init_images) > 1 else 0])
 
 
 def _name_styles(e: NonFiniteSample, chunk: list[dict]) -> ValueError:

@@ -1,6 +1,7 @@
 """Asymmetric LoRA guidance (paper §3.4): an Euler sampler along the flow-matching path whose two CFG branches
 each carry their own per-sample LoRA (the reference LoRA on the positive branch, e.g. the gray-image LoRA on the
-negative), run as ONE batched forward of 2B rows per step. Shapes: B batch, x (B, *latent)."""
+negative), run as ONE batched forward of 2B rows per step; img2img starts part-way along the same grid from a
+noised init image. Shapes: B batch, x (B, *latent)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from i2l.model.finite import require_finite
 from i2l.model.flow_matching import interpolate
 from i2l.model.lora import LoRA
 
+NEGATIVES = ("gray", "base", "none")  # the CFG negative branch: gray-image LoRA (paper), base model, no CFG
+DEFAULT_DENOISE = 0.6  # img2img strength when none is given, as diffusers' img2img pipelines default
+
 
 class NonFiniteSample(ValueError):
     """Samples of a batch went NaN/Inf: `first_bad` maps each such batch row to the sampler step (1-based) after
@@ -22,6 +26,16 @@ class NonFiniteSample(ValueError):
         where = ", ".join(f"row {r} at step {k}" for r, k in first_bad.items())
         super().__init__(f"sampling went non-finite (NaN/Inf) after {where} of {steps}: a LoRA, strength or guidance "
                          "too large for this backbone, or a broken checkpoint; no image written")
+
+
+def denoise_steps(steps: int, denoise: float) -> int:
+    """How many of `steps` an img2img run with strength `denoise` in [0, 1] samples, counted as diffusers' img2img
+    pipelines count them (`get_timesteps`): steps − int(steps − denoise·steps), i.e. denoise·steps rounded up, in
+    their float arithmetic, so a denoise gives the same run here as there."""
+    denoise = require_finite(denoise, "denoise")
+    if not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise must be in [0, 1] (1 = from pure noise, 0 = the init image back), got {denoise:g}")
+    return steps - int(max(steps - min(steps * denoise, steps), 0))
 
 
 def _cat_loras(pos: LoRA | None, neg: LoRA | None, n: int) -> LoRA | None:
@@ -41,7 +55,8 @@ def _cat_loras(pos: LoRA | None, neg: LoRA | None, n: int) -> LoRA | None:
 def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: LoRA | None = None,
            neg_lora: LoRA | None = None, guidance: float = 1.0, steps: int = 20, noise: torch.Tensor | None = None,
            generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None, shift: float | None = None,
-           strength: float = 1.0, inpaint: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           strength: float = 1.0, inpaint: tuple[torch.Tensor, torch.Tensor] | None = None,
+           init: torch.Tensor | None = None, denoise: float = 1.0) -> torch.Tensor:
     """Euler sampling from noise (t=0) to data (t=1).
 
     guidance == 1 or neg_cond None: one branch. Otherwise CFG v = v_neg + s·(v_pos − v_neg), where the positive
@@ -51,6 +66,9 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
     re-imposed at every step along its own noise path, so composition with a mask works in this sampler.
     shift None: the t grid of the backbone's own pipeline (`Backbone.sampling_schedule`); a number: that static
     shift of a uniform grid instead.
+    init = latents x1 (B, *latent) of init images (img2img): the run starts at the grid point t_s where
+    denoise_steps(steps, denoise) steps remain, from x = (1 − t_s)·noise + t_s·init, and samples those steps only
+    (denoise 1: t_s = 0, pure noise, the text-to-image run; denoise 0: the init latents themselves).
     """
     guidance, strength = require_finite(guidance, "guidance"), require_finite(strength, "strength")
     n = len(cond)
@@ -59,17 +77,26 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
     # The Euler state and t stay fp32 whatever the backbone computes in (as ZImagePipeline keeps its latents):
     # rounding x to bf16 after every small step dt·v drifts ~8x further from the fp32 path than bf16 weights do.
     noise = noise.to(backbone.device, torch.float32)
-    x = noise
+    ts = (backbone.sampling_schedule(steps, tuple(noise.shape[1:])) if shift is None
+          else timestep_schedule(steps, shift)).to(noise.device)
+    first = steps - denoise_steps(steps, denoise)  # grid index img2img starts at (0: from pure noise)
+    if init is None:
+        if denoise != 1.0:
+            raise ValueError("denoise < 1 needs init latents (img2img) to start from")
+        x = noise
+    else:
+        if inpaint is not None:
+            raise ValueError("img2img (init) and inpainting together are not supported: use one of them")
+        init = init.to(noise.device, torch.float32).expand_as(noise)
+        x = interpolate(noise, init, ts[first].expand(n))  # x_t = (1 - t)·x0 + t·x1 at t = ts[first]
     cfg = neg_cond is not None and guidance != 1.0
     if cfg:
         both_cond = Cond.cat([cond, neg_cond])
         both_lora = _cat_loras(lora, neg_lora, n)
     elif lora is not None and lora.batched and lora.batch_size != n:
         lora = lora.expand(n)
-    ts = (backbone.sampling_schedule(steps, tuple(x.shape[1:])) if shift is None
-          else timestep_schedule(steps, shift)).to(x.device)
     finite = []  # per step (B,) bool, kept on the device: one reduction per step, one sync at the end
-    for i in range(steps):
+    for i in range(first, steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
         if cfg:
             v = backbone.velocity(torch.cat([x, x]), t.expand(2 * n), both_cond, both_lora,
@@ -86,6 +113,6 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
         finite.append(torch.isfinite(x).flatten(1).all(1))  # (B,)
     if finite and not bool((ok := torch.stack(finite)).all()):  # ok (steps, B)
         bad = ~ok
-        first = (bad.to(torch.uint8).argmax(0) + 1).tolist()  # first bad step of each row, 1-based
-        raise NonFiniteSample({r: first[r] for r in bad.any(0).nonzero().flatten().tolist()}, steps)
+        at = (bad.to(torch.uint8).argmax(0) + 1 + first).tolist()  # first bad step of each row, 1-based
+        raise NonFiniteSample({r: at[r] for r in bad.any(0).nonzero().flatten().tolist()}, steps)
     return x

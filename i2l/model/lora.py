@@ -22,6 +22,7 @@ from torch import nn
 
 from i2l.io import atomic_path
 from i2l.model.finite import MAX_ABS_WEIGHT, check_weights, require_finite
+from i2l.model.lora_formats import FIXED_PREFIX, check_format, from_file_layers, to_file_layers
 
 FORMAT_VERSION = "1"
 
@@ -162,25 +163,42 @@ class LoRA:
         return LoRA(A, B, kept[0][0].backbone, meta)
 
     # ---------- files ----------
-    def save(self, path: str | os.PathLike, prefix: str = "transformer") -> Path:
-        """Write a diffusers/PEFT-format safetensors file atomically (`<prefix>.<module>.lora_A.weight`)."""
+    def save(self, path: str | os.PathLike, prefix: str | None = None, format: str = "diffusers",
+             backbone=None) -> Path:
+        """Write a safetensors file atomically in the key layout of `format`'s consumer (i2l.model.lora_formats):
+        diffusers `<prefix>.<module>.lora_A.weight` (prefix: the pipeline component; default the backbone's, else
+        "transformer"), diffsynth `<module>.lora_A.weight`, comfyui `diffusion_model.<module>.lora_A.weight`, with
+        the consumer's module names from `backbone` (a Backbone or its class: `lora_names(format)`). The other
+        formats record themselves in the metadata (`i2l.lora_format`); a diffusers file is what it always was."""
         if self.batched:
             raise ValueError("save one LoRA at a time: index the batch first (lora[i])")
-        path = Path(path)
+        check_format(format)
+        if prefix is None:
+            prefix = backbone.lora_prefix if backbone is not None else "transformer"
+        prefix = FIXED_PREFIX.get(format, prefix)
+        table = backbone.lora_names(format) if backbone is not None else ()
+        layers, record = to_file_layers(self.A, self.B, table)
+        path, p = Path(path), f"{prefix}." if prefix else ""
         tensors = {}
-        for k in self.names:
-            tensors[f"{prefix}.{k}.lora_A.weight"] = self.A[k].detach().contiguous().cpu()
-            tensors[f"{prefix}.{k}.lora_B.weight"] = self.B[k].detach().contiguous().cpu()
+        for k, (a, b) in layers.items():
+            tensors[f"{p}{k}.lora_A.weight"] = a.detach().contiguous().cpu()
+            tensors[f"{p}{k}.lora_B.weight"] = b.detach().contiguous().cpu()
         meta = {"format": "pt", "i2l.format_version": FORMAT_VERSION, "i2l.backbone": self.backbone,
                 "i2l.rank": str(self.rank), "i2l.alpha": "folded into lora_B (scaling 1)",
                 "i2l.meta": json.dumps(self.meta)}
+        if format != "diffusers":
+            meta["i2l.lora_format"] = format
+            if record:
+                meta["i2l.layers"] = json.dumps(record)
         with atomic_path(path) as tmp:  # never a half-written LoRA file, nor one temp name for two writers
             save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, backbone=None, device="cpu") -> LoRA:
-        """Read a LoRA file (i2l's own, or PEFT/diffusers keys) and check it against `backbone` if given.
+        """Read a LoRA file (i2l's own in any of its formats, or PEFT/diffusers keys) and check it against
+        `backbone` if given. i2l's diffsynth and comfyui files record their format and renamed or fused layers in
+        their metadata, and read back to the LoRA that was saved.
 
         With a backbone, other trainers' key layouts (kohya, ai-toolkit / BFL names) are converted as the
         pipeline's own loader converts them (`Backbone.convert_lora_keys`); their α/r scales (`.alpha` keys,
@@ -195,13 +213,15 @@ class LoRA:
             tensors = {k: f.get_tensor(k) for k in f.keys() if "lora" in k or k.endswith(".alpha")}  # noqa: SIM118
         # the file's own keys in the message; α may be stored as an integer, the matrices may not
         check_weights({k: t if not k.endswith(".alpha") else t.double() for k, t in tensors.items()}, str(path))
-        if backbone is not None and "i2l.format_version" not in meta:  # i2l's own files are diffusers' layout
+        if backbone is not None and "i2l.format_version" not in meta:  # i2l's own files say their layout
             tensors = backbone.convert_lora_keys(tensors, str(path))
         A, B, alphas = {}, {}, {}
         for key, t in tensors.items():
             name, kind = _parse_key(key)
             if kind is not None:
                 {"A": A, "B": B, "alpha": alphas}[kind][name] = t
+        if "i2l.lora_format" in meta and set(A) == set(B):  # i2l's diffsynth / comfyui file: names back to i2l's
+            A, B = from_file_layers(A, B, meta, str(path))
         if not A or set(A) != set(B):
             hint = ("" if backbone is not None or not any(k.startswith("lora_unet_") or ".lora_down." in k
                                                            for k in tensors)

@@ -1,5 +1,5 @@
-"""A production directory's bookkeeping: it is bound to one checkpoint (production.json), its catalog.parquet says
-which LoRA files are finished (one row per file, merged under a lock so that concurrent producers lose none), files a
+"""A production directory's bookkeeping: it is bound to one checkpoint and one LoRA file format (production.json), its
+catalog.parquet says which LoRA files are finished (one row per file, merged under a lock so that concurrent producers lose none), files a
 killed run wrote are adopted, and half-written ones removed once their writer is gone."""
 
 from __future__ import annotations
@@ -28,25 +28,27 @@ def lora_id(style_id: str | None, checkpoint_sha: str) -> str:
     return f"{'gray_lora' if style_id is None else 'i2l:' + style_id}@{checkpoint_sha[:12]}"
 
 
-def catalog_row(out: Path, path: Path, lora) -> dict:
-    """The catalog row of a written LoRA file, from the LoRA and the metadata it was saved with."""
+def catalog_row(out: Path, path: Path, lora, fmt: str) -> dict:
+    """The catalog row of a written LoRA file, from the LoRA, the metadata and the format it was saved with."""
     m = lora.meta
     style_id, ref_ids = m["style_id"] or None, json.loads(m["ref_ids"])
     return {"lora_id": lora_id(style_id, m["checkpoint_sha256"]), "style_id": style_id, "method": m["method"],
             "checkpoint_id": m["checkpoint_id"], "checkpoint_sha256": m["checkpoint_sha256"], "ref_ids": ref_ids,
             "n_refs": len(ref_ids), "rank": lora.rank, "path": str(path.relative_to(out)),
-            "sha256": file_sha256(path), "bytes": path.stat().st_size, "norms": lora.norms()}
+            "sha256": file_sha256(path), "bytes": path.stat().st_size, "norms": lora.norms(), "format": fmt}
 
 
-def adopt(out: Path, path: Path, ref_ids: list[str], sha: str) -> dict | None:
-    """The row of a complete file this checkpoint made for these references but the catalog lacks (a run killed
-    before its catalog was written); None for a file that is not ours or is unreadable: it is made again."""
+def adopt(out: Path, path: Path, ref_ids: list[str], sha: str, fmt: str) -> dict | None:
+    """The row of a complete file this checkpoint made for these references in this format but the catalog lacks (a
+    run killed before its catalog was written); None for a file that is not ours or is unreadable: it is made again."""
     from i2l.model.lora import LoRA
+    from i2l.model.lora_formats import file_format
 
     try:
         lora = LoRA.load(path)
-        ok = lora.meta.get("checkpoint_sha256") == sha and json.loads(lora.meta.get("ref_ids", "null")) == ref_ids
-        return catalog_row(out, path, lora) if ok else None
+        ok = (lora.meta.get("checkpoint_sha256") == sha and json.loads(lora.meta.get("ref_ids", "null")) == ref_ids
+              and file_format(path) == fmt)
+        return catalog_row(out, path, lora, fmt) if ok else None
     except (ValueError, KeyError, OSError):
         return None
 
@@ -61,6 +63,7 @@ def read_catalog(out_dir: str | os.PathLike) -> list[dict]:
     rows = pq.read_table(path).to_pylist()
     for r in rows:
         r["norms"] = json.loads(r["norms"])
+        r["format"] = r.get("format") or "diffusers"  # catalogs from before formats: diffusers files
     return rows
 
 
@@ -102,8 +105,10 @@ def merge_catalog(out: Path, rows: dict[str, dict]) -> dict[str, dict]:
     return merged
 
 
-def _binding(out: Path, ck: Path, sha: str) -> bool:
-    """Whether `out` is bound to the checkpoint of `sha` (True) or to none yet (False); refuses another's."""
+def _binding(out: Path, ck: Path, sha: str, fmt: str) -> bool:
+    """Whether `out` is bound to the checkpoint of `sha` and to `fmt` (True) or to none yet (False); refuses
+    another's. One format per folder: files and catalog rows are keyed by style, so a second format would replace
+    the first one's files under the same names and catalog rows."""
     meta = out / PRODUCTION_FILE
     if not meta.is_file():
         return False
@@ -111,21 +116,24 @@ def _binding(out: Path, ck: Path, sha: str) -> bool:
     if theirs.get("checkpoint_sha256") != sha:
         raise FileExistsError(f"{out} holds LoRAs of checkpoint {theirs.get('checkpoint_id')} "
                               f"({theirs.get('checkpoint_dir')}); choose another --out for {ck}")
+    if (have := theirs.get("format", "diffusers")) != fmt:  # folders from before formats hold diffusers files
+        raise FileExistsError(f"{out} holds LoRA files in {have} format; this run writes {fmt}: choose another --out "
+                              f"for the {fmt} files (or --format {have} to complete this folder)")
     return True
 
 
-def check_binding(out: Path, ck: Path, sha: str) -> None:
-    """Refuse, before anything is loaded or written, an output directory bound to another checkpoint."""
-    _binding(out, ck, sha)
+def check_binding(out: Path, ck: Path, sha: str, fmt: str = "diffusers") -> None:
+    """Refuse, before anything is loaded or written, an output directory bound to another checkpoint or format."""
+    _binding(out, ck, sha, fmt)
 
 
-def bind_checkpoint(out: Path, ck: Path, sha: str, checkpoint_id: str, backbone: str) -> None:
-    """An output directory holds the LoRAs of one checkpoint: bind it to this one (call once the checkpoint has
-    loaded: a checkpoint that fails to load must not claim the folder) or refuse if it is another's."""
+def bind_checkpoint(out: Path, ck: Path, sha: str, checkpoint_id: str, backbone: str, fmt: str = "diffusers") -> None:
+    """An output directory holds the LoRAs of one checkpoint, in one file format: bind it to this one (call once the
+    checkpoint has loaded: a checkpoint that fails to load must not claim the folder) or refuse if it is another's."""
     with catalog_lock(out):  # two producers of different checkpoints: one binds, the other is refused
-        if not _binding(out, ck, sha):
+        if not _binding(out, ck, sha, fmt):
             write_json_atomic(out / PRODUCTION_FILE, {"checkpoint_dir": str(ck), "checkpoint_id": checkpoint_id,
-                                                      "checkpoint_sha256": sha, "backbone": backbone},
+                                                      "checkpoint_sha256": sha, "backbone": backbone, "format": fmt},
                               indent=2, sort_keys=False)
 
 

@@ -7,16 +7,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from i2l.model.lora_formats import check_format
 from i2l.produce.catalog import GRAY_FILE, catalog_row, style_path
 from i2l.produce.jobs import StyleJob
 
 
 class LoRAProducer:
-    def __init__(self, checkpoint_dir: str, out_dir: str, device: str, checkpoint_id: str, checkpoint_sha: str):
+    def __init__(self, checkpoint_dir: str, out_dir: str, device: str, checkpoint_id: str, checkpoint_sha: str,
+                 fmt: str = "diffusers"):
+        from i2l.backbones.registry import backbone_class
         from i2l.infer.api import I2L
 
         self.model = I2L.load(checkpoint_dir, device=device, backbone=False)
         self.out, self.checkpoint_id, self.sha = Path(out_dir), checkpoint_id, checkpoint_sha
+        # the file format's layer names are the backbone class's: no backbone weights are loaded here
+        self.fmt, self.backbone_class = check_format(fmt), backbone_class(self.model.cfg.backbone.kind)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -49,5 +54,6 @@ class LoRAProducer:
         # the file describes itself: a file written just before a kill is adopted by the next run, not redone
         lora.meta.update({"style_id": style_id or "", "ref_ids": json.dumps(ref_ids), "checkpoint_sha256": self.sha,
                           "checkpoint_id": self.checkpoint_id, "method": method})
-        lora.save(path, prefix=self.model.lora_prefix)  # atomic (temporary name, then rename)
-        return catalog_row(out or self.out, path, lora)
+        # atomic (temporary name, then rename)
+        lora.save(path, prefix=self.model.lora_prefix, format=self.fmt, backbone=self.backbone_class)
+        return catalog_row(out or self.out, path, lora, self.fmt)

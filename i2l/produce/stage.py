@@ -1,10 +1,11 @@
 """Mass production of style LoRAs: the Ray actor pool (the predictor loaded once per actor; GPU actors with
 `num_gpus` on a cluster, CPU actors here) predicts LoRAs in batches for every style of a validation manifest or a
-folder of user images. One diffusers-format file per style, the gray-image LoRA once per checkpoint, and a catalog.
+folder of user images. One file per style (diffusers, diffsynth or comfyui format: `fmt`), the gray-image LoRA once
+per checkpoint, and a catalog.
 
-Output directory (bound to one checkpoint): production.json, gray.safetensors, styles/<style_id>.safetensors and
-catalog.parquet (lora_id, style_id, ref_ids, checkpoint_id, path, sha256, bytes, rank, n_refs, per-layer norms); the
-same rows go to the results store's `loras` table. Idempotent: a re-run skips what the catalog holds; a batch whose
+Output directory (bound to one checkpoint and one format): production.json, gray.safetensors,
+styles/<style_id>.safetensors and catalog.parquet (lora_id, style_id, ref_ids, checkpoint_id, path, sha256, bytes,
+rank, n_refs, per-layer norms, format); the same rows go to the results store's `loras` table. Idempotent: a re-run skips what the catalog holds; a batch whose
 actor died is retried on a fresh actor; files and catalog rows are keyed by style, so each exists exactly once, also
 with several producers on one directory (the catalog is merged with what is on disk under a lock). The directory is
 bound to the checkpoint once the actors have loaded it; a full disk stops the run with finished files catalogued.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from i2l.cluster.pool import ActorPool, Call, PoolOptions
 from i2l.io import as_disk_full, file_sha256
+from i2l.model.lora_formats import check_format
 from i2l.produce.catalog import (
     GRAY_FILE,
     adopt,
@@ -65,8 +67,10 @@ class ProduceSummary:
 
 def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: str | os.PathLike, store: Store,
             workers: int = 2, batch_size: int = 8, num_gpus: float = 0.0, max_retries: int = 3,
-            progress: bool = True, on_batch: Callable[[list[dict], object], None] | None = None) -> ProduceSummary:
-    """Make the LoRAs of `jobs` (and the gray LoRA) that `out_dir`'s catalog lacks, on a pool of Ray actors.
+            progress: bool = True, on_batch: Callable[[list[dict], object], None] | None = None,
+            fmt: str = "diffusers") -> ProduceSummary:
+    """Make the LoRAs of `jobs` (and the gray LoRA) that `out_dir`'s catalog lacks, on a pool of Ray actors, as
+    files of format `fmt` (i2l.model.lora_formats); a folder bound to another format is refused.
 
     on_batch(rows, actor) runs in the driver after each batch returns (tests kill that actor here)."""
     t0 = time.perf_counter()
@@ -75,14 +79,15 @@ def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: st
     out = Path(out_dir)
     sha = file_sha256(ck / "predictor.safetensors")
     checkpoint_id = checkpoint_id_by_sha(store, sha) or f"{ck.parent.parent.name}/{ck.name}@{sha[:12]}"
-    check_binding(out, ck, sha)  # another checkpoint's folder is refused now; binding waits for a good load
+    check_format(fmt)
+    check_binding(out, ck, sha, fmt)  # another checkpoint's (format's) folder is refused now; binding waits for a load
 
     def bind() -> None:
-        bind_checkpoint(out, ck, sha, checkpoint_id, read_state(ck)["backbone_id"])
+        bind_checkpoint(out, ck, sha, checkpoint_id, read_state(ck)["backbone_id"], fmt)
 
     remove_leftovers(out)
 
-    catalog = _catalog_with_adopted(out, jobs, sha)
+    catalog = _catalog_with_adopted(out, jobs, sha, fmt)
     todo = [j for j in jobs if not _done(out, catalog, j.style_id, j.ref_ids, sha)]
     need_gray = not _done(out, catalog, None, ["gray"], sha)
     redo = {lora_id(j.style_id, sha) for j in todo}
@@ -100,7 +105,7 @@ def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: st
         options = PoolOptions(workers=workers, num_gpus=num_gpus, max_retries=max_retries, name="produce",
                               unit="LoRA", progress=progress, cpu_hint="produce.num_gpus=0 for CPU actors",
                               start_hint=f"are checkpoint {ck} and its encoder readable on every node?")
-        init = (str(ck), str(out), "cuda" if num_gpus > 0 else "cpu", checkpoint_id, sha)
+        init = (str(ck), str(out), "cuda" if num_gpus > 0 else "cpu", checkpoint_id, sha, fmt)
         try:
             _run_pool(ActorPool(LoRAProducer, init, options), calls, out, store, catalog, summary, on_batch, bind)
         except Exception as e:  # a full disk, in an actor (a LoRA file) or here (the catalog): one clear error
@@ -119,7 +124,7 @@ def _done(out: Path, catalog: dict, style_id: str | None, ref_ids: list[str], sh
             and (out / r["path"]).stat().st_size == r["bytes"])
 
 
-def _catalog_with_adopted(out: Path, jobs: list[StyleJob], sha: str) -> dict[str, dict]:
+def _catalog_with_adopted(out: Path, jobs: list[StyleJob], sha: str, fmt: str) -> dict[str, dict]:
     """The catalog by lora_id, plus the finished files a killed run left uncatalogued (written back at once)."""
     catalog = {r["lora_id"]: r for r in read_catalog(out)}
     adopted = []
@@ -127,7 +132,7 @@ def _catalog_with_adopted(out: Path, jobs: list[StyleJob], sha: str) -> dict[str
                                     *((j.style_id, j.ref_ids, style_path(out, j.style_id)) for j in jobs)]:
         if _done(out, catalog, style_id, ref_ids, sha) or not path.is_file():
             continue
-        if row := adopt(out, path, ref_ids, sha):
+        if row := adopt(out, path, ref_ids, sha, fmt):
             catalog[row["lora_id"]] = row
             adopted.append(row)
     if adopted:

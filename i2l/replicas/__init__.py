@@ -6,10 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from i2l.replicas.backbones import flux2_klein_4b, flux2_klein_base_4b, z_image, z_image_turbo
+from i2l.replicas.backbones import (
+    flux2_klein_4b,
+    flux2_klein_base_4b,
+    hidream_o1_image,
+    z_image,
+    z_image_turbo,
+)
 from i2l.replicas.encoders import siglip2_so400m_patch16_512, siglip2_so400m_patch16_naflex
 from i2l.replicas.scorers import (
     clip_vit_h_14_laion2b,
+    diffsynth_image_metrics,
     hpsv2_1,
     laion_aesthetic,
     pickscore_v1,
@@ -23,12 +30,14 @@ REPLICAS = {
     "FLUX.2-klein-4B": flux2_klein_4b,
     "Z-Image": z_image,
     "Z-Image-Turbo": z_image_turbo,
+    "HiDream-O1-Image": hidream_o1_image,
     "siglip2-so400m-patch16-512": siglip2_so400m_patch16_512,
     "siglip2-so400m-patch16-naflex": siglip2_so400m_patch16_naflex,
     "CLIP-ViT-H-14-laion2B-s32B-b79K": clip_vit_h_14_laion2b,
     "PickScore_v1": pickscore_v1,
     "laion-aesthetic": laion_aesthetic,
     "HPSv2.1": hpsv2_1,
+    "DiffSynth-Studio-ImageMetrics": diffsynth_image_metrics,
 }
 
 

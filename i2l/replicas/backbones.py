@@ -136,3 +136,113 @@ def z_image_turbo(out_dir: Path) -> Path:
     """Tongyi-MAI/Z-Image-Turbo (distilled, guidance 0): transformer in 3 shards (24.6 GB for 6.15 B
     parameters = float32), scheduler shift 3."""
     return _zimage(out_dir, "Z-Image-Turbo", transformer_shards=3, transformer_dtype=torch.float32)
+
+
+# Qwen3-VL's added tokens at their ids from 151643 (Qwen/Qwen3-VL tokenizer_config.json), then the five
+# HiDream-O1 adds: DiffSynth's model finds the timestep token at 151673 (`tms_token_id`, hard-coded), and the
+# pipeline's `add_special_tokens` names them in this order.
+QWEN3_VL_SPECIALS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>",
+)
+HIDREAM_SPECIALS = ("<|boi_token|>", "<|bor_token|>", "<|eor_token|>", "<|bot_token|>", "<|tms_token|>")
+QWEN_FIRST_SPECIAL = 151643
+# Qwen3-VL's template in ChatML shape (string or image/text list content); the published one is longer (tools,
+# video), not copied here
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _hidream_tokenizer():
+    """A byte-level BPE tokenizer (no merges) whose special tokens sit at Qwen3-VL's / HiDream-O1's real ids: the
+    byte vocabulary is filled with never-produced placeholders up to 151643."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    from i2l.replicas.common import _bytes_to_unicode
+
+    chars = sorted(_bytes_to_unicode().values())
+    vocab = {ch: i for i, ch in enumerate(chars)}
+    vocab.update({f"<|replica_{i}|>": i for i in range(len(chars), QWEN_FIRST_SPECIAL)})
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                             unk_token=None, bos_token=None, errors="replace", model_max_length=262144,
+                             split_special_tokens=False)
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN3_VL_SPECIALS + HIDREAM_SPECIALS)})
+    return tok
+
+
+def _save_state_dict_sharded(state_dict: dict, out_dir: Path, shards: int) -> None:
+    """huggingface_hub's `save_torch_state_dict` with exactly `shards` files (model-0000k-of-0000N.safetensors and
+    model.safetensors.index.json): a max_shard_size that gives that many, searched in a scratch dir (downwards:
+    the tiny model's two vocabulary matrices take a shard each whatever the size)."""
+    import tempfile
+
+    from huggingface_hub import save_torch_state_dict
+
+    size = sum(t.numel() * t.element_size() for t in state_dict.values()) // shards + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(200):
+            trial = Path(tmp) / f"s{size}"
+            trial.mkdir()
+            save_torch_state_dict(state_dict, trial, max_shard_size=size)
+            count = len(list(trial.glob("*.safetensors")))
+            if count == shards:
+                shutil.copytree(trial, out_dir, dirs_exist_ok=True)
+                return
+            if count > shards:
+                break
+            size = int(size * 0.9)
+    raise RuntimeError(f"could not save the state dict in exactly {shards} shards")
+
+
+def hidream_o1_image(out_dir: Path) -> Path:
+    """HiDream-ai/HiDream-O1-Image: one transformers-style folder (config.json, model-0000k-of-00004.safetensors
+    + model.safetensors.index.json, Qwen3-VL processor files) that DiffSynth reads with
+    ModelConfig(origin_file_pattern="model-*.safetensors") and AutoProcessor. The model is DiffSynth's
+    HiDreamO1ImageModel with tiny sizes, saved by its own save_pretrained."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from i2l.backbones.hidream_o1 import build_transformer
+
+    out_dir = Path(out_dir)
+    seeded()
+    # head_dim 8: the rotary split (t, h, w) = (2, 1, 1) sums to head_dim / 2, as (24, 20, 20) does for 128
+    arch = {"text_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                            "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64,
+                            "rope_scaling": {"mrope_section": [2, 1, 1]}},
+            "vision_config": {"hidden_size": 16, "depth": 1, "num_heads": 2, "intermediate_size": 32,
+                              "out_hidden_size": 32, "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}}
+    model = build_transformer(arch).to(torch.bfloat16)
+    # DiffSynth's class cannot save_pretrained under transformers 5 (its `_tied_weights_keys` is a list): its
+    # config saves itself, the weights go through huggingface_hub's sharded writer (the names save_pretrained uses)
+    _save_state_dict_sharded(model.state_dict(), out_dir, PUBLISHED["HiDream-O1-Image"]["shards"])
+    model.config.save_pretrained(out_dir)
+    _patch_json(out_dir / "config.json", architectures=["Qwen3VLForConditionalGeneration"])
+    tokenizer = _hidream_tokenizer()
+    pre = _published("HiDream-O1-Image", "preprocessor_config.json")
+    image_processor = Qwen2VLImageProcessor(**{k: pre[k] for k in ("size", "patch_size", "temporal_patch_size",
+                                                                   "merge_size", "image_mean", "image_std")})
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=Qwen3VLVideoProcessor(), chat_template=QWEN3_VL_CHAT_TEMPLATE)
+    processor.save_pretrained(out_dir)
+    # transformers 5 folds the processors' configs into processor_config.json; the published folder (written
+    # before it) has them as preprocessor_config.json / video_preprocessor_config.json, and the slow tokenizer's
+    # vocab.json + merges.txt
+    (out_dir / "processor_config.json").unlink()
+    image_processor.save_pretrained(out_dir)
+    processor.video_processor.save_pretrained(out_dir)
+    _patch_json(out_dir / "preprocessor_config.json", processor_class="Qwen3VLProcessor")
+    write_json(out_dir / "vocab.json", {t: i for t, i in tokenizer.get_vocab().items() if i < QWEN_FIRST_SPECIAL})
+    (out_dir / "merges.txt").write_text("#version: 0.2\n")
+    return out_dir

@@ -45,8 +45,39 @@ SOURCES = {
     "pickscore": "yuvalkirstain/PickScore_v1: a transformers CLIPModel fine-tuned from CLIP-ViT-H-14, used with the "
                  "laion CLIP-ViT-H-14 processor (its model card); the file list (model.safetensors) UNVERIFIED",
     "aesthetic": "LAION improved-aesthetic-predictor: sac+logos+ava1-l14-linearMSE.pth = torch.save(state_dict) of "
-                 "MLP(768) with layers.{0,2,4,6,7} (i2l/eval/metrics/plugins.py AestheticMLP), over OpenAI CLIP "
+                 "MLP(768) with layers.{0,2,4,6,7} (diffsynth.models.aesthetic.AestheticMLP), over OpenAI CLIP "
                  "ViT-L/14 image embeddings",
+    "hidream_o1.layout": "DiffSynth 2.1.12 (configs/model_configs.py: ModelConfig(model_id=\"HiDream-ai/HiDream-O1-Image\", "
+                         "origin_file_pattern=\"model-*.safetensors\"); pipelines/hidream_o1_image.py: AutoProcessor "
+                         "from the repo root) and HiDream-ai/HiDream-O1-Image inference.py (AutoProcessor and "
+                         "Qwen3VLForConditionalGeneration.from_pretrained(model_path)); shard count 4 (8.8 B bf16 "
+                         "params in 5 GB shards) and the processor file list UNVERIFIED",
+    "hidream_o1.config": "DiffSynth 2.1.12 models/hidream_o1_image_dit.py _build_hidream_config (token ids, rope "
+                         "theta 5e6, rms eps, mrope interleaved; sizes not copied) and Qwen3VLModel (tms_token_id "
+                         "151673); architectures = Qwen3VLForConditionalGeneration as inference.py loads it "
+                         "(UNVERIFIED)",
+    "hidream_o1.processor": "Qwen3-VL's preprocessor_config.json (Qwen2VLImageProcessorFast, patch 16, merge 2, "
+                            "temporal 2, mean/std 0.5) and tokenizer ids (added tokens from 151643), HiDream-O1's five "
+                            "added tokens after </think> (their order as add_special_tokens names them) UNVERIFIED",
+    "diffsynth.image_metrics": "DiffSynth-Studio/ImageMetrics as diffsynth 2.1.12 reads it (diffsynth/metrics/*.py "
+                               "from_pretrained: <Metric>/model.safetensors + tokenizer / processor files from the "
+                               "same folder; configs/model_configs.py image_metrics_series; utils/state_dict_converters/"
+                               "image_metrics.py; DiffSynth loads strictly, so a file's converted keys are the model "
+                               "class's state-dict keys); ImageReward/ listing from the mirror achiru/DiffSynth-Studio-"
+                               "ImageMetrics (config.json 570 B, med_config.json, model.safetensors, tokenizer.json, "
+                               "tokenizer_config.json, vocab.txt). The other folders' listings are UNVERIFIED (the "
+                               "files named are what from_pretrained reads); whether they hold a config.json is "
+                               "UNVERIFIED: i2l reads one when present (the replicas write it), else DiffSynth's full-"
+                               "size default. The original key layouts are inferred from the converters (ImageReward: "
+                               "ImageReward.pt's timm/BERT names; HPSv2: open_clip names; HPSv3: pre-4.52 Qwen2-VL "
+                               "names visual.* / model.layers.*): UNVERIFIED against the files",
+    "imagereward": "diffsynth.models.image_reward (ImageRewardModel: BLIP ViT-L/16 + BERT-base text encoder with "
+                   "cross attention, MLP 768->1024->128->64->16->1, reward standardised with mean 0.16717362830052426,"
+                   " std 1.0333394966054072; _load_text_config = BLIP's med_config.json values); ImageReward's "
+                   "config.json content UNVERIFIED and not read by i2l (the replica omits it)",
+    "hpsv3": "diffsynth.models.hpsv3 (HPSv3Qwen2VLRewardModel: Qwen2-VL-7B, vocab 151658 = tokenizer + <|Reward|>, "
+             "ranknet head hidden 1024 -> 16 -> 2 = (mu, sigma)); Qwen2-VL processor values (min_pixels 56*56, "
+             "max_pixels 28*28*1280, patch 14, merge 2, temporal 2) from Qwen/Qwen2-VL-7B-Instruct (UNVERIFIED here)",
     "hpsv2": "public HPSv2 scorers: xswu/HPSv2 HPS_v2.1_compressed.pt is torch.load(..., weights_only=True)"
              "['state_dict'] into open_clip create_model('ViT-H-14'); its dtype UNVERIFIED",
 }
@@ -58,7 +89,7 @@ SIZE_KEYS = frozenset({
     "n_kv_heads", "cap_feat_dim", "axes_dims", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_key_value_heads", "head_dim", "vocab_size", "layer_types", "max_window_layers", "block_out_channels",
     "layers_per_block", "norm_num_groups", "projection_dim", "projection_size", "embed_dim", "width", "layers",
-    "heads", "head_width", "mlp_ratio",
+    "heads", "head_width", "mlp_ratio", "encoder_width", "depth", "num_heads",
 })
 
 _FLUX2_FILES = (
@@ -155,6 +186,26 @@ def _zimage(transformer_shards: int, shift: float) -> dict:
     }
 
 
+_HIDREAM_O1_SHARDS = 4
+_HIDREAM_O1 = {
+    "shards": _HIDREAM_O1_SHARDS,
+    "files": ("config.json", "model.safetensors.index.json",
+              *(f"model-{i:05d}-of-{_HIDREAM_O1_SHARDS:05d}.safetensors" for i in range(1, _HIDREAM_O1_SHARDS + 1)),
+              "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"),
+    "configs": {
+        "config.json": {"model_type": "qwen3_vl", "architectures": ["Qwen3VLForConditionalGeneration"],
+                        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+                        "vision_end_token_id": 151653},
+        "config.json:text_config": {"model_type": "qwen3_vl_text", "vocab_size": 151936, "rope_theta": 5000000,
+                                    "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False},
+        "config.json:vision_config": {"model_type": "qwen3_vl", "patch_size": 16, "spatial_merge_size": 2,
+                                      "temporal_patch_size": 2, "in_channels": 3, "hidden_act": "gelu_pytorch_tanh"},
+        "preprocessor_config.json": {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+                                     "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                                     "size": {"longest_edge": 16777216, "shortest_edge": 65536}},
+    },
+    "sources": ("hidream_o1.layout", "hidream_o1.config", "hidream_o1.processor"),
+}
 _SIGLIP_TOKENIZER_FILES = ("special_tokens_map.json", "tokenizer.json", "tokenizer_config.json")
 _OPENAI_MEAN, _OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -163,6 +214,7 @@ PUBLISHED: dict[str, dict] = {
     "FLUX.2-klein-4B": _flux2(distilled=True),
     "Z-Image": _zimage(transformer_shards=2, shift=6.0),
     "Z-Image-Turbo": _zimage(transformer_shards=3, shift=3.0),
+    "HiDream-O1-Image": _HIDREAM_O1,
     "siglip2-so400m-patch16-512": {
         "files": ("config.json", "model.safetensors", "preprocessor_config.json", *_SIGLIP_TOKENIZER_FILES),
         "configs": {
@@ -219,6 +271,34 @@ PUBLISHED: dict[str, dict] = {
                                                                                  "patch_size": 14},
         },
         "sources": ("aesthetic", "open_clip"),
+    },
+    "DiffSynth-Studio-ImageMetrics": {
+        "files": ("Aesthetic/model.safetensors", "Aesthetic/preprocessor_config.json",
+                  "PickScore/model.safetensors", "PickScore/config.json", "PickScore/preprocessor_config.json",
+                  "PickScore/tokenizer.json", "PickScore/tokenizer_config.json", "PickScore/vocab.json",
+                  "PickScore/merges.txt",
+                  "ImageReward/model.safetensors", "ImageReward/med_config.json", "ImageReward/tokenizer.json",
+                  "ImageReward/tokenizer_config.json", "ImageReward/vocab.txt",
+                  "HPSv2/model.safetensors", "HPSv2/preprocessor_config.json", "HPSv2/tokenizer.json",
+                  "HPSv2/vocab.json", "HPSv2/merges.txt",
+                  "HPSv3/model.safetensors", "HPSv3/preprocessor_config.json", "HPSv3/tokenizer.json",
+                  "HPSv3/tokenizer_config.json", "HPSv3/vocab.json", "HPSv3/merges.txt"),
+        "configs": {
+            "ImageReward/med_config.json": {
+                "architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+                "max_position_embeddings": 512, "type_vocab_size": 2, "pad_token_id": 0, "add_cross_attention": True,
+                "attention_probs_dropout_prob": 0.1, "hidden_dropout_prob": 0.1, "encoder_width": 1024,
+                "hidden_size": 768, "vocab_size": 30524,
+            },
+            "Aesthetic/preprocessor_config.json": {"image_mean": _OPENAI_MEAN, "image_std": _OPENAI_STD,
+                                                   "crop_size": {"height": 224, "width": 224}},
+            "HPSv2/preprocessor_config.json": {"image_mean": _OPENAI_MEAN, "image_std": _OPENAI_STD},
+            "HPSv3/preprocessor_config.json": {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2},
+            "HPSv3/config.json": {"model_type": "qwen2_vl", "tie_word_embeddings": False},
+            "HPSv3/config.json:vision_config": {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                                                "in_channels": 3},
+        },
+        "sources": ("diffsynth.image_metrics", "imagereward", "hpsv3", "hpsv2", "pickscore", "aesthetic"),
     },
     "HPSv2.1": {
         "files": ("HPS_v2.1_compressed.pt",),

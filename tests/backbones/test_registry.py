@@ -1,5 +1,5 @@
 """The one backbone registry: every kind the config accepts resolves to its adapter class and loader, an unknown
-kind names the known ones, and importing i2l.backbones loads neither a diffusers pipeline nor toy code."""
+kind names the known ones, and importing i2l.backbones loads neither a diffusers pipeline, diffsynth nor toy code."""
 
 import subprocess
 import sys
@@ -12,7 +12,7 @@ from i2l.backbones.registry import backbone_class, backbone_loader, backbone_spe
 from i2l.config import get_config
 
 
-@pytest.mark.parametrize("kind", ["toy", "flux2", "zimage"])
+@pytest.mark.parametrize("kind", ["toy", "flux2", "zimage", "hidream_o1"])
 def test_every_kind_resolves_to_its_adapter_and_loader(kind):
     cls = backbone_class(kind)
     assert issubclass(cls, Backbone) and cls.kind == kind
@@ -20,19 +20,19 @@ def test_every_kind_resolves_to_its_adapter_and_loader(kind):
 
 
 def test_an_unknown_kind_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown backbone kind 'sd3': known kinds are toy, flux2, zimage"):
+    with pytest.raises(ValueError, match="unknown backbone kind 'sd3': known kinds are toy, flux2, zimage, hidream_o1"):
         backbone_spec("sd3")
     cfg = get_config("debug")
     cfg.backbone.kind = "sd3"  # past the config's own check, as a hand-edited checkpoint config would be
     cfg.backbone.path = "anywhere"
     with pytest.raises(ValueError, match="known kinds are"):
         load_backbone(cfg)
-    assert set(BACKBONES) == {"toy", "flux2", "zimage"}
+    assert set(BACKBONES) == {"toy", "flux2", "zimage", "hidream_o1"}
 
 
-def test_importing_the_package_loads_no_pipeline_and_no_toy_code():
+def test_importing_the_package_loads_no_pipeline_no_diffsynth_and_no_toy_code():
     code = ("import sys, i2l.backbones; "
-            "print(sorted(m for m in sys.modules if m.startswith(('diffusers', 'i2l.toy', 'i2l.backbones.flux2', "
-            "'i2l.backbones.zimage'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('diffusers', 'diffsynth', 'i2l.toy', "
+            "'i2l.backbones.flux2', 'i2l.backbones.zimage', 'i2l.backbones.hidream_o1'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "[]"

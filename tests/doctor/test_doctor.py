@@ -170,3 +170,43 @@ def test_the_cluster_jobs_name_the_base_model():
         job = yaml.safe_load((Path(__file__).resolve().parents[2] / "infra" / "k8s" / name).read_text())
         env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
         assert Path(env["I2L_KLEIN4B_DIR"]).name == "FLUX.2-klein-base-4B", name
+
+
+def test_doctor_knows_the_diffsynth_image_metrics_folders(tmp_path):
+    """The preference scorers' DiffSynth-Studio/ImageMetrics folders: a replica passes (and `--load` scores it);
+    a swapped, damaged or incomplete folder is a problem naming the file."""
+    from i2l.config import get_config
+    from i2l.doctor.forward import run_forwards
+    from i2l.doctor.scorers import check_scorers
+    from i2l.replicas.scorers import diffsynth_image_metrics
+
+    root = diffsynth_image_metrics(tmp_path / "ImageMetrics")
+    folders = {"aesthetic": "Aesthetic", "pickscore": "PickScore", "imagereward": "ImageReward", "hpsv2": "HPSv2",
+               "hpsv3": "HPSv3"}
+
+    def check(**paths):
+        cfg = get_config("debug", ["scorer.device=cpu", *(f"scorer.{k}_path={v}" for k, v in paths.items())])
+        cfg.data_root = str(tmp_path / "data")
+        return {c.name.removeprefix("scorer."): c for c in check_scorers(cfg)}, cfg
+
+    got, cfg = check(**{k: root / v for k, v in folders.items()})
+    assert {k: got[k].status for k in folders} == dict.fromkeys(folders, "ok"), {k: got[k].detail for k in folders}
+    assert "config.json" in got["hpsv3"].detail and got["hpsv3"].kind == "diffsynth-hpsv3"
+    run_forwards(cfg, [got[k] for k in folders])
+    assert all("forward ok" in got[k].detail for k in folders), {k: got[k].detail for k in folders}
+
+    swapped = tmp_path / "HPSv2"
+    shutil.copytree(root / "HPSv2", swapped)
+    shutil.copy(root / "PickScore" / "model.safetensors", swapped / "model.safetensors")
+    damaged = tmp_path / "Aesthetic"
+    shutil.copytree(root / "Aesthetic", damaged)
+    (damaged / "model.safetensors").write_bytes(b"\x00" * 16)
+    incomplete = tmp_path / "ImageReward"
+    shutil.copytree(root / "ImageReward", incomplete)
+    (incomplete / "vocab.txt").unlink()
+    got, _ = check(hpsv2=swapped, aesthetic=damaged, imagereward=incomplete)
+    assert got["hpsv2"].status == "problem" and f"{swapped}/model.safetensors is not the hpsv2 file" in \
+        got["hpsv2"].detail
+    assert got["aesthetic"].status == "problem" and "Aesthetic/model.safetensors" in got["aesthetic"].detail
+    assert got["imagereward"].status == "problem" and "lacks vocab.txt" in got["imagereward"].detail
+    assert got["hpsv3"].status == "unset" and "scorer.hpsv3_path" in got["hpsv3"].detail

@@ -207,3 +207,29 @@ def test_table1_rows_average_ok_scores_and_losses_per_method():
     text = format_table1(rows).splitlines()
     assert text[0].split()[:2] == ["method", "clip_style"] and text[1].split()[0] == "base"
     assert text[1].split()[-2] == "-" and text[2].split()[-2] == "0.6000"  # base has no held-out loss
+
+
+def test_scoring_on_ray_actors_records_the_same_rows(debug_run, scorer_dir, tmp_path, ray_session):
+    """scorer.workers=1: each configured scorer (the toy CLIP, ImageReward on its DiffSynth replica) scores in its
+    own Ray actor from the saved images; the store gets the rows the in-process path records, value for value."""
+    from i2l.replicas.scorers import IMAGE_METRICS
+
+    IMAGE_METRICS["ImageReward"](tmp_path / "ImageReward")
+    got = {}
+    for workers in (0, 1):
+        store = Store(tmp_path / f"w{workers}" / "results.duckdb")
+        cfg = _cfg(debug_run, scorer_dir)
+        cfg.eval.styles, cfg.scorer.workers, cfg.scorer.device = 2, workers, "cpu"
+        cfg.scorer.imagereward_path = str(tmp_path / "ImageReward")
+        info = evaluate(cfg, debug_run.prepared_dir, debug_run.run_dir, store, out_dir=tmp_path / f"w{workers}",
+                        families=("base", "i2l"), progress=False)
+        rows = store.query("SELECT * FROM scores")
+        rows["sample_id"] = rows.sample_id.str.removeprefix(info["run_id"] + "/")
+        got[workers] = rows.sort_values(["sample_id", "scorer", "metric"]).reset_index(drop=True)
+    in_process, actors = got[0], got[1]
+    assert len(in_process) == len(actors) > 0
+    assert set(in_process.metric[in_process.status == "ok"]) >= {"clip_text", "clip_style", "imagereward"}
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(in_process.drop(columns=["run_id"], errors="ignore"),
+                                  actors.drop(columns=["run_id"], errors="ignore"), check_exact=True)

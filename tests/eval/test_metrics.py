@@ -1,17 +1,16 @@
-"""Scorer API: long score rows, skipped scorers with reasons, leakage, and the plugins on tiny random weights."""
+"""Scorer API: long score rows, skipped scorers with reasons, leakage, and the scorer actors' resources (the
+plugins on their replicas: test_diffsynth_metrics.py)."""
 
 import json
-import string
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from i2l.config import ScorerConfig, get_config
+from i2l.config import get_config
 from i2l.eval.metrics import METRICS, ScoreBatch, Scorer, build_scorers, score_samples
 from i2l.eval.metrics.leakage import leakage_scores, semantic_leakage
-from i2l.eval.metrics.plugins import AestheticMLP, AestheticScorer, PickScoreScorer
 
 
 def _images(n, size=32):
@@ -81,37 +80,9 @@ def test_unconfigured_scorers_are_skipped_with_reasons(tmp_path):
     reason = {r["metric"]: r["reason"] for r in rows}
     assert "pretrain-scorer" in reason["clip_text"]
     assert "scorer.aesthetic_path" in reason["aesthetic"] and "scorer.pickscore_path" in reason["pickscore"]
-    for metric, package in (("imagereward", "image-reward"), ("hpsv3", "hpsv3")):
-        if _installed(package):
-            continue  # then the reason is about its weights, checked above for the others
-        assert reason[metric] == f"package {package} not installed"
-    # hpsv2 is configured, but with a directory: it needs its checkpoint file
-    assert "scorer.hpsv2_path" in reason["hpsv2"] and "not a checkpoint file" in reason["hpsv2"]
-
-
-def test_hpsv2_needs_open_clip_not_the_hpsv2_package(tmp_path, monkeypatch):
-    """HPSv2 scores through our open_clip code: a configured checkpoint is usable without the `hpsv2` package,
-    and when open_clip is missing the reason names open_clip."""
-    import importlib.util
-
-    from i2l.eval.metrics.plugins import HPSv2Scorer
-
-    ckpt = tmp_path / "HPS_v2.1_compressed.pt"
-    ckpt.write_bytes(b"")
-    sc = ScorerConfig(hpsv2_path=str(ckpt))
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "hpsv2" else real_find_spec(name, *a))
-    assert HPSv2Scorer(sc.hpsv2_path, sc).available() == (True, "")
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "open_clip" else real_find_spec(name, *a))
-    assert HPSv2Scorer(sc.hpsv2_path, sc).available() == (False, "package open_clip_torch not installed")
-
-
-def _installed(pip_name):
-    import importlib.util
-
-    return importlib.util.find_spec({"image-reward": "ImageReward"}.get(pip_name, pip_name)) is not None
+    assert "scorer.imagereward_path" in reason["imagereward"] and "scorer.hpsv3_path" in reason["hpsv3"]
+    # hpsv2 is configured, but with an empty folder: the reason names the file it lacks
+    assert "scorer.hpsv2_path" in reason["hpsv2"] and "lacks model.safetensors" in reason["hpsv2"]
 
 
 def test_semantic_leakage_sign_and_exclusions():
@@ -124,108 +95,6 @@ def test_semantic_leakage_sign_and_exclusions():
     assert out[0] == pytest.approx(100.0)  # the reference sharing the own prompt is left out
     assert out[1] is None  # no reference with another prompt: undefined
     assert out[2] == pytest.approx(-100.0)
-
-
-# ---- plugins on tiny random weights -------------------------------------------------------------------------
-
-def _tiny_open_clip(tmp_path, embed_dim):
-    """A registered tiny open_clip architecture with random weights saved as safetensors."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    from i2l.eval.metrics.clip import register_model_config
-
-    cfg = {"embed_dim": embed_dim,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "tiny-l14.json").write_text(json.dumps(cfg))
-    name = register_model_config(tmp_path / "tiny-l14.json")
-    model = open_clip.create_model(name)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "clip.safetensors"))
-    return name, model
-
-
-def test_aesthetic_mlp_scores_like_laion_on_normalised_embedding(tmp_path):
-    from safetensors.torch import save_file
-
-    name, clip = _tiny_open_clip(tmp_path, 768)
-    torch.manual_seed(0)
-    mlp = AestheticMLP(768)
-    save_file(mlp.state_dict(), str(tmp_path / "aesthetic.safetensors"))
-    torch.save(mlp.state_dict(), tmp_path / "aesthetic.pth")  # the released format: a plain state dict
-    sc = ScorerConfig(aesthetic_path=str(tmp_path / "aesthetic.safetensors"), aesthetic_clip_model=name,
-                      aesthetic_clip_checkpoint=str(tmp_path / "clip.safetensors"), device="cpu")
-    scorer = AestheticScorer(sc.aesthetic_path, sc)
-    assert scorer.available() == (True, "")
-    batch = _batch(3, refs=False)
-    got = scorer.score(batch)["aesthetic"]
-
-    import open_clip
-
-    pre = open_clip.create_model_and_transforms(name)[2]
-    x = torch.stack([pre(im) for im in batch.images])
-    with torch.no_grad():
-        emb = clip.eval().encode_image(x)
-        want = mlp.eval()(emb / emb.norm(dim=-1, keepdim=True))
-    assert got == pytest.approx(want.tolist(), abs=1e-4)
-    assert len({round(v, 5) for v in got}) == 3  # different images, different scores
-
-    sc.aesthetic_path = str(tmp_path / "aesthetic.pth")
-    assert AestheticScorer(sc.aesthetic_path, sc).score(batch)["aesthetic"] == pytest.approx(got, abs=1e-5)
-
-
-def test_aesthetic_needs_its_clip_checkpoint(tmp_path):
-    (tmp_path / "a.safetensors").write_bytes(b"")
-    ok, reason = AestheticScorer(str(tmp_path / "a.safetensors"), ScorerConfig()).available()
-    assert not ok and "aesthetic_clip_checkpoint" in reason
-
-
-def _tiny_pickscore(path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    chars = list(string.ascii_lowercase + string.digits + ".,:-")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    vocab.update({c: i + 2 for i, c in enumerate(chars)})
-    vocab.update({c + "</w>": i + 2 + len(chars) for i, c in enumerate(chars)})
-    path.mkdir()
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                         "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
-                         "pad_token_id": 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                           "image_size": 32, "patch_size": 8},
-        projection_dim=16)
-    model = CLIPModel(cfg).eval()
-    model.save_pretrained(path / "model")
-    proc.save_pretrained(path / "processor")
-    return model, proc
-
-
-def test_pickscore_is_logit_scale_times_cosine(tmp_path):
-    model, proc = _tiny_pickscore(tmp_path / "ps")
-    sc = ScorerConfig(pickscore_path=str(tmp_path / "ps" / "model"), device="cpu", batch_size=2)
-    assert not PickScoreScorer(sc.pickscore_path, sc).available()[0]  # no processor in the model dir
-    sc.pickscore_processor_path = str(tmp_path / "ps" / "processor")
-    scorer = PickScoreScorer(sc.pickscore_path, sc)
-    assert scorer.available() == (True, "")
-    batch = _batch(3, refs=False)
-    got = scorer.score(batch)["pickscore"]
-    with torch.no_grad():
-        want = []
-        for im, p in zip(batch.images, batch.prompts):
-            ie = model.get_image_features(**proc(images=[im], return_tensors="pt"))
-            te = model.get_text_features(**proc(text=[p], return_tensors="pt"))
-            ie, te = [t if torch.is_tensor(t) else t.pooler_output for t in (ie, te)]
-            want.append(float(model.logit_scale.exp() * torch.cosine_similarity(ie, te)))
-    assert got == pytest.approx(want, abs=1e-4)
-    swapped = ScoreBatch(images=batch.images, prompts=batch.prompts[::-1], styles=batch.styles)
-    assert scorer.score(swapped)["pickscore"] != pytest.approx(got, abs=1e-4)  # the prompt matters
 
 
 def test_clip_scorer_reads_the_toy_scorer_where_pretrain_scorer_writes_it(tmp_path):
@@ -259,3 +128,23 @@ def test_pretrain_scorer_reads_the_presets_prepared_data_else_its_toy_world(tmp_
     assert main(["pretrain-scorer", "--preset", "debug", "--data-root", str(tmp_path)]) == 0
     data = tmp_path / ("prepared" if prepared else "toyworld") / "debug"
     assert seen == [(data, tmp_path / "toy" / "debug" / "scorer")]
+
+
+def test_scorer_actors_ask_for_gpus_only_on_cuda(tmp_path, ray_session):
+    """One model per actor: on cuda each scorer actor asks scorer.gpus_per_actor GPUs (a CPU-only cluster is
+    refused with what to set), on the CPU one CPU."""
+    from i2l.eval.metrics.actors import ScoreJob, actor_gpus, score_on_actors
+
+    cfg = get_config("debug", ["scorer.workers=1", "scorer.gpus_per_actor=0.5", "scorer.device=cpu"])
+    assert actor_gpus(cfg) == 0.0
+    cfg.scorer.device = "cuda:0"
+    assert actor_gpus(cfg) == 0.5
+    cfg.scorer.device = "auto"
+    assert actor_gpus(cfg) == (0.5 if ray_session.cluster_resources().get("GPU", 0) else 0.0)
+    cfg.scorer.device, cfg.data_root = "cuda", str(tmp_path)
+    (tmp_path / "toy" / "debug" / "scorer").mkdir(parents=True)
+    (tmp_path / "toy" / "debug" / "scorer" / "scorer.json").write_text(json.dumps({"model": cfg.scorer.clip_model}))
+    job = ScoreJob([str(tmp_path / "x.png")], ["a"], ["s"], [], [])
+    if not ray_session.cluster_resources().get("GPU", 0):
+        with pytest.raises(ValueError, match="GPU.*scorer.device=cpu"):
+            score_on_actors(cfg, build_scorers(cfg)[:1], [job], progress=False)

@@ -196,18 +196,18 @@ class _Batch:
 
 
 def test_i2l_scorers_read_the_replicas(replicas):
+    """Every Table-1 scorer reads its replica: CLIP from the open_clip files, the preference metrics from the
+    DiffSynth-Studio/ImageMetrics folders through diffsynth.metrics."""
     from i2l.config import ScorerConfig
     from i2l.eval.metrics.clip import ClipScorer
-    from i2l.eval.metrics.plugins import AestheticScorer, PickScoreScorer
+    from i2l.eval.metrics.plugins import build_plugins
 
-    aesthetic = replicas["laion-aesthetic"]
+    metrics = replicas["DiffSynth-Studio-ImageMetrics"]
     sc = ScorerConfig(clip_model="ViT-H-14", clip_checkpoint=str(replicas["CLIP-ViT-H-14-laion2B-s32B-b79K"]),
-                      device="cpu", aesthetic_path=str(aesthetic / "sac+logos+ava1-l14-linearMSE.pth"),
-                      aesthetic_clip_checkpoint=str(aesthetic / "clip-vit-large-patch14"),
-                      pickscore_path=str(replicas["PickScore_v1"]),
-                      pickscore_processor_path=str(replicas["CLIP-ViT-H-14-laion2B-s32B-b79K"]))
-    for scorer in (ClipScorer(sc, "unused"), AestheticScorer(sc.aesthetic_path, sc),
-                   PickScoreScorer(sc.pickscore_path, sc)):
+                      device="cpu", aesthetic_path=str(metrics / "Aesthetic"), pickscore_path=str(metrics / "PickScore"),
+                      imagereward_path=str(metrics / "ImageReward"), hpsv2_path=str(metrics / "HPSv2"),
+                      hpsv3_path=str(metrics / "HPSv3"))
+    for scorer in (ClipScorer(sc, "unused"), *build_plugins(sc)):
         assert scorer.available() == (True, ""), scorer.name
         scores = scorer.score(_Batch())
         assert all(v[0] is None or torch.isfinite(torch.tensor(v[0])) for v in scores.values())

@@ -20,11 +20,13 @@ from i2l.cli import main as cli
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Already found a `peft_config`")]
 
 # preset -> its backbone replica
-PRESETS = {"klein4b": "FLUX.2-klein-base-4B", "zimage": "Z-Image"}
-ENCODER, CLIP, PICKSCORE = "siglip2-so400m-patch16-512", "CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore_v1"
-AESTHETIC, HPS = "laion-aesthetic", "HPSv2.1"
-# the scorers a replica exists for (ImageReward and HPSv3 have none and their packages are not installed)
-SCORED = ("clip_text", "clip_style", "ref_style_sim", "leakage", "aesthetic", "pickscore", "hpsv2")
+PRESETS = {"klein4b": "FLUX.2-klein-base-4B", "zimage": "Z-Image", "hidream_o1": "HiDream-O1-Image"}
+# a preset's own debug sizes where TINY's do not fit it: HiDream-O1 lays an image out in 32-px patches, two at least
+PRESET_TINY = {"hidream_o1": {"backbone.image_size": 64}}
+ENCODER, CLIP = "siglip2-so400m-patch16-512", "CLIP-ViT-H-14-laion2B-s32B-b79K"
+METRICS = "DiffSynth-Studio-ImageMetrics"  # the Table-1 preference scorers, read through diffsynth.metrics
+SCORED = ("clip_text", "clip_style", "ref_style_sim", "leakage", "aesthetic", "pickscore", "imagereward", "hpsv2",
+          "hpsv3")
 # debug sizes on the real presets' code paths: 32 px images, a 1-block predictor, 2 steps, 2 held-out styles
 TINY = {"toyworld.styles": 6, "toyworld.rows_per_shard": 64, "data.resolution": 32, "data.val_fraction": 0.34,
         "data.val_samples": 2, "data.rows_per_shard": 64, "data.row_group_rows": 16, "data.batch_size": 16,
@@ -39,13 +41,10 @@ TIMES: dict[str, dict[str, float]] = {}
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory) -> Path:
     from i2l.replicas import write_replica
-    from i2l.replicas.scorers import OPEN_CLIP_ARCHS
 
     root = tmp_path_factory.mktemp("replicas")
-    for name in (*PRESETS.values(), ENCODER, CLIP, PICKSCORE, AESTHETIC, HPS):
+    for name in (*PRESETS.values(), ENCODER, CLIP, METRICS):
         write_replica(name, root)
-    # HPS_v2.1_compressed.pt is a bare state dict: its (tiny) ViT-H-14 architecture is named by a config file
-    (root / "ViT-H-14-replica.json").write_text(json.dumps(OPEN_CLIP_ARCHS["ViT-H-14-replica"]))
     return root
 
 
@@ -89,14 +88,12 @@ def world(request, replicas, tmp_path_factory, ray_session) -> World:
     """One prepared toy world and one 2-step Ray Train run per preset, shared by this module's tests."""
     preset, root = request.param, tmp_path_factory.mktemp(f"whole-{request.param}")
     paths = {"backbone.path": replicas / PRESETS[preset], "encoder.path": replicas / ENCODER,
-             "scorer.clip_checkpoint": replicas / CLIP, "scorer.pickscore_path": replicas / PICKSCORE,
-             "scorer.pickscore_processor_path": replicas / PICKSCORE / "processor",
-             "scorer.aesthetic_path": replicas / AESTHETIC / "sac+logos+ava1-l14-linearMSE.pth",
-             "scorer.aesthetic_clip_checkpoint": replicas / AESTHETIC / "clip-vit-large-patch14",
-             "scorer.hpsv2_path": replicas / HPS / "HPS_v2.1_compressed.pt",
-             "scorer.hpsv2_clip_model": replicas / "ViT-H-14-replica.json"}
+             "scorer.clip_checkpoint": replicas / CLIP,
+             **{f"scorer.{m}_path": replicas / METRICS / folder for m, folder in (
+                 ("aesthetic", "Aesthetic"), ("pickscore", "PickScore"), ("imagereward", "ImageReward"),
+                 ("hpsv2", "HPSv2"), ("hpsv3", "HPSv3"))}}
     args = ["--preset", preset, "--data-root", str(root)]
-    for key, value in {**paths, **TINY}.items():
+    for key, value in {**paths, **TINY, **PRESET_TINY.get(preset, {})}.items():
         args += ["--set", f"{key}={value}"]
     w = World(preset, args, root, replicas / PRESETS[preset])
     _run(w, "toyworld", ["toyworld", *args])
@@ -113,7 +110,7 @@ def test_doctor_passes_on_the_replicas(world, capsys):
     status = {c["name"]: c["status"] for c in report["components"]}
     assert report["ok"] and status == {"backbone": "ok", "encoder": "ok", "scorer.clip": "ok",
                                        "scorer.aesthetic": "ok", "scorer.pickscore": "ok", "scorer.hpsv2": "ok",
-                                       "scorer.imagereward": "unset", "scorer.hpsv3": "unset"}
+                                       "scorer.imagereward": "ok", "scorer.hpsv3": "ok"}
 
 
 def test_trained_through_ray_then_predict_and_generate_with_asymmetric_cfg(world, tmp_path, capsys):
@@ -156,14 +153,15 @@ def test_evaluate_with_every_scorer_then_report(world, tmp_path):
     for metric in SCORED:
         got = [(s, v) for m, s, v, _ in rows if m == metric]
         assert got and all(s == "ok" and math.isfinite(v) for s, v in got), f"{world.preset}: {metric} {got[:3]}"
-    assert {m for m, s, _, _ in rows if s != "ok"} == {"imagereward", "hpsv3"}  # no replica: skipped, said why
+    assert {m for m, s, _, _ in rows if s != "ok"} == set()  # every Table-1 metric has its replica
     _run(world, "report", ["report", *world.args, "--db", str(store), "--out", str(tmp_path / "report")])
     text = (tmp_path / "report" / "report.md").read_text()
     assert "hpsv2" in text.lower() and (tmp_path / "report" / "index.html").is_file()
 
 
 def test_predicted_lora_loads_into_the_replica_pipeline(world, tmp_path):
-    """diffusers' load_lora_weights of `i2l predict`'s file = i2l's forward with that LoRA, on the replica."""
+    """diffusers' load_lora_weights of `i2l predict`'s file (DiffSynth's GeneralLoRALoader for HiDream-O1) = i2l's
+    forward with that LoRA, on the replica."""
     from tiny_models import inputs
 
     from i2l.backbones.registry import backbone_loader
@@ -176,17 +174,26 @@ def test_predicted_lora_loads_into_the_replica_pipeline(world, tmp_path):
     # mismatch between diffusers' application of the file and i2l's would show
     assert cli(["predict", "--checkpoint", str(world.run), "--images", *map(str, refs), "--out", str(file),
                 "--strength", "200"]) == 0
-    bc = get_config(world.preset, {"backbone.path": str(world.backbone), "backbone.dtype": "float32"}).backbone
+    bc = get_config(world.preset, {"backbone.path": str(world.backbone), "backbone.dtype": "float32",
+                                   **PRESET_TINY.get(world.preset, {})}).backbone
     ours, client = backbone_loader(bc.kind)(bc), backbone_loader(bc.kind)(bc)  # same weights, separate modules
     lora = LoRA.load(file, ours)
-    client.pipe.load_lora_weights(str(file), adapter_name="style")
-    peft = {n.rsplit(".lora_A", 1)[0] for n, _ in client.transformer.named_modules() if ".lora_A." in n}
-    assert peft == set(ours.lora_targets()) == set(lora.names)
-    x, t, cond = inputs(ours, 1)
+    if bc.kind == "hidream_o1":  # no diffusers pipeline: DiffSynth's GeneralLoRALoader fuses the file instead
+        from diffsynth.utils.lora.general import GeneralLoRALoader
+        from safetensors.torch import load_file
+
+        GeneralLoRALoader().fuse_lora_to_base_model(client.transformer, load_file(str(file)))
+        x, t, cond = torch.randn(1, 3, 64, 64), torch.tensor([0.5]), ours.encode_prompts(["one red circle"])
+    else:
+        client.pipe.load_lora_weights(str(file), adapter_name="style")
+        peft = {n.rsplit(".lora_A", 1)[0] for n, _ in client.transformer.named_modules() if ".lora_A." in n}
+        assert peft == set(ours.lora_targets()) == set(lora.names)
+        x, t, cond = inputs(ours, 1)
     with torch.no_grad():
         mine, base, theirs = ours.velocity(x, t, cond, lora), ours.velocity(x, t, cond), client.velocity(x, t, cond)
     change, gap = (theirs - base).abs().max().item(), (theirs - mine).abs().max().item()
-    print(f"\n{world.preset}: LoRA changes the velocity by {change:.2e}; diffusers vs i2l: {gap:.2e}")
+    client_name = "DiffSynth" if bc.kind == "hidream_o1" else "diffusers"
+    print(f"\n{world.preset}: LoRA changes the velocity by {change:.2e}; {client_name} vs i2l: {gap:.2e}")
     assert change > 1e-3, "the predicted LoRA must change the output"
     assert gap <= 1e-5, "diffusers applies the predicted file otherwise than i2l"
 

@@ -69,22 +69,29 @@ def score_samples(scorers: list[Scorer], batch: ScoreBatch) -> list[dict]:
     rows: list[dict] = []
     for sc in scorers:
         ok, reason = sc.available()
-        values = sc.score(batch) if ok and len(batch) else {}
-        version = sc.version if ok else ""
-        for metric in sc.metrics:
-            vals = values.get(metric)
-            if ok and vals is not None and len(vals) != len(batch):
-                raise RuntimeError(f"scorer {sc.name} returned {len(vals)} {metric} values for {len(batch)} images")
-            for i in range(len(batch)):
-                v = vals[i] if ok and vals is not None else None
-                if not ok:
-                    status, why = "skipped", reason
-                elif v is None:
-                    status, why = "skipped", f"{metric} needs inputs this sample lacks (references or their prompts)"
-                else:
-                    status, why = "ok", ""
-                rows.append({"index": i, "metric": metric, "value": None if v is None else float(v),
-                             "scorer": sc.name, "scorer_version": version, "status": status, "reason": why})
+        rows += scorer_rows(sc, ok, reason, sc.score(batch) if ok and len(batch) else {}, len(batch))
+    return rows
+
+
+def scorer_rows(sc: Scorer, ok: bool, reason: str, values: dict[str, list], n: int) -> list[dict]:
+    """The rows of one scorer over n images from its `available()` verdict and what its `score` returned (the
+    same rows whether it scored here or in a Ray actor: i2l/eval/metrics/actors.py)."""
+    rows: list[dict] = []
+    version = sc.version if ok else ""
+    for metric in sc.metrics:
+        vals = values.get(metric)
+        if ok and vals is not None and len(vals) != n:
+            raise RuntimeError(f"scorer {sc.name} returned {len(vals)} {metric} values for {n} images")
+        for i in range(n):
+            v = vals[i] if ok and vals is not None else None
+            if not ok:
+                status, why = "skipped", reason
+            elif v is None:
+                status, why = "skipped", f"{metric} needs inputs this sample lacks (references or their prompts)"
+            else:
+                status, why = "ok", ""
+            rows.append({"index": i, "metric": metric, "value": None if v is None else float(v),
+                         "scorer": sc.name, "scorer_version": version, "status": status, "reason": why})
     return rows
 
 
