@@ -163,6 +163,10 @@ class TrainConfig:
     backbone_steps: int = 800  # toy backbone pretraining
     backbone_lr: float = 2e-3
     backbone_batch_size: int = 64
+    # keep the frozen reference encoder's tokens per reference row and the frozen text encoder's conditioning per
+    # prompt (bounded LRU of cache_mb each; same losses as without): later epochs skip decoding and re-encoding
+    cache_frozen: bool = True
+    cache_mb: float = 1024.0
 
     def __post_init__(self):
         if self.targets_per_lora < 1 or self.num_workers < 1:
@@ -202,6 +206,9 @@ class EvalConfig:
     baseline_steps: int = 0  # mean-LoRA / adapter training steps; 0 = the predictor's train.steps (fair budget)
     gen_batch: int = 64  # images per batched sampling call (each runs 2 CFG rows per image)
     save_loras: bool = True  # write every evaluated LoRA as a safetensors file (off for 1,000-style evals)
+    # out-of-family styles (i2l/toy/foreign.py, never trained on): styles drawn by base and i2L, same prompts/seeds
+    foreign_styles: int = 8  # 0 (or 1): not evaluated
+    foreign_prompts: int = 2
     # adapter baseline: encoder tokens -> extra context tokens; 0 = the predictor's value (same capacity)
     adapter_tokens: int = 8  # M context tokens appended to the prompt's
     adapter_hidden: int = 0

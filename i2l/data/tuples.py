@@ -27,6 +27,7 @@ class StyleTuple:
     target: bytes  # encoded image
     refs: list[bytes]  # 1..N encoded images of the same style, other contents
     group: int = 0  # tuples with the same group share this reference set (one predicted LoRA)
+    ref_ids: tuple[str, ...] = ()  # the references' row ids in the prepared shards (keys of the token cache)
 
 
 def _owner(style_id: str, world: int) -> int:
@@ -104,7 +105,8 @@ class TupleStream:
         n = 1 if (hi == 1 or rng.random() < self.p_single) else int(rng.integers(2, hi + 1))
         picks = rng.choice(len(others), size=n, replace=False)
         refs = [others[j]["image"] for j in picks]
-        return [StyleTuple(rows[t]["style_id"], rows[t]["content"], rows[t]["image"], refs, group)
+        ids = tuple(str(others[j]["id"]) for j in picks)
+        return [StyleTuple(rows[t]["style_id"], rows[t]["content"], rows[t]["image"], refs, group, ids)
                 for t in targets]
 
 
@@ -126,12 +128,28 @@ def collate(tuples: list[StyleTuple], image_size: int, ref_size: int):
 def collate_groups(tuples: list[StyleTuple], image_size: int, ref_size: int):
     """Like `collate`, but each shared reference set once: -> targets (B, 3, H, W), prompts,
     refs (U, N, 3, h, w), n_refs (U,), owner (B,) = the reference set (so the predicted LoRA) of each target."""
-    slot: dict[int, int] = {}  # group -> index of its reference set, in first-seen order
+    firsts, owner = _groups(tuples)
+    targets = to_tensor([decode(t.target) for t in tuples], image_size)
+    return (targets, [t.prompt for t in tuples], *_refs(firsts, ref_size), owner)
+
+
+def collate_group_sets(tuples: list[StyleTuple], image_size: int):
+    """`collate_groups` without decoding the references (a token cache decodes only those it lacks):
+    -> targets (B, 3, H, W), prompts, sets (U lists of (row id, encoded image)), owner (B,)."""
+    firsts, owner = _groups(tuples)
+    if any(len(t.ref_ids) != len(t.refs) for t in firsts):
+        raise ValueError("these tuples carry no reference row ids (StyleTuple.ref_ids): use collate_groups")
+    targets = to_tensor([decode(t.target) for t in tuples], image_size)
+    sets = [list(zip(t.ref_ids, t.refs)) for t in firsts]
+    return targets, [t.prompt for t in tuples], sets, owner
+
+
+def _groups(tuples: list[StyleTuple]) -> tuple[list[StyleTuple], torch.Tensor]:
+    """-> the first tuple of each reference set, in first-seen order; owner (B,) = each tuple's set."""
+    slot: dict[int, int] = {}  # group -> index of its reference set
     firsts: list[StyleTuple] = []
     for t in tuples:
         if t.group not in slot:
             slot[t.group] = len(firsts)
             firsts.append(t)
-    owner = torch.tensor([slot[t.group] for t in tuples])  # (B,)
-    targets = to_tensor([decode(t.target) for t in tuples], image_size)
-    return (targets, [t.prompt for t in tuples], *_refs(firsts, ref_size), owner)
+    return firsts, torch.tensor([slot[t.group] for t in tuples])

@@ -66,6 +66,9 @@ def evaluate(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, store: 
         sample_rows, score_rows = generate_and_score(model, ecfg, samples, conds, refs, loras, run_out / "samples",
                                                      store, run_id, progress)
         summary = table1_rows(conds, sample_rows, score_rows, losses)
+        from i2l.eval.out_of_family import record_out_of_family  # styles from outside the training family
+
+        record_out_of_family(model, ecfg, run_id, run_out / "out_of_family", store, progress)
         info = {"run_id": run_id, "key": key, "checkpoint": str(ck), "samples": len(samples),
                 "images": len(sample_rows), "methods": [c.method for c in conds], "out_dir": str(run_out),
                 "seconds": time.perf_counter() - t0, "summary": summary}

@@ -9,8 +9,11 @@ Shapes: B batch, N references, P patches per image, D encoder width.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,12 +140,146 @@ class ImageEncoder(nn.Module):
     def encode_refs(self, refs: torch.Tensor, n_refs: torch.Tensor):
         """refs (B, N, 3, H, W) padded, n_refs (B,) -> tokens (B, N·P, D), keep-mask (B, N·P), ref index (B, N·P)."""
         B, N = refs.shape[:2]
-        tok = self.forward(refs.flatten(0, 1))  # (B·N, P, D)
-        P = tok.shape[1]
-        tok = tok.reshape(B, N * P, -1)  # (B, N·P, D)
-        ref_index = torch.arange(N, device=tok.device).repeat_interleave(P).expand(B, -1)  # (B, N·P)
-        keep = ref_index < n_refs.to(tok.device)[:, None]  # (B, N·P): padding references are masked out
-        return tok, keep, ref_index
+        return _ref_layout(self.forward(refs.flatten(0, 1)).unflatten(0, (B, N)), n_refs)  # (B, N, P, D) in
+
+    def encode_ref_sets(self, sets: list[list[Hashable]], images: Callable[[list], torch.Tensor],
+                        cache: FrozenCache | None = None):
+        """`encode_refs` for U reference sets named by key (a row id), through `cache`: only the images it lacks
+        are loaded (`images(keys)` -> (M, 3, h, w) in [-1, 1]) and encoded, in one batch. The padding slots
+        hold the tokens of an all-zero image, as `encode_refs` pads, so both give the same tensors."""
+        cache = cache if cache is not None else FrozenCache(self)
+        cache.check(self)
+        N = max(len(s) for s in sets)
+        slots = [s[j] if j < len(s) else _PAD for s in sets for j in range(N)]
+        values = cache.held(slots)  # taken before any new entry can evict them
+        missing = [k for k in dict.fromkeys(slots) if k not in values and k != _PAD]
+        pad = _PAD in slots and _PAD not in values
+        if missing or pad:
+            x = images(missing) if missing else None
+            if pad:
+                s = self.cfg.image_size if x is None else x.shape[-1]
+                zero = torch.zeros(1, 3, s, s, dtype=torch.float32 if x is None else x.dtype,
+                                   device=self.device if x is None else x.device)
+                x = zero if x is None else torch.cat([x, zero])
+            tok = self.forward(x)  # (M [+1], P, D)
+            cache.calls += 1
+            for k, t in zip([*missing, _PAD] if pad else missing, tok):
+                values[k] = cache.put(k, t)
+        tok = torch.stack([values[k] for k in slots]).unflatten(0, (len(sets), N))  # (U, N, P, D)
+        return _ref_layout(tok, torch.tensor([len(s) for s in sets]))
+
+
+_PAD = ("i2l:padding-reference",)  # the cache key of the all-zero padding image (a row id is a str)
+
+
+def _ref_layout(tok: torch.Tensor, n_refs: torch.Tensor):
+    """tokens (B, N, P, D), n_refs (B,) -> tokens (B, N·P, D), keep-mask (B, N·P), ref index (B, N·P)."""
+    B, N, P = tok.shape[:3]
+    ref_index = torch.arange(N, device=tok.device).repeat_interleave(P).expand(B, -1)  # (B, N·P)
+    keep = ref_index < n_refs.to(tok.device)[:, None]  # (B, N·P): padding references are masked out
+    return tok.reshape(B, N * P, -1), keep, ref_index
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A cheap digest of a module's weights (each tensor's name, shape, dtype, sum and 64 strided values): two
+    checkpoints of one architecture differ in it, a GPU computes it in milliseconds even for a 400 M encoder."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            flat = t.detach().flatten()
+            probe = torch.cat([flat.double().sum()[None], flat[:: max(1, flat.numel() // 64)].double()])
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(probe.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _versions(module: nn.Module) -> int:
+    """The sum of the weights' in-place version counters: any copy_ / load_state_dict / optimizer step moves it."""
+    return sum(t._version for t in [*module.parameters(), *module.buffers()])
+
+
+class FrozenCache:
+    """A bounded LRU of a FROZEN model's outputs by key (a reference's row id, a prompt): training re-reads the
+    same references and prompts every epoch, and a frozen model gives them the same output each time.
+
+    Bound to one model's weights: `check(model)` (called on every use) empties it when it is given another
+    model whose weights differ (`weights_fingerprint`) or when the bound model's weights were changed in place
+    (their version counters moved), so it never serves outputs of other weights. max_mb bounds the bytes kept
+    (least recently used out first); hits / misses / calls (batched model calls) count its use."""
+
+    def __init__(self, model: nn.Module | None = None, max_mb: float = 1024.0):
+        self.max_bytes = int(max_mb * 2**20)
+        self.entries: OrderedDict = OrderedDict()
+        self.bytes = self.hits = self.misses = self.calls = 0
+        self.model, self.fingerprint, self.version = None, None, None
+        if model is not None:
+            self.check(model)
+
+    def check(self, model: nn.Module | None) -> None:
+        if model is None:
+            return
+        if model is self.model and _versions(model) == self.version:
+            return
+        fingerprint = weights_fingerprint(model)
+        if fingerprint != self.fingerprint:
+            self.clear()
+        self.model, self.fingerprint, self.version = model, fingerprint, _versions(model)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def __contains__(self, key) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def held(self, keys: list) -> dict:
+        """The cached values of those of `keys` the cache holds (each lookup of one counts a hit); the caller keeps
+        them for its use, so that entries it adds next may evict them from the cache but not from its batch."""
+        out = {}
+        for k in keys:
+            if k in self.entries:
+                out[k] = self.entries[k]
+                self.entries.move_to_end(k)
+                self.hits += 1
+        return out
+
+    def put(self, key, value):
+        """Keep `value` (a tensor, or an object of tensors) under key and return it; evicts the least recently
+        used beyond max_mb. The stored tensors are cloned: a view would keep its whole batch alive."""
+        self.misses += 1
+        value = _clone(value)
+        size = _nbytes(value)
+        if key in self.entries:
+            self.bytes -= _nbytes(self.entries.pop(key))
+        self.entries[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes and self.entries:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= _nbytes(old)
+        return value
+
+    def stats(self) -> dict:
+        return {"entries": len(self), "mb": self.bytes / 2**20, "hits": self.hits, "misses": self.misses,
+                "calls": self.calls}
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [v for v in vars(value).values() if isinstance(v, torch.Tensor)]
+
+
+def _nbytes(value) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(value))
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    return type(value)(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(value).items()})
 
 
 def _vision_tower(ck: EncoderCheckpoint) -> nn.Module:

@@ -103,6 +103,11 @@ def predict_lora(predictor: I2LPredictor, encoder, refs: torch.Tensor, n_refs: t
         n_refs = torch.full((refs.shape[0],), refs.shape[1], dtype=torch.long)
     if refs.shape[1] == 0 or int(n_refs.min()) < 1:
         raise ValueError("i2L needs at least one reference image per LoRA")
-    tokens, keep, ref_index = encoder.encode_refs(refs, n_refs)
+    return lora_from_tokens(predictor, *encoder.encode_refs(refs, n_refs))
+
+
+def lora_from_tokens(predictor: I2LPredictor, tokens: torch.Tensor, keep: torch.Tensor,
+                     ref_index: torch.Tensor) -> LoRA:
+    """The predictor on encoded references (`ImageEncoder.encode_refs` / `encode_ref_sets`) -> a batched LoRA."""
     p = next(predictor.parameters())
     return predictor(tokens.to(p.dtype), keep, ref_index)

@@ -53,6 +53,7 @@ def build_report(store: Store, run_id: str | None = None, out_dir: str | Path | 
         amort = queries.amortization(store, eval_run)
         _table1_section(doc, summary, eval_run)
         _grid_section(doc, store, eval_run, roots, grid_rows)
+        _out_of_family_section(doc, store, eval_run, roots)
         _amortization_section(doc, amort)
         _ablation_section(doc, amort)
     _curve_section(doc, store, runs)
@@ -133,6 +134,42 @@ def _grid_section(doc: Document, store: Store, eval_run: str, roots: list[Path],
     if missing:
         doc.para(f"{missing} image(s) were missing or outside the data directories and are shown as n/a.",
                  note=True)
+
+
+def _out_of_family_section(doc: Document, store: Store, eval_run: str, roots: list[Path],
+                           max_rows: int = 8) -> None:
+    """Styles from outside the training family (i2l/eval/out_of_family.py): the grid (references, base, i2L;
+    each style's first prompt) and the style margin of each method."""
+    rows = queries.out_of_family(store, eval_run)
+    if rows.empty:
+        return
+    from i2l.eval.out_of_family import margin_summary
+
+    summary = margin_summary(rows.to_dict("records"))
+    methods = sorted(rows.method.unique(), key=method_sort_key)
+    first = rows[rows.prompt == rows.prompt.iloc[0]]
+    groups = [{"style_id": sid, "prompt": str(g.prompt.iloc[0]), "seed": g.seed.iloc[0],
+               "refs": _json_list(g.ref_paths.iloc[0], None), "images": dict(zip(g.method, g.image_path))}
+              for sid, g in first.groupby("style_id")][:max_rows]
+    n_refs = min(4, max((len(r["refs"]) for r in groups), default=0)) or 1
+    doc.heading("Out-of-family styles: styles unlike any in training", "out_of_family")
+    png, missing = sample_grid(groups, methods, n_refs, roots)
+    doc.figure("out_of_family_grid", png, f"Foreign styles (other textures, palettes and figures than the toy "
+                                          f"world's; never trained on). Columns: {n_refs} reference(s), then "
+                                          + ", ".join(methods) + "; the same prompt and seed in every row.")
+    if missing:
+        doc.para(f"{missing} image(s) were missing or outside the data directories and are shown as n/a.",
+                 note=True)
+    means = summary["mean_margin"]
+    doc.table(Table(["method", "style margin (mean)", "styles"],
+                    [[m, fmt(means[m], 4), summary["styles"]] for m in methods], table_id="out_of_family"))
+    if "i2l_minus_base" in summary:
+        doc.para(f"Style margin = cos(sample, own references) − mean cos(sample, the other foreign styles' "
+                 f"references) in the scorer's image space, averaged over styles and prompts. The base model draws "
+                 f"the same image for every style, so its margin is 0 by construction, as is that of a LoRA that "
+                 f"does nothing. {summary['i2l_method']} − base = {summary['i2l_minus_base']:+.4f}; "
+                 f"{summary['i2l_method']} is above the base on {100 * summary['i2l_beats_base']:.0f}% of "
+                 f"{summary['styles']} styles.")
 
 
 def _json_list(value, key: str | None) -> list[str]:

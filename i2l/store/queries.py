@@ -83,6 +83,12 @@ def grid_samples(store: Store, run_id: str) -> pd.DataFrame:
         FROM samples s LEFT JOIN styles st USING (style_id) WHERE s.run_id = ?""", [run_id])
 
 
+def out_of_family(store: Store, run_id: str) -> pd.DataFrame:
+    """An evaluation run's out-of-family samples (i2l/eval/out_of_family.py), by style, method and seed."""
+    return store.query("SELECT * FROM out_of_family WHERE run_id = ? ORDER BY style_id, method, seed, prompt",
+                       [run_id])
+
+
 # ----- training, benchmarks, data --------------------------------------------------------------------------
 
 def training_curves(store: Store, runs: list[str]) -> pd.DataFrame:

@@ -328,6 +328,14 @@ class Store:
         return self._insert("train_curves", COLUMNS["train_curves"], dedupe(curve_rows(run_id, rows), "step"),
                             replace=True)
 
+    def record_out_of_family(self, rows: Iterable[dict]) -> int:
+        """Out-of-family samples (i2l/eval/out_of_family.py): sample_id, run_id, style_id, description, method,
+        prompt, seed, image_path, ref_paths (list), margin, scorer; a re-recorded sample replaces."""
+        cols = ["sample_id", "run_id", "style_id", "description", "method", "prompt", "seed", "image_path",
+                "ref_paths", "margin", "scorer", "created_at"]
+        out = [{**r, "ref_paths": to_json(r.get("ref_paths")), "created_at": now_utc()} for r in rows]
+        return self._insert("out_of_family", cols, dedupe(out, "sample_id"), replace=True)
+
     def record_eval_loss(self, run_id: str, rows: Iterable[dict]) -> int:
         """Held-out loss rows: method, style_id, n_refs, steps (per-style budget), wall_s, loss."""
         out = [eval_loss_row(run_id, r) for r in rows]

@@ -206,6 +206,18 @@ WHERE family = 'i2l' AND NOT regexp_full_match(method, 'i2l_[0-9]+ref(_asym)?');
 
 
 
+# One row per image the out-of-family evaluation drew: a foreign style (i2l/toy/foreign.py, never trained on),
+# a method (base | i2l_<n>ref), the same prompts and seeds for every style and method, and its style margin:
+# cos(image, own references) - mean cos(image, the other foreign styles' references) in the scorer's image space.
+_OUT_OF_FAMILY = """
+CREATE TABLE IF NOT EXISTS out_of_family (
+    sample_id VARCHAR PRIMARY KEY, run_id VARCHAR NOT NULL, style_id VARCHAR NOT NULL, description VARCHAR,
+    method VARCHAR NOT NULL, prompt VARCHAR, seed BIGINT, image_path VARCHAR, ref_paths JSON,
+    margin DOUBLE, scorer VARCHAR, created_at TIMESTAMP NOT NULL
+);
+"""
+
+
 def _seed_metrics(con) -> None:
     con.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
                     [[m, lower, desc] for m, (lower, desc) in METRICS.items()])
@@ -220,6 +232,8 @@ MIGRATIONS: list[tuple[str, Any]] = [
     ("loras_ref_ids", "ALTER TABLE loras ADD COLUMN IF NOT EXISTS ref_ids JSON"),
     # i2l_wrong_style is a sanity check, not an i2L method (amortization table and plot)
     ("sanity_family", _SANITY_FAMILY),
+    # samples on styles from outside the training family (i2l/eval/out_of_family.py)
+    ("out_of_family", _OUT_OF_FAMILY),
 ]
 
 # Canonical method order for tables and grids (names used across the project).

@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 
 from i2l.backbones import load_backbone
+from i2l.backbones.base import Cond
 from i2l.config import Config
-from i2l.data.tuples import TupleStream, collate_groups
-from i2l.model.encoder import load_encoder
+from i2l.data.images import decode, to_tensor
+from i2l.data.tuples import StyleTuple, TupleStream, collate_group_sets, collate_groups
+from i2l.model.encoder import FrozenCache, load_encoder
 from i2l.model.flow_matching import TimestepSampler, fm_backward, mixed_precision
-from i2l.model.predictor import I2LPredictor, predict_lora
+from i2l.model.predictor import I2LPredictor, lora_from_tokens, predict_lora
 from i2l.train.checkpoint import (
     check_same_run,
     latest_checkpoint,
@@ -91,20 +93,15 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     batches = _batches(stream, bs)
     for _ in range(start):  # skip what earlier runs consumed: identical data order after a resume
         next(batches)
+    caches = FrozenCaches.build(cfg, backbone, encoder) if cfg.train.cache_frozen else None
     from tqdm import tqdm
 
     t0, done = time.time(), 0
     bar = tqdm(range(start, steps), desc="train i2L", initial=start, total=steps,
                disable=not progress or world.rank != 0)
     for step in bar:
-        targets, prompts, refs, n_refs, owner = collate_groups(next(batches), cfg.backbone.image_size,
-                                                               cfg.encoder.image_size)
         g = step_generator(cfg.train.seed, step, world.rank)
-        with mixed_precision(device, cfg.backbone.dtype):
-            with torch.no_grad():
-                cond = backbone.encode_prompts(prompts)  # frozen text encoder
-                x1 = backbone.encode_images(targets.to(device))
-            lora = predict_lora(model, encoder, refs.to(device), n_refs).take(owner.to(device))  # (U) -> (B)
+        x1, cond, lora, n_refs = conditioned_batch(cfg, next(batches), backbone, encoder, model, device, caches)
         loss = fm_backward(backbone, x1, cond, lora, opt, generator=g, timesteps=timesteps)  # backward: no autocast
         rec = trainer.step(loss, n_refs_mean=float(n_refs.float().mean()))
         bar.set_postfix(loss=f"{rec['loss']:.4f}")
@@ -116,8 +113,67 @@ def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
         if stop_after is not None and done >= stop_after:
             break
     secs = time.time() - t0
+    cache_stats = caches.stats() if caches else {}
     return {"out_dir": str(out), "steps": start + done, "seconds": secs, "steps_per_s": done / max(secs, 1e-9),
-            **loss_summary(curve)}
+            **loss_summary(curve), **cache_stats}
+
+
+@dataclass
+class FrozenCaches:
+    """What training keeps of its frozen models' outputs (train.cache_frozen): the reference encoder's tokens by
+    reference row id and the text encoder's conditioning by prompt, each a bounded LRU bound to those weights."""
+
+    refs: FrozenCache
+    prompts: FrozenCache
+    text_model: torch.nn.Module | None  # the weights the prompt conditioning comes from (None: not a module)
+
+    @classmethod
+    def build(cls, cfg: Config, backbone, encoder) -> FrozenCaches:
+        text = getattr(backbone, "text_encoder", None)
+        text = text if isinstance(text, torch.nn.Module) else None
+        return cls(FrozenCache(encoder, cfg.train.cache_mb), FrozenCache(text, cfg.train.cache_mb), text)
+
+    def encode_prompts(self, backbone, prompts: list[str]) -> Cond:
+        """backbone.encode_prompts(prompts), each distinct prompt encoded once per run (while it stays cached)."""
+        self.prompts.check(self.text_model)
+        values = self.prompts.held(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in values]
+        if missing:
+            cond = backbone.encode_prompts(missing)
+            self.prompts.calls += 1
+            for i, p in enumerate(missing):
+                values[p] = self.prompts.put(p, cond.index(slice(i, i + 1)))
+        return Cond.cat([values[p] for p in prompts])
+
+    def stats(self) -> dict:
+        return {f"cache_{name}_{k}": v for name, c in (("refs", self.refs), ("prompts", self.prompts))
+                for k, v in c.stats().items()}
+
+
+def conditioned_batch(cfg: Config, tuples: list[StyleTuple], backbone, encoder, model, device: torch.device,
+                      caches: FrozenCaches | None = None):
+    """One training batch through the frozen models and the predictor: -> x1 (B, ...) latents, the prompts'
+    conditioning, the batched LoRA (one per target: G targets share one predicted LoRA), n_refs (U,).
+    With caches, references and prompts seen before are neither decoded nor encoded again (same values)."""
+    with mixed_precision(device, cfg.backbone.dtype):
+        if caches is None:
+            targets, prompts, refs, n_refs, owner = collate_groups(tuples, cfg.backbone.image_size,
+                                                                   cfg.encoder.image_size)
+            with torch.no_grad():
+                cond = backbone.encode_prompts(prompts)  # frozen text encoder
+                x1 = backbone.encode_images(targets.to(device))
+            lora = predict_lora(model, encoder, refs.to(device), n_refs)
+        else:
+            targets, prompts, sets, owner = collate_group_sets(tuples, cfg.backbone.image_size)
+            with torch.no_grad():
+                cond = caches.encode_prompts(backbone, prompts)
+                x1 = backbone.encode_images(targets.to(device))
+            images = dict(pair for s in sets for pair in s)
+            load = lambda ids: to_tensor([decode(images[i]) for i in ids], cfg.encoder.image_size).to(device)
+            tokens = encoder.encode_ref_sets([[i for i, _ in s] for s in sets], load, caches.refs)
+            n_refs = torch.tensor([len(s) for s in sets])
+            lora = lora_from_tokens(model, *tokens)
+    return x1, cond, lora.take(owner.to(device)), n_refs  # (U) -> (B)
 
 
 def refuse_mixing_runs(out_dir: str | Path, resume: bool, cfg: Config) -> None:
@@ -143,7 +199,7 @@ def run_summary(out_dir: str | Path) -> dict:
     return {"out_dir": str(out_dir), "steps": read_state(ck)["step"], "checkpoint": str(ck), **loss_summary(curve)}
 
 
-def _batches(stream: TupleStream, bs: int):
+def _batches(stream: TupleStream, bs: int):  # (the train-cache bench reads batches as training does)
     it = iter(stream)
     while True:
         yield list(itertools.islice(it, bs))

@@ -75,8 +75,9 @@ def test_per_style_wall_time_leaves_out_the_snapshot_copies(debug_run, monkeypat
     images = torch.rand(2, 3, cfg.backbone.image_size, cfg.backbone.image_size) * 2 - 1
     _, curve = optimize_lora(bb, images, ["one small circle in the center"] * 2, rank=2, steps=3, lr=1e-2, seed=0,
                              snapshots=(1, 2, 3), batch_size=2, keep_loras=False)
-    # three debug steps take ~0.05 s; the copies of steps 1 and 2 would add 2 s
-    assert curve[-1]["wall_s"] < 1.0, [c["wall_s"] for c in curve]
+    # steps 2 and 3 take ~0.03 s (step 1 may carry a first-backward warm-up on a loaded machine); counted, the
+    # copies made after steps 1 and 2 would put 2 s between the first and the last record
+    assert curve[-1]["wall_s"] - curve[0]["wall_s"] < 1.0, [c["wall_s"] for c in curve]
 
 
 def test_bench_amortization_checks_the_per_style_loss_after_every_step():

@@ -27,7 +27,7 @@ from i2l.store import METRICS, MIGRATIONS, Store
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {"runs", "checkpoints", "datasets", "dataset_inputs", "shards", "quarantine", "quarantine_counts",
           "styles", "methods", "loras", "samples", "scores", "metrics", "benchmarks", "train_curves",
-          "eval_losses", "stages", "schema_version"}
+          "eval_losses", "stages", "out_of_family", "schema_version"}
 VIEWS = {"v_metric_means", "v_method_summary", "v_style_breakdown", "v_amortization", "v_benchmarks",
          "v_data_summary", "v_quarantine_by_reason"}
 
