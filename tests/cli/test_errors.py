@@ -42,6 +42,7 @@ def _bad_args(t: Path) -> dict[tuple[str, ...], list[list[str]]]:
         ("bench", "prepare"): [["--workers", "x"]],
         ("bench", "produce"): [["--preset", "nosuch"]],
         ("bench", "train-step"): [["--preset", "nosuch"]],
+        ("bench", "train-cache"): [["--preset", "nosuch"], ["--store", notdb]],
         ("doctor",): [["--preset", "nosuch"] + dr, ["--set", "nosuch.field=1"] + dr],
         ("eval-loss",): [ck + ["--data", miss] + dr, ck + ["--data", miss, "--store", notdb] + dr],
         ("evaluate",): [ck + ["--data", miss] + dr, ["--checkpoint", adir, "--data", adir] + dr],

@@ -51,15 +51,6 @@ def test_the_margin_is_own_minus_the_mean_of_the_others():
 
 
 @pytest.fixture(scope="module")
-def scorer_dir(debug_run, tmp_path_factory):
-    from i2l.toy.scorer import pretrain_toy_clip
-
-    out = tmp_path_factory.mktemp("scorer")
-    pretrain_toy_clip(get_config("debug"), debug_run.prepared_dir, out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def evaluated(debug_run, scorer_dir, tmp_path_factory):
     """The fixture report store, with the debug checkpoint's out-of-family evaluation (i2L and a zero LoRA)."""
     from i2l.infer.api import I2L

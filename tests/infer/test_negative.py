@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from test_distilled import _model as klein_model
+from test_img2img import counted
 
 from i2l.cli import main as cli
 from i2l.infer.api import I2L
@@ -29,19 +30,6 @@ def toy(debug_run):
 
 def pixels(images) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in images])
-
-
-def counted(monkeypatch, backbone) -> list[int]:
-    """Counts the backbone's forward passes: one entry per call, its number of batch rows."""
-    rows: list[int] = []
-    forward = backbone._velocity
-
-    def counting(x, t, cond):
-        rows.append(len(x))
-        return forward(x, t, cond)
-
-    monkeypatch.setattr(backbone, "_velocity", counting)
-    return rows
 
 
 def latents(model: I2L, prompts, lora: LoRA, neg: LoRA | None, guidance: float, steps: int, seed: int,
