@@ -47,7 +47,15 @@ HIDREAM_O1_TARGETS = (
 
 
 def _toy() -> Config:
-    return Config(name="toy", backbone=BackboneConfig(targets=FLUX2_TARGETS))
+    # What `make run` trains, sized from measurements on 2 CPU cores (docs/results.md, "The make run recipe"):
+    # i2L's held-out loss is limited by gradient noise, so the batch is what buys quality — 64 targets (16 styles)
+    # per step on two DDP workers of one thread each (two 1-thread processes do ~1.3x the work of one 2-thread
+    # one on these small matmuls), on 2000 styles so that 500 steps see most of them about twice. The mean-LoRA
+    # and adapter baselines train side by side on Ray workers for half the predictor's steps at its batch.
+    return Config(name="toy", toyworld=ToyWorldConfig(styles=2000),
+                  backbone=BackboneConfig(targets=FLUX2_TARGETS),
+                  train=TrainConfig(steps=500, batch_size=64, num_workers=2),
+                  eval=EvalConfig(baseline_workers=2, baseline_steps=250))
 
 
 def _debug() -> Config:

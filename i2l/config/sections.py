@@ -204,6 +204,9 @@ class EvalConfig:
     mean_lora_lr: float = 1e-2
     per_style_rows: int = 4  # rows per style per per-style optimisation step (its references, fresh noise)
     baseline_steps: int = 0  # mean-LoRA / adapter training steps; 0 = the predictor's train.steps (fair budget)
+    # > 1: the missing mean-LoRA and adapter baselines train side by side, each in a Ray worker process with one CPU
+    # (CPU evaluations only; on a GPU, and with 1, they train one after another in the evaluating process)
+    baseline_workers: int = 1
     gen_batch: int = 64  # images per batched sampling call (each runs 2 CFG rows per image)
     save_loras: bool = True  # write every evaluated LoRA as a safetensors file (off for 1,000-style evals)
     # out-of-family styles (i2l/toy/foreign.py, never trained on): styles drawn by base and i2L, same prompts/seeds
@@ -216,8 +219,10 @@ class EvalConfig:
     adapter_heads: int = 0
 
     def __post_init__(self):
-        if min(self.styles, self.sample_steps, self.gen_batch, self.adapter_tokens, self.per_style_rows) < 1:
-            raise ValueError("eval.styles, sample_steps, gen_batch, adapter_tokens and per_style_rows must be >= 1")
+        if min(self.styles, self.sample_steps, self.gen_batch, self.adapter_tokens, self.per_style_rows,
+               self.baseline_workers) < 1:
+            raise ValueError("eval.styles, sample_steps, gen_batch, adapter_tokens, per_style_rows and "
+                             "baseline_workers must be >= 1")
         if self.gray_negative not in ("one", "per_reference"):
             raise ValueError(f"eval.gray_negative must be one or per_reference, not {self.gray_negative!r}")
         if any(b < 1 for b in self.optimize_budgets):

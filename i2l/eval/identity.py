@@ -41,7 +41,7 @@ def eval_key(ecfg: Config, ck: Path, dataset_id: str, families: tuple[str, ...])
 
     # how generation and scoring run, not their numbers (an image does not depend on its batch)
     scorer = {k: v for k, v in asdict(ecfg.scorer).items() if k not in ("device", "batch_size")}
-    ev = {k: v for k, v in asdict(ecfg.eval).items() if k != "gen_batch"}
+    ev = {k: v for k, v in asdict(ecfg.eval).items() if k not in ("gen_batch", "baseline_workers")}
     return json_digest({"predictor": file_sha256(Path(ck) / "predictor.safetensors"), "data": dataset_id,
                         "eval": ev, "scorer": scorer, "families": sorted(families),
                         "clip": clip_version(ecfg.scorer.clip_checkpoint, ecfg.scorer.clip_model),

@@ -5,7 +5,6 @@ Re-running the same evaluation (i2l/eval/identity.py names it) does no work."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,11 +12,11 @@ import torch
 
 from i2l.config import Config, EvalConfig
 from i2l.data.images import to_pil
+from i2l.eval.baseline_runs import Baselines
 from i2l.eval.heldout_loss import ValSample, load_val_samples
-from i2l.eval.identity import baseline_budget, dataset_fingerprint, eval_config, eval_key
+from i2l.eval.identity import dataset_fingerprint, eval_config, eval_key
 from i2l.eval.methods import FAMILIES, Conditioning, heldout_losses, make_conditionings
 from i2l.eval.table1 import format_table1, table1_rows
-from i2l.io import json_digest
 from i2l.model.lora import LoRA
 from i2l.store import Store
 from i2l.store.rows import lora_row
@@ -53,11 +52,9 @@ def evaluate(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, store: 
 
         model = I2L.load(ck, device=device, data_root=ecfg.data_root)
         base_dir = Path(baselines_dir) if baselines_dir else out_dir / "baselines"
-
-        def baseline(kind):
-            return ensure_baseline(kind, model, ecfg, prepared_dir, base_dir, store, run_id, dataset_id, progress)
-
-        conds = make_conditionings(model, samples, families, ecfg.eval, baseline, progress)
+        baselines = Baselines(model, ecfg, prepared_dir, base_dir, store, run_id, dataset_id, progress)
+        baselines.prepare(families)  # side by side on Ray workers where eval.baseline_workers allows
+        conds = make_conditionings(model, samples, families, ecfg.eval, baselines.get, progress)
         losses = heldout_losses(model, samples, conds, ecfg.eval, progress)
         run_out = out_dir / run_id
         refs = save_references(samples, run_out / "refs", store.path.parent)
@@ -98,36 +95,6 @@ def held_out_samples(prepared_dir: str | Path, limit: int) -> list:
         raise ValueError(f"{prepared_dir}/val_manifest.jsonl has no samples: re-run `i2l prepare` with "
                          "data.val_samples > 0")
     return samples
-
-
-# ----- methods ---------------------------------------------------------------------------------------------
-
-def ensure_baseline(kind: str, model, ecfg: Config, prepared_dir, base_dir: Path, store: Store, parent_id: str,
-                    dataset_id: str, progress: bool):
-    """The trained mean-LoRA or adapter for `model` under the settings `ecfg` (eval_config): reused when the store
-    says this budget was trained and its files are there, else trained now (its own run with its loss curve,
-    marked done as soon as it is saved)."""
-    from i2l.baselines.adapter import load_adapter, train_adapter
-    from i2l.baselines.mean_lora import load_mean_lora, train_mean_lora
-
-    key = json_digest(baseline_budget(ecfg, model.checkpoint, dataset_id, kind))
-    out = base_dir / f"{kind}-{key}"
-    load = (lambda: load_mean_lora(out, model.backbone)) if kind == "mean_lora" else \
-        (lambda: load_adapter(out, model.backbone, model.encoder, device=str(model.encoder.device)))
-    if store.is_stage_done(f"train_{kind}", key):
-        try:
-            return load()
-        except FileNotFoundError:
-            pass  # recorded but deleted since: train again
-    train = train_mean_lora if kind == "mean_lora" else train_adapter
-    with store.run(f"train_{kind}", ecfg.name, ecfg.to_dict(), parent_id=parent_id) as run_id:
-        info = train(ecfg, prepared_dir, out, progress=progress, device=str(model.encoder.device))
-        curve = json.loads((out / f"{kind}.json").read_text())["curve"]
-        with store.transaction():
-            store.record_curve(run_id, curve)
-            store.mark_stage_done(f"train_{kind}", key, {"dir": str(out), "run_id": run_id,
-                                              **{k: v for k, v in info.items() if k != "dims"}})
-    return load()
 
 
 # ----- images, LoRA files, samples and scores --------------------------------------------------------------

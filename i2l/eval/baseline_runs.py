@@ -1,0 +1,117 @@
+"""The trained baselines an evaluation compares with (mean-LoRA, adapter): reused when the results store says
+their budget was trained and the files are there, else trained now, each as its own store run with its loss
+curve, marked done as soon as it is saved. With eval.baseline_workers > 1 the missing ones train side by side,
+each in its own Ray worker process (one CPU each): their small steps gain little from a second thread, so two
+processes finish the pair in about the time of one (i2l/cluster/pool.py runs them; a dead worker is retried)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from i2l.config import Config, config_from_dict
+from i2l.eval.identity import baseline_budget
+from i2l.io import json_digest
+from i2l.store import Store
+
+KINDS = ("mean_lora", "adapter")
+
+
+def _train_fn(kind: str):
+    from i2l.baselines.adapter import train_adapter
+    from i2l.baselines.mean_lora import train_mean_lora
+
+    return train_mean_lora if kind == "mean_lora" else train_adapter
+
+
+class BaselineTrainer:
+    """Ray actor: trains one baseline per call on the CPU with `threads` torch threads."""
+
+    def __init__(self, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+
+    def train(self, kind: str, cfg: dict, prepared_dir: str, out: str) -> tuple[str, dict]:
+        info = _train_fn(kind)(config_from_dict(cfg), prepared_dir, out, progress=False, device="cpu")
+        return kind, info
+
+
+class Baselines:
+    """The baselines of one evaluation: where each one's files go (by its budget's digest) and its store marks."""
+
+    def __init__(self, model, ecfg: Config, prepared_dir, base_dir: Path, store: Store, parent_id: str,
+                 dataset_id: str, progress: bool):
+        self.model, self.ecfg, self.prepared_dir, self.base_dir = model, ecfg, prepared_dir, base_dir
+        self.store, self.parent_id, self.dataset_id, self.progress = store, parent_id, dataset_id, progress
+
+    def key(self, kind: str) -> str:
+        return json_digest(baseline_budget(self.ecfg, self.model.checkpoint, self.dataset_id, kind))
+
+    def out(self, kind: str) -> Path:
+        return self.base_dir / f"{kind}-{self.key(kind)}"
+
+    def load(self, kind: str):
+        from i2l.baselines.adapter import load_adapter
+        from i2l.baselines.mean_lora import load_mean_lora
+
+        if kind == "mean_lora":
+            return load_mean_lora(self.out(kind), self.model.backbone)
+        return load_adapter(self.out(kind), self.model.backbone, self.model.encoder,
+                            device=str(self.model.encoder.device))
+
+    def ready(self, kind: str) -> bool:
+        """Marked done in the store under this budget and its files still load."""
+        if not self.store.is_stage_done(f"train_{kind}", self.key(kind)):
+            return False
+        try:
+            self.load(kind)
+            return True
+        except FileNotFoundError:
+            return False  # recorded but deleted since: train again
+
+    def get(self, kind: str):
+        """(trained baseline, its info): trained now, in this process, if it is not ready."""
+        if not self.ready(kind):
+            with self.store.run(f"train_{kind}", self.ecfg.name, self.ecfg.to_dict(),
+                                parent_id=self.parent_id) as run_id:
+                info = _train_fn(kind)(self.ecfg, self.prepared_dir, self.out(kind), progress=self.progress,
+                                       device=str(self.model.encoder.device))
+                self._record(kind, run_id, info)
+        return self.load(kind)
+
+    def prepare(self, kinds) -> list[str]:
+        """Train the missing ones of `kinds` side by side on Ray CPU workers when eval.baseline_workers > 1 and
+        the evaluation runs on the CPU (on a GPU they train one after another in this process, in `get`).
+        Each is recorded as it finishes. -> the kinds trained here."""
+        missing = [k for k in kinds if k in KINDS and not self.ready(k)]
+        workers = self.ecfg.eval.baseline_workers
+        if workers < 2 or len(missing) < 2 or str(self.model.encoder.device) != "cpu":
+            return []
+        from i2l.cluster.pool import ActorPool, Call, PoolOptions
+
+        runs = {k: self.store.start_run(f"train_{k}", self.ecfg.name, self.ecfg.to_dict(), parent_id=self.parent_id)
+                for k in missing}  # one store run per baseline, open while it trains
+        calls = [Call("train", (k, self.ecfg.to_dict(), str(self.prepared_dir), str(self.out(k))))
+                 for k in missing]
+        options = PoolOptions(workers=workers, name="train baselines", unit="baseline", progress=self.progress,
+                              start_hint="every node must read the prepared data and the toy models' folders")
+        try:
+            with ActorPool(BaselineTrainer, (1,), options) as pool:
+                for fin in pool.map(calls):
+                    kind, info = fin.value
+                    self._record(kind, runs[kind], info)  # kept at once, whatever happens to the other one
+                    self.store.finish_run(runs.pop(kind), "ok")
+        except BaseException:
+            for run_id in runs.values():  # the ones still training failed with the pool
+                self.store.finish_run(run_id, "failed")
+            raise
+        return missing
+
+    def _record(self, kind: str, run_id: str, info: dict) -> None:
+        out = self.out(kind)
+        curve = json.loads((out / f"{kind}.json").read_text())["curve"]
+        with self.store.transaction():
+            self.store.record_curve(run_id, curve)
+            self.store.mark_stage_done(f"train_{kind}", self.key(kind), {
+                "dir": str(out), "run_id": run_id, **{k: v for k, v in info.items() if k != "dims"}})
