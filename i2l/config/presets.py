@@ -47,15 +47,17 @@ HIDREAM_O1_TARGETS = (
 
 
 def _toy() -> Config:
-    # What `make run` trains, sized from measurements on 2 CPU cores (docs/results.md, "The make run recipe"):
-    # i2L's held-out loss is limited by gradient noise, so the batch is what buys quality — 64 targets (16 styles)
-    # per step on two DDP workers of one thread each (two 1-thread processes do ~1.3x the work of one 2-thread
-    # one on these small matmuls), on 2000 styles so that 500 steps see most of them about twice. The mean-LoRA
-    # and adapter baselines train side by side on Ray workers for half the predictor's steps at its batch.
+    # What `make run` trains, sized from measurements on 2 CPU cores (docs/results.md, "Which training recipe does
+    # `make run` use, and why?"): i2L's held-out loss is limited by gradient noise, so the batch is what buys quality
+    # — 64 targets (16 styles) per step on two DDP workers of one thread each (two 1-thread processes do ~1.25x the
+    # work of one 2-thread one on these small matmuls) — on 2000 styles, 500 steps. The mean-LoRA and adapter
+    # baselines train side by side on Ray workers for 100 steps at the predictor's batch: at its 500 they would
+    # cost more than the predictor (the adapter re-encodes its references every step), for a held-out loss that
+    # moved < 1 % of base between 100 and 250 steps.
     return Config(name="toy", toyworld=ToyWorldConfig(styles=2000),
                   backbone=BackboneConfig(targets=FLUX2_TARGETS),
                   train=TrainConfig(steps=500, batch_size=64, num_workers=2),
-                  eval=EvalConfig(baseline_workers=2, baseline_steps=250))
+                  eval=EvalConfig(baseline_workers=2, baseline_steps=100))
 
 
 def _debug() -> Config:
