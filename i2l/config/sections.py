@@ -242,7 +242,7 @@ class ScorerConfig:
     pretrain_batch_size: int = 128
     pretrain_lr: float = 3e-3
     content_weight: float = 0.8  # loss share of image<->prompt vs image<->style text (content learns slower)
-    pretrain_max_rows: int = 50_000  # cap on rows read (the toy world has 3,200)
+    pretrain_max_rows: int = 50_000  # cap on rows read (the toy preset's world has 16,000)
     image_size: int = 32  # toy CLIP input side
     # torch threads while training (0 = torch's default): its small matmuls gain little from a second thread
     # and run ~4x slower with two when the cores are shared
