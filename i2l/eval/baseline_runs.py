@@ -43,10 +43,12 @@ class Baselines:
     def __init__(self, model, ecfg: Config, prepared_dir, base_dir: Path, store: Store, parent_id: str,
                  dataset_id: str, progress: bool):
         self.model, self.ecfg, self.prepared_dir, self.base_dir = model, ecfg, prepared_dir, base_dir
-        self.store, self.parent_id, self.dataset_id, self.progress = store, parent_id, dataset_id, progress
+        self.store, self.parent_id, self.progress = store, parent_id, progress
+        # once: a budget reads the checkpoint's state file
+        self.keys = {k: json_digest(baseline_budget(ecfg, model.checkpoint, dataset_id, k)) for k in KINDS}
 
     def key(self, kind: str) -> str:
-        return json_digest(baseline_budget(self.ecfg, self.model.checkpoint, self.dataset_id, kind))
+        return self.keys[kind]
 
     def out(self, kind: str) -> Path:
         return self.base_dir / f"{kind}-{self.key(kind)}"
@@ -72,12 +74,15 @@ class Baselines:
 
     def get(self, kind: str):
         """(trained baseline, its info): trained now, in this process, if it is not ready."""
-        if not self.ready(kind):
-            with self.store.run(f"train_{kind}", self.ecfg.name, self.ecfg.to_dict(),
-                                parent_id=self.parent_id) as run_id:
-                info = _train_fn(kind)(self.ecfg, self.prepared_dir, self.out(kind), progress=self.progress,
-                                       device=str(self.model.encoder.device))
-                self._record(kind, run_id, info)
+        if self.store.is_stage_done(f"train_{kind}", self.key(kind)):
+            try:
+                return self.load(kind)  # loaded once, not checked by `ready` and then loaded again
+            except FileNotFoundError:
+                pass  # recorded but deleted since: train again
+        with self.store.run(f"train_{kind}", self.ecfg.name, self.ecfg.to_dict(), parent_id=self.parent_id) as run_id:
+            info = _train_fn(kind)(self.ecfg, self.prepared_dir, self.out(kind), progress=self.progress,
+                                   device=str(self.model.encoder.device))
+            self._record(kind, run_id, info)
         return self.load(kind)
 
     def prepare(self, kinds) -> list[str]:
