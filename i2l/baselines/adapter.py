@@ -127,8 +127,9 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
     from tqdm import tqdm
 
     from i2l.backbones import load_backbone
-    from i2l.data.tuples import TupleStream, collate
+    from i2l.data.tuples import TupleStream, collate_group_sets
     from i2l.model.encoder import load_encoder
+    from i2l.train.loop import FrozenCaches, reference_tokens
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps = steps or cfg.eval.baseline_steps or cfg.train.steps
@@ -137,28 +138,35 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
     with torch.no_grad():
         text_dim = backbone.encode_prompts([""]).embeds.shape[-1]
     adapter = build_adapter(cfg, encoder.dim, text_dim).to(device)
+    dtype = next(adapter.parameters()).dtype
     opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     trainer = TrainStep(opt, cfg.train.grad_clip, adapter.parameters(), WarmupCosine(opt, steps, cfg.train.warmup))
-    stream = iter(TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed))
+    # the predictor's batches: G = train.targets_per_lora targets share one reference set, so the frozen encoder
+    # runs once per set (and, through the caches, once per reference image and prompt while they stay held)
+    stream = iter(TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed,
+                              targets_per_lora=cfg.train.targets_per_lora))
+    caches = FrozenCaches.build(cfg, backbone, encoder) if cfg.train.cache_frozen else None
     bs, t0 = cfg.train.batch_size, time.time()
     bar = tqdm(range(steps), desc="train adapter", disable=not progress)
     for step in bar:
-        targets, prompts, refs, n_refs = collate(list(itertools.islice(stream, bs)), cfg.backbone.image_size,
-                                                 cfg.encoder.image_size)
+        targets, prompts, sets, owner = collate_group_sets(list(itertools.islice(stream, bs)),
+                                                           cfg.backbone.image_size)
         g = step_generator(cfg.train.seed, step)  # the predictor's noise and timesteps at this step
         with mixed_precision(device, cfg.backbone.dtype):
-            with torch.no_grad():
-                cond = backbone.encode_prompts(prompts)  # (B, L, E), frozen text encoder
+            with torch.no_grad():  # the frozen text encoder, backbone codec and reference encoder
+                cond = caches.encode_prompts(backbone, prompts) if caches else backbone.encode_prompts(prompts)
                 x1 = backbone.encode_images(targets.to(device))
-            extra = adapter_tokens(adapter, encoder, refs.to(device), n_refs)  # (B, M, E)
-            cond = with_context(cond, extra)
+                tokens, keep, ref_index = reference_tokens(cfg, encoder, sets, device, caches.refs if caches else None)
+            extra = adapter(tokens.to(dtype), keep, ref_index)  # (U, M, E), one per reference set
+            cond = with_context(cond, extra[owner.to(device)])  # (B, L + M, E)
             loss = fm_loss(backbone, x1, cond, generator=g)
         trainer.backward(loss)  # outside autocast, as PyTorch's AMP recipe has it
         rec = trainer.step(loss)
         bar.set_postfix(loss=f"{rec['loss']:.4f}")
     secs = time.time() - t0
     info = {"steps": steps, "batch_size": bs, "seconds": secs, **trainer.summary(),
-            "backbone_id": backbone.backbone_id, "encoder_id": encoder.encoder_id, "dims": adapter.dims}
+            "backbone_id": backbone.backbone_id, "encoder_id": encoder.encoder_id, "dims": adapter.dims,
+            **(caches.stats() if caches else {})}
     save_adapter(adapter, out_dir, {**info, "curve": trainer.curve, "config": cfg.to_dict()})
     return {"dir": str(out_dir), **info}
 

@@ -85,7 +85,9 @@ class BackboneConfig:
     double_layers: int = 1
     single_layers: int = 2
     text_dim: int = 64  # toy text encoder width (= joint_attention_dim)
-    max_text_tokens: int = 12
+    position_channels: bool = False  # toy: tokens carry their (row, col) as 2 extra input channels
+    max_text_tokens: int = 12  # words a toy prompt may have
+    text_context_tokens: int = 0  # text tokens the backbone attends to (the encoder's first K); 0 = max_text_tokens
     # which linear layers carry LoRA: suffixes of module names (diffusers' spelling)
     targets: tuple[str, ...] = ()
     dtype: str = "float32"  # float32 | bfloat16 (GPU)
@@ -100,6 +102,9 @@ class BackboneConfig:
             raise ValueError("backbone.image_size must be a multiple of 32 (HiDream-O1's pixel patch), at least 64")
         if self.kind == "toy" and self.image_size % self.patch:
             raise ValueError("backbone.image_size must be a multiple of backbone.patch")
+        if not 0 <= self.text_context_tokens <= self.max_text_tokens:
+            raise ValueError(f"backbone.text_context_tokens={self.text_context_tokens} must lie in "
+                             f"0..backbone.max_text_tokens={self.max_text_tokens} (0 = all of them)")
 
 
 @dataclass
@@ -163,6 +168,10 @@ class TrainConfig:
     backbone_steps: int = 800  # toy backbone pretraining
     backbone_lr: float = 2e-3
     backbone_batch_size: int = 64
+    # toy backbone: the share of each pretraining batch whose prompt also names the style's look (content +
+    # style words, e.g. "one small circle in the center cream navy fine pink polka dots thin black grainy"),
+    # so the backbone can draw styles, as a real text-to-image model can; the rest are content prompts
+    backbone_styled: float = 0.0
     # keep the frozen reference encoder's tokens per reference row and the frozen text encoder's conditioning per
     # prompt (bounded LRU of cache_mb each; same losses as without): later epochs skip decoding and re-encoding
     cache_frozen: bool = True
@@ -171,6 +180,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.targets_per_lora < 1 or self.num_workers < 1:
             raise ValueError("train.targets_per_lora and train.num_workers must be >= 1")
+        if not 0.0 <= self.backbone_styled <= 1.0:
+            raise ValueError(f"train.backbone_styled is a share of the batch, in [0, 1], not {self.backbone_styled}")
         if self.batch_size < self.num_workers:
             raise ValueError(f"train.batch_size={self.batch_size} is the global batch: it must be at least "
                              f"train.num_workers={self.num_workers} (one target per worker)")

@@ -27,13 +27,16 @@ def tokenize_words(text: str) -> list[str]:
 
 
 class ToyTextEncoder(nn.Module):
-    """Word embeddings + positions + one transformer layer: (B, L) ids -> (B, L, D)."""
+    """Word embeddings + positions + one transformer layer: (B, L) ids -> (B, K, D), the first K = out_tokens
+    positions. Words past K still reach the context through that layer's attention: a prompt may name a style
+    in more words than the backbone's context holds, and every backbone step pays only for K text tokens."""
 
-    def __init__(self, vocab: list[str], dim: int, max_tokens: int):
+    def __init__(self, vocab: list[str], dim: int, max_tokens: int, out_tokens: int | None = None):
         super().__init__()
         self.vocab = list(vocab)
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.max_tokens = max_tokens
+        self.out_tokens = min(out_tokens or max_tokens, max_tokens)
         self.embed = nn.Embedding(len(vocab), dim)
         self.pos = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
         self.layer = nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=dim * 2, dropout=0.0,
@@ -52,7 +55,7 @@ class ToyTextEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids) + self.pos[: ids.shape[1]]  # (B, L, D)
-        return self.layer(h)  # (B, L, D)
+        return self.layer(h)[:, : self.out_tokens]  # (B, K, D)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -82,7 +85,10 @@ def transformer_config(cfg: BackboneConfig) -> dict:
     if head_dim % 4:
         raise ValueError("backbone.dim / backbone.heads must be divisible by 4 (4 rope axes)")
     return {
-        "patch_size": 1, "in_channels": 3 * cfg.patch**2, "num_layers": cfg.double_layers,
+        # position_channels: each token also carries its (row, col) in [-1, 1] as 2 input channels; the output
+        # stays the 3·p² pixel channels (out_channels)
+        "patch_size": 1, "in_channels": 3 * cfg.patch**2 + (2 if cfg.position_channels else 0),
+        "out_channels": 3 * cfg.patch**2, "num_layers": cfg.double_layers,
         "num_single_layers": cfg.single_layers, "attention_head_dim": head_dim, "num_attention_heads": cfg.heads,
         "joint_attention_dim": cfg.text_dim, "timestep_guidance_channels": 64, "mlp_ratio": 3.0,
         "axes_dims_rope": (head_dim // 4,) * 4, "guidance_embeds": False,
@@ -110,6 +116,10 @@ class ToyBackbone(Backbone):
         rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
         zeros = torch.zeros(n * n, dtype=torch.long)
         self.img_ids = torch.stack([zeros, rows.flatten(), cols.flatten(), zeros], -1)  # (T, 4)
+        # RoPE gives attention relative positions only; with position channels a token also knows where it is, so
+        # "at the top left" and a pattern's phase need not be inferred from the grid's edges (None: saved without)
+        grid = torch.stack([rows.flatten(), cols.flatten()], -1).float() / max(n - 1, 1) * 2 - 1  # (T, 2)
+        self.positions = grid if c.in_channels == 3 * cfg.patch**2 + 2 else None
 
     @classmethod
     def architecture(cls, cfg: BackboneConfig) -> dict:
@@ -140,6 +150,9 @@ class ToyBackbone(Backbone):
 
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         tokens = patchify(x_t, self.cfg.patch)  # (B, T, C) in the backbone's dtype
+        if self.positions is not None:
+            pos = self.positions.to(tokens).expand(tokens.shape[0], -1, -1)  # (B, T, 2)
+            tokens = torch.cat([tokens, pos], -1)  # (B, T, C + 2)
         out = self.transformer(
             hidden_states=tokens, encoder_hidden_states=cond.embeds,
             # diffusers' Flux2 takes sigma = 1 - t (1 = pure noise) and predicts noise - data = -(x1 - x0)
@@ -158,9 +171,11 @@ class ToyBackbone(Backbone):
         save_file({k: v.contiguous() for k, v in self.text_encoder.state_dict().items()},
                   str(te / "model.safetensors"))
         (te / "config.json").write_text(json.dumps({"vocab": self.text_encoder.vocab, "dim": self.cfg.text_dim,
-                                                     "max_tokens": self.text_encoder.max_tokens}))
+                                                     "max_tokens": self.text_encoder.max_tokens,
+                                                    "out_tokens": self.text_encoder.out_tokens}))
         meta = {k: getattr(self.cfg, k) for k in ("image_size", "patch", "dim", "heads", "double_layers",
-                                                   "single_layers", "text_dim", "max_text_tokens")}
+                                                   "single_layers", "text_dim", "max_text_tokens",
+                                                   "text_context_tokens")}
         (out / "backbone.json").write_text(json.dumps({"kind": "toy", "backbone_id": self.backbone_id, **meta},
                                                       indent=2))
         return out
@@ -173,7 +188,8 @@ def build_vocab(prompts) -> list[str]:
 
 def new_toy_backbone(cfg: BackboneConfig, vocab: list[str], seed: int = 0) -> ToyBackbone:
     torch.manual_seed(seed)
-    return ToyBackbone(cfg, build_transformer(cfg), ToyTextEncoder(vocab, cfg.text_dim, cfg.max_text_tokens))
+    return ToyBackbone(cfg, build_transformer(cfg), ToyTextEncoder(vocab, cfg.text_dim, cfg.max_text_tokens,
+                                                                    cfg.text_context_tokens))
 
 
 def load_toy_backbone(cfg: BackboneConfig) -> ToyBackbone:
@@ -184,8 +200,10 @@ def load_toy_backbone(cfg: BackboneConfig) -> ToyBackbone:
     meta = json.loads((path / "backbone.json").read_text())
     for k in ("image_size", "patch", "dim", "heads", "double_layers", "single_layers", "text_dim", "max_text_tokens"):
         setattr(cfg, k, meta[k])  # the saved model decides its architecture
+    cfg.text_context_tokens = meta.get("text_context_tokens", 0)  # absent: saved before it existed (= all)
     transformer = Flux2Transformer2DModel.from_pretrained(path / "transformer")
+    cfg.position_channels = transformer.config.in_channels == 3 * cfg.patch**2 + 2
     te_cfg = json.loads((path / "text_encoder" / "config.json").read_text())
-    te = ToyTextEncoder(te_cfg["vocab"], te_cfg["dim"], te_cfg["max_tokens"])
+    te = ToyTextEncoder(te_cfg["vocab"], te_cfg["dim"], te_cfg["max_tokens"], te_cfg.get("out_tokens"))
     te.load_state_dict(load_file(str(path / "text_encoder" / "model.safetensors")))
     return ToyBackbone(cfg, transformer, te)

@@ -168,12 +168,18 @@ def conditioned_batch(cfg: Config, tuples: list[StyleTuple], backbone, encoder, 
             with torch.no_grad():
                 cond = caches.encode_prompts(backbone, prompts)
                 x1 = backbone.encode_images(targets.to(device))
-            images = dict(pair for s in sets for pair in s)
-            load = lambda ids: to_tensor([decode(images[i]) for i in ids], cfg.encoder.image_size).to(device)
-            tokens = encoder.encode_ref_sets([[i for i, _ in s] for s in sets], load, caches.refs)
+            tokens = reference_tokens(cfg, encoder, sets, device, caches.refs)
             n_refs = torch.tensor([len(s) for s in sets])
             lora = lora_from_tokens(model, *tokens)
     return x1, cond, lora.take(owner.to(device)), n_refs  # (U) -> (B)
+
+
+def reference_tokens(cfg: Config, encoder, sets: list[list[tuple]], device: torch.device, cache: FrozenCache | None):
+    """The frozen encoder's tokens of U reference sets of (row id, encoded image): only the images the cache
+    lacks are decoded and encoded. -> tokens (U, S, D), keep (U, S), ref_index (U, S), as `encode_refs`."""
+    images = dict(pair for s in sets for pair in s)
+    load = lambda ids: to_tensor([decode(images[i]) for i in ids], cfg.encoder.image_size).to(device)
+    return encoder.encode_ref_sets([[i for i, _ in s] for s in sets], load, cache)
 
 
 def refuse_mixing_runs(out_dir: str | Path, resume: bool, cfg: Config) -> None:

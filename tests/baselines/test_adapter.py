@@ -94,6 +94,13 @@ def test_adapter_trains_loss_falls_and_round_trips(debug_run, tmp_path):
     assert [r["lr"] for r in saved["curve"]] == [lr_at(s, 20, 1e-2, 2) for s in range(20)]
     assert all("grad_norm" in r for r in saved["curve"])
     assert info["last_loss"] == sum(r["loss"] for r in saved["curve"]) / 20
+    # the predictor's batches: G targets share a reference set, so the encoder saw at most one set per G targets
+    # per step, and later steps took references (and prompts) from the caches instead of encoding them again
+    stream = TupleStream(debug_run.prepared_dir, "train", cfg.predictor.max_refs, cfg.train.seed,
+                         targets_per_lora=cfg.train.targets_per_lora)
+    seen = {r for t in itertools.islice(iter(stream), 20 * cfg.train.batch_size) for r in t.ref_ids}
+    assert info["cache_refs_misses"] in (len(seen), len(seen) + 1)  # each reference once (+ the padding image)
+    assert info["cache_refs_hits"] > 0 and info["cache_prompts_hits"] > 0
     # An untrained adapter appends zeros whatever the references (loss == before exactly); the debug backbone,
     # trained 2 steps, barely reads its context, so the trained adapter's gain is small but must be there.
     assert after < before, (before, after)

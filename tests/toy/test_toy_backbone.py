@@ -8,7 +8,7 @@ from diffusers import Flux2Transformer2DModel
 
 from i2l.config import get_config
 from i2l.toy.backbone import build_vocab, load_toy_backbone, new_toy_backbone
-from i2l.toy.backbone_pretrain import pretrain_backbone
+from i2l.toy.backbone_pretrain import pretrain_backbone, style_words
 from i2l.train.step import lr_at
 
 
@@ -22,8 +22,9 @@ def test_pretraining_loss_falls(debug_run, tmp_path):
     assert info["first_loss"] == sum(r["loss"] for r in curve[:20]) / 20
 
 
-def test_save_then_load_reproduces_outputs_exactly(tmp_path):
-    cfg = get_config("debug")
+@pytest.mark.parametrize("positions", [False, True])
+def test_save_then_load_reproduces_outputs_exactly(tmp_path, positions):
+    cfg = get_config("debug", {"backbone.position_channels": positions})
     bb = new_toy_backbone(cfg.backbone, build_vocab(["one small circle at the top left"]), seed=3).freeze()
     bb.save(tmp_path / "bb")
     Flux2Transformer2DModel.from_pretrained(tmp_path / "bb" / "transformer")  # diffusers' own layout
@@ -35,6 +36,14 @@ def test_save_then_load_reproduces_outputs_exactly(tmp_path):
         b = again.velocity(x, t, again.encode_prompts(["one small circle at the top left", ""]))
     assert torch.equal(a, b)
     assert again.backbone_id == bb.backbone_id
+    # position channels: 2 more inputs (row, col) than the 3·p² pixel outputs, decided by the saved model
+    c = again.transformer.config
+    assert (c.in_channels - c.out_channels, again.cfg.position_channels) == ((2, True) if positions else (0, False))
+    if positions:  # the channels carry each token's own place: a token's output changes with them
+        again.positions = again.positions.flip(0)
+        with torch.no_grad():
+            flipped = again.velocity(x, t, again.encode_prompts(["one small circle at the top left", ""]))
+        assert not torch.allclose(flipped, b)
 
 
 def _darkness_by_quadrant(x: torch.Tensor) -> torch.Tensor:
@@ -79,3 +88,40 @@ def test_pretrained_samples_draw_the_prompted_content_where_the_prompt_says(tmp_
     before, after = accuracy(untrained), accuracy(trained)
     print(f"prompted-corner accuracy: untrained {before:.2f}, pretrained {after:.2f} (chance 0.25)")
     assert after >= 0.6 and after > before + 0.25, (before, after)  # chance 0.25; measured 0.86 (80 samples)
+
+
+def test_style_words_keep_what_changes_pixels_in_order():
+    desc = ("In the style of a moody tile: sky blue and charcoal palette, a sky blue background with wide white "
+            "polka dots, solid charcoal shapes with thick white outlines, and a vignette finish.")
+    assert style_words(desc) == "sky blue charcoal sky blue wide white polka dots charcoal thick white vignette"
+
+
+def test_context_holds_the_first_tokens_and_later_words_still_reach_it(tmp_path):
+    cfg = get_config("debug", {"backbone.max_text_tokens": 16, "backbone.text_context_tokens": 8})
+    words = "one small circle in the center cream navy fine pink polka dots thin black grainy"
+    bb = new_toy_backbone(cfg.backbone, build_vocab([words, "thick white"]), seed=0).freeze()
+    styled, other = words, words.replace("thin black", "thick white")  # differs past the 8th word only
+    with torch.no_grad():
+        a, b = bb.encode_prompts([styled, other]).embeds  # (8, D) each
+    assert a.shape[0] == 8
+    assert not torch.allclose(a, b)  # words 12-13 changed the 8 context tokens through the encoder's attention
+    bb.save(tmp_path / "bb")
+    cfg.backbone.path, cfg.backbone.text_context_tokens = str(tmp_path / "bb"), 0
+    again = load_toy_backbone(cfg.backbone).freeze()  # the saved model decides its context length
+    assert again.cfg.text_context_tokens == 8
+    with torch.no_grad():
+        assert torch.equal(again.encode_prompts([styled]).embeds[0], a)
+
+
+def test_styled_pretraining_learns_the_style_words(debug_run, tmp_path):
+    cfg = get_config("debug", {"train.backbone_steps": 5, "train.backbone_styled": 0.5,
+                               "backbone.max_text_tokens": 32, "backbone.text_context_tokens": 12})
+    pretrain_backbone(cfg, debug_run.prepared_dir, tmp_path / "bb", progress=False)
+    cfg.backbone.path = str(tmp_path / "bb")
+    vocab = load_toy_backbone(cfg.backbone).text_encoder.vocab
+    assert {"polka", "dots", "vignette", "grainy"} <= set(vocab) or {"checkerboard", "flat"} <= set(vocab), vocab
+    assert not {"style", "palette", "finish"} & set(vocab)  # template words are not part of a styled prompt
+    with pytest.raises(ValueError, match="backbone_styled"):
+        get_config("debug", {"train.backbone_styled": 1.5})
+    with pytest.raises(ValueError, match="text_context_tokens"):
+        get_config("debug", {"backbone.text_context_tokens": 40})
