@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -138,6 +139,27 @@ def atomic_path(path: str | os.PathLike, mkdir: bool = True) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_files(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """`with atomic_files(d) as tmp: writer(tmp)`: for writers that lay out several files under a directory
+    (`save_pretrained`). They go to a temporary directory beside d (dot-named, as atomic_tmp); when the block
+    succeeds each file is renamed to its place under d, so every file at a final name is whole. On any error the
+    temporary directory is removed and d is left as it was."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_tmp(out)
+    tmp.mkdir()
+    try:
+        with naming_disk_full(out):
+            yield tmp
+            for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                dest = out / f.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                replace_durably(f, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -1,7 +1,8 @@
 """Pretrain the toy backbone (tiny Flux2Transformer2DModel + toy text encoder) on the toy world.
 
-Content-conditioned flow matching over all training styles, so that with no LoRA it draws the prompted
-content in a generic style. Writes a diffusers `save_pretrained` layout (transformer/ loads with
+Text-conditioned flow matching over all training styles: with a content prompt and no LoRA it draws the
+prompted content in a generic style; train.backbone_styled (0.5 in the toy preset) is the share of prompts that
+also name the style's look, so that it learns style words as a text-to-image model does. Writes a diffusers `save_pretrained` layout (transformer/ loads with
 Flux2Transformer2DModel.from_pretrained). Toy presets only: real backbones are loaded from local directories.
 """
 

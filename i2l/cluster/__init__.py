@@ -4,6 +4,9 @@ actor pool every stage uses is `i2l.cluster.pool.ActorPool`."""
 from __future__ import annotations
 
 import os
+import threading
+
+_INIT_LOCK = threading.Lock()
 
 
 def ensure_ray(num_cpus: int | None = None):
@@ -15,13 +18,16 @@ def ensure_ray(num_cpus: int | None = None):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    if ray.is_initialized():
-        return ray
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # address="local": never silently join a cluster a `ray start` left behind on this machine.
-        # log_to_driver=False: workers' stdout would interleave with our progress bars.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # Prefect runs submitted tasks in threads: two that both find Ray down would both call ray.init, and the
+    # second fails ("Perhaps you called ray.init twice by accident?")
+    with _INIT_LOCK:
+        if ray.is_initialized():
+            return ray
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            # address="local": never silently join a cluster a `ray start` left behind on this machine.
+            # log_to_driver=False: workers' stdout would interleave with our progress bars.
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return ray

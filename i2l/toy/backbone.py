@@ -18,6 +18,7 @@ from torch import nn
 
 from i2l.backbones.base import Backbone, Cond
 from i2l.config import BackboneConfig
+from i2l.io import atomic_files
 
 PAD, UNK = "<pad>", "<unk>"
 
@@ -165,19 +166,20 @@ class ToyBackbone(Backbone):
     def save(self, out_dir: str | Path) -> Path:
         """diffusers `save_pretrained` layout for the transformer; safetensors + json for the text encoder."""
         out = Path(out_dir)
-        self.transformer.save_pretrained(out / "transformer", safe_serialization=True)
-        te = out / "text_encoder"
-        te.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.text_encoder.state_dict().items()},
-                  str(te / "model.safetensors"))
-        (te / "config.json").write_text(json.dumps({"vocab": self.text_encoder.vocab, "dim": self.cfg.text_dim,
-                                                     "max_tokens": self.text_encoder.max_tokens,
-                                                    "out_tokens": self.text_encoder.out_tokens}))
         meta = {k: getattr(self.cfg, k) for k in ("image_size", "patch", "dim", "heads", "double_layers",
                                                    "single_layers", "text_dim", "max_text_tokens",
                                                    "text_context_tokens")}
-        (out / "backbone.json").write_text(json.dumps({"kind": "toy", "backbone_id": self.backbone_id, **meta},
-                                                      indent=2))
+        with atomic_files(out) as tmp:  # a kill mid-save leaves no half-written file at a final name
+            self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+            te = tmp / "text_encoder"
+            te.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in self.text_encoder.state_dict().items()},
+                      str(te / "model.safetensors"))
+            (te / "config.json").write_text(json.dumps({"vocab": self.text_encoder.vocab, "dim": self.cfg.text_dim,
+                                                         "max_tokens": self.text_encoder.max_tokens,
+                                                         "out_tokens": self.text_encoder.out_tokens}))
+            (tmp / "backbone.json").write_text(json.dumps({"kind": "toy", "backbone_id": self.backbone_id, **meta},
+                                                          indent=2))
         return out
 
 

@@ -1,5 +1,6 @@
-"""Pretraining of the toy backbone on the toy world: content-conditioned flow matching over all training
-styles, so that with no LoRA it draws the prompted content in a generic style. Toy preset only."""
+"""Pretraining of the toy backbone on the toy world: text-conditioned flow matching over all training styles, so
+that with a content prompt and no LoRA it draws the prompted content in a generic style, and with the style's words
+added (train.backbone_styled of the prompts) that style's look. Toy preset only."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tqdm import tqdm
 from i2l.config import Config
 from i2l.data.images import to_tensor
 from i2l.data.shards import load_split
+from i2l.io import write_text_atomic
 from i2l.model.flow_matching import fm_loss
 from i2l.toy.backbone import ToyBackbone, build_vocab, new_toy_backbone, tokenize_words
 from i2l.toy.world import MEDIA, MOODS
@@ -65,6 +67,6 @@ def pretrain_backbone(cfg: Config, data_dir: str | Path, out_dir: str | Path, st
     bb.freeze()
     out = bb.save(out_dir)
     info = {"steps": steps, "images": len(images), "seconds": time.time() - t0, **trainer.summary()}
-    (out / "loss_curve.json").write_text(json.dumps(trainer.curve))
-    (out / "pretrain.json").write_text(json.dumps({**info, "config": cfg.to_dict()}, indent=2))
+    write_text_atomic(out / "loss_curve.json", json.dumps(trainer.curve))
+    write_text_atomic(out / "pretrain.json", json.dumps({**info, "config": cfg.to_dict()}, indent=2))
     return {"dir": str(out), **info}

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from i2l.config import Config
 from i2l.data.images import to_tensor
 from i2l.data.shards import load_split
+from i2l.io import atomic_files
 from i2l.model.encoder import ImageEncoder
 from i2l.toy.backbone import tokenize_words
 from i2l.toy.encoder import new_toy_encoder
@@ -79,9 +80,10 @@ def pretrain_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path, ste
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
     vision.eval()
     out = Path(out_dir)
-    vision.save_pretrained(out, safe_serialization=True)
     info = {"steps": steps, "seconds": time.time() - t0, **trainer.summary(10, 10)}
-    (out / "encoder.json").write_text(json.dumps({"kind": "toy", "image_size": cfg.encoder.image_size, **info}))
+    with atomic_files(out) as tmp:  # a kill mid-save leaves no half-written file at a final name
+        vision.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "encoder.json").write_text(json.dumps({"kind": "toy", "image_size": cfg.encoder.image_size, **info}))
     return {"dir": str(out), **info}
 
 

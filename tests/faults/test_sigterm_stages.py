@@ -60,7 +60,8 @@ def broken_files(base: Path) -> list[str]:
 
     bad = []
     for p in base.rglob("*"):
-        if not p.is_file() or p.name.startswith(".") or "ray_results" in p.parts:
+        # dot-named files and directories are temporaries (i2l.io.atomic_tmp / atomic_files), not final names
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(base).parts) or "ray_results" in p.parts:
             continue
         try:
             if p.suffix == ".parquet":

@@ -1,0 +1,29 @@
+"""ensure_ray from two threads at once (Prefect runs submitted tasks in threads): one local Ray, no error."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = """
+import threading
+from i2l.cluster import ensure_ray
+errors, barrier = [], threading.Barrier(2)
+def call():
+    barrier.wait()  # both find Ray down at the same moment
+    try:
+        ensure_ray(num_cpus=1)
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=call) for _ in range(2)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+import ray
+print("errors", errors, "initialized", ray.is_initialized())
+ray.shutdown()
+"""
+
+
+def test_two_threads_start_one_ray_without_error():
+    env = {"RAY_AUTH_MODE": "disabled", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[2])}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert "errors [] initialized True" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
