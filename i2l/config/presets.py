@@ -49,9 +49,10 @@ HIDREAM_O1_TARGETS = (
 def _toy() -> Config:
     # What `make run` trains, sized from measurements on 2 CPU cores (docs/results.md, "Which training recipe does
     # `make run` use, and why?"): i2L's held-out loss is limited by gradient noise, so the batch is what buys quality
-    # — 64 targets (16 styles) per step on two DDP workers of one thread each (two 1-thread processes do ~1.25x the
-    # work of one 2-thread one on these small matmuls) — on 2000 styles, 500 steps. The mean-LoRA and adapter
-    # baselines train side by side on Ray workers for 100 steps at the predictor's batch: at its 500 they would
+    # — 64 targets (16 styles) per step on 2000 styles, 500 steps. One Ray Train worker of two threads, not two DDP
+    # workers of one: two 1-thread processes do ~1.2x the work, but each carries its own torch, and make run's
+    # peak memory (PSS summed over all processes) fell from 4.5 to 3.9 GB for 39 s more training. The mean-LoRA
+    # and adapter baselines train side by side on Ray workers for 100 steps at the predictor's batch: at its 500 they would
     # cost more than the predictor, for a held-out loss that moved < 1 % of base between 100 and 250 steps.
     # The toy backbone learns styles as a text-to-image model does: half its pretraining prompts also name the
     # style's look (train.backbone_styled; its context stays 12 tokens), and its tokens carry their position
@@ -59,7 +60,7 @@ def _toy() -> Config:
     return Config(name="toy", toyworld=ToyWorldConfig(styles=2000),
                   backbone=BackboneConfig(targets=FLUX2_TARGETS, max_text_tokens=24, text_context_tokens=12,
                                           position_channels=True),
-                  train=TrainConfig(steps=500, batch_size=64, num_workers=2, backbone_styled=0.5),
+                  train=TrainConfig(steps=500, batch_size=64, num_workers=1, backbone_styled=0.5),
                   eval=EvalConfig(baseline_workers=2, baseline_steps=100))
 
 

@@ -5,6 +5,8 @@ imports `ray.train`."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -87,10 +89,15 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     t0 = time.time()
+    # Ray Train installs a SIGINT handler that holds the controller actor's handle: left in place, it keeps that
+    # actor (~0.4 GB, it imports torch) and the actors it owns alive through every later stage
+    sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         result = trainer.fit()
     finally:
         (out / f".launch-{config['launch_id']}").unlink(missing_ok=True)
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
     if result.error:
         raise result.error
     return {**dict(result.metrics or {}), **run_summary(out), "seconds": time.time() - t0}

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import signal
+import time
 
 import pytest
 import torch
@@ -189,12 +191,39 @@ def test_a_rank_without_a_usable_style_fails_instead_of_hanging(tmp_path, case):
         next(iter(TupleStream(tmp_path, "train", rank=rank, world=world)))
 
 
+def _our_ray_processes(title: str) -> list:
+    """This test process's descendants (its local Ray cluster's workers) whose process title starts with `title`."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith(title):
+                found.append(p.pid)
+        except psutil.Error:  # exited while we looked
+            pass
+    return found
+
+
+def _gone_within(look, seconds: float) -> list:
+    """look() until it finds nothing or `seconds` pass (actors exit asynchronously); what it found last."""
+    deadline = time.monotonic() + seconds
+    while (found := look()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
+
+
 @pytest.mark.slow
 def test_ray_train_with_two_cpu_workers(debug_run, tmp_path, ray_session):
     from i2l.train.launcher import launch_training
 
     cfg = _cfg(debug_run, **{"train.steps": 3, "train.num_workers": 2, "train.batch_size": 4})
+    sigint = signal.getsignal(signal.SIGINT)
     info = launch_training(cfg, debug_run.prepared_dir, tmp_path / "ddp", progress=False)
+    # nothing of the run outlives it: Ray Train's SIGINT handler (it held the controller) is gone, and so is the
+    # controller's process, which the later stages' memory would otherwise carry
+    assert signal.getsignal(signal.SIGINT) is sigint
+    assert _gone_within(lambda: _our_ray_processes("ray::TrainController"), seconds=30) == []
     ck = latest_checkpoint(tmp_path / "ddp")
     assert ck is not None and ck.name == "step_0000003"
     curve = json.loads((ck / "curve.json").read_text())

@@ -1,0 +1,42 @@
+"""Giving a long-lived process's freed memory back to the machine. The pipeline's driver trains the toy backbone
+in-process and then waits, holding its heap, while the training workers run: glibc keeps freed blocks of a Python
+heap for reuse (measured: 2.1 GB held by the driver after backbone pretraining, 1.0 GB once trimmed), so the
+machine's peak would count memory nobody uses."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def release_freed_memory() -> bool:
+    """Return the heap's free pages to the OS (glibc's malloc_trim). False where the C library has no such call
+    (macOS, musl): nothing to do there, nothing lost."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+def rss_mb() -> float | None:
+    """This process's resident set (MB) from /proc, or None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
