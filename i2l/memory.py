@@ -8,6 +8,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
+import sys
 
 
 @functools.cache
@@ -21,8 +23,13 @@ def _libc():
 
 
 def release_freed_memory() -> bool:
-    """Return the heap's free pages to the OS (glibc's malloc_trim). False where the C library has no such call
-    (macOS, musl): nothing to do there, nothing lost."""
+    """Free what only reference cycles still hold, hand Arrow's pool its unused blocks back, then return the heap's
+    free pages to the OS (glibc's malloc_trim). False where the C library has no such call (macOS, musl): nothing
+    to trim there, nothing lost."""
+    gc.collect()  # cycles (autograd graphs, progress bars, frames of a finished stage) are only freed by the GC
+    arrow = sys.modules.get("pyarrow")  # only if a stage used it: importing it here would cost memory
+    if arrow is not None:
+        arrow.default_memory_pool().release_unused()
     libc = _libc()
     if libc is None:
         return False

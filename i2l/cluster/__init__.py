@@ -27,6 +27,9 @@ def ensure_ray(num_cpus: int | None = None):
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
+            # A local cluster is never drained by an autoscaler: Ray Train's preemption watcher (an actor process of
+            # ~120 MB through every training) has nothing to watch here. A user's own setting wins.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             # address="local": never silently join a cluster a `ray start` left behind on this machine.
             # log_to_driver=False: workers' stdout would interleave with our progress bars.
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)

@@ -17,8 +17,9 @@ def call():
 threads = [threading.Thread(target=call) for _ in range(2)]
 [t.start() for t in threads]
 [t.join() for t in threads]
-import ray
+import os, ray
 print("errors", errors, "initialized", ray.is_initialized())
+print("preemption watcher", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"))
 ray.shutdown()
 """
 
@@ -28,3 +29,5 @@ def test_two_threads_start_one_ray_without_error():
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
                          check=False)
     assert "errors [] initialized True" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    # a local cluster is never drained: Ray Train's preemption watcher (one more process) stays off
+    assert "preemption watcher 0" in out.stdout
