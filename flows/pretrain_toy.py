@@ -6,11 +6,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 
 from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, path_exists
-from i2l.cluster import on_worker
 from i2l.toy.backbone_pretrain import pretrain_backbone
 from i2l.toy.encoder_pretrain import pretrain_encoder
 from i2l.toy.scorer import SCORER_FILE, TOY_CLIP_NAME, pretrain_toy_clip
-from i2l.train.run_key import forget_run_key
 
 # Scorer fields that change how it runs, not what it learns.
 _SCORER_RUNTIME = ("device", "batch_size", "clip_checkpoint")
@@ -22,22 +20,13 @@ def backbone_task(cfg, data_dir: str, out_dir: str, progress: bool) -> dict:
 
 
 @task(name="pretrain-encoder", **TASK_OPTIONS)
-def encoder_task(cfg, data_dir: str, out_dir: str, progress: bool, worker: bool = False) -> dict:
-    if worker:  # in a Ray worker of one CPU (no progress bar there)
-        return {**on_worker(pretrain_encoder, cfg, data_dir, out_dir, progress=False), "on_worker": True}
+def encoder_task(cfg, data_dir: str, out_dir: str, progress: bool) -> dict:
     return pretrain_encoder(cfg, data_dir, out_dir, progress=progress)
 
 
 @task(name="pretrain-scorer", **TASK_OPTIONS)
-def scorer_task(cfg, data_dir: str, out_dir: str, progress: bool, worker: bool = False) -> dict:
-    if worker:
-        return {**on_worker(pretrain_toy_clip, cfg, data_dir, out_dir, progress=False), "on_worker": True}
+def scorer_task(cfg, data_dir: str, out_dir: str, progress: bool) -> dict:
     return pretrain_toy_clip(cfg, data_dir, out_dir, progress=progress)
-
-
-# Small models whose steps gain little from a second thread: when both are to be trained, each trains in a Ray
-# worker process of one CPU, side by side (two 1-thread processes finish the pair in about the time of the longer).
-SIDE_BY_SIDE = ("pretrain_encoder", "pretrain_scorer")
 
 
 def toy_model_keys(ctx: StageContext, data: str) -> dict[str, str]:
@@ -73,21 +62,11 @@ def pretrain_toy(preset: str = "toy", overrides: list[str] | None = None, data_r
         "pretrain_encoder": (cfg.encoder.path, "encoder.json", encoder_task),
         "pretrain_scorer": (cfg.scorer.clip_checkpoint, SCORER_FILE, scorer_task),
     }
-    todo = [st for st in SIDE_BY_SIDE if st in keys and ctx.will_run(
-        st, keys[st], path_exists(f"{stages[st][0]}/{stages[st][1]}"), keyed_dir=stages[st][0])]
-    early = {}  # stage -> the Prefect future of its work, started beside the other one
     results = []
     for stage, key in keys.items():
         out, marker, fn = stages[stage]
-        if stage in todo and len(todo) == 2 and not early:
-            ctx.logger().info(f"{' and '.join(todo)}: side by side in two Ray workers of one CPU each")
-            for st in todo:
-                forget_run_key(stages[st][0])  # before its files change: a kill from here on leaves no key
-                early[st] = stages[st][2].submit(cfg, data, stages[st][0], progress, worker=True)
-        if stage in early:
-            work = lambda run_id, f=early[stage], out=out: {"dir": str(out), **f.result()}
-        else:
-            work = lambda run_id, fn=fn, out=out: {"dir": str(out), **fn(cfg, data, out, progress)}
         # One folder per preset whatever the key: it records the key of the model it holds (keyed_dir).
-        results.append(ctx.run_stage(stage, key, path_exists(f"{out}/{marker}"), work, keyed_dir=out))
+        results.append(ctx.run_stage(stage, key, path_exists(f"{out}/{marker}"),
+                                     lambda run_id, fn=fn, out=out: {"dir": str(out), **fn(cfg, data, out, progress)},
+                                     keyed_dir=out))
     return [r.to_dict() for r in results]

@@ -15,10 +15,10 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.cache_policies import NONE
 
+from i2l.cluster.memory import release_freed_memory
 from i2l.config import Config, get_config
 from i2l.io import json_digest
 from i2l.layout import Paths, paths_for, resolve_paths
-from i2l.memory import release_freed_memory
 from i2l.store import Store, StoreBusyError
 from i2l.train.run_key import forget_run_key, json_field, read_run_key, write_run_key
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -109,10 +110,13 @@ def tmp_writer_alive(tmp: str | os.PathLike) -> bool:
 
 
 def remove_dead_tmp(paths: Iterable[Path]) -> list[Path]:
-    """Delete the temporary files among `paths` whose writer is gone (see tmp_writer_alive); returns them."""
-    gone = [p for p in paths if p.is_file() and not tmp_writer_alive(p)]
-    for p in gone:
-        p.unlink(missing_ok=True)
+    """Delete the temporaries among `paths` whose writer is gone (see tmp_writer_alive): files (atomic_path) and
+    directories (atomic_files, which a kill mid-save leaves behind); returns them."""
+    gone = []
+    for p in list(paths):  # listed first: removing a directory must not disturb a walk that found it
+        if (p.is_file() or p.is_dir()) and not tmp_writer_alive(p):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone.append(p)
     return gone
 
 
@@ -149,6 +153,9 @@ def atomic_files(out_dir: str | os.PathLike) -> Iterator[Path]:
     temporary directory is removed and d is left as it was."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # a save killed mid-write (no `finally` runs under SIGKILL, nor in a thread the interpreter abandons) left its
+    # temporary directory here: a later save of the same directory clears those whose writer is gone
+    remove_dead_tmp(out.parent.glob(f".{glob.escape(out.name)}.*.tmp"))
     tmp = atomic_tmp(out)
     tmp.mkdir()
     try:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from i2l.io import atomic_files
+from i2l.io import _HOST, atomic_files
 
 
 def test_files_appear_whole_and_nothing_is_left_beside_them(tmp_path):
@@ -28,3 +28,20 @@ def test_a_failed_writer_leaves_the_directory_as_it_was(tmp_path):
         raise RuntimeError("killed mid-save")
     assert (out / "config.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_killed_saves_temporary_directory_is_cleared_by_the_next_save(tmp_path):
+    """A save killed mid-write leaves its dot-named directory (no `finally` runs under SIGKILL): the next save of
+    the same directory removes it, and leaves alone one whose writer still runs."""
+    import os
+
+    out = tmp_path / "backbone"
+    dead = tmp_path / f".backbone.{_HOST}.999999999.deadbeef.tmp"  # no such pid
+    live = tmp_path / f".backbone.{_HOST}.{os.getpid()}.cafe0000.tmp"
+    for d in (dead, live):
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "half.json").write_text("{")
+    with atomic_files(out) as tmp:
+        (tmp / "a.json").write_text("{}")
+    assert not dead.exists() and live.exists()
+    assert (out / "a.json").read_text() == "{}"

@@ -1,5 +1,5 @@
 """One way to get a Ray cluster: join RAY_ADDRESS when set, else start a local one without a dashboard. The one
-actor pool every stage uses is `i2l.cluster.pool.ActorPool`; `on_worker` runs one call in a worker process."""
+actor pool every stage uses is `i2l.cluster.pool.ActorPool`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ def ensure_ray(num_cpus: int | None = None):
     """Connect to Ray once per process and return the `ray` module.
 
     RAY_ADDRESS set => join that cluster (num_cpus is the cluster's business then); else start a local
-    cluster with `num_cpus` CPUs (None: all of this machine's).
+    cluster with `num_cpus` CPUs (None: all of this machine's). Start it from a thread that lives as long as the
+    work does (the main thread): the local cluster's daemons get a parent-death signal tied to the starting
+    thread, so a cluster started in a pool thread (a submitted Prefect task's) dies when that thread exits.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -35,19 +37,3 @@ def ensure_ray(num_cpus: int | None = None):
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return ray
 
-
-def _call_with_threads(fn, threads: int, args: tuple, kwargs: dict):
-    import torch
-
-    torch.set_num_threads(max(1, threads))
-    return fn(*args, **kwargs)
-
-
-def on_worker(fn, *args, cpus: int = 1, **kwargs):
-    """fn(*args, **kwargs) in a Ray worker process holding `cpus` CPUs, with as many torch threads; blocks until it
-    returns and hands back its result (its exception, re-raised here). Two threads of a caller that each call this
-    run two trainings side by side without sharing one process's torch thread pool."""
-    ray = ensure_ray()
-    # max_calls=1: the worker process exits with the call, so its heap and models leave the machine with it
-    remote = ray.remote(num_cpus=cpus, max_retries=0, max_calls=1)(_call_with_threads)
-    return ray.get(remote.remote(fn, cpus, args, kwargs))

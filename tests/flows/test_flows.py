@@ -93,26 +93,6 @@ def test_a_finished_run_of_another_key_is_not_the_train_stages_output(tmp_path):
     assert run_finished(run, 2, "A") and not run_finished(run, 3, "A") and not run_finished(run, 2, "B")
 
 
-class _TaskNow:
-    """Stands in for a Prefect task outside a flow run: a call runs it, `submit` runs it now into a done future."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-    def submit(self, *args, **kwargs):
-        from concurrent.futures import Future
-
-        f = Future()
-        try:
-            f.set_result(self.fn(*args, **kwargs))
-        except Exception as e:  # noqa: BLE001  (handed to whoever asks the future for its result)
-            f.set_exception(e)
-        return f
-
-
 def _outside_prefect(monkeypatch):
     """Stages run here without a Prefect flow run around them: run_stage logs to a plain logger."""
     import logging
@@ -139,13 +119,13 @@ def test_toy_models_of_another_key_on_disk_are_trained_again(tmp_path, monkeypat
     crash = []
 
     def trainer(stage):  # stands in for the trainer: writes what it trained into out_dir, marker last
-        def train(cfg, data_dir, out_dir, progress, worker=False):
+        def train(cfg, data_dir, out_dir, progress):
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / files[stage]).write_text(json.dumps({"tag": tags[stage](cfg)}))
             if crash:
                 raise RuntimeError("killed before the stage finished")
             return {}
-        return _TaskNow(train)
+        return train
 
     for stage, task in [("pretrain_backbone", "backbone_task"), ("pretrain_encoder", "encoder_task"),
                         ("pretrain_scorer", "scorer_task")]:
@@ -271,10 +251,6 @@ def test_pipeline_runs_every_flow(pipeline_world):
     store = store_of(root)
     for stage in expected:
         assert store.is_stage_done(stage, stages[stage]["key"]), stage
-    # both to be trained: the encoder and the scorer trained side by side in Ray workers, the backbone here
-    for stage in ("pretrain_encoder", "pretrain_scorer"):
-        assert store.stage_info(stage, stages[stage]["key"]).get("on_worker") is True, stage
-    assert "on_worker" not in store.stage_info("pretrain_backbone", stages["pretrain_backbone"]["key"])
     run_id = pipeline_world["result"]["run_id"]
     runs = dict(store.rows("SELECT kind, status FROM runs WHERE parent_id = ? OR run_id = ?", [run_id, run_id]))
     assert {"pipeline", "prepare", "train", "produce", "eval"} <= set(runs) and set(runs.values()) == {"ok"}

@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from i2l.memory import rss_mb
+from i2l.cluster.memory import rss_mb
 
 # in a fresh interpreter: this test process's heap is shaped by every test before it
 _CHILD = """
-from i2l.memory import release_freed_memory, rss_mb
+from i2l.cluster.memory import release_freed_memory, rss_mb
 blocks = [bytearray(100_000) for _ in range(2000)]  # 200 MB of heap blocks (below glibc's mmap threshold)
 pin = bytearray(100_000)  # a live block above them: free() alone cannot shrink the heap past it
 before = rss_mb()
