@@ -133,19 +133,6 @@ class StageContext:
         """The info recorded when `stage` finished under `key`, or None if the store has no such mark."""
         return self.store.stage_info(stage, key)
 
-    @staticmethod
-    def logger():
-        """The flow run's logger (the one run_stage writes to)."""
-        return get_run_logger()
-
-    def will_run(self, stage: str, key: str, outputs_exist: Callable[[], bool],
-                 keyed_dir: str | os.PathLike | None = None) -> bool:
-        """Whether `run_stage` with these arguments would do the work (not marked done, forced, or its outputs gone
-        or overwritten by another key's) — for a flow that starts a stage's work early, beside another stage."""
-        if stage in self.force or self.done(stage, key) is None:
-            return True
-        return not ((keyed_dir is None or read_run_key(keyed_dir) == key) and outputs_exist())
-
     def run_stage(self, stage: str, key: str, outputs_exist: Callable[[], bool], work: Callable[[str], dict],
                   record: Callable[[str, dict], None] | None = None, own_run: bool = True,
                   keyed_dir: str | os.PathLike | None = None) -> StageResult:
@@ -158,11 +145,11 @@ class StageContext:
         work starts and written once the work has finished, so a kill mid-write leaves no key."""
         log = get_run_logger()
         info = self.done(stage, key)
-        if not self.will_run(stage, key, outputs_exist, keyed_dir):
-            log.info(f"{stage}: done earlier (key {key}), skipped")
-            return StageResult(stage, key, True, 0.0, info)
         if info is not None and stage not in self.force:
             ours = keyed_dir is None or read_run_key(keyed_dir) == key
+            if ours and outputs_exist():
+                log.info(f"{stage}: done earlier (key {key}), skipped")
+                return StageResult(stage, key, True, 0.0, info)
             why = "its outputs are gone" if ours else f"{keyed_dir} holds another key's outputs (or unfinished ones)"
             log.warning(f"{stage}: the store marks it done but {why}; running it again")
         t0 = time.perf_counter()

@@ -115,7 +115,10 @@ def remove_dead_tmp(paths: Iterable[Path]) -> list[Path]:
     gone = []
     for p in list(paths):  # listed first: removing a directory must not disturb a walk that found it
         if (p.is_file() or p.is_dir()) and not tmp_writer_alive(p):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             gone.append(p)
     return gone
 

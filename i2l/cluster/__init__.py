@@ -36,4 +36,3 @@ def ensure_ray(num_cpus: int | None = None):
             # log_to_driver=False: workers' stdout would interleave with our progress bars.
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return ray
-
