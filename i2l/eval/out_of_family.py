@@ -3,15 +3,17 @@
 Foreign styles (i2l/toy/foreign.py: other textures, palettes and figure treatments than the toy world's) are
 written in the MegaStyle layout next to the evaluation's outputs and read back with the data code; they are never
 in a training set. For each style, i2L predicts a LoRA from its first `n_refs` images; every style is then drawn
-with the SAME prompts and seeds, by the base model and with its i2L LoRA (symmetric CFG, as the i2l_<n>ref method).
+with the SAME prompts and seeds, by the base model and with its i2L LoRA: with symmetric CFG (the LoRA on both
+branches, as the i2l_<n>ref method) and with asymmetric CFG (the gray-image LoRA on the negative branch, paper §3.4,
+as i2l_<n>ref_asym).
 
 The number, in the scorer's image-embedding space (the toy CLIP for toy presets; unit embeddings):
     margin(x, s) = cos(x, c_s) - mean_{s' != s} cos(x, c_s'),   c_s = the mean embedding of style s's references,
 averaged over styles and prompts, for each method. The base model draws the same image for every style (same
 prompt and seed, no LoRA), so its margin averages to exactly 0 over the styles, and so does that of any LoRA that
 changes nothing; i2L's mean margin > 0 says its samples moved toward their own references rather than toward
-other styles'. Reported: each method's mean margin, i2L minus base, and the share of styles where i2L's margin
-beats the base's.
+other styles'. Reported: each method's mean margin and, for each i2L method, its margin minus the base's and the
+share of styles where its margin beats the base's.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from PIL import Image
 
 from i2l.config import Config
-from i2l.data.images import to_pil
+from i2l.data.images import gray_image, to_pil
 from i2l.data.shards import load_split
 from i2l.model.lora import LoRA
 
@@ -79,14 +81,15 @@ def style_margins(image_emb: torch.Tensor, owner: torch.Tensor, centroids: torch
 
 
 @torch.no_grad()
-def _draw(model, cfg: Config, prompts: list[str], loras: list[LoRA], seeds: list[int]) -> list[Image.Image]:
+def _draw(model, cfg: Config, prompts: list[str], loras: list[LoRA], neg_loras: list[LoRA],
+          seeds: list[int]) -> list[Image.Image]:
     from i2l.infer.guidance import sample
 
     bb = model.backbone
     shape = bb.latent_shape(cfg.backbone.image_size)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    lora = LoRA.stack(loras).to(bb.device)
-    x = sample(bb, bb.encode_prompts(prompts), bb.encode_prompts([""] * len(prompts)), lora, lora,
+    x = sample(bb, bb.encode_prompts(prompts), bb.encode_prompts([""] * len(prompts)),
+               LoRA.stack(loras).to(bb.device), LoRA.stack(neg_loras).to(bb.device),
                cfg.eval.guidance, cfg.eval.sample_steps, noise=noise.to(bb.device))
     return to_pil(bb.decode_latents(x))
 
@@ -114,19 +117,25 @@ def evaluate_out_of_family(model, cfg: Config, run_id: str, out_dir: str | Path,
     size = min(cfg.backbone.image_size, 256)
     styles, prompts = foreign_styles(n, out, size, n_refs, seed=cfg.eval.seed)
     prompts = prompts[: max(1, cfg.eval.foreign_prompts)]
+    # the negative branch of asymmetric CFG: the LoRA predicted from gray images (a test's `predict` makes its own)
+    gray = model.gray_lora(n_refs) if predict is None else predict([gray_image(cfg.encoder.image_size)])
     predict = predict or model.predict_lora
     targets = model.backbone.lora_targets()
     zero = LoRA({k: torch.zeros(1, v[0]) for k, v in targets.items()},
                 {k: torch.zeros(v[1], 1) for k, v in targets.items()}, model.backbone.backbone_id)
-    methods = {"base": [zero] * len(styles), f"i2l_{n_refs}ref": [predict(s.refs) for s in styles]}
+    loras = [predict(s.refs) for s in styles]
+    # method -> per style (positive LoRA, negative LoRA)
+    methods = {"base": [(zero, zero)] * len(styles), f"i2l_{n_refs}ref": [(lo, lo) for lo in loras],
+               f"i2l_{n_refs}ref_asym": [(lo, gray) for lo in loras]}
     jobs = [(m, si, pi) for m in methods for si in range(len(styles)) for pi in range(len(prompts))]
     seeds = [cfg.eval.seed + pi for _, _, pi in jobs]  # the same seed per prompt for every style and method
     images: list[Image.Image] = []
     step = max(1, cfg.eval.gen_batch)
     for k in range(0, len(jobs), step):
         chunk = jobs[k:k + step]
-        images += _draw(model, cfg, [prompts[pi] for _, _, pi in chunk], [methods[m][si] for m, si, _ in chunk],
-                        seeds[k:k + step])
+        pairs = [methods[m][si] for m, si, _ in chunk]
+        images += _draw(model, cfg, [prompts[pi] for _, _, pi in chunk], [p for p, _ in pairs],
+                        [n for _, n in pairs], seeds[k:k + step])
     centroids = torch.stack([clip.encode_images(s.refs).mean(0) for s in styles])  # (S, D)
     emb = clip.encode_images(images)  # (J, D)
     margins = style_margins(emb, torch.tensor([si for _, si, _ in jobs]), centroids).tolist()
@@ -145,21 +154,23 @@ def evaluate_out_of_family(model, cfg: Config, run_id: str, out_dir: str | Path,
 
 
 def margin_summary(rows: list[dict]) -> dict:
-    """Per method the mean margin over styles and prompts; i2L minus base; the share of styles where i2L's mean
-    margin is above the base's."""
+    """Per method the mean margin over styles and prompts; per i2L method (`vs_base`) its mean minus the base's
+    and the share of styles where its mean margin is above the base's. i2l_method / i2l_minus_base /
+    i2l_beats_base: those of the plain (symmetric CFG) i2L method, the first by name."""
     by: dict[str, dict[str, list[float]]] = {}
     for r in rows:
         by.setdefault(r["method"], {}).setdefault(r["style_id"], []).append(r["margin"])
     per_style = {m: {s: sum(v) / len(v) for s, v in d.items()} for m, d in by.items()}
     means = {m: sum(d.values()) / len(d) for m, d in per_style.items()}
     out = {"styles": len(per_style.get("base", {})), "mean_margin": means}
-    i2l = [m for m in per_style if m != "base"]
+    i2l = sorted(m for m in per_style if m != "base")  # i2l_4ref before i2l_4ref_asym: rows come in any order
     if "base" in per_style and i2l:
-        m = i2l[0]
-        out["i2l_method"] = m
-        out["i2l_minus_base"] = means[m] - means["base"]
-        out["i2l_beats_base"] = sum(per_style[m][s] > per_style["base"][s] for s in per_style["base"]) \
-            / len(per_style["base"])
+        base = per_style["base"]
+        out["vs_base"] = {m: {"minus_base": means[m] - means["base"],
+                              "beats_base": sum(per_style[m][s] > base[s] for s in base) / len(base)} for m in i2l}
+        out["i2l_method"] = i2l[0]
+        out["i2l_minus_base"] = out["vs_base"][i2l[0]]["minus_base"]
+        out["i2l_beats_base"] = out["vs_base"][i2l[0]]["beats_base"]
     return out
 
 
@@ -180,7 +191,8 @@ def record_out_of_family(model, cfg: Config, run_id: str, out_dir: Path, store, 
         return got
     store.record_out_of_family(got["rows"])
     s = got["summary"]
-    if progress and "i2l_minus_base" in s:
-        print(f"out-of-family styles ({s['styles']}): style margin i2L - base = {s['i2l_minus_base']:+.4f}, "
-              f"i2L above base on {100 * s['i2l_beats_base']:.0f}% of styles")
+    if progress:
+        for m, v in s.get("vs_base", {}).items():
+            print(f"out-of-family styles ({s['styles']}): style margin {m} - base = {v['minus_base']:+.4f}, "
+                  f"above base on {100 * v['beats_base']:.0f}% of styles")
     return s

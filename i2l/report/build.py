@@ -163,13 +163,13 @@ def _out_of_family_section(doc: Document, store: Store, eval_run: str, roots: li
     means = summary["mean_margin"]
     doc.table(Table(["method", "style margin (mean)", "styles"],
                     [[m, fmt(means[m], 4), summary["styles"]] for m in methods], table_id="out_of_family"))
-    if "i2l_minus_base" in summary:
+    if summary.get("vs_base"):
+        versus = "; ".join(f"{m} − base = {v['minus_base']:+.4f}, above the base on {100 * v['beats_base']:.0f}% "
+                           f"of {summary['styles']} styles" for m, v in summary["vs_base"].items())
         doc.para(f"Style margin = cos(sample, own references) − mean cos(sample, the other foreign styles' "
                  f"references) in the scorer's image space, averaged over styles and prompts. The base model draws "
                  f"the same image for every style, so its margin is 0 by construction, as is that of a LoRA that "
-                 f"does nothing. {summary['i2l_method']} − base = {summary['i2l_minus_base']:+.4f}; "
-                 f"{summary['i2l_method']} is above the base on {100 * summary['i2l_beats_base']:.0f}% of "
-                 f"{summary['styles']} styles.")
+                 f"does nothing. {versus}. *_asym: the gray-image LoRA on the negative CFG branch (paper §3.4).")
 
 
 def _json_list(value, key: str | None) -> list[str]:

@@ -4,9 +4,11 @@ style margin (0 for the base by construction, ~0 for a LoRA that does nothing); 
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from fixtures_store import EVAL_RUN, PIPELINE_RUN, make_fixture_store
+from PIL import Image
 
 from i2l.config import get_config
 from i2l.data.shards import load_split
@@ -77,20 +79,30 @@ def test_every_foreign_style_is_drawn_by_base_and_i2l_and_the_margin_computed(ev
     store, got, _, cfg = evaluated
     rows = store.query("SELECT * FROM out_of_family WHERE run_id = ?", [EVAL_RUN])
     n, k = cfg.eval.foreign_styles, cfg.eval.foreign_prompts
-    assert len(rows) == 2 * n * k and set(rows.method) == {"base", "i2l_4ref"} and rows.style_id.nunique() == n
+    assert len(rows) == 3 * n * k and set(rows.method) == {"base", "i2l_4ref", "i2l_4ref_asym"}
+    assert rows.style_id.nunique() == n
     assert (rows.groupby(["method", "style_id"]).prompt.nunique() == k).all()
     assert rows.groupby("prompt").seed.nunique().eq(1).all()  # one seed per prompt, for every style and method
     assert rows.margin.notna().all() and (store.path.parent / rows.image_path.iloc[0]).is_file()
     s = got["summary"]
     assert s["styles"] == n and abs(s["mean_margin"]["base"]) < 1e-5  # the same base image for every style
     assert s == margin_summary(rows.to_dict("records"))
+    assert s["i2l_method"] == "i2l_4ref"
     assert s["i2l_minus_base"] == pytest.approx(s["mean_margin"]["i2l_4ref"] - s["mean_margin"]["base"])
+    asym = s["vs_base"]["i2l_4ref_asym"]
+    assert asym["minus_base"] == pytest.approx(s["mean_margin"]["i2l_4ref_asym"] - s["mean_margin"]["base"])
+    # the gray-image LoRA on the negative branch draws other images than the style's own LoRA there
+    paths = rows.set_index(["method", "style_id", "prompt"]).image_path
+    pixels = {m: np.stack([np.asarray(Image.open(store.path.parent / f)) for f in paths[m].sort_index()])
+              for m in ("i2l_4ref", "i2l_4ref_asym")}
+    assert (pixels["i2l_4ref"] != pixels["i2l_4ref_asym"]).any()
 
 
 def test_a_lora_that_does_nothing_scores_zero(evaluated):
     _, _, nothing, _ = evaluated
     s = nothing["summary"]
     assert abs(s["i2l_minus_base"]) < 1e-5 and abs(s["mean_margin"]["i2l_4ref"]) < 1e-5
+    assert abs(s["vs_base"]["i2l_4ref_asym"]["minus_base"]) < 1e-5  # its gray LoRA is zero too
     base = {(r["style_id"], r["prompt"]): r["margin"] for r in nothing["rows"] if r["method"] == "base"}
     for r in nothing["rows"]:
         assert r["margin"] == pytest.approx(base[(r["style_id"], r["prompt"])], abs=1e-6)
@@ -103,6 +115,7 @@ def test_the_report_shows_the_out_of_family_grid_and_number(evaluated, tmp_path)
     html = build_report(store, PIPELINE_RUN, out_dir=tmp_path / "report").read_text()
     section = html[html.index('<h2 id="out_of_family">'):]
     assert 'data-figure="out_of_family_grid"' in section and "shown as n/a" not in section  # every image found
-    assert f"{got['summary']['i2l_minus_base']:+.4f}" in section
+    for m, v in got["summary"]["vs_base"].items():
+        assert f"{m} − base = {v['minus_base']:+.4f}" in section
     assert (tmp_path / "report" / "figures" / "out_of_family_grid.png").is_file()
     assert "Out-of-family styles" in (tmp_path / "report" / "report.md").read_text()
