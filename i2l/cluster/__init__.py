@@ -13,9 +13,10 @@ def ensure_ray(num_cpus: int | None = None):
     """Connect to Ray once per process and return the `ray` module.
 
     RAY_ADDRESS set => join that cluster (num_cpus is the cluster's business then); else start a local
-    cluster with `num_cpus` CPUs (None: all of this machine's). Start it from a thread that lives as long as the
-    work does (the main thread): the local cluster's daemons get a parent-death signal tied to the starting
-    thread, so a cluster started in a pool thread (a submitted Prefect task's) dies when that thread exits.
+    cluster with `num_cpus` CPUs (None: all of this machine's). The local cluster's daemons get a parent-death
+    signal tied to the thread that starts them (PR_SET_PDEATHSIG), so a cluster started in a pool thread (a
+    submitted Prefect task's) would die when that thread exits: off the main thread it is started from a parked
+    thread that lives as long as the process.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -34,5 +35,29 @@ def ensure_ray(num_cpus: int | None = None):
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             # address="local": never silently join a cluster a `ray start` left behind on this machine.
             # log_to_driver=False: workers' stdout would interleave with our progress bars.
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            kwargs = {"address": "local", "num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False}
+            if threading.current_thread() is threading.main_thread():
+                ray.init(**kwargs)
+            else:
+                _init_from_keeper_thread(ray, kwargs)
     return ray
+
+
+def _init_from_keeper_thread(ray, kwargs: dict) -> None:
+    """ray.init(**kwargs) from a daemon thread that then parks until the process ends: the daemons it starts
+    outlive the calling thread (they still die with the process, as from the main thread)."""
+    started, failed = threading.Event(), []
+
+    def keeper():
+        try:
+            ray.init(**kwargs)
+        except Exception as e:  # noqa: BLE001 - whatever ray.init raises is re-raised in the calling thread
+            failed.append(e)
+        finally:
+            started.set()
+        threading.Event().wait()  # parked: the daemons' parent-death signal is tied to this thread
+
+    threading.Thread(target=keeper, name="ray-local-cluster", daemon=True).start()
+    started.wait()
+    if failed:
+        raise failed[0]

@@ -1,4 +1,6 @@
-"""ensure_ray from two threads at once (Prefect runs submitted tasks in threads): one local Ray, no error."""
+"""ensure_ray from two threads at once (Prefect runs submitted tasks in threads): one local Ray, no error, and a
+cluster that outlives the threads that started it (its daemons' parent-death signal is tied to the starting
+thread)."""
 
 import subprocess
 import sys
@@ -17,8 +19,10 @@ def call():
 threads = [threading.Thread(target=call) for _ in range(2)]
 [t.start() for t in threads]
 [t.join() for t in threads]
-import os, ray
-print("errors", errors, "initialized", ray.is_initialized())
+import os, ray, time
+print("errors", errors, "initialized", ray.is_initialized(), flush=True)
+time.sleep(3)  # both starting threads are gone: a cluster tied to them would be dead by now
+print("task after the threads", ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60), flush=True)
 print("preemption watcher", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"))
 ray.shutdown()
 """
@@ -31,3 +35,4 @@ def test_two_threads_start_one_ray_without_error():
     assert "errors [] initialized True" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     # a local cluster is never drained: Ray Train's preemption watcher (one more process) stays off
     assert "preemption watcher 0" in out.stdout
+    assert "task after the threads 42" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
