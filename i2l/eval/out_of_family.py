@@ -134,8 +134,8 @@ def evaluate_out_of_family(model, cfg: Config, run_id: str, out_dir: str | Path,
     for k in range(0, len(jobs), step):
         chunk = jobs[k:k + step]
         pairs = [methods[m][si] for m, si, _ in chunk]
-        images += _draw(model, cfg, [prompts[pi] for _, _, pi in chunk], [p for p, _ in pairs],
-                        [n for _, n in pairs], seeds[k:k + step])
+        images += _draw(model, cfg, [prompts[pi] for _, _, pi in chunk], [pos for pos, _ in pairs],
+                        [neg for _, neg in pairs], seeds[k:k + step])
     centroids = torch.stack([clip.encode_images(s.refs).mean(0) for s in styles])  # (S, D)
     emb = clip.encode_images(images)  # (J, D)
     margins = style_margins(emb, torch.tensor([si for _, si, _ in jobs]), centroids).tolist()
