@@ -1,7 +1,7 @@
 """Train the i2L predictor by flow matching through the frozen backbone, on Ray Train.
 
-TorchTrainer with ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu): one CPU worker by
-default, N GPU workers on a cluster (RAY_ADDRESS), DDP when N > 1. Checkpoints (safetensors weights + optimizer
+ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu): one CPU worker by default, N GPU workers
+on a cluster (RAY_ADDRESS), DDP (TorchTrainer) when N > 1. Checkpoints (safetensors weights + optimizer
 state + config) every train.ckpt_every steps and at the end under OUT/checkpoints/; --resume continues from the
 latest. The loss curve and config are kept with the run (OUT/train.json, checkpoint curve.json).
 """

@@ -1,6 +1,6 @@
-"""Launches predictor training on Ray Train: `TorchTrainer` + `ScalingConfig(num_workers, use_gpu)` with DDP.
-One CPU worker by default here, N GPU workers on a cluster, the same per-worker loop. The only module that
-imports `ray.train`."""
+"""Launches predictor training on Ray Train: `TorchTrainer` + `ScalingConfig(num_workers, use_gpu)` with DDP,
+or for one worker Ray Train's plain `DataParallelTrainer` (there is no process group to set up). One CPU worker
+by default here, N GPU workers on a cluster, the same per-worker loop. The only module that imports `ray.train`."""
 
 from __future__ import annotations
 
@@ -56,6 +56,17 @@ def train_loop_per_worker(config: dict) -> None:
     ray.train.report({"done": 1, **{k: v for k, v in info.items() if isinstance(v, (int, float))}})
 
 
+def trainer_class(workers: int) -> type:
+    """TorchTrainer for DDP; for one worker the plain DataParallelTrainer. TorchTrainer's backend makes the
+    Train controller actor import torch (measured: 0.45 GB against 0.12 GB without), and that actor lives through
+    the whole training, next to the worker; a single worker has no process group for it to set up."""
+    if workers > 1:
+        from ray.train.torch import TorchTrainer
+        return TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    return DataParallelTrainer
+
+
 def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
                     progress: bool = True, stop_after: int | None = None, crash_at: int | None = None) -> dict:
     """Train the predictor with `cfg.train.num_workers` Ray Train workers (DDP when > 1). A worker that dies
@@ -63,7 +74,6 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     crash_at: kill a worker process at this step on the first attempt (tests of recovery)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from i2l.cluster import ensure_ray
     from i2l.layout import require_paths
@@ -80,7 +90,7 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
               "resume": resume, "progress": progress, "stop_after": stop_after,
               "threads_per_worker": max(1, cpus // workers), "crash_at": crash_at,
               "launch_id": uuid.uuid4().hex[:12]}
-    trainer = TorchTrainer(
+    trainer = trainer_class(workers)(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu,

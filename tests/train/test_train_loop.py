@@ -249,3 +249,45 @@ def test_ray_train_restarts_a_dead_worker_and_resumes_from_the_checkpoint(debug_
     with pytest.raises(Exception):  # noqa: B017  (Ray wraps the worker's death in its own error types)
         launch_training(cfg, debug_run.prepared_dir, tmp_path / "fatal", progress=False, crash_at=4)
     assert latest_checkpoint(tmp_path / "fatal").name == "step_0000003"  # finished work kept
+
+
+def _maps_torch(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "libtorch_cpu" in f.read()
+    except OSError:  # exited while we looked
+        return False
+
+
+@pytest.mark.slow
+def test_one_worker_training_keeps_torch_out_of_the_train_controller(debug_run, tmp_path, ray_session):
+    """The Train controller actor lives as long as the training, next to its worker. TorchTrainer's backend made it
+    import torch (~0.3 GB more of make run's peak memory) although one worker has no process group to set up."""
+    import threading
+
+    from i2l.train.launcher import launch_training
+
+    cfg = _cfg(debug_run, **{"train.steps": 8, "train.batch_size": 4})
+    done, errors = threading.Event(), []
+
+    def run():
+        try:
+            launch_training(cfg, debug_run.prepared_dir, tmp_path / "one", progress=False)
+        except BaseException as e:  # noqa: BLE001  (re-raised below, on the test's thread)
+            errors.append(e)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    controllers, with_torch = set(), set()
+    while not done.wait(0.2):
+        for pid in _our_ray_processes("ray::TrainController"):
+            controllers.add(pid)
+            if _maps_torch(pid):
+                with_torch.add(pid)
+    t.join()
+    assert not errors, errors
+    assert latest_checkpoint(tmp_path / "one").name == "step_0000008"
+    assert controllers, "never saw the Train controller's process"
+    assert not with_torch, "the Train controller of a one-worker run imported torch"
