@@ -21,7 +21,9 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from i2l.train.loop import World, train_predictor
+    from i2l.train.progress_file import write_progress
 
+    started = time.time()
     ctx = ray.train.get_context()
     cfg = config_from_dict(config["cfg"])
     # Ray Train restarts the worker group after a worker dies (FailureConfig). A restarted attempt finds this
@@ -32,14 +34,23 @@ def train_loop_per_worker(config: dict) -> None:
     resume = config["resume"] or marker.exists()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    if ctx.get_world_rank() == 0:
+    rank0 = ctx.get_world_rank() == 0
+    if rank0:
         marker.touch()
+        write_progress(config["out_dir"], started=started)
     torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
     device = ray.train.torch.get_device()
     world = World(rank=ctx.get_world_rank(), size=ctx.get_world_size(), device=str(device))
     wrap = ray.train.torch.prepare_model if world.size > 1 else None
 
+    first_step = None
+
     def report(rec: dict) -> None:
+        nonlocal first_step
+        if rank0:  # every step: the driver's bar (ProgressMirror) follows this file
+            first_step = first_step or time.time()
+            write_progress(config["out_dir"], started=started, first_step=first_step, step=rec["step"],
+                           loss=rec["loss"])
         if rec["step"] % 10 == 0 or rec["step"] == cfg.train.steps:
             ray.train.report(dict(rec))
 
@@ -78,6 +89,7 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     from i2l.cluster import ensure_ray
     from i2l.layout import require_paths
     from i2l.train.loop import refuse_mixing_runs, run_summary
+    from i2l.train.progress_file import ProgressMirror
 
     refuse_mixing_runs(out_dir, resume, cfg)  # before Ray: a worker error would be retried, not reported
     require_paths(cfg, "backbone.path", "encoder.path")  # here: a worker's error would be retried
@@ -103,11 +115,16 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     # actor (~0.4 GB, it imports torch) and the actors it owns alive through every later stage
     sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
-        result = trainer.fit()
+        # the worker's own bar stays in its Ray log: this process draws one from the progress file it writes
+        with ProgressMirror(out, cfg.train.steps, show=progress) as mirror:
+            result = trainer.fit()
     finally:
         (out / f".launch-{config['launch_id']}").unlink(missing_ok=True)
         if sigint is not None:
             signal.signal(signal.SIGINT, sigint)
     if result.error:
         raise result.error
-    return {**dict(result.metrics or {}), **run_summary(out), "seconds": time.time() - t0}
+    # where the stage's time went: Ray Train's launch (controller, placement group, worker start) and the worker's
+    # loading of models and data before the first step, then training, then teardown after the last step
+    return {**dict(result.metrics or {}), **run_summary(out), "seconds": time.time() - t0,
+            **{f"launch_{k}": v for k, v in mirror.timings().items()}}

@@ -260,19 +260,22 @@ def _maps_torch(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_one_worker_training_keeps_torch_out_of_the_train_controller(debug_run, tmp_path, ray_session):
+def test_one_worker_training_keeps_torch_out_of_the_train_controller_and_shows_its_progress(
+        debug_run, tmp_path, ray_session, capfd):
     """The Train controller actor lives as long as the training, next to its worker. TorchTrainer's backend made it
-    import torch (~0.3 GB more of make run's peak memory) although one worker has no process group to set up."""
+    import torch (~0.3 GB more of make run's peak memory) although one worker has no process group to set up.
+    The worker's output stays in Ray's logs, so the launching process draws the bar from the worker's progress
+    file (make run's training stage was silent for minutes) and times the launch from it."""
     import threading
 
     from i2l.train.launcher import launch_training
 
     cfg = _cfg(debug_run, **{"train.steps": 8, "train.batch_size": 4})
-    done, errors = threading.Event(), []
+    done, errors, infos = threading.Event(), [], []
 
     def run():
         try:
-            launch_training(cfg, debug_run.prepared_dir, tmp_path / "one", progress=False)
+            infos.append(launch_training(cfg, debug_run.prepared_dir, tmp_path / "one", progress=True))
         except BaseException as e:  # noqa: BLE001  (re-raised below, on the test's thread)
             errors.append(e)
         finally:
@@ -291,3 +294,8 @@ def test_one_worker_training_keeps_torch_out_of_the_train_controller(debug_run, 
     assert latest_checkpoint(tmp_path / "one").name == "step_0000008"
     assert controllers, "never saw the Train controller's process"
     assert not with_torch, "the Train controller of a one-worker run imported torch"
+    err = capfd.readouterr().err
+    assert "train i2L" in err and "8/8" in err, err[-2000:]
+    info = infos[0]
+    assert 0 < info["launch_worker_started_s"] <= info["launch_first_step_s"] <= info["launch_last_step_s"] \
+        <= info["seconds"]

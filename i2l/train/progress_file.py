@@ -1,0 +1,80 @@
+"""Training progress shown where the user launched it. Ray Train workers' output does not reach the driver (the
+local cluster runs with log_to_driver=False, so workers cannot scribble over the driver's bars), so rank 0 writes
+its progress to a small JSON file in the run directory (shared storage, as its checkpoints are) and the driver
+mirrors it into its own progress bar. The same file times the launch: each record carries when the worker started
+and finished its first step, and the time of its latest step."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Self
+
+PROGRESS_FILE = ".progress.json"
+
+
+def write_progress(out_dir: str | Path, **fields) -> None:
+    """Rank 0: replace the run's progress record (whole, never half-written) with `fields` plus the time."""
+    path = Path(out_dir) / PROGRESS_FILE
+    tmp = path.with_name(f"{PROGRESS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**fields, "time": time.time()}))
+    os.replace(tmp, path)
+
+
+def read_progress(out_dir: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(out_dir) / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):  # not written yet, or replaced while read
+        return None
+
+
+class ProgressMirror:
+    """Context manager: while training runs elsewhere, a daemon thread polls the progress file and draws a tqdm bar
+    ("train i2L") in this process. `timings()` afterwards: seconds from launch to the worker's start, to the end
+    of its first step and of its last step, as the worker recorded them."""
+
+    def __init__(self, out_dir: str | Path, total: int, show: bool = True, every_s: float = 0.5):
+        self.out_dir, self.total, self.show, self.every_s = Path(out_dir), total, show, every_s
+        self._stop = threading.Event()
+        self._last: dict | None = None
+        self._thread = threading.Thread(target=self._poll, name="i2l-train-progress", daemon=True)
+
+    def __enter__(self) -> Self:
+        (self.out_dir / PROGRESS_FILE).unlink(missing_ok=True)  # an earlier launch's record is not this one's
+        self._t0 = time.time()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total, desc="train i2L", disable=not self.show)
+        bar.set_postfix_str("starting Ray Train workers")
+        try:
+            while True:
+                stop = self._stop.wait(self.every_s)  # read once more after the stop: the last step shows
+                rec = read_progress(self.out_dir)
+                if rec is not None:
+                    self._last = rec
+                    if "step" in rec:
+                        bar.update(rec["step"] - bar.n)
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                    else:
+                        bar.set_postfix_str("loading models and data")
+                if stop:
+                    return
+        finally:
+            bar.close()
+
+    def timings(self) -> dict[str, float]:
+        rec = self._last or {}
+        when = {"worker_started_s": rec.get("started"), "first_step_s": rec.get("first_step"),
+                "last_step_s": rec.get("time") if "step" in rec else None}
+        return {k: round(v - self._t0, 1) for k, v in when.items() if v is not None}
