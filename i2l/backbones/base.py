@@ -188,5 +188,11 @@ class Backbone:
 
     def to(self, device=None, dtype=None) -> Backbone:
         for m in self.modules():
-            m.to(device=device, dtype=dtype)
+            # no cast when it is already that dtype: diffusers warns on any dtype in `to()` (make run printed a
+            # float32 warning for an empty list of float32 modules)
+            if dtype is not None and any(t.is_floating_point() and t.dtype != dtype
+                                         for t in [*m.parameters(), *m.buffers()]):
+                m.to(device=device, dtype=dtype)
+            else:
+                m.to(device=device)
         return self

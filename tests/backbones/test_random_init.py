@@ -276,3 +276,20 @@ def test_train_step_compares_like_for_like_with_and_without_checkpointing(tmp_pa
     else:
         assert fig[("per_style_lora_step_no_ckpt", "out_of_memory")].value == 1
         assert not any(c.endswith("per_style_lora_step_no_ckpt") and m != "out_of_memory" for c, m in fig)
+
+
+def test_moving_a_backbone_casts_only_when_the_dtype_differs(caplog):
+    """diffusers warns on every dtype given to `to()`: make run printed a float32 warning for a float32 model."""
+    import logging
+
+    import torch
+
+    from i2l.backbones.random_init import random_backbone
+    from i2l.config import get_config
+
+    cfg = get_config("debug")
+    with caplog.at_level(logging.WARNING):
+        bb = random_backbone(cfg).to("cpu", torch.float32)
+    assert not [r for r in caplog.records if "kept in float32" in r.getMessage()]
+    bb.to("cpu", torch.bfloat16)  # a real change of dtype still casts
+    assert {p.dtype for p in bb.transformer.parameters()} == {torch.bfloat16}
