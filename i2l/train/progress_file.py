@@ -64,7 +64,7 @@ class ProgressMirror:
                 if rec is not None:
                     self._last = rec
                     if "step" in rec:
-                        bar.update(rec["step"] - bar.n)
+                        bar.n = rec["step"]  # set, not added: a restarted worker group resumes at its checkpoint
                         bar.set_postfix(loss=f"{rec['loss']:.4f}")
                     else:
                         bar.set_postfix_str("loading models and data")
