@@ -24,6 +24,7 @@ print("errors", errors, "initialized", ray.is_initialized(), flush=True)
 time.sleep(3)  # both starting threads are gone: a cluster tied to them would be dead by now
 print("task after the threads", ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60), flush=True)
 print("preemption watcher", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"))
+print("worker arenas", ray.get(ray.remote(lambda: __import__("os").environ.get("MALLOC_ARENA_MAX")).remote()))
 ray.shutdown()
 """
 
@@ -35,4 +36,6 @@ def test_two_threads_start_one_ray_without_error():
     assert "errors [] initialized True" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     # a local cluster is never drained: Ray Train's preemption watcher (one more process) stays off
     assert "preemption watcher 0" in out.stdout
+    # its processes get one malloc arena per CPU (num_cpus=1 here; at least 2), through the raylet's environment
+    assert "worker arenas 2" in out.stdout, out.stdout[-2000:]
     assert "task after the threads 42" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
