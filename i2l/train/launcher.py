@@ -21,9 +21,8 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from i2l.train.loop import World, train_predictor
-    from i2l.train.progress_file import write_progress
+    from i2l.train.progress_file import ProgressWriter
 
-    started = time.time()
     ctx = ray.train.get_context()
     cfg = config_from_dict(config["cfg"])
     # Ray Train restarts the worker group after a worker dies (FailureConfig). A restarted attempt finds this
@@ -37,20 +36,16 @@ def train_loop_per_worker(config: dict) -> None:
     rank0 = ctx.get_world_rank() == 0
     if rank0:
         marker.touch()
-        write_progress(config["out_dir"], started=started)
+    # the driver's bar (ProgressMirror) follows rank 0's progress file
+    progress_file = ProgressWriter(config["out_dir"], cfg.train.steps) if rank0 else None
     torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
     device = ray.train.torch.get_device()
     world = World(rank=ctx.get_world_rank(), size=ctx.get_world_size(), device=str(device))
     wrap = ray.train.torch.prepare_model if world.size > 1 else None
 
-    first_step = None
-
     def report(rec: dict) -> None:
-        nonlocal first_step
-        if rank0:  # every step: the driver's bar (ProgressMirror) follows this file
-            first_step = first_step or time.time()
-            write_progress(config["out_dir"], started=started, first_step=first_step, step=rec["step"],
-                           loss=rec["loss"])
+        if progress_file:
+            progress_file.step(rec["step"], rec["loss"])
         if rec["step"] % 10 == 0 or rec["step"] == cfg.train.steps:
             ray.train.report(dict(rec))
 

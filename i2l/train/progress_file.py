@@ -7,21 +7,38 @@ and finished its first step, and the time of its latest step."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Self
 
+from i2l.io import write_json_atomic
+
 PROGRESS_FILE = ".progress.json"
 
 
 def write_progress(out_dir: str | Path, **fields) -> None:
-    """Rank 0: replace the run's progress record (whole, never half-written) with `fields` plus the time."""
-    path = Path(out_dir) / PROGRESS_FILE
-    tmp = path.with_name(f"{PROGRESS_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**fields, "time": time.time()}))
-    os.replace(tmp, path)
+    """Replace the run's progress record (whole, never half-written) with `fields` plus the time."""
+    write_json_atomic(Path(out_dir) / PROGRESS_FILE, {**fields, "time": time.time()}, indent=None)
+
+
+class ProgressWriter:
+    """Rank 0's side: the record says when the worker started and finished its first step, and its latest step.
+    Written at most every `every_s` (the driver polls at that pace; each write is a durable rename on shared
+    storage, so not every step of a fast run) plus the first and the last step."""
+
+    def __init__(self, out_dir: str | Path, total: int, every_s: float = 0.5):
+        self.out_dir, self.total, self.every_s = out_dir, total, every_s
+        self.started, self.first_step, self._written = time.time(), None, 0.0
+        write_progress(out_dir, started=self.started)
+
+    def step(self, step: int, loss: float) -> None:
+        now, first = time.time(), self.first_step is None
+        if first:
+            self.first_step = now
+        if first or step == self.total or now - self._written >= self.every_s:
+            write_progress(self.out_dir, started=self.started, first_step=self.first_step, step=step, loss=loss)
+            self._written = now
 
 
 def read_progress(out_dir: str | Path) -> dict | None:
