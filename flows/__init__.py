@@ -1,5 +1,11 @@
 """Prefect flows over the i2l stages: thin wrappers (retries, idempotent re-runs by the results store, artifacts)
-around library calls that use Ray themselves. Entry points as prefect.yaml names them: `flows/<module>.py:<flow>`."""
+around library calls that use Ray themselves. Entry points as prefect.yaml names them: `flows/<module>.py:<flow>`.
+
+The flow process never imports torch before a stage that runs models in it (evaluation, production): it lives
+through the whole pipeline, and while the predictor trains it waits next to the Ray Train worker, so torch and a
+stage's leftovers in it would count in the machine's peak (~0.7 GB measured, docs/results.md). The toy models'
+pretraining runs in a child process of its own (i2l.cluster.child); a flow module imports a stage's model code
+inside the task that runs it. tests/flows/test_torch_free.py holds this."""
 
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ from prefect import flow, task
 from flows.pretrain_toy import toy_model_keys
 from flows.report import report
 from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, jsonable, path_exists
-from i2l.eval.stage import evaluate as evaluate_methods
 from i2l.train.checkpoint import checkpoint_identity
 from i2l.train.run_key import require_checkpoint
 
@@ -19,6 +18,10 @@ _SCORER_RUNTIME = ("device", "batch_size")
 @task(name="evaluate-methods", **TASK_OPTIONS)
 def evaluate_task(cfg, prepared_dir: str, checkpoint: str, store, out_dir: str, parent_id: str | None,
                   progress: bool) -> dict:
+    from i2l.eval.stage import (
+        evaluate as evaluate_methods,  # torch: only once evaluation runs (flows/__init__)
+    )
+
     # Records its own "eval" run (under the pipeline run) and its results in one transaction.
     info = evaluate_methods(cfg, prepared_dir, checkpoint, store, out_dir=out_dir, parent_id=parent_id,
                             progress=progress)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 
 from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, path_exists
-from i2l.toy.backbone_pretrain import pretrain_backbone
-from i2l.toy.encoder_pretrain import pretrain_encoder
-from i2l.toy.scorer import SCORER_FILE, TOY_CLIP_NAME, pretrain_toy_clip
+from i2l.cluster.child import call_in_child
+from i2l.config.sections import TOY_CLIP_NAME
+from i2l.layout import SCORER_FILE
 
 # Scorer fields that change how it runs, not what it learns.
 _SCORER_RUNTIME = ("device", "batch_size", "clip_checkpoint")
@@ -16,17 +16,18 @@ _SCORER_RUNTIME = ("device", "batch_size", "clip_checkpoint")
 
 @task(name="pretrain-backbone", **TASK_OPTIONS)
 def backbone_task(cfg, data_dir: str, out_dir: str, progress: bool) -> dict:
-    return pretrain_backbone(cfg, data_dir, out_dir, progress=progress)
+    # each in a process of its own: torch and the trainer's heap leave with it (flows/__init__)
+    return call_in_child("i2l.toy.backbone_pretrain:pretrain_backbone", cfg, data_dir, out_dir, progress=progress)
 
 
 @task(name="pretrain-encoder", **TASK_OPTIONS)
 def encoder_task(cfg, data_dir: str, out_dir: str, progress: bool) -> dict:
-    return pretrain_encoder(cfg, data_dir, out_dir, progress=progress)
+    return call_in_child("i2l.toy.encoder_pretrain:pretrain_encoder", cfg, data_dir, out_dir, progress=progress)
 
 
 @task(name="pretrain-scorer", **TASK_OPTIONS)
 def scorer_task(cfg, data_dir: str, out_dir: str, progress: bool) -> dict:
-    return pretrain_toy_clip(cfg, data_dir, out_dir, progress=progress)
+    return call_in_child("i2l.toy.scorer:pretrain_toy_clip", cfg, data_dir, out_dir, progress=progress)
 
 
 def toy_model_keys(ctx: StageContext, data: str) -> dict[str, str]:

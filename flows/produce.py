@@ -12,13 +12,16 @@ from i2l.doctor import require_healthy
 from i2l.io import file_sha256
 from i2l.produce.catalog import CATALOG_FILE
 from i2l.produce.jobs import jobs_from_manifest
-from i2l.produce.stage import produce as produce_loras
 from i2l.train.checkpoint import checkpoint_identity
 from i2l.train.run_key import require_checkpoint
 
 
 @task(name="produce-loras", **TASK_OPTIONS)
 def produce_task(cfg, checkpoint: str, manifest: str, out_dir: str, store, progress: bool) -> dict:
+    from i2l.produce.stage import (
+        produce as produce_loras,  # torch: only once production runs (flows/__init__)
+    )
+
     p = cfg.produce
     require_healthy(cfg, purpose="produce")  # configs and headers only, before any Ray actor starts
     summary = produce_loras(checkpoint, jobs_from_manifest(manifest), out_dir, store, workers=p.workers,

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.pretrain_toy import toy_model_keys
 from flows.stages import TASK_OPTIONS, StageContext, data_id, digest, jsonable
-from i2l.doctor import require_healthy
+from i2l.cluster.child import call_in_child
 from i2l.train.checkpoint import checkpoint_identity, finished_checkpoint
 from i2l.train.launcher import launch_training
 from i2l.train.run_key import claim_run_dir, read_run_key
@@ -60,7 +60,9 @@ def train(preset: str = "toy", overrides: list[str] | None = None, data_root: st
         get_run_logger().warning(f"train: {note}")
 
     def run(run_id: str) -> dict:
-        require_healthy(cfg, purpose="train")  # configs and headers only, before Ray Train starts
+        # configs and headers only, before Ray Train starts; in a child process: checking a checkpoint's shapes
+        # builds its classes (diffusers, torch), which this process would then hold through training (flows/__init__)
+        call_in_child("i2l.doctor:require_healthy", cfg, purpose="train")
         return train_task(cfg, str(paths.prepared_dir), str(paths.train_dir), progress)
 
     result = ctx.run_stage(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from i2l.config import Config
 
+SCORER_FILE = "scorer.json"  # a scorer directory's record, written last: a finished toy scorer has one
 REPORTS_ENV = "I2L_REPORTS_DIR"  # overrides the reports root (default: reports/ in the working directory)
 
 

@@ -1,7 +1,8 @@
-"""Giving a long-lived process's freed memory back to the machine. The pipeline's driver trains the toy backbone
-in-process and then waits, holding its heap, while the training workers run: glibc keeps freed blocks of a Python
-heap for reuse (measured: 2.1 GB held by the driver after backbone pretraining, 1.0 GB once trimmed), so the
-machine's peak would count memory nobody uses."""
+"""Giving a long-lived process's freed memory back to the machine. The pipeline's driver lives through every stage
+and runs some in-process (production, evaluation; a user's own flows may run more): glibc keeps freed blocks of a
+Python heap for reuse (measured when the driver still pretrained the toy backbone itself: 2.1 GB held after it,
+1.0 GB once trimmed), so the machine's peak would count memory nobody uses. The stages that train models run in
+processes of their own (i2l.cluster.child, Ray Train), which return everything when they end."""
 
 from __future__ import annotations
 

@@ -240,11 +240,14 @@ class EvalConfig:
             raise ValueError("eval.optimize_budgets must be positive step counts, e.g. 5,25,100")
 
 
+TOY_CLIP_NAME = "i2l-toy-clip"  # the toy world's own open_clip model (i2l.toy.scorer registers it)
+
+
 @dataclass
 class ScorerConfig:
     """Scorers: the toy open_clip model (trained by i2l) or real checkpoints from local paths."""
 
-    clip_model: str = "i2l-toy-clip"  # open_clip model name (custom config registered for toy)
+    clip_model: str = TOY_CLIP_NAME  # open_clip model name (custom config registered for toy)
     clip_checkpoint: str = ""  # local checkpoint file or toy scorer dir; empty => <data_root>/scorer
     device: str = "auto"  # auto (cuda when present) | cpu | cuda[:N]
     batch_size: int = 64  # images per scorer forward

@@ -7,17 +7,23 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from i2l.data.validate import ALLOWED_FORMATS, REASONS, Rejected, decode_image, to_rgb
+
+if TYPE_CHECKING:  # torch only where tensors are made: decoding and checking images need none (flows/__init__)
+    import torch
 
 MAX_PIXELS = 64_000_000  # decompression-bomb guard for user images
 
 
 def to_tensor(images: list[Image.Image], size: int | None = None) -> torch.Tensor:
     """PIL images -> (B, 3, H, W) float in [-1, 1]; resized (Lanczos) to size x size when given."""
+    import torch
+
     arrs = []
     for im in images:
         # the data path's conversion: a bare convert("RGB") shows hidden RGB under alpha and clips 16-bit to white
@@ -36,6 +42,8 @@ def to_tensor(images: list[Image.Image], size: int | None = None) -> torch.Tenso
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images; non-finite pixels are a ValueError (clamp would write NaN as black)."""
+    import torch
+
     x = x.detach().float()
     ok = torch.isfinite(x).flatten(1).all(1)  # (B,)
     if not bool(ok.all()):

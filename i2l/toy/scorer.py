@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from i2l.config import Config
+from i2l.config.sections import TOY_CLIP_NAME
 from i2l.eval.metrics.clip import SCORER_FILE, WEIGHTS_FILE, register_model_config
 from i2l.io import atomic_path, write_text_atomic
 from i2l.train.step import TrainStep, loss_summary
 from i2l.train.threads import torch_threads
 
-TOY_CLIP_NAME = "i2l-toy-clip"
 SCORER_VERSION = "1"
 
 

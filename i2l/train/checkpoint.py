@@ -4,7 +4,9 @@ the backbone, the adapted layers and the config it was made with; loading it els
 other run-defining settings, is refused with a clear message. A run directory may record the key of the
 stage that owns it (`run_key.json`, see i2l.train.run_key): a run of another key is moved aside, never resumed nor
 deleted. state.json records each file's size and sha256: every load goes through `resolve_checkpoint`, which
-verifies them and falls back to the newest intact step, warning about each broken one."""
+verifies them and falls back to the newest intact step, warning about each broken one.
+
+Only saving and loading tensors imports torch: the flows and the launching process read checkpoints without it (i2l.cluster.child)."""
 
 from __future__ import annotations
 
@@ -16,13 +18,12 @@ import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from i2l.config import Config, config_from_dict
 from i2l.io import NotSafetensors, file_sha256, safetensors_table
 from i2l.layout import resolve_paths
+from i2l.train.curve import loss_summary
 from i2l.train.run_key import (  # noqa: F401  (re-exported: the run-key pieces live in the torch-free i2l.train.run_key)
     RUN_KEY_FILE,
     claim_run_dir,
@@ -31,6 +32,9 @@ from i2l.train.run_key import (  # noqa: F401  (re-exported: the run-key pieces 
     read_run_key,
     write_run_key,
 )
+
+if TYPE_CHECKING:  # annotations only: torch is imported by the functions that move tensors
+    import torch
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"step_(\d+)")  # checkpoints/step_0000042; `.tmp_step_*` (being written) never matches
@@ -46,6 +50,8 @@ def targets_digest(targets: dict[str, tuple[int, int]]) -> str:
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    import torch
+
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
@@ -69,6 +75,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(run_dir, step: int, predictor, opt, backbone, encoder, cfg: Config, curve: list[dict]) -> Path:
+    from safetensors.torch import save_file
+
     ck_root = Path(run_dir) / "checkpoints"
     final = ck_root / f"step_{step:07d}"
     tmp = ck_root / f".tmp_step_{step:07d}"
@@ -150,6 +158,8 @@ def check_same_run(state: dict, cfg: Config, source: str) -> None:
 
 def load_checkpoint(ck: Path, predictor, opt, backbone, cfg: Config) -> tuple[int, list[dict]]:
     """Resume from ck (verified; if it is broken, from the newest intact older step of its run, with a warning)."""
+    from safetensors.torch import load_file
+
     ck = resolve_checkpoint(ck)
     state = read_state(ck)
     check_fits(state, backbone, str(ck))
@@ -329,3 +339,26 @@ def resolve_checkpoint(path, full: bool = True) -> Path:
 
 
 require_checkpoint = resolve_checkpoint  # the name the stages call it by
+
+
+def refuse_mixing_runs(out_dir: str | Path, resume: bool, cfg: Config) -> None:
+    """A fresh run into a directory with another run's checkpoints would interleave the two runs' files; a
+    resume with other run-defining settings than cfg would continue another optimisation than the saved one."""
+    ck = latest_checkpoint(out_dir)
+    if ck is None:
+        return
+    if not resume:
+        raise FileExistsError(f"{out_dir} already holds a training run (latest checkpoint {ck.name}): pass --resume "
+                              f"to continue it, or choose another --out for a new run")
+    ck = resolve_checkpoint(out_dir)  # what the resume will load: a broken newest step is skipped, warned
+    check_same_run(read_state(ck), cfg, str(ck))
+
+
+def run_summary(out_dir: str | Path) -> dict:
+    """What the run in out_dir reached, read back from its latest checkpoint (the launcher's result: Ray Train
+    keeps only metrics reported together with a checkpoint, so a worker's final report never reaches it)."""
+    if latest_checkpoint(out_dir) is None:
+        return {}
+    ck = resolve_checkpoint(out_dir)
+    curve = json.loads((ck / "curve.json").read_text())
+    return {"out_dir": str(out_dir), "steps": read_state(ck)["step"], "checkpoint": str(ck), **loss_summary(curve)}

@@ -83,7 +83,7 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
 
     from i2l.cluster import ensure_ray
     from i2l.layout import require_paths
-    from i2l.train.loop import refuse_mixing_runs, run_summary
+    from i2l.train.checkpoint import refuse_mixing_runs, run_summary
     from i2l.train.progress_file import ProgressMirror
 
     refuse_mixing_runs(out_dir, resume, cfg)  # before Ray: a worker error would be retried, not reported

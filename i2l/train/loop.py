@@ -22,14 +22,14 @@ from i2l.model.encoder import FrozenCache, load_encoder
 from i2l.model.flow_matching import TimestepSampler, fm_backward, mixed_precision
 from i2l.model.predictor import I2LPredictor, lora_from_tokens, predict_lora
 from i2l.train.checkpoint import (
-    check_same_run,
     latest_checkpoint,
     load_checkpoint,
-    read_state,
+    refuse_mixing_runs,
     resolve_checkpoint,
     save_checkpoint,
 )
-from i2l.train.step import TrainStep, WarmupCosine, loss_summary, step_generator
+from i2l.train.curve import loss_summary
+from i2l.train.step import TrainStep, WarmupCosine, step_generator
 
 
 @dataclass
@@ -180,29 +180,6 @@ def reference_tokens(cfg: Config, encoder, sets: list[list[tuple]], device: torc
     images = dict(pair for s in sets for pair in s)
     load = lambda ids: to_tensor([decode(images[i]) for i in ids], cfg.encoder.image_size).to(device)
     return encoder.encode_ref_sets([[i for i, _ in s] for s in sets], load, cache)
-
-
-def refuse_mixing_runs(out_dir: str | Path, resume: bool, cfg: Config) -> None:
-    """A fresh run into a directory with another run's checkpoints would interleave the two runs' files; a
-    resume with other run-defining settings than cfg would continue another optimisation than the saved one."""
-    ck = latest_checkpoint(out_dir)
-    if ck is None:
-        return
-    if not resume:
-        raise FileExistsError(f"{out_dir} already holds a training run (latest checkpoint {ck.name}): pass --resume "
-                              f"to continue it, or choose another --out for a new run")
-    ck = resolve_checkpoint(out_dir)  # what the resume will load: a broken newest step is skipped, warned
-    check_same_run(read_state(ck), cfg, str(ck))
-
-
-def run_summary(out_dir: str | Path) -> dict:
-    """What the run in out_dir reached, read back from its latest checkpoint (the launcher's result: Ray Train
-    keeps only metrics reported together with a checkpoint, so a worker's final report never reaches it)."""
-    if latest_checkpoint(out_dir) is None:
-        return {}
-    ck = resolve_checkpoint(out_dir)
-    curve = json.loads((ck / "curve.json").read_text())
-    return {"out_dir": str(out_dir), "steps": read_state(ck)["step"], "checkpoint": str(ck), **loss_summary(curve)}
 
 
 def _batches(stream: TupleStream, bs: int):  # (the train-cache bench reads batches as training does)

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from i2l.train.curve import loss_summary
+
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """The seed of step `step` on data-parallel rank `rank`: a function of (seed, step, rank) alone, so a resumed
@@ -82,12 +84,3 @@ class TrainStep:
 
     def summary(self, first: int = 20, last: int = 20) -> dict:
         return loss_summary(self.curve, first, last)
-
-
-def loss_summary(curve: list[dict], first: int = 20, last: int = 20) -> dict:
-    """The mean loss of the first `first` and of the last `last` records of a loss curve (None when empty)."""
-    return {"first_loss": _mean_loss(curve[:first]), "last_loss": _mean_loss(curve[-last:])}
-
-
-def _mean_loss(recs: list[dict]) -> float | None:
-    return sum(r["loss"] for r in recs) / len(recs) if recs else None

@@ -13,14 +13,14 @@ from PIL import Image
 
 from i2l.config import ScorerConfig
 from i2l.eval.metrics.leakage import leakage_scores
+from i2l.layout import SCORER_FILE
 
 # Weight files we agree to open: safetensors, or torch pickles read with weights_only=True.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-# A scorer directory (as `i2l pretrain-scorer` writes one): scorer.json naming the open_clip model, that model's
-# config <model>.json, and its weights.
-SCORER_FILE = "scorer.json"
+# A scorer directory (as `i2l pretrain-scorer` writes one): scorer.json (SCORER_FILE) naming the open_clip model,
+# that model's config <model>.json, and its weights.
 WEIGHTS_FILE = "model.safetensors"
 
 
