@@ -8,6 +8,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import time
@@ -132,6 +133,20 @@ def _unique_labels(texts: list[str], vocab: dict[str, int]) -> tuple[torch.Tenso
     return torch.from_numpy(uniq), torch.from_numpy(inv)
 
 
+class _QuietRandomInit(logging.Filter):
+    """Drops open_clip's root-logger warning that a model without `pretrained` was "initialized randomly"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    def __enter__(self):
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self)
+
+
 def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                       progress: bool = True) -> dict:
     """Train the toy CLIP on `data_dir` rows and write model.safetensors, the model config and scorer.json."""
@@ -151,7 +166,8 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
     config_path = out / f"{TOY_CLIP_NAME}.json"
     write_text_atomic(config_path, json.dumps(toy_clip_config(sc.image_size), indent=2))
     register_model_config(config_path)
-    model, _, preprocess = open_clip.create_model_and_transforms(TOY_CLIP_NAME, pretrained=None)
+    with _QuietRandomInit():  # random is the point here: pretraining starts from scratch
+        model, _, preprocess = open_clip.create_model_and_transforms(TOY_CLIP_NAME, pretrained=None)
     tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
     with torch_threads(sc.pretrain_threads):
         curve, heldout = _train(model, tokenizer, preprocess, rows, data_dir, sc, rng, progress)

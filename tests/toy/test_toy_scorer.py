@@ -74,11 +74,12 @@ def test_multi_positive_loss_is_clip_loss_without_duplicates_and_spares_them():
     assert float(loss) == pytest.approx(np.log(2) / 4, abs=1e-4)
 
 
-def test_pretrain_scorer_cli_writes_a_loadable_open_clip_scorer(toy_dir, tmp_path):
+def test_pretrain_scorer_cli_writes_a_loadable_open_clip_scorer(toy_dir, tmp_path, caplog):
     from i2l.cli import main
 
     out = tmp_path / "toy" / "debug" / "scorer"  # the default place under data root tmp_path (see below)
     assert main(["pretrain-scorer", "--preset", "debug", "--data", str(toy_dir), "--out", str(out)]) == 0
+    assert "initialized randomly" not in caplog.text  # open_clip's warning: a random start is the point here
     assert {p.name for p in out.iterdir()} == {"model.safetensors", f"{TOY_CLIP_NAME}.json", "scorer.json"}
     info = json.loads((out / "scorer.json").read_text())
     assert info["name"] == TOY_CLIP_NAME and info["version"] and info["steps"] == 10
