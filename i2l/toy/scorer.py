@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,11 @@ from PIL import Image
 
 from i2l.config import Config
 from i2l.config.sections import TOY_CLIP_NAME
-from i2l.eval.metrics.clip import SCORER_FILE, WEIGHTS_FILE, register_model_config
+from i2l.eval.metrics.clip import WEIGHTS_FILE, register_model_config
 from i2l.io import atomic_path, write_text_atomic
-from i2l.train.step import TrainStep, loss_summary
+from i2l.layout import SCORER_FILE
+from i2l.train.curve import loss_summary
+from i2l.train.step import TrainStep
 from i2l.train.threads import torch_threads
 
 SCORER_VERSION = "1"
@@ -133,18 +136,19 @@ def _unique_labels(texts: list[str], vocab: dict[str, int]) -> tuple[torch.Tenso
     return torch.from_numpy(uniq), torch.from_numpy(inv)
 
 
-class _QuietRandomInit(logging.Filter):
+@contextmanager
+def _quiet_random_init():
     """Drops open_clip's root-logger warning that a model without `pretrained` was "initialized randomly"."""
+    root = logging.getLogger()
+    root.addFilter(_random_init_dropped)
+    try:
+        yield
+    finally:
+        root.removeFilter(_random_init_dropped)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
 
-    def __enter__(self):
-        logging.getLogger().addFilter(self)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger().removeFilter(self)
+def _random_init_dropped(record: logging.LogRecord) -> bool:
+    return "initialized randomly" not in record.getMessage()
 
 
 def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -166,7 +170,7 @@ def pretrain_toy_clip(cfg: Config, data_dir: str | os.PathLike, out_dir: str | o
     config_path = out / f"{TOY_CLIP_NAME}.json"
     write_text_atomic(config_path, json.dumps(toy_clip_config(sc.image_size), indent=2))
     register_model_config(config_path)
-    with _QuietRandomInit():  # random is the point here: pretraining starts from scratch
+    with _quiet_random_init():  # random is the point here: pretraining starts from scratch
         model, _, preprocess = open_clip.create_model_and_transforms(TOY_CLIP_NAME, pretrained=None)
     tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
     with torch_threads(sc.pretrain_threads):

@@ -6,7 +6,8 @@ stage that owns it (`run_key.json`, see i2l.train.run_key): a run of another key
 deleted. state.json records each file's size and sha256: every load goes through `resolve_checkpoint`, which
 verifies them and falls back to the newest intact step, warning about each broken one.
 
-Only saving and loading tensors imports torch: the flows and the launching process read checkpoints without it (i2l.cluster.child)."""
+Only saving and loading tensors imports torch: the flows and the launching process read checkpoints without it
+(flows/__init__)."""
 
 from __future__ import annotations
 

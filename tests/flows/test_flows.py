@@ -108,7 +108,7 @@ def test_toy_models_of_another_key_on_disk_are_trained_again(tmp_path, monkeypat
     import json
 
     from flows import pretrain_toy
-    from i2l.eval.metrics.clip import SCORER_FILE
+    from i2l.layout import SCORER_FILE
 
     _outside_prefect(monkeypatch)
     tags = {"pretrain_backbone": lambda cfg: cfg.train.backbone_steps,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from i2l.config import get_config
-from i2l.train.step import TrainStep, WarmupCosine, loss_summary, lr_at, step_generator, step_seed
+from i2l.train.curve import loss_summary
+from i2l.train.step import TrainStep, WarmupCosine, lr_at, step_generator, step_seed
 
 
 def _reference_lr(step: int, total: int, base: float, warmup: int) -> float:
