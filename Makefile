@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check i2l flows tests
+	$(BIN)/ruff check i2l flows tests infra
 	@# the package layers and who may import ray / duckdb / prefect / the CLI: .importlinter
 	$(BIN)/lint-imports --no-cache
 

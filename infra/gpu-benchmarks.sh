@@ -6,9 +6,14 @@
 #   PRESETS=klein4b bash infra/gpu-benchmarks.sh
 #   SETS="--set predictor.hidden=2048 --set predictor.depth=28" bash infra/gpu-benchmarks.sh   # other sizes
 # (that predictor, 1.5 B + the 0.43 B encoder, is about the 1.9-2.3 B the paper reports for its i2L models)
+# First, the two arrangements of the CFG branches on this GPU (the sampler's "auto" must pick the faster one).
+# The real presets' model code on replicas of their checkpoints, on this GPU: infra/gpu_replica_path.py.
 set -uo pipefail
 I2L=${I2L:-i2l}
 status=0
+for batch in 8 64; do
+    $I2L bench cfg --device cuda --batch "$batch" || status=1
+done
 for preset in ${PRESETS:-klein4b zimage}; do
     echo "=== $preset"
     # shellcheck disable=SC2086  # SETS is a list of options

@@ -1,12 +1,16 @@
 """Benchmark of asymmetric LoRA guidance: i2l's sampler runs both CFG branches of B samples, each sample with its own
-style LoRA and the gray LoRA on its negative branch, as ONE forward of 2B rows per step. Timed against
-(plain) plain CFG with one LoRA shared by the whole batch, same batch (goal: asymmetric <= 1.05x plain), and against
+style LoRA and the gray LoRA on its negative branch, in either arrangement: (asymmetric) ONE forward of 2B rows per
+step, or (asymmetric_split) two forwards of B rows, the gray LoRA applied as one shared matrix. Timed against
+(plain) plain CFG with one LoRA shared by the whole batch, same batch (goal: asymmetric <= 1.05x plain), against
 two passes per step that load and clear a LoRA around each branch as the authors' release does, (two_pass_batch) with
-the same batch, and (two_pass_per_sample) one sample at a time, as one loaded LoRA per model forces.
+the same batch, and (two_pass_per_sample) one sample at a time, as one loaded LoRA per model forces; and, as the
+evaluation samples its methods, with each row's own LoRA on both branches (same_lora / same_lora_split).
+The `auto` rows say which arrangement the sampler picks on this device (`cfg_passes_for`) and whether that was the
+faster one here.
 
-Interleaved rounds after warmup, medians of wall and of process CPU time; ratios use CPU time, which a shared
-machine's other processes disturb far less than the wall clock (on an idle machine both agree).
-`python -m i2l.bench.cfg`.
+Interleaved rounds after warmup, medians. On a CPU the ratios use process CPU time, which a shared machine's other
+processes disturb far less than the wall clock (on an idle machine both agree); on a GPU, wall time with the device
+synchronised after each call. `python -m i2l.bench.cfg`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
 
 def _load(lora):
@@ -73,72 +78,94 @@ def _measure(args: argparse.Namespace) -> list[dict]:
 
     from i2l.backbones.base import Cond
     from i2l.config import get_config
-    from i2l.infer.guidance import sample
+    from i2l.infer.guidance import cfg_passes_for, sample
     from i2l.model.lora import LoRA
     from i2l.toy.backbone import new_toy_backbone
 
     cfg = get_config(args.preset)
     if cfg.backbone.kind != "toy":
         raise ValueError("bench cfg times the toy backbone: use --preset toy or debug")
+    dev = torch.device(args.device)
     n, rank, steps, s = args.batch, args.rank or cfg.predictor.rank, args.steps, cfg.eval.guidance
     words = ["one", "two", "small", "large", "circle", "square", "star", "triangle", "at", "the", "top", "bottom",
              "left", "right", "in", "middle"]
-    bb = new_toy_backbone(cfg.backbone, ["<pad>", "<unk>", *words], seed=args.seed).freeze()
+    bb = new_toy_backbone(cfg.backbone, ["<pad>", "<unk>", *words], seed=args.seed).freeze().to(dev)
     g = torch.Generator().manual_seed(args.seed)
 
     def random_lora(scale=0.05):
         return LoRA({k: torch.randn(rank, i, generator=g) * scale for k, (i, o) in bb.lora_targets().items()},
                     {k: torch.randn(o, rank, generator=g) * scale for k, (i, o) in bb.lora_targets().items()},
-                    bb.backbone_id)
+                    bb.backbone_id).to(dev)
 
     styles, gray, shared = [random_lora() for _ in range(n)], random_lora(), random_lora()
     size = cfg.backbone.image_size
-    noise = torch.randn(n, 3, size, size, generator=g)  # (B, 3, H, W)
+    noise = torch.randn(n, 3, size, size, generator=g).to(dev)  # (B, 3, H, W)
     cond = bb.encode_prompts([" ".join(words[i % 6: i % 6 + 5]) for i in range(n)])
     neg_cond = bb.encode_prompts([""] * n)
     pos = LoRA.stack(styles)  # (B, ...) one LoRA per sample
 
     def plain():  # one LoRA for every row of both branches: what a pipeline with one loaded LoRA does
         both = Cond.cat([cond, neg_cond])
-        x, ts = noise.clone(), bb.sampling_schedule(steps, tuple(noise.shape[1:]))
+        x, ts = noise.clone(), bb.sampling_schedule(steps, tuple(noise.shape[1:])).to(dev)
         for i in range(steps):
             v = bb.velocity(torch.cat([x, x]), ts[i].expand(2 * n), both, shared)  # (2B, *latent)
             x = x + (ts[i + 1] - ts[i]) * (v[n:] + s * (v[:n] - v[n:]))
         return x
 
+    def synced(fn):  # a GPU call is timed to its end, not to its last launch
+        return (lambda: (fn(), torch.cuda.synchronize())[0]) if dev.type == "cuda" else fn
+
     cases = {
         "plain": plain,
-        "asymmetric": lambda: sample(bb, cond, neg_cond, pos, gray, s, steps, noise=noise),
+        "asymmetric": lambda: sample(bb, cond, neg_cond, pos, gray, s, steps, noise=noise, passes="joint"),
+        "asymmetric_split": lambda: sample(bb, cond, neg_cond, pos, gray, s, steps, noise=noise, passes="split"),
+        "same_lora": lambda: sample(bb, cond, neg_cond, pos, pos, s, steps, noise=noise, passes="joint"),
+        "same_lora_split": lambda: sample(bb, cond, neg_cond, pos, pos, s, steps, noise=noise, passes="split"),
         "two_pass_batch": lambda: sample_two_pass(bb, cond, neg_cond, styles, gray, s, steps, noise, False),
         "two_pass_per_sample": lambda: sample_two_pass(bb, cond, neg_cond, styles, gray, s, steps, noise, True),
     }
+    cases = {k: synced(f) for k, f in cases.items()}
     with torch.no_grad():
         outs = {k: f() for k, f in cases.items()}
         cpu: dict[str, list[float]] = {}
         wall = interleaved(cases, args.rounds, args.warmup, cpu=cpu)
-    return _rows(outs, wall, cpu, n, rank, steps)
+    if dev.type == "cpu":
+        return _rows(outs, wall, cpu, "cpu_ms_per_step", n, rank, steps, cfg_passes_for(dev))
+    return _rows(outs, {}, wall, f"{dev.type}_ms_per_step", n, rank, steps, cfg_passes_for(dev))
 
 
-def _rows(outs: dict, wall: dict[str, list[float]], cpu: dict[str, list[float]], n: int, rank: int,
-          steps: int) -> list[dict]:
+def _rows(outs: dict, wall: dict[str, list[float]], judged_times: dict[str, list[float]], metric: str, n: int,
+          rank: int, steps: int, auto: str) -> list[dict]:
+    """judged_times (stored as `metric`): what the ratios are judged on, process CPU time on a CPU
+    (cpu_ms_per_step, with the wall clock beside it) or the synchronised wall time on a GPU (cuda_ms_per_step)."""
     import torch
 
-    ms = {k: 1000 * statistics.median(v) / steps for k, v in cpu.items()}
+    ms = {k: 1000 * statistics.median(v) / steps for k, v in judged_times.items()}
     ms_wall = {k: 1000 * statistics.median(v) / steps for k, v in wall.items()}
     common = {"batch": n, "rows_per_forward": 2 * n, "steps": steps, "rank": rank, "threads": torch.get_num_threads()}
-    rows = [{"case": k, "metric": "cpu_ms_per_step", "value": round(v, 3), "unit": "ms", **common} for k, v in ms.items()]
+    rows = [{"case": k, "metric": metric, "value": round(v, 3), "unit": "ms", **common} for k, v in ms.items()]
     rows += [{"case": k, "metric": "wall_ms_per_step", "value": round(v, 3), "unit": "ms", **common}
              for k, v in ms_wall.items()]
-    for num, den in (("asymmetric", "plain"), ("two_pass_batch", "asymmetric"), ("two_pass_per_sample", "asymmetric")):
+    for num, den in (("asymmetric", "plain"), ("asymmetric_split", "asymmetric"), ("same_lora_split", "same_lora"),
+                     ("two_pass_batch", "asymmetric"), ("two_pass_per_sample", "asymmetric")):
         name, ratio = f"{num}/{den}", round(ms[num] / ms[den], 3)
         rows.append({"case": name, "metric": "ratio", "value": ratio, "unit": "x",  # judged as shown and stored
                      **judged(ratio, GOALS.get(name)), **common})
-        rows.append({"case": name, "metric": "wall_ratio", "value": round(ms_wall[num] / ms_wall[den], 3),
-                     "unit": "x", **common})
-    # the batched sampler and the two-pass reference must give the same images
-    for k in ("two_pass_batch", "two_pass_per_sample"):
-        rows.append({"case": f"asymmetric_vs_{k}", "metric": "max_abs_diff",
-                     "value": float((outs["asymmetric"] - outs[k]).abs().max()), "unit": "", **common})
+        if ms_wall:
+            rows.append({"case": name, "metric": "wall_ratio", "value": round(ms_wall[num] / ms_wall[den], 3),
+                         "unit": "x", **common})
+    # which arrangement `sample` runs here by default, and whether it was the faster one on this run
+    faster = {"asymmetric": "joint" if ms["asymmetric"] <= ms["asymmetric_split"] else "split",
+              "same_lora": "joint" if ms["same_lora"] <= ms["same_lora_split"] else "split"}
+    for k, best in faster.items():
+        rows.append({"case": f"auto_{k}", "metric": "picks_faster", "value": int(auto == best), "unit": "0/1",
+                     "auto": auto, "faster": best, **common})
+    # every arrangement and the two-pass reference must give the same images
+    diffs = {"asymmetric_split": "asymmetric", "same_lora_split": "same_lora", "two_pass_batch": "asymmetric",
+             "two_pass_per_sample": "asymmetric"}
+    for k, ref in diffs.items():
+        rows.append({"case": f"{ref}_vs_{k}", "metric": "max_abs_diff",
+                     "value": float((outs[ref] - outs[k]).abs().max()), "unit": "", **common})
     return rows
 
 

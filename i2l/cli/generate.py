@@ -38,6 +38,9 @@ def add_arguments(p):
                         "noise, 0 = the init image back; default 0.6)")
     p.add_argument("--negative", choices=("gray", "base", "none"), default="gray",
                    help="CFG negative branch: gray-image LoRA (paper, default), base model (no LoRA), none (no CFG)")
+    p.add_argument("--cfg-passes", choices=("auto", "joint", "split"), default="auto",
+                   help="how the two CFG branches run per step: one batched forward of 2B rows (joint), two of B rows "
+                        "(split), or the one measured faster on --device (auto, default); the images are the same")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
 
@@ -113,6 +116,7 @@ def main(args):
         guidance=model.cfg.eval.guidance if args.guidance is None else args.guidance,
         steps=args.steps or model.cfg.eval.sample_steps, strength=args.strength, asymmetric=not args.plain_cfg,
         negative_prompt=args.negative_prompt, batch_size=args.batch_size, negative=args.negative,
+        passes=args.cfg_passes,
         denoise=1.0 if not args.init_image else DEFAULT_DENOISE if args.denoise is None else args.denoise)
     inpaint = None
     if args.inpaint:

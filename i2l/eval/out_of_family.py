@@ -83,13 +83,13 @@ def style_margins(image_emb: torch.Tensor, owner: torch.Tensor, centroids: torch
 @torch.no_grad()
 def _draw(model, cfg: Config, prompts: list[str], loras: list[LoRA], neg_loras: list[LoRA],
           seeds: list[int]) -> list[Image.Image]:
-    from i2l.infer.guidance import sample
+    from i2l.infer.guidance import sample, stack_rows
 
     bb = model.backbone
     shape = bb.latent_shape(cfg.backbone.image_size)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     x = sample(bb, bb.encode_prompts(prompts), bb.encode_prompts([""] * len(prompts)),
-               LoRA.stack(loras).to(bb.device), LoRA.stack(neg_loras).to(bb.device),
+               LoRA.stack(loras).to(bb.device), stack_rows(neg_loras).to(bb.device),
                cfg.eval.guidance, cfg.eval.sample_steps, noise=noise.to(bb.device))
     return to_pil(bb.decode_latents(x))
 

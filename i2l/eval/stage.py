@@ -221,7 +221,7 @@ def draw(model, ev: EvalConfig, prompts: list[str], jobs: list[tuple[Conditionin
     positive LoRA and negative branch (same LoRA, or the gray-image LoRA for asym), or the adapter's tokens on
     both branches."""
     from i2l.baselines.adapter import generate_with_adapter
-    from i2l.infer.guidance import sample
+    from i2l.infer.guidance import sample, stack_rows
 
     bb = model.backbone
     shape = bb.latent_shape(model.cfg.backbone.image_size)
@@ -238,5 +238,5 @@ def draw(model, ev: EvalConfig, prompts: list[str], jobs: list[tuple[Conditionin
     neg = [model.gray_lora(c.n_refs) if c.asym else p for (c, _), p in zip(jobs, pos, strict=True)]
     n = len(prompts)
     x = sample(bb, bb.encode_prompts(prompts), bb.encode_prompts([""] * n), LoRA.stack(pos).to(bb.device),
-               LoRA.stack(neg).to(bb.device), guidance, steps, noise=noise.to(bb.device))
+               stack_rows(neg).to(bb.device), guidance, steps, noise=noise.to(bb.device))
     return to_pil(bb.decode_latents(x))

@@ -21,7 +21,7 @@ from i2l.backbones.base import Backbone
 from i2l.backbones.registry import backbone_class
 from i2l.config import Config
 from i2l.data.images import gray_image, load_image_file, to_pil, to_tensor
-from i2l.infer.guidance import DEFAULT_DENOISE, NEGATIVES, denoise_steps, sample
+from i2l.infer.guidance import DEFAULT_DENOISE, NEGATIVES, denoise_steps, sample, stack_rows
 from i2l.model.encoder import ImageEncoder, load_encoder
 from i2l.model.finite import require_finite
 from i2l.model.flow_matching import mixed_precision
@@ -169,7 +169,7 @@ class I2L:
                  negative_lora: LoRA | str | None = "gray", guidance: float | None = None, steps: int | None = None,
                  seed: int | list[int] = 0, strength: float = 1.0, negative_prompt: str = "",
                  inpaint: tuple[torch.Tensor, torch.Tensor] | None = None, negative: str = "gray",
-                 init_images=None, denoise: float | None = None) -> list[Image.Image]:
+                 init_images=None, denoise: float | None = None, passes: str = "auto") -> list[Image.Image]:
         """Sample one image per prompt with its LoRA.
 
         negative: the CFG negative branch. "gray" = the gray-image LoRA (the paper's asymmetric guidance); "base" =
@@ -180,7 +180,9 @@ class I2L:
         (K, *latent); denoise in [0, 1] (default 0.6, as diffusers' img2img pipelines) is the fraction of the
         steps sampled, from the init image noised to that point (1 = from pure noise: text-to-image; 0 = the init
         image back through the VAE).
-        seed: one for the batch, or one per prompt (then an image does not depend on what it is batched with)."""
+        seed: one for the batch, or one per prompt (then an image does not depend on what it is batched with).
+        passes: how the two CFG branches run per step, "joint" (one forward of 2B rows), "split" (two of B rows) or
+        "auto" (the one measured faster on this device); the images are the same."""
         steps = steps or self.cfg.eval.sample_steps
         denoise = self._check_generate_args(negative, negative_lora, init_images, denoise, steps, inpaint)
         guidance = require_finite(self.cfg.eval.guidance if guidance is None else guidance, "guidance")
@@ -212,7 +214,7 @@ class I2L:
         neg = None  # negative="base": no LoRA on the negative branch (`sample` gives it a zero LoRA)
         if cfg and negative == "gray":
             if isinstance(negative_lora, str):  # "gray"
-                neg = LoRA.stack([self.gray_lora(lo.meta.get("n_refs", 1) if lo is not None else 1) for lo in loras])
+                neg = stack_rows([self.gray_lora(lo.meta.get("n_refs", 1) if lo is not None else 1) for lo in loras])
             elif negative_lora is None:
                 neg = pos  # plain CFG: the same LoRA on both branches
             else:
@@ -230,5 +232,6 @@ class I2L:
         cond = self.backbone.encode_prompts(prompts)
         neg_cond = self.backbone.encode_prompts([negative_prompt] * n) if cfg else None
         x = sample(self.backbone, cond, neg_cond, pos, None if neg is None else neg.to(self.backbone.device),
-                   guidance, steps, noise=noise, strength=strength, inpaint=inpaint, init=init, denoise=denoise)
+                   guidance, steps, noise=noise, strength=strength, inpaint=inpaint, init=init, denoise=denoise,
+                   passes=passes)
         return to_pil(self.backbone.decode_latents(x))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from i2l.infer.guidance import NEGATIVES, NonFiniteSample, denoise_steps
+from i2l.infer.guidance import NEGATIVES, NonFiniteSample, cfg_passes_for, denoise_steps
 from i2l.io import atomic_path, write_bytes_atomic
 from i2l.model.finite import require_finite
 from i2l.model.lora import LoRA, check_compatible
@@ -51,6 +51,7 @@ class GenerateSettings:
     batch_size: int = 16  # samples per batched sampling call (2× rows per forward)
     negative: str = "gray"  # CFG negative branch: "gray" LoRA (paper), "base" model (no LoRA), "none" (no CFG)
     denoise: float = 1.0  # img2img: fraction of the steps sampled from the noised init image (1 = from noise)
+    passes: str = "auto"  # CFG branches per step: "joint" (one forward), "split" (two), "auto" (faster here)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -60,6 +61,7 @@ class GenerateSettings:
         denoise_steps(self.steps, self.denoise)  # denoise in [0, 1]
         if self.negative not in NEGATIVES:
             raise ValueError(f"negative must be one of {', '.join(NEGATIVES)}, got {self.negative!r}")
+        cfg_passes_for("cpu", self.passes)  # one of CFG_PASSES
         if not self.asymmetric and self.negative != "gray":
             raise ValueError(f"plain CFG (the style LoRA on both branches) and negative={self.negative!r} both choose "
                              "the negative branch: give one")
@@ -258,6 +260,7 @@ def generate_samples(model, styles: list[StyleLoRA], prompts: list[str], out_dir
                                     negative=settings.negative, init_images=start, denoise=settings.denoise,
                                     guidance=settings.guidance, steps=settings.steps,
                                     seed=[c["seed"] for c in chunk], strength=settings.strength,
+                                    passes=settings.passes,
                                     negative_prompt=settings.negative_prompt, inpaint=paint)
         except NonFiniteSample as e:
             raise _name_styles(e, chunk) from None

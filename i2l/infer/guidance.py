@@ -1,7 +1,8 @@
 """Asymmetric LoRA guidance (paper §3.4): an Euler sampler along the flow-matching path whose two CFG branches
 each carry their own per-sample LoRA (the reference LoRA on the positive branch, e.g. the gray-image LoRA on the
-negative), run as ONE batched forward of 2B rows per step; img2img starts part-way along the same grid from a
-noised init image. Shapes: B batch, x (B, *latent)."""
+negative), run per step as one batched forward of 2B rows ("joint") or as two forwards of B rows ("split", where a
+LoRA shared by the whole negative branch is applied as one matrix, not per row); img2img starts part-way along the
+same grid from a noised init image. Shapes: B batch, x (B, *latent)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,18 @@ from i2l.model.lora import LoRA
 
 NEGATIVES = ("gray", "base", "none")  # the CFG negative branch: gray-image LoRA (paper), base model, no CFG
 DEFAULT_DENOISE = 0.6  # img2img strength when none is given, as diffusers' img2img pipelines default
+CFG_PASSES = ("auto", "joint", "split")
+# The faster arrangement of the two CFG branches per device type, from `i2l bench cfg` (docs/results.md, "Which
+# arrangement of the CFG branches is faster?"). Both give the same images; only the speed differs.
+FASTER_PASSES = {"cpu": "split", "cuda": "joint"}
+
+
+def cfg_passes_for(device: torch.device | str, passes: str = "auto") -> str:
+    """The CFG arrangement `sample` runs on `device`: `passes` itself, or for "auto" the one measured faster there
+    (a device type not measured gets "joint", the arrangement with the fewest forwards)."""
+    if passes not in CFG_PASSES:
+        raise ValueError(f"cfg passes must be one of {', '.join(CFG_PASSES)}, got {passes!r}")
+    return FASTER_PASSES.get(torch.device(device).type, "joint") if passes == "auto" else passes
 
 
 class NonFiniteSample(ValueError):
@@ -38,6 +51,22 @@ def denoise_steps(steps: int, denoise: float) -> int:
     return steps - int(max(steps - min(steps * denoise, steps), 0))
 
 
+def _per_row(lora: LoRA | None, n: int) -> LoRA | None:
+    """`lora` as a forward over n rows takes it: per-sample (n), or unbatched (one matrix shared by every row)."""
+    if lora is not None and lora.batched and lora.batch_size != n:
+        return lora.expand(n)
+    return lora
+
+
+def stack_rows(loras: list[LoRA]) -> LoRA:
+    """One LoRA per row as `sample` takes them: the same unbatched LoRA on every row stays one shared matrix (a
+    split CFG pass applies it once for the batch), anything else is stacked (B, ...)."""
+    first = loras[0]
+    if not first.batched and all(lo is first for lo in loras):
+        return first
+    return LoRA.stack(loras)
+
+
 def _cat_loras(pos: LoRA | None, neg: LoRA | None, n: int) -> LoRA | None:
     """One batched LoRA for [pos; neg] rows; a missing side gets a zero LoRA (= the base model)."""
     if pos is None and neg is None:
@@ -56,12 +85,15 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
            neg_lora: LoRA | None = None, guidance: float = 1.0, steps: int = 20, noise: torch.Tensor | None = None,
            generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None, shift: float | None = None,
            strength: float = 1.0, inpaint: tuple[torch.Tensor, torch.Tensor] | None = None,
-           init: torch.Tensor | None = None, denoise: float = 1.0) -> torch.Tensor:
+           init: torch.Tensor | None = None, denoise: float = 1.0, passes: str = "auto") -> torch.Tensor:
     """Euler sampling from noise (t=0) to data (t=1).
 
     guidance == 1 or neg_cond None: one branch. Otherwise CFG v = v_neg + s·(v_pos − v_neg), where the positive
     branch carries `lora` (per-sample) and the negative branch `neg_lora` (e.g. the gray-image LoRA): the
-    paper's asymmetric LoRA guidance, run as one batched forward of 2B rows per step.
+    paper's asymmetric LoRA guidance. passes: "joint" runs both branches as one batched forward of 2B rows per step,
+    "split" as two forwards of B rows (a negative LoRA that is unbatched, e.g. one gray LoRA for the batch, is then
+    one shared matrix, not B copies); "auto" picks the one measured faster on the backbone's device
+    (`cfg_passes_for`). Both give the same images.
     inpaint = (known latents (B, *latent), mask (B, 1, H, W) with 1 = regenerate): the known region is
     re-imposed at every step along its own noise path, so composition with a mask works in this sampler.
     shift None: the t grid of the backbone's own pipeline (`Backbone.sampling_schedule`); a number: that static
@@ -90,18 +122,23 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
         init = init.to(noise.device, torch.float32).expand_as(noise)
         x = interpolate(noise, init, ts[first].expand(n))  # x_t = (1 - t)·x0 + t·x1 at t = ts[first]
     cfg = neg_cond is not None and guidance != 1.0
-    if cfg:
+    joint = cfg and cfg_passes_for(backbone.device, passes) == "joint"
+    if joint:
         both_cond = Cond.cat([cond, neg_cond])
         both_lora = _cat_loras(lora, neg_lora, n)
-    elif lora is not None and lora.batched and lora.batch_size != n:
-        lora = lora.expand(n)
+    else:
+        lora, neg_lora = _per_row(lora, n), _per_row(neg_lora, n)
     finite = []  # per step (B,) bool, kept on the device: one reduction per step, one sync at the end
     for i in range(first, steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
-        if cfg:
+        if joint:
             v = backbone.velocity(torch.cat([x, x]), t.expand(2 * n), both_cond, both_lora,
                                   strength).float()  # (2B, *latent)
             v_pos, v_neg = v[:n], v[n:]
+            v = v_neg + guidance * (v_pos - v_neg)
+        elif cfg:  # split: a missing LoRA is the base model, as the zero LoRA of the joint forward
+            v_pos = backbone.velocity(x, t.expand(n), cond, lora, strength).float()  # (B, *latent)
+            v_neg = backbone.velocity(x, t.expand(n), neg_cond, neg_lora, strength).float()
             v = v_neg + guidance * (v_pos - v_neg)
         else:
             v = backbone.velocity(x, t.expand(n), cond, lora, strength).float()

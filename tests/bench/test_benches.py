@@ -30,6 +30,7 @@ def test_bench_cfg_times_both_samplers_and_judges_asymmetric_against_plain(tmp_p
 
     import i2l.bench.cfg
     from i2l.cli import main
+    from i2l.infer.guidance import FASTER_PASSES
 
     assert i2l.bench.cfg.GOALS == {"asymmetric/plain": ("<=", 1.05)}
     monkeypatch.setitem(i2l.bench.cfg.GOALS, "asymmetric/plain", ("<=", 0.0))  # no timing meets it: missed
@@ -39,16 +40,23 @@ def test_bench_cfg_times_both_samplers_and_judges_asymmetric_against_plain(tmp_p
     assert torch.get_num_threads() == two_threads  # timed with 1 thread, the caller's setting given back
     assert "asymmetric/plain" in capsys.readouterr().out
     fig = _figures(store, "cfg")
-    cpu = {c: fig[(c, "cpu_ms_per_step")].value for c in ("plain", "asymmetric", "two_pass_batch",
-                                                          "two_pass_per_sample")}
+    cpu = {c: fig[(c, "cpu_ms_per_step")].value for c in ("plain", "asymmetric", "asymmetric_split", "same_lora",
+                                                          "same_lora_split", "two_pass_batch", "two_pass_per_sample")}
     assert all(v > 0 for v in cpu.values())
     ratio = fig[("asymmetric/plain", "ratio")]
     assert ratio.value == pytest.approx(cpu["asymmetric"] / cpu["plain"], rel=0.01, abs=2e-3)  # both rounded
     extra = json.loads(ratio.extra)
     assert (extra["goal"], extra["goal_met"]) == ("<= 0", False)
     assert "goal" not in json.loads(fig[("two_pass_batch/asymmetric", "ratio")].extra)  # only the goal's ratio
-    for k in ("two_pass_batch", "two_pass_per_sample"):  # the batched sampler gives the two-pass images
+    for k in ("two_pass_batch", "two_pass_per_sample", "asymmetric_split"):  # every arrangement: the same images
         assert fig[(f"asymmetric_vs_{k}", "max_abs_diff")].value < 1e-4
+    assert fig[("same_lora_vs_same_lora_split", "max_abs_diff")].value < 1e-4
+    for k in ("asymmetric", "same_lora"):  # what `auto` runs on this device against the faster one of this run
+        row = fig[(f"auto_{k}", "picks_faster")]
+        picked = json.loads(row.extra)
+        faster = "joint" if cpu[k] <= cpu[f"{k}_split"] else "split"
+        assert picked["auto"] == FASTER_PASSES["cpu"] and picked["faster"] == faster
+        assert row.value == int(faster == FASTER_PASSES["cpu"])
 
 
 @pytest.mark.usefixtures("ray_session")

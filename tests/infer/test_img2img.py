@@ -120,7 +120,8 @@ def test_partial_denoise_runs_its_share_of_the_steps_and_stays_near_the_init(toy
     far = {}
     for d in (0.25, 0.5, 0.75, 1.0):
         rows.clear()
-        out = model.generate(prompts, lora, init_images=init, denoise=d, guidance=3.0, steps=steps, seed=[1, 2])
+        out = model.generate(prompts, lora, init_images=init, denoise=d, guidance=3.0, steps=steps, seed=[1, 2],
+                             passes="joint")
         assert len(rows) == round(d * steps) and set(rows) == {2 * n}, (d, rows)  # both CFG branches, one forward
         far[d] = float((pixels(out) - pixels([init] * n)).abs().mean())  # mean |Δ| in 0..255 levels
     assert far[0.25] < far[0.5] < far[0.75] < far[1.0], far  # measured on the debug run: 31, 61, 86, 104

@@ -86,8 +86,11 @@ def test_none_is_one_positive_pass_per_step_and_ignores_guidance(toy, monkeypatc
                                                            seed=1)))
     assert torch.equal(pixels(none), pixels(model.generate(prompts, lora, guidance=1.0, steps=3, seed=1)))
     rows.clear()
-    model.generate(prompts, lora, negative="base", guidance=3.0, steps=3, seed=1)
+    model.generate(prompts, lora, negative="base", guidance=3.0, steps=3, seed=1, passes="joint")
     assert rows == [2 * len(prompts)] * 3, rows  # CFG: both branches in one forward per step
+    rows.clear()
+    model.generate(prompts, lora, negative="base", guidance=3.0, steps=3, seed=1, passes="split")
+    assert rows == [len(prompts)] * 6, rows  # or in two forwards of one branch each
 
 
 def test_bad_negative_choices_are_clear_errors(toy):

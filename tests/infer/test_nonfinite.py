@@ -106,14 +106,15 @@ def test_to_pil_refuses_non_finite_pixels():
 
 
 # ---------- the sampler ----------
-def _nan_from_step(bb, monkeypatch, step: int, row: int):
-    """Make the backbone's velocity NaN for batch row `row` from sampler step `step` (1-based) on."""
+def _nan_from_step(bb, monkeypatch, step: int, row: int, forwards_per_step: int = 1):
+    """Make the backbone's velocity NaN for batch row `row` from sampler step `step` (1-based) on (a split CFG
+    step runs two forwards: the NaN then comes from the step's first, the positive branch)."""
     real, calls = bb.velocity, []
 
     def velocity(x, t, *args, **kw):
         calls.append(1)
         v = real(x, t, *args, **kw)
-        if len(calls) >= step:
+        if len(calls) >= (step - 1) * forwards_per_step + 1:
             v = v.clone()
             v[row] = float("nan")
         return v
@@ -121,14 +122,15 @@ def _nan_from_step(bb, monkeypatch, step: int, row: int):
 
 
 @torch.no_grad()
-def test_a_sample_going_nan_names_its_row_and_step(monkeypatch):
+@pytest.mark.parametrize("passes", ["joint", "split"])
+def test_a_sample_going_nan_names_its_row_and_step(monkeypatch, passes):
     bb = tiny_toy()
     n = len(PROMPTS)
     cond, neg = bb.encode_prompts(PROMPTS), bb.encode_prompts([""] * n)
     noise = torch.randn(n, *bb.latent_shape(32), generator=torch.Generator().manual_seed(0))
-    _nan_from_step(bb, monkeypatch, step=2, row=1)  # row 1 of the positive branch
+    _nan_from_step(bb, monkeypatch, step=2, row=1, forwards_per_step=1 if passes == "joint" else 2)  # positive row 1
     with pytest.raises(NonFiniteSample, match="row 1 at step 2 of 3") as e:
-        sample(bb, cond, neg, random_lora(bb, n), None, guidance=3.0, steps=3, noise=noise)
+        sample(bb, cond, neg, random_lora(bb, n), None, guidance=3.0, steps=3, noise=noise, passes=passes)
     assert e.value.first_bad == {1: 2}
 
 
@@ -175,7 +177,10 @@ def test_generation_going_nan_names_the_lora_and_the_step(debug_run, tmp_path, m
     model = I2L.load(debug_run.run_dir)
     path = model.predict_lora([tmp_path_image(tmp_path)]).save(tmp_path / "style.safetensors")
     style = style_from_file(path, model.backbone)
-    _nan_from_step(model.backbone, monkeypatch, step=2, row=0)
+    from i2l.infer.guidance import cfg_passes_for
+
+    forwards = 1 if cfg_passes_for(model.backbone.device) == "joint" else 2  # generate runs "auto"
+    _nan_from_step(model.backbone, monkeypatch, step=2, row=0, forwards_per_step=forwards)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=rf"lora {style.lora_id} from .*style.safetensors\) at sampler step 2 of 3"):
         generate_samples(model, [style], ["a red cat"], out, GenerateSettings(steps=3), progress=False)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from i2l.backbones.schedule import timestep_schedule
@@ -36,14 +37,15 @@ def test_fm_loss_is_zero_for_a_perfect_velocity():
     assert fm_loss(Oracle(), x1, None, noise=noise, t=torch.rand(3)) == 0
 
 
-def test_identical_loras_on_both_branches_equal_plain_cfg():
+@pytest.mark.parametrize("passes", ["joint", "split"])
+def test_identical_loras_on_both_branches_equal_plain_cfg(passes):
     bb = _bb()
     n = 2
     cond = bb.encode_prompts(["one small circle in the center"] * n)
     neg = bb.encode_prompts([""] * n)
     lora = _rand_lora(bb, n, 0)
     noise = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    asym = sample(bb, cond, neg, lora, lora, guidance=3.0, steps=3, noise=noise)
+    asym = sample(bb, cond, neg, lora, lora, guidance=3.0, steps=3, noise=noise, passes=passes)
     # plain CFG written out: the same LoRA on both branches, two separate forwards per step
     x, ts = noise, timestep_schedule(3)
     with torch.no_grad():
@@ -55,13 +57,14 @@ def test_identical_loras_on_both_branches_equal_plain_cfg():
     assert torch.allclose(asym, x, atol=1e-5)
 
 
-def test_asymmetric_cfg_batched_equals_two_pass():
+@pytest.mark.parametrize("passes", ["joint", "split"])
+def test_asymmetric_cfg_batched_equals_two_pass(passes):
     bb = _bb()
     n = 2
     cond, neg = bb.encode_prompts(["one small circle in the center"] * n), bb.encode_prompts([""] * n)
     pos_l, neg_l = _rand_lora(bb, n, 0), _rand_lora(bb, n, 5)
     noise = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    out = sample(bb, cond, neg, pos_l, neg_l, guidance=2.5, steps=3, noise=noise)
+    out = sample(bb, cond, neg, pos_l, neg_l, guidance=2.5, steps=3, noise=noise, passes=passes)
     x, ts = noise, timestep_schedule(3)
     with torch.no_grad():
         for i in range(3):
@@ -69,7 +72,7 @@ def test_asymmetric_cfg_batched_equals_two_pass():
             vp, vn = bb.velocity(x, t, cond, pos_l), bb.velocity(x, t, neg, neg_l)
             x = x + (ts[i + 1] - ts[i]) * (vn + 2.5 * (vp - vn))
     assert torch.allclose(out, x, atol=1e-5)
-    plain = sample(bb, cond, neg, pos_l, pos_l, guidance=2.5, steps=3, noise=noise)
+    plain = sample(bb, cond, neg, pos_l, pos_l, guidance=2.5, steps=3, noise=noise, passes=passes)
     assert not torch.allclose(out, plain, atol=1e-4)  # the negative LoRA matters
 
 
