@@ -17,7 +17,7 @@ from prefect.cache_policies import NONE
 
 from i2l.cluster.memory import release_freed_memory
 from i2l.config import Config, get_config
-from i2l.io import json_digest
+from i2l.io import json_digest, remove_dead_tmp
 from i2l.layout import Paths, paths_for, resolve_paths
 from i2l.store import Store, StoreBusyError
 from i2l.train.run_key import forget_run_key, json_field, read_run_key, write_run_key
@@ -142,7 +142,8 @@ class StageContext:
 
         keyed_dir: the folder the stage writes whatever its key (one per preset), so another key's run may have
         written over it since. Its outputs count only while it records this key: the record is removed before the
-        work starts and written once the work has finished, so a kill mid-write leaves no key."""
+        work starts and written once the work has finished, so a kill mid-write leaves no key. The temporaries a
+        killed writer left there (`i2l.io.atomic_tmp` names whose process is gone) are removed as the work starts."""
         log = get_run_logger()
         info = self.done(stage, key)
         if info is not None and stage not in self.force:
@@ -162,6 +163,7 @@ class StageContext:
                 if own_run else nullcontext():
             if keyed_dir is not None:
                 forget_run_key(keyed_dir)
+                remove_dead_tmp(Path(keyed_dir).rglob(".*.tmp"))  # a killed run's half-written files
             info = dict(work(run_id) or {})
             if keyed_dir is not None:
                 write_run_key(keyed_dir, key)

@@ -12,12 +12,14 @@ set -uo pipefail
 I2L=${I2L:-i2l}
 status=0
 for batch in 8 64; do
-    $I2L bench cfg --device cuda --batch "$batch" || status=1
+    $I2L bench cfg --device cuda --batch "$batch" || status=1  # the toy backbone
 done
 for preset in ${PRESETS:-klein4b zimage}; do
     echo "=== $preset"
     # shellcheck disable=SC2086  # SETS is a list of options
     $I2L info --preset "$preset" ${SETS:-} || status=1
+    # the two arrangements of the CFG branches at this preset's size (1024², random weights)
+    $I2L bench cfg --device cuda --preset "$preset" --batch 4 --steps 2 --rounds 3 ${SETS:-} || status=1
     # one target per GPU per step, as the paper trains (global batch 8 on 8 GPUs)
     $I2L bench train-step --preset "$preset" --batch 1 --rounds 5 --warmup 2 ${SETS:-} || status=1
     # the cost half of amortization: one i2L forward vs one per-style step, at 1 and 4 rows per step

@@ -8,6 +8,9 @@ evaluation samples its methods, with each row's own LoRA on both branches (same_
 The `auto` rows say which arrangement the sampler picks on this device (`cfg_passes_for`) and whether that was the
 faster one here.
 
+Any preset: the toy presets time their toy backbone; a real one (`--preset klein4b`) is built at its published size
+with random weights and random prompt embeddings (speed only), as `i2l bench train-step` builds it.
+
 Interleaved rounds after warmup, medians. On a CPU the ratios use process CPU time, which a shared machine's other
 processes disturb far less than the wall clock (on an idle machine both agree); on a GPU, wall time with the device
 synchronised after each call. `python -m i2l.bench.cfg`.
@@ -25,7 +28,8 @@ GOALS = {"asymmetric/plain": ("<=", 1.05)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="toy", help="config preset whose toy backbone is timed (default: toy)")
+    p.add_argument("--preset", default="toy",
+                   help="config preset whose backbone is timed (default: toy; a real preset: random weights)")
     p.add_argument("--batch", type=int, default=8, help="samples per batch (B); each step runs 2B rows")
     p.add_argument("--steps", type=int, default=4, help="sampling steps per timed call")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the preset's predictor.rank)")
@@ -34,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field, e.g. --set backbone.image_size=512 (repeatable)")
 
 
 def _load(lora):
@@ -77,20 +83,25 @@ def _measure(args: argparse.Namespace) -> list[dict]:
     import torch
 
     from i2l.backbones.base import Cond
+    from i2l.backbones.random_init import random_backbone, random_cond
     from i2l.config import get_config
     from i2l.infer.guidance import cfg_passes_for, sample
     from i2l.model.lora import LoRA
     from i2l.toy.backbone import new_toy_backbone
 
-    cfg = get_config(args.preset)
-    if cfg.backbone.kind != "toy":
-        raise ValueError("bench cfg times the toy backbone: use --preset toy or debug")
+    cfg = get_config(args.preset, args.overrides)
     dev = torch.device(args.device)
     n, rank, steps, s = args.batch, args.rank or cfg.predictor.rank, args.steps, cfg.eval.guidance
     words = ["one", "two", "small", "large", "circle", "square", "star", "triangle", "at", "the", "top", "bottom",
              "left", "right", "in", "middle"]
-    bb = new_toy_backbone(cfg.backbone, ["<pad>", "<unk>", *words], seed=args.seed).freeze().to(dev)
+    prompts = [" ".join(words[i % 6: i % 6 + 5]) for i in range(n)]
     g = torch.Generator().manual_seed(args.seed)
+    if cfg.backbone.kind == "toy":
+        bb = new_toy_backbone(cfg.backbone, ["<pad>", "<unk>", *words], seed=args.seed).freeze().to(dev)
+        cond, neg_cond = bb.encode_prompts(prompts), bb.encode_prompts([""] * n)
+    else:  # the preset's architecture at its size, random weights; prompts as random embeddings of the real width
+        bb = random_backbone(cfg, dev, seed=args.seed)
+        cond, neg_cond = random_cond(bb, prompts, g), random_cond(bb, [""] * n, g)
 
     def random_lora(scale=0.05):
         return LoRA({k: torch.randn(rank, i, generator=g) * scale for k, (i, o) in bb.lora_targets().items()},
@@ -98,10 +109,7 @@ def _measure(args: argparse.Namespace) -> list[dict]:
                     bb.backbone_id).to(dev)
 
     styles, gray, shared = [random_lora() for _ in range(n)], random_lora(), random_lora()
-    size = cfg.backbone.image_size
-    noise = torch.randn(n, 3, size, size, generator=g).to(dev)  # (B, 3, H, W)
-    cond = bb.encode_prompts([" ".join(words[i % 6: i % 6 + 5]) for i in range(n)])
-    neg_cond = bb.encode_prompts([""] * n)
+    noise = torch.randn(n, *bb.latent_shape(cfg.backbone.image_size), generator=g).to(dev)  # (B, *latent)
     pos = LoRA.stack(styles)  # (B, ...) one LoRA per sample
 
     def plain():  # one LoRA for every row of both branches: what a pipeline with one loaded LoRA does
@@ -130,8 +138,10 @@ def _measure(args: argparse.Namespace) -> list[dict]:
         cpu: dict[str, list[float]] = {}
         wall = interleaved(cases, args.rounds, args.warmup, cpu=cpu)
     if dev.type == "cpu":
-        return _rows(outs, wall, cpu, "cpu_ms_per_step", n, rank, steps, cfg_passes_for(dev))
-    return _rows(outs, {}, wall, f"{dev.type}_ms_per_step", n, rank, steps, cfg_passes_for(dev))
+        rows = _rows(outs, wall, cpu, "cpu_ms_per_step", n, rank, steps, cfg_passes_for(dev))
+    else:
+        rows = _rows(outs, {}, wall, f"{dev.type}_ms_per_step", n, rank, steps, cfg_passes_for(dev))
+    return [{**r, "preset": cfg.name, "image_size": cfg.backbone.image_size} for r in rows]  # kept in `extra`
 
 
 def _rows(outs: dict, wall: dict[str, list[float]], judged_times: dict[str, list[float]], metric: str, n: int,

@@ -122,7 +122,7 @@ def sample(backbone: Backbone, cond: Cond, neg_cond: Cond | None = None, lora: L
         init = init.to(noise.device, torch.float32).expand_as(noise)
         x = interpolate(noise, init, ts[first].expand(n))  # x_t = (1 - t)·x0 + t·x1 at t = ts[first]
     cfg = neg_cond is not None and guidance != 1.0
-    joint = cfg and cfg_passes_for(backbone.device, passes) == "joint"
+    joint = cfg_passes_for(backbone.device, passes) == "joint" and cfg  # checks `passes` with or without CFG
     if joint:
         both_cond = Cond.cat([cond, neg_cond])
         both_lora = _cat_loras(lora, neg_lora, n)

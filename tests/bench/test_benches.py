@@ -81,3 +81,21 @@ def test_bench_produce_times_one_and_two_actors_and_judges_the_speed_up(tmp_path
     assert ratio.value == pytest.approx(rate[2] / rate[1], rel=0.02)  # both rounded to 2 digits
     extra = json.loads(ratio.extra)
     assert (extra["goal"], extra["goal_met"]) == (">= 0", True)
+
+
+def test_bench_cfg_times_a_real_preset_at_its_architecture(tmp_path, capsys, two_threads):
+    """A real preset is timed on its own architecture with random weights: here FLUX.2-klein's, read from a replica
+    of the published checkpoint (sizes shrunk), as `--set backbone.path=` points a user at a local checkout."""
+    from i2l.cli import main
+    from i2l.replicas import write_replica
+
+    replica = write_replica("FLUX.2-klein-base-4B", tmp_path / "replicas")
+    store = tmp_path / "results.duckdb"
+    assert main(["bench", "cfg", "--preset", "klein4b", "--set", f"backbone.path={replica}", "--set",
+                 "backbone.image_size=32", "--batch", "2", "--steps", "1", "--rounds", "1", "--warmup", "0",
+                 "--store", str(store)]) == 0
+    fig = _figures(store, "cfg")
+    assert all(json.loads(r.extra)["preset"] == "klein4b" for r in fig.values())
+    assert fig[("asymmetric_split", "cpu_ms_per_step")].value > 0
+    for ref, k in (("asymmetric", "asymmetric_split"), ("same_lora", "same_lora_split")):
+        assert fig[(f"{ref}_vs_{k}", "max_abs_diff")].value < 1e-4  # fp32 on the CPU: the same images

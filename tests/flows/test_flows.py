@@ -118,11 +118,23 @@ def test_toy_models_of_another_key_on_disk_are_trained_again(tmp_path, monkeypat
              "pretrain_scorer": SCORER_FILE}
     crash = []
 
+    from i2l.io import atomic_tmp
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid = int(gone.stdout)  # a process that has exited: what a kill mid-write leaves as a temporary's writer
+    leftovers = []
+
     def trainer(stage):  # stands in for the trainer: writes what it trained into out_dir, marker last
         def train(cfg, data_dir, out_dir, progress):
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / files[stage]).write_text(json.dumps({"tag": tags[stage](cfg)}))
-            if crash:
+            if crash:  # killed mid-write: a dead writer's temporary, and one of a writer still alive (this test)
+                live = atomic_tmp(Path(out_dir) / "loss_curve.json")
+                dead = live.with_name(live.name.replace(f".{os.getpid()}.", f".{dead_pid}."))
+                for p in (live, dead):
+                    p.write_text("{")
+                leftovers.append((live, dead))
                 raise RuntimeError("killed before the stage finished")
             return {}
         return train
@@ -158,6 +170,8 @@ def test_toy_models_of_another_key_on_disk_are_trained_again(tmp_path, monkeypat
     crash.clear()
     # The half-written backbone is not taken for A's finished one; B never reached the other two: A's, skipped.
     assert run(2) == {**ran(2), "pretrain_encoder": (True, 2), "pretrain_scorer": (True, 2)}
+    ((live, dead),) = leftovers
+    assert not dead.exists() and live.exists()  # the re-run removed the dead writer's temporary only
 
 
 def test_a_toy_world_of_other_settings_on_disk_is_written_again(tmp_path, monkeypatch):

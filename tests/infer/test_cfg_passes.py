@@ -87,6 +87,9 @@ def test_auto_resolves_per_device_and_bad_names_are_refused():
     bb = tiny_toy()
     with pytest.raises(ValueError, match="cfg passes"):
         _run(bb, None, None, "both")
+    x, _, cond = inputs(bb, N)
+    with pytest.raises(ValueError, match="cfg passes"):  # refused without CFG too, not silently ignored
+        sample(bb, cond, None, None, None, steps=1, noise=x, passes="both")
 
 
 def test_stack_rows_keeps_one_shared_lora_unbatched(bb):
