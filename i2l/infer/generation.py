@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from i2l.infer.guidance import NEGATIVES, NonFiniteSample, cfg_passes_for, denoise_steps
+from i2l.infer.guidance import NEGATIVES, NonFiniteSample, check_passes, denoise_steps
 from i2l.io import atomic_path, write_bytes_atomic
 from i2l.model.finite import require_finite
 from i2l.model.lora import LoRA, check_compatible
@@ -61,7 +61,7 @@ class GenerateSettings:
         denoise_steps(self.steps, self.denoise)  # denoise in [0, 1]
         if self.negative not in NEGATIVES:
             raise ValueError(f"negative must be one of {', '.join(NEGATIVES)}, got {self.negative!r}")
-        cfg_passes_for("cpu", self.passes)  # one of CFG_PASSES
+        check_passes(self.passes)
         if not self.asymmetric and self.negative != "gray":
             raise ValueError(f"plain CFG (the style LoRA on both branches) and negative={self.negative!r} both choose "
                              "the negative branch: give one")

@@ -22,12 +22,19 @@ CFG_PASSES = ("auto", "joint", "split")
 FASTER_PASSES = {"cpu": "split", "cuda": "joint"}
 
 
+def check_passes(passes: str) -> str:
+    """`passes` when it names a CFG arrangement (CFG_PASSES), else a clear error."""
+    if passes not in CFG_PASSES:
+        raise ValueError(f"cfg passes must be one of {', '.join(CFG_PASSES)}, got {passes!r}")
+    return passes
+
+
 def cfg_passes_for(device: torch.device | str, passes: str = "auto") -> str:
     """The CFG arrangement `sample` runs on `device`: `passes` itself, or for "auto" the one measured faster there
     (a device type not measured gets "joint", the arrangement with the fewest forwards)."""
-    if passes not in CFG_PASSES:
-        raise ValueError(f"cfg passes must be one of {', '.join(CFG_PASSES)}, got {passes!r}")
-    return FASTER_PASSES.get(torch.device(device).type, "joint") if passes == "auto" else passes
+    if check_passes(passes) != "auto":
+        return passes
+    return FASTER_PASSES.get(torch.device(device).type, "joint")
 
 
 class NonFiniteSample(ValueError):

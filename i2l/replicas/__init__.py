@@ -41,6 +41,15 @@ REPLICAS = {
 }
 
 
+# Config overrides that run a real preset's code paths on its replicas in seconds: 32 px images of a 6-style toy
+# world, a 1-block predictor, 2 training steps (tests/replicas/test_whole_path.py, infra/gpu_replica_path.py).
+DEBUG_SIZES = {"toyworld.styles": 6, "toyworld.rows_per_shard": 64, "data.resolution": 32, "data.val_fraction": 0.34,
+               "data.val_samples": 2, "data.rows_per_shard": 64, "data.row_group_rows": 16, "data.batch_size": 16,
+               "data.concurrency": 1, "data.min_side": 16, "backbone.image_size": 32, "predictor.hidden": 32,
+               "predictor.depth": 1, "predictor.heads": 2, "predictor.compress": 8, "train.steps": 2,
+               "train.batch_size": 2, "train.ckpt_every": 2, "train.warmup": 1, "train.num_workers": 1}
+
+
 def write_replica(name: str, root: str | Path) -> Path:
     """Write replica `name` to <root>/<name>; refuses an existing directory (no silent mixing of files)."""
     if name not in REPLICAS:
@@ -56,5 +65,5 @@ def write_replicas(root: str | Path, names: list[str] | None = None) -> dict[str
     return {name: write_replica(name, root) for name in (names or list(REPLICAS))}
 
 
-__all__ = ["PUBLISHED", "REPLICAS", "SIZE_KEYS", "SOURCES", "register_open_clip_archs", "write_replica",
+__all__ = ["DEBUG_SIZES", "PUBLISHED", "REPLICAS", "SIZE_KEYS", "SOURCES", "register_open_clip_archs", "write_replica",
            "write_replicas"]

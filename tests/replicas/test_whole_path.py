@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from i2l.cli import main as cli
+from i2l.replicas import DEBUG_SIZES
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Already found a `peft_config`")]
 
@@ -28,12 +29,7 @@ METRICS = "DiffSynth-Studio-ImageMetrics"  # the Table-1 preference scorers, rea
 SCORED = ("clip_text", "clip_style", "ref_style_sim", "leakage", "aesthetic", "pickscore", "imagereward", "hpsv2",
           "hpsv3")
 # debug sizes on the real presets' code paths: 32 px images, a 1-block predictor, 2 steps, 2 held-out styles
-TINY = {"toyworld.styles": 6, "toyworld.rows_per_shard": 64, "data.resolution": 32, "data.val_fraction": 0.34,
-        "data.val_samples": 2, "data.rows_per_shard": 64, "data.row_group_rows": 16, "data.batch_size": 16,
-        "data.concurrency": 1, "data.min_side": 16, "backbone.image_size": 32, "predictor.hidden": 32,
-        "predictor.depth": 1, "predictor.heads": 2, "predictor.compress": 8, "train.steps": 2,
-        "train.batch_size": 2, "train.ckpt_every": 2, "train.warmup": 1, "train.num_workers": 1,
-        "train.use_gpu": False, "eval.styles": 2, "eval.sample_steps": 1, "produce.workers": 1,
+TINY = {**DEBUG_SIZES, "train.use_gpu": False, "eval.styles": 2, "eval.sample_steps": 1, "produce.workers": 1,
         "produce.batch_size": 2, "produce.num_gpus": 0, "scorer.device": "cpu"}
 TIMES: dict[str, dict[str, float]] = {}
 
