@@ -16,6 +16,7 @@ from prefect import get_run_logger
 from prefect.cache_policies import NONE
 
 from i2l.cluster.memory import release_freed_memory
+from i2l.cluster.signals import signals_end_the_run
 from i2l.config import Config, get_config
 from i2l.io import json_digest, remove_dead_tmp
 from i2l.layout import Paths, paths_for, resolve_paths
@@ -115,6 +116,7 @@ class StageContext:
     def open(cls, preset: str, overrides: Iterable[str] | None, data_root: str | None,
              parent_run_id: str | None = None, progress: bool = True, force: Iterable[str] | None = None,
              reports_root: str | None = None) -> StageContext:
+        signals_end_the_run()  # flows run by a deployment's worker do not pass through the CLI's main
         cfg = load_config(preset, overrides, data_root)
         unknown = set(force or ()) - set(STAGES)
         if unknown:

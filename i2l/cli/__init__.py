@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from i2l.cli._warnings import echo_warnings
+    from i2l.cluster.signals import signals_end_the_run
 
+    signals_end_the_run()  # a SIGTERM / Ctrl-C that lands in a finalizer still ends the command
     try:
         # the library's warnings (a broken checkpoint skipped, ...) reach the user as `i2l CMD: warning: ...`
         with echo_warnings(args.command):
