@@ -14,11 +14,7 @@ import _thread
 import os
 import signal
 import sys
-import threading
 import time
-
-_lock = threading.Lock()
-_installed = False
 
 
 def signal_of(exc: BaseException | None) -> int | None:
@@ -27,9 +23,7 @@ def signal_of(exc: BaseException | None) -> int | None:
     if isinstance(exc, KeyboardInterrupt):
         return signal.SIGINT
     sig = getattr(exc, "signal", None)
-    if isinstance(exc, BaseException) and not isinstance(exc, Exception) and isinstance(sig, int):
-        return sig
-    return None
+    return sig if isinstance(sig, int) and not isinstance(exc, Exception) else None
 
 
 def _kill_soon(sig: int) -> None:
@@ -48,19 +42,17 @@ def _redeliver(sig: int) -> None:
 
 
 def signals_end_the_run() -> None:
-    """Install (once per process) the `sys.unraisablehook` that re-delivers a signal swallowed by a finalizer;
-    every other unraisable exception goes to the hook that was there before."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        previous = sys.unraisablehook
+    """Install the `sys.unraisablehook` that re-delivers a signal swallowed by a finalizer, unless it is the hook
+    in place already; every other unraisable exception goes to the hook that was there before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "redelivers_signals", False):
+        return
 
-        def hook(unraisable) -> None:
-            previous(unraisable)  # still printed: it says where the signal landed
-            sig = signal_of(unraisable.exc_value)
-            if sig is not None:
-                _redeliver(sig)  # the last thing the hook does
+    def hook(unraisable) -> None:
+        previous(unraisable)  # still printed: it says where the signal landed
+        sig = signal_of(unraisable.exc_value)
+        if sig is not None:
+            _redeliver(sig)  # the last thing the hook does
 
-        sys.unraisablehook = hook
-        _installed = True
+    hook.redelivers_signals = True
+    sys.unraisablehook = hook

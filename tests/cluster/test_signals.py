@@ -79,11 +79,10 @@ def test_other_unraisable_exceptions_reach_the_previous_hook(monkeypatch):
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(type(u.exc_value)))
-    monkeypatch.setattr(signals, "_installed", False)
     redelivered = []
     monkeypatch.setattr(signals, "_redeliver", redelivered.append)
     signals.signals_end_the_run()
-    signals.signals_end_the_run()  # once per process: the hook does not wrap itself
+    signals.signals_end_the_run()  # the hook in place already: it does not wrap itself
 
     class Broken:
         def __del__(self):
