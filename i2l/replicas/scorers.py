@@ -44,10 +44,13 @@ def register_open_clip_archs() -> dict[str, str]:
     replica's checkpoint loads with `create_model_and_transforms(<replica name>, pretrained=<file>)`."""
     import open_clip
 
-    folder = Path(tempfile.mkdtemp(prefix="i2l-open-clip-archs-"))
-    for name, cfg in OPEN_CLIP_ARCHS.items():
-        write_json(folder / f"{name}.json", cfg)
-    open_clip.add_model_config(folder)
+    if not set(OPEN_CLIP_ARCHS) <= set(open_clip.list_models()):
+        # open_clip reads the files when they are added and keeps the configs in its registry: the folder can go
+        # (a later rescan skips a path that no longer exists and keeps what it registered)
+        with tempfile.TemporaryDirectory(prefix="i2l-open-clip-archs-") as folder:
+            for name, cfg in OPEN_CLIP_ARCHS.items():
+                write_json(Path(folder) / f"{name}.json", cfg)
+            open_clip.add_model_config(folder)
     return {"ViT-H-14": "ViT-H-14-replica", "ViT-L-14-quickgelu": "ViT-L-14-quickgelu-replica"}
 
 

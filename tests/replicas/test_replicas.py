@@ -171,6 +171,19 @@ def test_open_clip_checkpoints_load_with_open_clip(replicas):
     assert model.visual.image_size == (224, 224)
 
 
+def test_registering_the_open_clip_archs_leaves_no_folder_and_survives_a_rescan(tmp_path, monkeypatch):
+    import tempfile
+
+    import open_clip
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp / TemporaryDirectory put folders
+    arch = register_open_clip_archs()
+    register_open_clip_archs()
+    assert list(tmp_path.iterdir()) == []  # one folder per call used to stay in /tmp for good
+    open_clip.add_model_config(tmp_path)  # any later registration rescans every path added so far
+    assert set(arch.values()) <= set(open_clip.list_models())
+
+
 def test_pickscore_loads_with_clip_model_and_the_laion_processor(replicas):
     from transformers import CLIPModel, CLIPProcessor
 
