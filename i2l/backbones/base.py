@@ -104,6 +104,24 @@ class Backbone:
         raise NotImplementedError
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Text conditioning (B, L, D) for `prompts`, each distinct prompt encoded once: batches often repeat one
+        (CFG's negative prompt on every row, a held-out sample's prompt over its noise grid), and a real text
+        encoder (Qwen3 at 512 tokens) costs per row. Rows are independent in every backbone's encoding (fixed
+        padding, or Cond.cat's padding to the longest, which the distinct prompts already have), so the gathered
+        rows equal a full batch's. Not while gradients train the text encoder (the toy backbone's pretraining):
+        a gathered row would sum its gradients in another order."""
+        prompts = list(prompts)
+        distinct = list(dict.fromkeys(prompts))
+        encoder = getattr(self, "text_encoder", None)
+        learns = torch.is_grad_enabled() and isinstance(encoder, nn.Module) and any(
+            p.requires_grad for p in encoder.parameters())
+        if len(distinct) == len(prompts) or learns:
+            return self._encode_prompts(prompts)
+        cond = self._encode_prompts(distinct)
+        where = {p: i for i, p in enumerate(distinct)}
+        return cond.index(torch.tensor([where[p] for p in prompts], device=cond.embeds.device))
+
+    def _encode_prompts(self, prompts: list[str]) -> Cond:
         raise NotImplementedError
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,7 @@ class Flux2Backbone(DiffusersBackbone):
         return schedule.flux2_klein_training(self.pipe.scheduler.config)  # (1000,): mu 0.8, as the authors train
 
     # ----- text -----
-    def encode_prompts(self, prompts: list[str]) -> Cond:
+    def _encode_prompts(self, prompts: list[str]) -> Cond:
         """Prompt embeddings (B, L, D) exactly as Flux2KleinPipeline.encode_prompt makes them (no mask: the
         pipeline pads to max_sequence_length and the transformer attends to the padding too)."""
         self._require_text_encoder("prompt embeddings")

@@ -187,7 +187,7 @@ class HiDreamO1Backbone(Backbone):
                                                    add_generation_prompt=True)
                 + self.tokenizer.boi_token + self.tokenizer.tms_token)
 
-    def encode_prompts(self, prompts: list[str]) -> Cond:
+    def _encode_prompts(self, prompts: list[str]) -> Cond:
         """Token ids as the pipeline's prompt unit makes them (HiDreamO1ImageUnit_PromptTokenizer's text-to-image
         sample), each (1, L_i), padded into ids (B, L, 1) with mask (B, L)."""
         from diffsynth.pipelines.hidream_o1_image import HiDreamO1ImageUnit_PromptTokenizer

@@ -70,7 +70,7 @@ class ZImageBackbone(DiffusersBackbone):
         return schedule.zimage_training(self.pipe.scheduler.config, seq)  # (1000,): shift 3, as the authors train
 
     # ----- text -----
-    def encode_prompts(self, prompts: list[str]) -> Cond:
+    def _encode_prompts(self, prompts: list[str]) -> Cond:
         """Caption features as ZImagePipeline._encode_prompt makes them (second-to-last hidden state, padding
         dropped), padded into (B, L, D) with mask (B, L) so that `_velocity` can hand back the exact list."""
         self._require_text_encoder("caption features")

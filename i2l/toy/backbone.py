@@ -136,7 +136,7 @@ class ToyBackbone(Backbone):
     def modules(self):
         return [self.transformer, self.text_encoder]
 
-    def encode_prompts(self, prompts: list[str]) -> Cond:
+    def _encode_prompts(self, prompts: list[str]) -> Cond:
         ids = self.text_encoder.token_ids(list(prompts)).to(self.device)
         return Cond(self.text_encoder(ids))  # (B, L, D)
 

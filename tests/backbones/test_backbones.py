@@ -55,6 +55,27 @@ def test_no_lora_is_bit_identical(case):
     assert not torch.allclose(base, v_lora, atol=1e-4), "a non-zero LoRA must change the velocity"
 
 
+def test_repeated_prompts_are_encoded_once_and_equal_the_whole_batch(case, monkeypatch):
+    name, bb = case
+    asked, encode = [], bb._encode_prompts
+    monkeypatch.setattr(bb, "_encode_prompts", lambda ps: (asked.append(list(ps)), encode(ps))[1])
+    # prompts of different lengths (Z-Image pads them into one batch with a mask), the negative repeated
+    prompts = [PROMPTS[1], "", PROMPTS[0], "", PROMPTS[1], ""]
+    got = bb.encode_prompts(prompts)
+    assert asked == [[PROMPTS[1], "", PROMPTS[0]]]
+    whole = encode(prompts)
+    assert torch.equal(got.embeds, whole.embeds)
+    assert (got.mask is None) == (whole.mask is None) and (got.mask is None or torch.equal(got.mask, whole.mask))
+    if name == "toy":  # a text encoder being trained (the toy's pretraining) sees every row
+        asked.clear()
+        bb.text_encoder.requires_grad_(True)
+        try:
+            bb.encode_prompts(prompts)
+        finally:
+            bb.text_encoder.requires_grad_(False)
+        assert asked == [prompts]
+
+
 def test_per_sample_loras_match_one_at_a_time(case):
     _, bb = case
     x, t, cond = inputs(bb, 3)
