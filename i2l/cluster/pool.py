@@ -3,6 +3,7 @@ results come back as they finish (for the caller to write durably). An actor's d
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -10,6 +11,9 @@ from time import perf_counter
 from typing import Any, Self
 
 from i2l.cluster import ensure_ray
+
+WAIT_SLICE_S = 0.25  # how long a pool waits on Ray between looks at its stop flag
+STOP_GRACE_S = 10.0  # how long a stopped group waits for its pools to kill their actors
 
 
 @dataclass
@@ -60,6 +64,16 @@ class Finished:
     actor: Any  # the actor handle that ran it
 
 
+class PoolStopped(RuntimeError):
+    """Raised by `map` in a pool that `stop()` was called on."""
+
+
+def cluster_slots(ray, num_gpus: float) -> int:
+    """How many actors of `num_gpus` GPUs each (0: one CPU each) the cluster holds at once."""
+    res = ray.cluster_resources()
+    return int(res.get("CPU", 1)) if num_gpus <= 0 else int(res.get("GPU", 0) // num_gpus)
+
+
 class ActorPool:
     """`with ActorPool(Cls, init_args, options) as pool: for done in pool.map(calls): ...`
 
@@ -75,6 +89,21 @@ class ActorPool:
         self._actors: list = []
         self._new_actor = None  # starts one more actor, once map() knows the options
         self._bar = None
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Make `map` (running in another thread) raise PoolStopped within WAIT_SLICE_S; its `with` block then
+        kills the actors."""
+        self._stop.set()
+
+    def _wait(self, ray, refs: list, num_returns: int) -> list:
+        """ray.wait for num_returns of refs, in slices, so that stop() is seen."""
+        while True:
+            if self._stop.is_set():
+                raise PoolStopped(f"{self.options.name}: stopped")
+            ready, _ = ray.wait(refs, num_returns=num_returns, timeout=WAIT_SLICE_S)
+            if len(ready) >= num_returns:
+                return ready
 
     def __enter__(self) -> Self:
         return self
@@ -94,15 +123,16 @@ class ActorPool:
 
     def _actor_options(self, ray) -> tuple[dict, int]:
         """Ray options of one actor and how many such actors fit in the cluster at once."""
-        o, res = self.options, ray.cluster_resources()
+        o = self.options
         options = {"num_cpus": 1, "max_restarts": o.max_restarts, "max_task_retries": o.max_task_retries}
+        slots = cluster_slots(ray, o.num_gpus)
         if o.num_gpus <= 0:
-            return options, int(res.get("CPU", 1))
-        if res.get("GPU", 0) < o.num_gpus:
+            return options, slots
+        if slots < 1:
             raise ValueError(f"{o.name} actors need {o.num_gpus} GPU(s) each but the Ray cluster has "
-                             f"{res.get('GPU', 0)}: set RAY_ADDRESS to a GPU cluster"
+                             f"{ray.cluster_resources().get('GPU', 0)}: set RAY_ADDRESS to a GPU cluster"
                              + (f", or {o.cpu_hint}" if o.cpu_hint else ""))
-        return {**options, "num_gpus": o.num_gpus}, int(res["GPU"] // o.num_gpus)
+        return {**options, "num_gpus": o.num_gpus}, slots
 
     def _start(self, ray, calls: deque) -> None:
         from ray.exceptions import RayActorError
@@ -116,8 +146,9 @@ class ActorPool:
         self._actors = [self._new_actor() for _ in range(self.workers)]
         self._bar = tqdm(total=sum(c.size for _, c in calls), desc=f"{o.name} ({self.workers} actors)",
                          unit=o.unit, disable=not o.progress)
+        ready = [a.__ray_ready__.remote() for a in self._actors]
         try:  # start-up (imports, weights) is paid once per actor: keep it out of `seconds`
-            ray.get([a.__ray_ready__.remote() for a in self._actors])
+            ray.get(self._wait(ray, ready, len(ready)))
         except RayActorError as e:
             hint = f" ({o.start_hint})" if o.start_hint else ""
             raise RuntimeError(f"{o.name} actors failed to start{hint}: {str(e)[-800:]}") from e
@@ -158,7 +189,7 @@ class ActorPool:
             for _ in range(o.queue_depth):
                 submit(slot)
         while inflight:
-            [ref], _ = ray.wait(list(inflight), num_returns=1)
+            ref = self._wait(ray, list(inflight), 1)[0]
             slot, gen, actor, k, call = inflight.pop(ref)
             busy[slot] -= 1
             try:
@@ -180,3 +211,52 @@ class ActorPool:
             submit(slot)  # after the caller's body: a call given to an actor it killed is retried for sure
             retire_if_idle(slot)
         self.seconds = perf_counter() - t0
+
+
+def map_side_by_side(work: list[tuple[ActorPool, list[Call]]], at_once: int) -> list[list[Finished]]:
+    """Map each (pool, calls) to the end, up to `at_once` pools at a time, each from a thread of its own, and
+    return every pool's results (each in finishing order). Pools of different actor classes can then share a
+    cluster (one scorer model per actor, each pool on its own GPUs) instead of taking turns; the caller keeps
+    `at_once` x workers within the cluster's slots, since a pool waits until all its actors have started.
+    The first error stops every pool (each kills its actors) and is raised here, as is a signal's exception in
+    the calling thread (Ctrl-C, SIGTERM): the threads are daemons that never hold the process open."""
+    results: list[list[Finished]] = [[] for _ in work]
+    errors: list[BaseException] = []
+    todo, lock = deque(range(len(work))), threading.Lock()
+
+    def stop_all() -> None:
+        for pool, _ in work:
+            pool.stop()
+
+    def run() -> None:
+        while True:
+            with lock:
+                if not todo or errors:
+                    return
+                i = todo.popleft()
+            pool, calls = work[i]
+            try:
+                with pool:
+                    for done in pool.map(calls):
+                        results[i].append(done)
+            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+                with lock:
+                    errors.append(e)
+                stop_all()
+                return
+
+    threads = [threading.Thread(target=run, name=f"pool-{k}", daemon=True) for k in range(min(at_once, len(work)))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(WAIT_SLICE_S)  # in slices: a signal's exception must reach this thread
+    except BaseException:
+        stop_all()
+        for t in threads:
+            t.join(STOP_GRACE_S)
+        raise
+    if errors:
+        raise errors[0]
+    return results

@@ -1,11 +1,15 @@
 """The one actor pool on a real local Ray cluster: an actor that crashes mid-call is restarted by Ray and the call
 re-sent; an actor killed for good is replaced and its calls requeued; every result arrives exactly once; a call
-that keeps killing its actor is reported; the call's own errors propagate; GPU actors ask for GPUs."""
+that keeps killing its actor is reported; the call's own errors propagate; GPU actors ask for GPUs. Pools side by
+side run at once, and an error or a Ctrl-C stops them all with their actors killed."""
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from ray import cloudpickle
 
-from i2l.cluster.pool import ActorPool, Call, PoolOptions
+from i2l.cluster.pool import ActorPool, Call, PoolOptions, map_side_by_side
 
 # Ray's workers cannot import a test module: ship its classes by value instead.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -40,6 +44,24 @@ class Squarer:
 
     def refuse(self, x: int) -> None:
         raise ValueError(f"bad input {x}")
+
+
+class Sleeper:
+    """Records its pid at start; `nap` sleeps and says when it ran."""
+
+    def __init__(self, pid_dir: str):
+        Path(pid_dir, str(os.getpid())).touch()
+
+    def nap(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def meet(self, me: str, other: str, timeout: float) -> bool:
+        """Leave file `me`, then wait for file `other`: whether the other pool's actor ran meanwhile."""
+        Path(me).touch()
+        deadline = time.monotonic() + timeout
+        while not Path(other).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return Path(other).exists()
 
 
 class Broken:
@@ -107,3 +129,52 @@ def test_actors_fit_the_cluster_and_gpu_actors_ask_for_gpus(ray_session, tmp_pat
     opts, slots = ActorPool(Squarer, (), options(num_gpus=0.5))._actor_options(four_gpus)
     assert (opts["num_gpus"], opts["num_cpus"], slots) == (0.5, 1, 8)
     assert opts["max_restarts"] == 1 and opts["max_task_retries"] == 1
+
+
+def _sleepers(tmp_path, name: str) -> ActorPool:
+    """A pool of one Sleeper, which leaves its pid in tmp_path/name."""
+    (tmp_path / name).mkdir()
+    return ActorPool(Sleeper, (str(tmp_path / name),), options(workers=1, name=name))
+
+
+def _gone(pid_dir: Path, within_s: float = 15.0) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + within_s
+    while any(psutil.pid_exists(int(p.name)) for p in pid_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(psutil.pid_exists(int(p.name)) for p in pid_dir.iterdir())
+
+
+@pytest.mark.parametrize("at_once", [1, 2])
+def test_pools_side_by_side_run_at_once_only_when_asked(ray_session, tmp_path, at_once):
+    a, b = (tmp_path / "a.here", tmp_path / "b.here")
+    wait = 60.0 if at_once == 2 else 3.0  # side by side they meet as soon as both actors are up
+    work = [(_sleepers(tmp_path, "a"), [Call("meet", (str(a), str(b), wait))]),
+            (_sleepers(tmp_path, "b"), [Call("meet", (str(b), str(a), wait))])]
+    met = [d.value for done in map_side_by_side(work, at_once) for d in done]
+    assert len(met) == 2 and all(met) == (at_once == 2)
+
+
+def test_an_error_in_one_pool_stops_the_others_and_kills_their_actors(ray_session, tmp_path):
+    (tmp_path / "bad").mkdir()
+    bad = ActorPool(Squarer, (str(tmp_path / "bad"),), options(workers=1, name="bad"))
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="bad input 7"):
+        map_side_by_side([(_sleepers(tmp_path, "slow"), [Call("nap", (5.0,))] * 6), (bad, [Call("refuse", (7,))])], 2)
+    assert time.monotonic() - t0 < 20, "the slow pool ran on after the error"  # its calls alone take 30 s
+    assert _gone(tmp_path / "slow"), "the stopped pool's actor outlived it"
+
+
+def test_ctrl_c_while_pools_run_stops_them_and_kills_their_actors(ray_session, tmp_path):
+    work = [(_sleepers(tmp_path, name), [Call("nap", (5.0,))] * 6) for name in ("x", "y")]
+    timer = threading.Timer(3.0, _thread.interrupt_main)  # KeyboardInterrupt in this (the main) thread
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            map_side_by_side(work, 2)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - t0 < 20  # not the 30 s of calls
+    assert _gone(tmp_path / "x") and _gone(tmp_path / "y")

@@ -1,6 +1,7 @@
 """Scoring on Ray actors, one model per actor: each configured scorer gets its own ActorPool (i2l/cluster/pool.py)
 of `scorer.workers` actors that load that one model once and score the evaluation's chunks, so a large evaluation
-spreads over the cluster (GPU actors when the scorers run on cuda). A chunk travels as image files (the PNGs the
+spreads over the cluster (GPU actors when the scorers run on cuda); the pools run side by side where the cluster
+has the slots. A chunk travels as image files (the PNGs the
 evaluation saved: lossless, so an actor sees the pixels the in-process path scores) and the rows are built here
 with the in-process path's own `scorer_rows`, so the results store gets the same rows either way."""
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from i2l.cluster.pool import ActorPool, Call, PoolOptions
+from i2l.cluster.pool import ActorPool, Call, PoolOptions, cluster_slots, map_side_by_side
 from i2l.eval.metrics import ScoreBatch, Scorer, scorer_rows
 
 
@@ -71,22 +72,25 @@ def actor_gpus(cfg) -> float:
 
 def score_on_actors(cfg, scorers: list[Scorer], jobs: list[ScoreJob], progress: bool = True) -> list[list[dict]]:
     """The rows of every job (one list per job, in the order score_samples gives them), each available scorer
-    run by its own pool of `cfg.scorer.workers` actors; an unavailable one gets its skipped rows here."""
+    run by its own pool of `cfg.scorer.workers` actors; an unavailable one gets its skipped rows here. The pools
+    run side by side, as many at once as the cluster's slots hold (on 8 GPUs with one actor per scorer, all of
+    Table 1's scorers load and score at once, not one after another)."""
+    from i2l.cluster import ensure_ray
+
     gpus = actor_gpus(cfg)
+    status = {sc.name: sc.available() for sc in scorers}
+    threads = 0 if gpus else torch.get_num_threads()
+    calls = [Call("score", (k, job), size=len(job)) for k, job in enumerate(jobs) if len(job)]
+    work = [(ActorPool(ScorerActor, (cfg, sc.name, threads),
+                       PoolOptions(workers=cfg.scorer.workers, num_gpus=gpus, name=f"score {sc.name}", unit="image",
+                                   progress=progress, cpu_hint="set scorer.device=cpu",
+                                   start_hint="every node must read the scorer's weights at the configured path")),
+             calls) for sc in scorers if status[sc.name][0]]
+    at_once = max(1, cluster_slots(ensure_ray(), gpus) // cfg.scorer.workers) if work else 1
+    finished = iter(map_side_by_side(work, at_once))
     per_scorer: list[list[list[dict]]] = []  # scorer -> job -> rows
     for sc in scorers:
-        ok, reason = sc.available()
-        values: dict[int, dict] = {}
-        if ok:
-            options = PoolOptions(workers=cfg.scorer.workers, num_gpus=gpus, name=f"score {sc.name}", unit="image",
-                                  progress=progress, cpu_hint="set scorer.device=cpu",
-                                  start_hint="every node must read the scorer's weights at the configured path")
-            calls = [Call("score", (k, job), size=len(job)) for k, job in enumerate(jobs) if len(job)]
-            threads = 0 if gpus else torch.get_num_threads()
-            with ActorPool(ScorerActor, (cfg, sc.name, threads), options) as pool:
-                for done in pool.map(calls):
-                    k, vals = done.value
-                    values[k] = vals
+        ok, reason = status[sc.name]
+        values = dict(done.value for done in next(finished)) if ok else {}  # job k -> metric -> values
         per_scorer.append([scorer_rows(sc, ok, reason, values.get(k, {}), len(job)) for k, job in enumerate(jobs)])
     return [[r for rows in per_scorer for r in rows[k]] for k in range(len(jobs))]
-
