@@ -33,6 +33,10 @@ def ensure_ray(num_cpus: int | None = None):
             # A local cluster is never drained by an autoscaler: Ray Train's preemption watcher (an actor process of
             # ~120 MB through every training) has nothing to watch here. A user's own setting wins.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            # Ray Train's controller looks at its workers every 2 s by default, and a finished run takes several
+            # looks to wind down: fit() returned 5.2 s after the last step, 1.0 s at 0.25 s (docs/results.md).
+            # A look is one small call per worker; a local cluster has few. A user's own setting wins.
+            os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
             # One glibc malloc arena per CPU for the cluster's processes (they inherit it through the raylet), not
             # glibc's 8 per core: a Ray worker runs many threads (gRPC, Ray Train's), each of which would get its
             # own arena. On 2 cores the training worker's peak RSS fell 83 MB at the same speed

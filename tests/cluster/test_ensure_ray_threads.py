@@ -25,6 +25,8 @@ time.sleep(3)  # both starting threads are gone: a cluster tied to them would be
 print("task after the threads", ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60), flush=True)
 print("preemption watcher", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"))
 print("worker arenas", ray.get(ray.remote(lambda: __import__("os").environ.get("MALLOC_ARENA_MAX")).remote()))
+print("train looks every", ray.get(ray.remote(
+    lambda: __import__("os").environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")).remote()))
 ray.shutdown()
 """
 
@@ -38,4 +40,6 @@ def test_two_threads_start_one_ray_without_error():
     assert "preemption watcher 0" in out.stdout
     # its processes get one malloc arena per CPU (num_cpus=1 here; at least 2), through the raylet's environment
     assert "worker arenas 2" in out.stdout, out.stdout[-2000:]
+    # Ray Train's controller (an actor: the same environment) looks at its workers every 0.25 s, not every 2 s
+    assert "train looks every 0.25" in out.stdout, out.stdout[-2000:]
     assert "task after the threads 42" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
