@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -359,7 +360,8 @@ def test_killed_train_flow_resumes_from_checkpoint(pipeline_world, tmp_path):
     cmd = [sys.executable, "-m", "i2l.cli", "run", "--flow", "train", "--preset", "debug", "--data-root",
            str(root), "--no-progress", *[a for o in OVERRIDES for a in ("--set", o)],
            "--set", f"train.steps={steps}", "--set", "train.ckpt_every=5"]
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
+    tag = uuid.uuid4().hex  # Ray starts its workers in process groups of their own: found by this instead
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO), "I2L_FAULT_TAG": tag}
     env.pop("RAY_ADDRESS", None)
     ck_dir = root / "runs" / "debug" / "train" / "checkpoints"
     first = ck_dir / "step_0000005" / "predictor.safetensors"
@@ -372,11 +374,13 @@ def test_killed_train_flow_resumes_from_checkpoint(pipeline_world, tmp_path):
         while not first.is_file():
             assert proc.poll() is None, f"train flow exited early: {(tmp_path / 'killed.log').read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no checkpoint within 400 s"
-            time.sleep(0.2)
+            time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the flow, its local Ray and the training worker
+        os.killpg(proc.pid, signal.SIGKILL)  # the flow and its local Ray's daemons
+        _kill_tagged(tag)  # the training worker, which would train on until it noticed its raylet gone
         proc.wait(60)
     _wait_group_gone(proc.pid)
+    _kill_tagged(tag, wait_s=60)
     steps_done = sorted(ck_dir.glob("step_*"))
     assert steps_done and steps_done[-1].name < f"step_{steps:07d}", "killed too late: raise `steps`"
     stat = first.stat()
@@ -429,6 +433,27 @@ def test_train_flow_keeps_one_run_per_key(pipeline_world, tmp_path):
 
 
 # ---------- helpers ----------
+
+def _kill_tagged(tag: str, wait_s: float = 0.0) -> None:
+    """SIGKILL every live process whose environment carries I2L_FAULT_TAG=tag (Ray's workers inherit it), then
+    wait up to wait_s for them to be gone."""
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("I2L_FAULT_TAG") == tag and p.status() != psutil.STATUS_ZOMBIE:
+                    p.kill()
+                    left.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        if not left or time.monotonic() > deadline:
+            assert not left or not wait_s, f"tagged processes still alive after {wait_s} s: {left}"
+            return
+        time.sleep(0.2)
+
 
 def _wait_group_gone(pgid: int, timeout: float = 60) -> None:
     import psutil
