@@ -71,6 +71,8 @@ def test_dockerfile_is_cuda_with_i2l_installed():
     froms = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
     assert len(froms) == 1 and froms[0].startswith("nvidia/cuda:") and "cudnn" in froms[0]
     assert "python3.11" in text and "pip install --no-deps ." in text and "i2l --help" in text
+    # Ray Train's controller looks at its workers more often than its 2-s default (the end of every training)
+    assert "ENV RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5" in text
     for src in ("pyproject.toml", "i2l", "flows", "prefect.yaml"):
         assert (REPO / src).exists(), f"the Dockerfile copies {src}"
 
