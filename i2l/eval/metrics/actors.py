@@ -1,9 +1,9 @@
 """Scoring on Ray actors, one model per actor: each configured scorer gets its own ActorPool (i2l/cluster/pool.py)
 of `scorer.workers` actors that load that one model once and score the evaluation's chunks, so a large evaluation
 spreads over the cluster (GPU actors when the scorers run on cuda); the pools run side by side where the cluster
-has the slots. A chunk travels as image files (the PNGs the
-evaluation saved: lossless, so an actor sees the pixels the in-process path scores) and the rows are built here
-with the in-process path's own `scorer_rows`, so the results store gets the same rows either way."""
+has the slots. A chunk travels as image files (the PNGs the evaluation saved: lossless, so an actor sees the
+pixels the in-process path scores) and the rows are built here with the in-process path's own `scorer_rows`, so
+the results store gets the same rows either way."""
 
 from __future__ import annotations
 
