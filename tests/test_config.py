@@ -26,6 +26,9 @@ def test_overrides_are_typed_and_validated():
     with pytest.raises(ValueError, match="global batch"):
         get_config("debug", ["train.num_workers=16"])  # 8 targets cannot feed 16 data-parallel workers
     assert get_config("debug", ["train.num_workers=16", "train.batch_size=64"]).train.num_workers == 16  # any order
+    for bad in ("train.ckpt_every=0", "train.steps=0"):
+        with pytest.raises(ValueError, match=r"train\.steps \(\d+\) and train\.ckpt_every \(\d+\) must be >= 1"):
+            get_config("debug", [bad])
     with pytest.raises(ValueError, match="unknown preset"):
         get_config("huge")
 

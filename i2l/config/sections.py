@@ -180,6 +180,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.targets_per_lora < 1 or self.num_workers < 1:
             raise ValueError("train.targets_per_lora and train.num_workers must be >= 1")
+        if self.steps < 1 or self.ckpt_every < 1:  # else a Ray Train worker fails on it, and is retried
+            raise ValueError(f"train.steps ({self.steps}) and train.ckpt_every ({self.ckpt_every}) must be >= 1")
         if not 0.0 <= self.backbone_styled <= 1.0:
             raise ValueError(f"train.backbone_styled is a share of the batch, in [0, 1], not {self.backbone_styled}")
         if self.batch_size < self.num_workers:
