@@ -41,6 +41,21 @@ def wait_until_up(url: str, proc: subprocess.Popen, log: Path, what: str, timeou
             time.sleep(1)
 
 
+def tagged(tag: str) -> list:
+    """Live processes started by a run of ours: they inherit its I2L_FAULT_TAG (Ray's workers too, which Ray
+    starts in process groups of their own)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("I2L_FAULT_TAG") == tag and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
 def stop_group(proc: subprocess.Popen, wait_s: float = 30) -> None:
     """SIGTERM the server (it stops its children in order), then SIGKILL what is left of its process group.
 

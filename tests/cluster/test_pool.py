@@ -47,7 +47,7 @@ class Squarer:
 
 
 class Sleeper:
-    """Records its pid at start; `nap` sleeps and says when it ran."""
+    """Records its pid at start; `nap` sleeps, `meet` waits for the other pool's actor."""
 
     def __init__(self, pid_dir: str):
         Path(pid_dir, str(os.getpid())).touch()
@@ -138,12 +138,15 @@ def _sleepers(tmp_path, name: str) -> ActorPool:
 
 
 def _gone(pid_dir: Path, within_s: float = 15.0) -> bool:
+    """Whether every actor that left its pid in pid_dir has exited (waiting up to within_s)."""
     import psutil
 
     deadline = time.monotonic() + within_s
-    while any(psutil.pid_exists(int(p.name)) for p in pid_dir.iterdir()) and time.monotonic() < deadline:
+    while any(psutil.pid_exists(int(p.name)) for p in pid_dir.iterdir()):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.2)
-    return not any(psutil.pid_exists(int(p.name)) for p in pid_dir.iterdir())
+    return True
 
 
 @pytest.mark.parametrize("at_once", [1, 2])

@@ -15,8 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
+from servers import tagged
 
 REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = ["train.steps=2", "train.ckpt_every=1", "train.backbone_steps=2", "encoder.pretrain_steps=2",
@@ -39,18 +39,6 @@ def start(root: Path, env: dict, log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen(command(root), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-
-
-def tagged(tag: str) -> list[psutil.Process]:
-    """Live processes started by a run of ours: they inherit its I2L_FAULT_TAG (Ray's workers too)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("I2L_FAULT_TAG") == tag and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
 
 
 def broken_files(base: Path) -> list[str]:

@@ -5,6 +5,7 @@ again; only transient failures are retried."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from servers import tagged
 
 os.environ.setdefault("I2L_RETRY_DELAY_S", "0")  # read when flows.stages is imported: no waiting in tests
 
@@ -435,22 +437,16 @@ def test_train_flow_keeps_one_run_per_key(pipeline_world, tmp_path):
 # ---------- helpers ----------
 
 def _kill_tagged(tag: str, wait_s: float = 0.0) -> None:
-    """SIGKILL every live process whose environment carries I2L_FAULT_TAG=tag (Ray's workers inherit it), then
-    wait up to wait_s for them to be gone."""
+    """SIGKILL every live process of the run tagged `tag`, then wait up to wait_s for them to be gone."""
     import psutil
 
     deadline = time.monotonic() + wait_s
-    while True:
-        left = []
-        for p in psutil.process_iter():
-            try:
-                if p.environ().get("I2L_FAULT_TAG") == tag and p.status() != psutil.STATUS_ZOMBIE:
-                    p.kill()
-                    left.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        if not left or time.monotonic() > deadline:
-            assert not left or not wait_s, f"tagged processes still alive after {wait_s} s: {left}"
+    while left := tagged(tag):
+        for p in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        if time.monotonic() > deadline:
+            assert not wait_s, f"tagged processes still alive after {wait_s} s: {left}"
             return
         time.sleep(0.2)
 
