@@ -14,9 +14,11 @@ from typing import Any
 
 from prefect import get_run_logger
 from prefect.cache_policies import NONE
+from prefect.exceptions import TerminationSignal
 
+from i2l.cluster import stop_ray
 from i2l.cluster.memory import release_freed_memory
-from i2l.cluster.signals import signals_end_the_run
+from i2l.cluster.signals import signals_end_the_run, terminable
 from i2l.config import Config, get_config
 from i2l.io import json_digest, remove_dead_tmp
 from i2l.layout import Paths, paths_for, resolve_paths
@@ -85,6 +87,14 @@ def config_without_paths(cfg: Config) -> dict:
     d.pop("data_root", None)
     return d
 
+
+class StageTerminated(TerminationSignal, SystemExit):
+    """Prefect's TerminationSignal (a crash or, when the runner asked, a cancellation of the flow run) that is also
+    a SystemExit, so that it ends a Ray wait in the stage (i2l.cluster.signals.terminable)."""
+
+    def __init__(self, sig: int):
+        TerminationSignal.__init__(self, sig)
+        SystemExit.__init__(self, 128 + sig)  # set explicitly: an uncaught SystemExit without a code exits 0
 
 @dataclass
 class StageResult:
@@ -161,7 +171,9 @@ class StageContext:
             # The pipeline's run is recorded once there is work to record under it (a re-run that skips every
             # stage leaves the store unchanged); starting a known run again just sets it running.
             self.store.start_run("pipeline", self.cfg.name, self.keyed, run_id=self.parent_run_id)
-        with self.store.run(stage, self.cfg.name, self.keyed, run_id=run_id, parent_id=self.parent_run_id) \
+        # a SIGTERM ends the stage's Ray waits too (training, actors), and comes out as Prefect's TerminationSignal
+        with terminable(raise_as=StageTerminated, on_signal=stop_ray), \
+                self.store.run(stage, self.cfg.name, self.keyed, run_id=run_id, parent_id=self.parent_run_id) \
                 if own_run else nullcontext():
             if keyed_dir is not None:
                 forget_run_key(keyed_dir)

@@ -23,6 +23,19 @@ from servers import prefect_env, start_prefect_server
 DEBUG_OVERRIDES = {"train.steps": 2, "train.ckpt_every": 2, "train.backbone_steps": 2, "encoder.pretrain_steps": 2}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _flow_runs_without_heartbeats():
+    """Flow runs in the test process send no heartbeats. Prefect's flow engine joins its heartbeat thread at the end
+    of every flow run, and that thread sleeps in 1-s steps: each (sub)flow run took ~1 s longer, a pipeline of
+    six flows ~6 s. Heartbeats only feed a server's zombie-run detection, which no test uses. Flows started as users
+    start them (`i2l run` and deployment subprocesses) keep Prefect's default. (The environment cannot say "off":
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY takes only an integer >= 30.)"""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 @dataclass
 class DebugRun:
     """Where the session's debug world lives. `cfg` is the debug preset with the overrides used to build it."""

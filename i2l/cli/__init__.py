@@ -7,6 +7,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 
 # Offline by default: nothing may be downloaded, and a hub lookup must fail fast.
@@ -136,13 +137,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from i2l.cli._warnings import echo_warnings
-    from i2l.cluster.signals import signals_end_the_run
+    from i2l.cluster import stop_ray
+    from i2l.cluster.signals import Terminated, exit_by, signals_end_the_run, terminable
 
     signals_end_the_run()  # a SIGTERM / Ctrl-C that lands in a finalizer still ends the command
     try:
         # the library's warnings (a broken checkpoint skipped, ...) reach the user as `i2l CMD: warning: ...`
-        with echo_warnings(args.command):
+        # terminable: a SIGTERM unwinds the command (files closed, actors stopped), even from inside a Ray wait
+        with echo_warnings(args.command), terminable(on_signal=stop_ray):
             return int(args._run(args) or 0)
+    except Terminated as e:
+        if args.debug:
+            raise
+        print(f"i2l {args.command}: terminated ({signal.Signals(e.signal).name})", file=sys.stderr)
+        exit_by(e.signal)  # the shell sees a signalled program (status -15), as before Ray was started
+        raise
     except KeyboardInterrupt:
         if args.debug:
             raise

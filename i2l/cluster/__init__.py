@@ -4,7 +4,10 @@ actor pool every stage uses is `i2l.cluster.pool.ActorPool`."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
+
+from i2l.cluster.signals import sigterm_kept
 
 _INIT_LOCK = threading.Lock()
 
@@ -28,7 +31,8 @@ def ensure_ray(num_cpus: int | None = None):
             return ray
         address = os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=False)
+            with sigterm_kept():
+                ray.init(address=address, log_to_driver=False)
         else:
             # A local cluster is never drained by an autoscaler: Ray Train's preemption watcher (an actor process of
             # ~120 MB through every training) has nothing to watch here. A user's own setting wins.
@@ -46,7 +50,9 @@ def ensure_ray(num_cpus: int | None = None):
             # log_to_driver=False: workers' stdout would interleave with our progress bars.
             kwargs = {"address": "local", "num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False}
             if threading.current_thread() is threading.main_thread():
-                ray.init(**kwargs)
+                # ours stays: a SIGTERM then ends the run as it would have before Ray (i2l.cluster.signals)
+                with sigterm_kept():
+                    ray.init(**kwargs)
             else:
                 _init_from_keeper_thread(ray, kwargs)
     return ray
@@ -70,3 +76,18 @@ def _init_from_keeper_thread(ray, kwargs: dict) -> None:
     started.wait()
     if failed:
         raise failed[0]
+
+
+def stop_ray(wait_s: float = 3.0) -> None:
+    """Disconnect from Ray (a local cluster: stop it) within about `wait_s`, for a run that was told to stop.
+
+    A process that dies by a signal skips `ray.shutdown()` at exit, and a local cluster's agents (dashboard, runtime
+    env) then outlive it: they notice their raylet is gone, log that they exit, and hang (seen for minutes). After a
+    SIGTERM that reached the whole process group (`kill -- -PGID`, a container's stop), `ray.shutdown()` waits ~10 s
+    on daemons that are already stopping, which the signal ends anyway: bounded, from a daemon thread."""
+    ray = sys.modules.get("ray")  # never imported here: the signal may have landed inside `import ray`
+    if ray is None or not getattr(ray, "is_initialized", lambda: False)():
+        return
+    done = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    done.start()
+    done.join(wait_s)

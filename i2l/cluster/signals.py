@@ -1,4 +1,4 @@
-"""A termination signal ends the run even when it lands in a finalizer.
+"""A termination signal ends the run: even when it lands in a finalizer, and even inside a Ray wait.
 
 Python runs a signal's handler in the main thread at its next bytecode; Prefect's SIGTERM handler (and Python's
 SIGINT one) turn the signal into an exception there. When that bytecode belongs to a finalizer (`__del__`, e.g.
@@ -6,15 +6,24 @@ a tqdm bar collected mid-stage), the exception is "ignored": Python hands it to 
 and the run goes on as if never signalled. Seen under load: a SIGTERMed `i2l run` finished its evaluation and
 exited 0. `signals_end_the_run()` delivers such a signal again, from another thread, so the handler runs once more
 at the main thread's next bytecode outside the finalizer (again if that one is a finalizer too).
+
+Inside a Ray wait (`ray.get`, `ray.wait`, Ray Train's `fit()`), the handler runs in Ray's C++ wait loop, which
+ends the wait only for a KeyboardInterrupt or a SystemExit. Any other exception (Prefect's TerminationSignal) is
+left pending until the wait ends by itself, and then comes out as a SystemError. Measured: a SIGTERM during
+training, in an `i2l run` whose Ray was started by an earlier stage, was not acted on for 60 s, until the driver
+gave up on its (killed) cluster. `terminable()` makes SIGTERM raise a SystemExit inside its block.
 """
 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 
 
 def signal_of(exc: BaseException | None) -> int | None:
@@ -56,3 +65,78 @@ def signals_end_the_run() -> None:
 
     hook.redelivers_signals = True
     sys.unraisablehook = hook
+
+
+class Terminated(SystemExit):
+    """SIGTERM (or another termination signal) as an exception: a SystemExit, so that it ends a Ray wait. Its exit
+    code is the shell's 128 + signal, should nothing catch it; `signal` says which signal."""
+
+    def __init__(self, sig: int):
+        super().__init__(128 + sig)
+        self.signal = sig
+
+
+@contextlib.contextmanager
+def terminable(raise_as: Callable[[int], BaseException] = Terminated,
+               on_signal: Callable[[], None] | None = None) -> Iterator[None]:
+    """While in the block, a SIGTERM raises `raise_as(SIGTERM)` in the main thread, and ends a Ray wait too.
+
+    raise_as must make a SystemExit or KeyboardInterrupt (what Ray's wait ends for). Ray raises an exception of its
+    own from the ended wait (a new SystemExit): whatever leaves the block after a SIGTERM arrived is replaced by
+    `raise_as(SIGTERM)`, so the caller sees one kind (flows: Prefect's TerminationSignal, which Prefect's engine
+    records as a crash or a cancellation). `on_signal()` runs first (e.g. `i2l.cluster.stop_ray`). The previous
+    handler is back after the block. Outside the main thread (where Python runs no signal handler) the block
+    changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(sig: int, frame) -> None:
+        received.append(sig)
+        raise raise_as(sig)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except BaseException as e:
+        if received and on_signal is not None:
+            try:
+                on_signal()
+            except Exception as cleanup:  # noqa: BLE001 - the signal still ends the block, as raise_as
+                print(f"after {signal.Signals(received[0]).name}: {type(cleanup).__name__}: {cleanup}",
+                      file=sys.stderr)
+        if received and signal_of(e) != received[0]:
+            raise raise_as(received[0]) from e  # Ray's stand-in for ours
+        raise
+    finally:
+        # None: a handler not set from Python (Ray's C++ failure handler, which turns SIGTERM into an abort)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextlib.contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """The SIGTERM handler in place before the block is in place after it (main thread): `ray.init` installs its
+    own (a SystemExit, then `ray.shutdown()` at exit: ~10 s after a SIGTERM that reached the cluster too) and Ray's
+    C++ failure handler (SIGTERM becomes an abort, exit -6, with a stack trace in the log)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def exit_by(sig: int) -> None:
+    """End this process by `sig` with its default action, as a shell expects of a signalled program (status -sig,
+    not a code): after the caller has unwound, so that nothing more runs (not `ray.shutdown()` at exit, which waits
+    on a cluster the signal may have stopped already; a local cluster's daemons die with this process)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    time.sleep(5)  # the signal is delivered at once; never reached
+    os._exit(128 + sig)

@@ -91,3 +91,67 @@ def test_other_unraisable_exceptions_reach_the_previous_hook(monkeypatch):
     Broken()
     assert seen == [ValueError] and redelivered == []
     assert signals.signal_of(KeyboardInterrupt()) == 2 and signals.signal_of(ValueError()) is None
+
+
+RAY_WAIT = textwrap.dedent("""
+    import os, signal, sys, threading, time
+    from i2l.cluster import ensure_ray, stop_ray
+    from i2l.cluster.signals import terminable
+
+    class Stop(SystemExit):  # what a caller asks for, e.g. the flows' TerminationSignal that is also a SystemExit
+        def __init__(self, sig):
+            super().__init__(3)
+            self.signal = sig
+
+    class TerminationLike(BaseException):  # what Prefect's SIGTERM handler raises in a flow run
+        pass
+
+    def prefect_like(sig, frame):
+        raise TerminationLike(sig)
+
+    signal.signal(signal.SIGTERM, prefect_like)
+    ray = ensure_ray(1)
+    print("kept:", signal.getsignal(signal.SIGTERM) is prefect_like, flush=True)
+
+    @ray.remote
+    def slow(seconds):
+        time.sleep(seconds)
+
+    def wait(guarded):
+        ref = slow.remote(float(sys.argv[1]))
+        ray.get(ray.put(0))  # the task is queued; the wait below is Ray's
+        threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        t = time.monotonic()
+        try:
+            if guarded:
+                with terminable(raise_as=Stop, on_signal=stop_ray):
+                    ray.get(ref)
+            else:
+                ray.get(ref)
+        except BaseException as e:
+            print(f"{'guarded' if guarded else 'plain'}: {type(e).__name__} after {time.monotonic() - t:.1f} s",
+                  flush=True)
+
+    wait(False)
+    wait(True)
+    print("ray running:", ray.is_initialized(), "handler back:", signal.getsignal(signal.SIGTERM) is prefect_like)
+""")
+
+
+def test_sigterm_ends_a_ray_wait_only_inside_terminable(tmp_path):
+    """In a Ray wait, a SIGTERM handler's exception ends the wait only if it is a SystemExit (or KeyboardInterrupt):
+    Prefect's TerminationSignal stayed pending until the task ended (a whole training), then surfaced as a
+    SystemError. Inside `terminable`, the wait ends at once with the caller's exception, and Ray is stopped."""
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    task_s = 8
+    r = subprocess.run([sys.executable, "-c", RAY_WAIT, str(task_s)], cwd=REPO, capture_output=True, text=True,
+                       timeout=180, env=env, check=False)
+    out = r.stdout
+    assert "kept: True" in out, out + r.stderr[-3000:]  # ray.init left the SIGTERM handler as it was
+    plain = [line for line in out.splitlines() if line.startswith("plain:")]
+    guarded = [line for line in out.splitlines() if line.startswith("guarded:")]
+    assert plain and guarded, out + r.stderr[-3000:]
+    # the failure terminable exists for: the signal waited for the task's end and came out as another error
+    assert "SystemError" in plain[0] and float(plain[0].split()[-2]) >= task_s - 3, plain
+    assert guarded[0].startswith("guarded: Stop after") and float(guarded[0].split()[-2]) < 4, guarded
+    assert "ray running: False handler back: True" in out, out
