@@ -96,6 +96,7 @@ class StageTerminated(TerminationSignal, SystemExit):
         TerminationSignal.__init__(self, sig)
         SystemExit.__init__(self, 128 + sig)  # set explicitly: an uncaught SystemExit without a code exits 0
 
+
 @dataclass
 class StageResult:
     """What one stage did: skipped (done earlier, by the store) or ran, how long it took, and its info."""

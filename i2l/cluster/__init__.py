@@ -82,9 +82,10 @@ def stop_ray(wait_s: float = 3.0) -> None:
     """Disconnect from Ray (a local cluster: stop it) within about `wait_s`, for a run that was told to stop.
 
     A process that dies by a signal skips `ray.shutdown()` at exit, and a local cluster's agents (dashboard, runtime
-    env) then outlive it: they notice their raylet is gone, log that they exit, and hang (seen for minutes). After a
-    SIGTERM that reached the whole process group (`kill -- -PGID`, a container's stop), `ray.shutdown()` waits ~10 s
-    on daemons that are already stopping, which the signal ends anyway: bounded, from a daemon thread."""
+    env) and a running task's worker then outlive it (30-70 s here: the agents log that their raylet is gone, then
+    linger). After a SIGTERM that reached the whole process group (`kill -- -PGID`, a container's stop),
+    `ray.shutdown()` waits ~10 s on daemons that are already stopping, which the signal ends anyway: bounded, from
+    a daemon thread."""
     ray = sys.modules.get("ray")  # never imported here: the signal may have landed inside `import ray`
     if ray is None or not getattr(ray, "is_initialized", lambda: False)():
         return

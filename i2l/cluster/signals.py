@@ -96,19 +96,28 @@ def terminable(raise_as: Callable[[int], BaseException] = Terminated,
         received.append(sig)
         raise raise_as(sig)
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    except BaseException as e:
-        if received and on_signal is not None:
+    def after_signal() -> None:
+        if on_signal is not None:
             try:
                 on_signal()
             except Exception as cleanup:  # noqa: BLE001 - the signal still ends the block, as raise_as
                 print(f"after {signal.Signals(received[0]).name}: {type(cleanup).__name__}: {cleanup}",
                       file=sys.stderr)
-        if received and signal_of(e) != received[0]:
-            raise raise_as(received[0]) from e  # Ray's stand-in for ours
-        raise
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except BaseException as e:
+        if not received:
+            raise
+        after_signal()
+        if signal_of(e) == received[0]:
+            raise
+        raise raise_as(received[0]) from e  # Ray's stand-in for ours
+    else:
+        if received:  # something in the block caught the signal's exception and went on: the block still ends
+            after_signal()
+            raise raise_as(received[0])
     finally:
         # None: a handler not set from Python (Ray's C++ failure handler, which turns SIGTERM into an abort)
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
@@ -132,8 +141,8 @@ def sigterm_kept() -> Iterator[None]:
 
 def exit_by(sig: int) -> None:
     """End this process by `sig` with its default action, as a shell expects of a signalled program (status -sig,
-    not a code): after the caller has unwound, so that nothing more runs (not `ray.shutdown()` at exit, which waits
-    on a cluster the signal may have stopped already; a local cluster's daemons die with this process)."""
+    not a code): after the caller has unwound and stopped its Ray (`i2l.cluster.stop_ray`), so that nothing more
+    runs (not a second `ray.shutdown()` at exit, which waits ~10 s on a cluster the signal stopped already)."""
     sys.stdout.flush()
     sys.stderr.flush()
     signal.signal(sig, signal.SIG_DFL)

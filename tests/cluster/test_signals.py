@@ -155,3 +155,44 @@ def test_sigterm_ends_a_ray_wait_only_inside_terminable(tmp_path):
     assert "SystemError" in plain[0] and float(plain[0].split()[-2]) >= task_s - 3, plain
     assert guarded[0].startswith("guarded: Stop after") and float(guarded[0].split()[-2]) < 4, guarded
     assert "ray running: False handler back: True" in out, out
+
+
+def _sigterm_self() -> None:
+    import os
+    import signal
+    import time
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2)  # the handler runs at the first bytecode after the signal: in here
+
+
+def test_terminable_raises_what_the_caller_asks_even_for_another_exception_or_none():
+    import signal
+
+    from i2l.cluster.signals import Terminated, terminable
+
+    class Stop(SystemExit):
+        def __init__(self, sig):
+            super().__init__(1)
+            self.signal = sig
+
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = []
+    # what Ray does: the handler's exception ends the wait, and another one comes out
+    with pytest.raises(Stop) as got, terminable(raise_as=Stop, on_signal=lambda: stopped.append(1)):
+        try:
+            _sigterm_self()
+        except SystemExit:
+            raise ValueError("Ray's own exception") from None
+    assert isinstance(got.value.__cause__, ValueError) and stopped == [1]
+    # code in the block caught the signal's exception and went on: the block still ends
+    with pytest.raises(Terminated) as got, terminable(on_signal=lambda: stopped.append(2)):
+        try:
+            _sigterm_self()
+        except SystemExit:
+            pass
+    assert got.value.signal == signal.SIGTERM and got.value.code == 128 + signal.SIGTERM and stopped == [1, 2]
+    # no signal: nothing changes, errors pass through as they are
+    with pytest.raises(KeyError), terminable(on_signal=lambda: stopped.append(3)):
+        raise KeyError("x")
+    assert stopped == [1, 2] and signal.getsignal(signal.SIGTERM) is before
