@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,32 @@ class StageTerminated(TerminationSignal, SystemExit):
         SystemExit.__init__(self, 128 + sig)  # set explicitly: an uncaught SystemExit without a code exits 0
 
 
+@contextmanager
+def prefect_bridge_is(handler: Callable | None) -> Iterator[None]:
+    """While the block runs, Prefect takes `handler` for its own SIGTERM handler.
+
+    A worker cancels a flow run by asking it over Prefect's control channel, then sending SIGTERM. The flow run
+    says yes only while the SIGTERM handler in place is Prefect's own (`_prefect_sigterm_handler`, by identity);
+    with `terminable`'s in place it said nothing, so the worker killed the process as if it had crashed, and the
+    cancelled run showed Crashed. `terminable`'s handler raises a TerminationSignal too (StageTerminated), which
+    Prefect's engine then records as the cancellation asked for. A Prefect without that name is left alone."""
+    from prefect.utilities import engine
+
+    name = "_prefect_sigterm_handler"
+    if handler is None or not callable(getattr(engine, name, None)):
+        yield
+        return
+    lock = getattr(engine, "_prefect_sigterm_bridge_lock", None) or nullcontext()
+    with lock:
+        prefects = getattr(engine, name)
+        setattr(engine, name, handler)
+    try:
+        yield
+    finally:
+        with lock:
+            setattr(engine, name, prefects)
+
+
 @dataclass
 class StageResult:
     """What one stage did: skipped (done earlier, by the store) or ran, how long it took, and its info."""
@@ -173,7 +199,7 @@ class StageContext:
             # stage leaves the store unchanged); starting a known run again just sets it running.
             self.store.start_run("pipeline", self.cfg.name, self.keyed, run_id=self.parent_run_id)
         # a SIGTERM ends the stage's Ray waits too (training, actors), and comes out as Prefect's TerminationSignal
-        with terminable(raise_as=StageTerminated, on_signal=stop_ray), \
+        with terminable(raise_as=StageTerminated, on_signal=stop_ray) as handler, prefect_bridge_is(handler), \
                 self.store.run(stage, self.cfg.name, self.keyed, run_id=run_id, parent_id=self.parent_run_id) \
                 if own_run else nullcontext():
             if keyed_dir is not None:

@@ -78,17 +78,17 @@ class Terminated(SystemExit):
 
 @contextlib.contextmanager
 def terminable(raise_as: Callable[[int], BaseException] = Terminated,
-               on_signal: Callable[[], None] | None = None) -> Iterator[None]:
+               on_signal: Callable[[], None] | None = None) -> Iterator[Callable | None]:
     """While in the block, a SIGTERM raises `raise_as(SIGTERM)` in the main thread, and ends a Ray wait too.
 
     raise_as must make a SystemExit or KeyboardInterrupt (what Ray's wait ends for). Ray raises an exception of its
     own from the ended wait (a new SystemExit): whatever leaves the block after a SIGTERM arrived is replaced by
     `raise_as(SIGTERM)`, so the caller sees one kind (flows: Prefect's TerminationSignal, which Prefect's engine
-    records as a crash or a cancellation). `on_signal()` runs first (e.g. `i2l.cluster.stop_ray`). The previous
-    handler is back after the block. Outside the main thread (where Python runs no signal handler) the block
-    changes nothing."""
+    records as a crash or a cancellation). `on_signal()` runs first (e.g. `i2l.cluster.stop_ray`). Yields the
+    handler it installed. The previous handler is back after the block. Outside the main thread (where Python runs
+    no signal handler) the block changes nothing and yields None."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield None
         return
     received: list[int] = []
 
@@ -106,7 +106,7 @@ def terminable(raise_as: Callable[[int], BaseException] = Terminated,
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield handler
     except BaseException as e:
         if not received:
             raise

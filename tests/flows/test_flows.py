@@ -434,6 +434,69 @@ def test_train_flow_keeps_one_run_per_key(pipeline_world, tmp_path):
     assert (run.with_name(f"train.{key_a}") / a_ck.relative_to(run)).read_bytes() == before, "forced-out run kept"
 
 
+# ---------- a cancelled deployment run ----------
+
+@pytest.mark.slow
+def test_cancelling_a_deployment_run_mid_training_ends_it_cancelled(pipeline_world, prefect_server, tmp_path):
+    """Cancel a `train` deployment run while it trains, as from the UI: the worker asks the flow run over Prefect's
+    control channel, then sends SIGTERM. The run must end Cancelled, within seconds, with nothing left running.
+    Before: the SIGTERM waited out Ray Train's fit() until the worker's SIGKILL 30 s later; then, with the stage's
+    own SIGTERM handler in place, the flow run did not answer the worker and ended Crashed."""
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from servers import BIN
+
+    src, root = pipeline_world["root"], tmp_path / "data"
+    for sub in ("prepared", "toy"):
+        shutil.copytree(src / sub, root / sub, symlinks=True)
+    tag = uuid.uuid4().hex
+    env = {**prefect_server.env(tmp_path / "prefect-home"), "I2L_FAULT_TAG": tag, "I2L_RETRY_DELAY_S": "0"}
+
+    def run(*cmd, cwd=REPO):
+        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert r.returncode == 0, f"{cmd}: {r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r.stdout
+
+    run(str(REPO / "infra/prefect/deploy.sh"), "--name", "train")
+    params = {"preset": "debug", "data_root": str(root), "progress": False,
+              "overrides": [*OVERRIDES, "train.steps=5000", "train.ckpt_every=1000"]}
+    out = run(str(BIN / "prefect"), "deployment", "run", "train/train", "--params", json.dumps(params))
+    flow_run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "i2l-process"], cwd=tmp_path,
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server.api_url}), \
+                get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 300
+            while not (root / "runs" / "debug" / "train" / "ray_results").exists():  # fit() has started
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+                assert not client.read_flow_run(flow_run_id).state.is_final(), "ended before training"
+                time.sleep(0.2)
+            time.sleep(3)  # into Ray Train's fit()
+            run(str(BIN / "prefect"), "flow-run", "cancel", flow_run_id)
+            t = time.monotonic()
+            while not (state := client.read_flow_run(flow_run_id).state).is_final():
+                assert time.monotonic() - t < 90, f"not final 90 s after the cancel: {state}"
+                time.sleep(0.5)
+        assert state.is_cancelled(), (state, (tmp_path / "worker.log").read_text()[-3000:])
+        # Ray's processes: the stage stops its cluster for at most 3 s; a worker Ray was still starting may take
+        # longer to notice its raylet is gone (seen: 10-20 s on 2 busy cores). Training must not go on.
+        gone = time.monotonic()
+        deadline = gone + 45
+        while (left := [p for p in tagged(tag) if p.pid != worker.pid]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        print(f"last process of the run gone {time.monotonic() - gone:.1f} s after the Cancelled state")
+        assert not left, [" ".join(p.cmdline())[:200] for p in left]
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(60)
+        _kill_tagged(tag)
+    assert store_of(root).rows("SELECT status FROM runs WHERE kind = 'train'") == [("failed",)]
+
+
 # ---------- helpers ----------
 
 def _kill_tagged(tag: str, wait_s: float = 0.0) -> None:
