@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+from i2l.cluster.signals import signal_of
 from i2l.config import Config, config_from_dict
 
 
@@ -116,7 +117,15 @@ def launch_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     try:
         # the worker's own bar stays in its Ray log: this process draws one from the progress file it writes
         with ProgressMirror(out, cfg.train.steps, show=progress) as mirror:
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            except SystemExit as e:
+                # Ray Train's Ctrl-C handler aborts the run, then ends fit() by sys.exit, which made a Ctrl-C look
+                # like a program that exited 1. Said as what it was: the CLI reports "interrupted" (130). A SIGTERM
+                # comes out the same way; `terminable` (i2l.cluster.signals) turns it back into the SIGTERM.
+                if signal_of(e) is None:
+                    raise KeyboardInterrupt("training interrupted") from e
+                raise
     finally:
         (out / f".launch-{config['launch_id']}").unlink(missing_ok=True)
         if sigint is not None:

@@ -434,6 +434,43 @@ def test_train_flow_keeps_one_run_per_key(pipeline_world, tmp_path):
     assert (run.with_name(f"train.{key_a}") / a_ck.relative_to(run)).read_bytes() == before, "forced-out run kept"
 
 
+# ---------- Ctrl-C mid-training ----------
+
+@pytest.mark.slow
+def test_ctrl_c_mid_training_says_interrupted(pipeline_world, tmp_path):
+    """Ctrl-C (SIGINT to the foreground process group) while `i2l run --flow train` trains: it stops within seconds,
+    says so, and exits 130 like any interrupted command. Ray Train's own Ctrl-C handler ends fit() by sys.exit: the
+    run used to exit 1, logged as "aborted by Python system exit call"."""
+    from prefect.settings import PREFECT_API_URL
+
+    src, root = pipeline_world["root"], tmp_path / "data"
+    for sub in ("prepared", "toy"):
+        shutil.copytree(src / sub, root / sub, symlinks=True)
+    cmd = [sys.executable, "-m", "i2l.cli", "run", "--flow", "train", "--preset", "debug", "--data-root",
+           str(root), "--no-progress", *[a for o in OVERRIDES for a in ("--set", o)], "--set", "train.steps=5000"]
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO), "I2L_FAULT_TAG": tag}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (root / "runs" / "debug" / "train" / "ray_results").exists():  # fit() has started
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=30)[0][-3000:]
+            time.sleep(0.05)
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        _kill_tagged(tag, wait_s=30)
+    assert proc.returncode == 130, out[-3000:]
+    assert "i2l run: interrupted" in out, out[-3000:]
+    assert store_of(root).rows("SELECT status FROM runs WHERE kind = 'train'") == [("failed",)]
+
+
 # ---------- a cancelled deployment run ----------
 
 @pytest.mark.slow
