@@ -353,18 +353,10 @@ def test_report_flow_alone_rebuilds_when_forced(pipeline_world):
 def test_killed_train_flow_resumes_from_checkpoint(pipeline_world, tmp_path):
     """Kill `i2l run --flow train` (its whole process group, Ray included) once a checkpoint exists; the re-run
     continues from it: the early checkpoint is not rewritten and the loss curve has every step exactly once."""
-    from prefect.settings import PREFECT_API_URL
-
-    src, root = pipeline_world["root"], tmp_path / "data"
-    for sub in ("prepared", "toy"):  # the trained toy models and prepared data of the pipeline run
-        shutil.copytree(src / sub, root / sub, symlinks=True)
+    root = _copy_trained_world(pipeline_world["root"], tmp_path / "data")
     steps = 60
-    cmd = [sys.executable, "-m", "i2l.cli", "run", "--flow", "train", "--preset", "debug", "--data-root",
-           str(root), "--no-progress", *[a for o in OVERRIDES for a in ("--set", o)],
-           "--set", f"train.steps={steps}", "--set", "train.ckpt_every=5"]
     tag = uuid.uuid4().hex  # Ray starts its workers in process groups of their own: found by this instead
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO), "I2L_FAULT_TAG": tag}
-    env.pop("RAY_ADDRESS", None)
+    cmd, env = _train_flow(root, tag, f"train.steps={steps}", "train.ckpt_every=5")
     ck_dir = root / "runs" / "debug" / "train" / "checkpoints"
     first = ck_dir / "step_0000005" / "predictor.safetensors"
 
@@ -441,16 +433,9 @@ def test_ctrl_c_mid_training_says_interrupted(pipeline_world, tmp_path):
     """Ctrl-C (SIGINT to the foreground process group) while `i2l run --flow train` trains: it stops within seconds,
     says so, and exits 130 like any interrupted command. Ray Train's own Ctrl-C handler ends fit() by sys.exit: the
     run used to exit 1, logged as "aborted by Python system exit call"."""
-    from prefect.settings import PREFECT_API_URL
-
-    src, root = pipeline_world["root"], tmp_path / "data"
-    for sub in ("prepared", "toy"):
-        shutil.copytree(src / sub, root / sub, symlinks=True)
-    cmd = [sys.executable, "-m", "i2l.cli", "run", "--flow", "train", "--preset", "debug", "--data-root",
-           str(root), "--no-progress", *[a for o in OVERRIDES for a in ("--set", o)], "--set", "train.steps=5000"]
+    root = _copy_trained_world(pipeline_world["root"], tmp_path / "data")
     tag = uuid.uuid4().hex
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO), "I2L_FAULT_TAG": tag}
-    env.pop("RAY_ADDRESS", None)
+    cmd, env = _train_flow(root, tag, "train.steps=5000")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -485,9 +470,7 @@ def test_cancelling_a_deployment_run_mid_training_ends_it_cancelled(pipeline_wor
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from servers import BIN
 
-    src, root = pipeline_world["root"], tmp_path / "data"
-    for sub in ("prepared", "toy"):
-        shutil.copytree(src / sub, root / sub, symlinks=True)
+    root = _copy_trained_world(pipeline_world["root"], tmp_path / "data")
     tag = uuid.uuid4().hex
     env = {**prefect_server.env(tmp_path / "prefect-home"), "I2L_FAULT_TAG": tag, "I2L_RETRY_DELAY_S": "0"}
 
@@ -535,6 +518,25 @@ def test_cancelling_a_deployment_run_mid_training_ends_it_cancelled(pipeline_wor
 
 
 # ---------- helpers ----------
+
+def _copy_trained_world(src: Path, root: Path) -> Path:
+    """A data root holding the pipeline run's prepared data and trained toy models (so a train flow can start)."""
+    for sub in ("prepared", "toy"):
+        shutil.copytree(src / sub, root / sub, symlinks=True)
+    return root
+
+
+def _train_flow(root: Path, tag: str, *sets: str) -> tuple[list[str], dict]:
+    """`i2l run --flow train` on root with OVERRIDES and then `sets`, and its environment: this session's Prefect
+    server, a local Ray of its own, and `tag` as I2L_FAULT_TAG (inherited by every process of the run)."""
+    from prefect.settings import PREFECT_API_URL
+
+    cmd = [sys.executable, "-m", "i2l.cli", "run", "--flow", "train", "--preset", "debug", "--data-root", str(root),
+           "--no-progress", *[a for o in (*OVERRIDES, *sets) for a in ("--set", o)]]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO), "I2L_FAULT_TAG": tag}
+    env.pop("RAY_ADDRESS", None)
+    return cmd, env
+
 
 def _kill_tagged(tag: str, wait_s: float = 0.0) -> None:
     """SIGKILL every live process of the run tagged `tag`, then wait up to wait_s for them to be gone."""
