@@ -207,6 +207,8 @@ class StageContext:
                 remove_dead_tmp(Path(keyed_dir).rglob(".*.tmp"))  # a killed run's half-written files
             info = dict(work(run_id) or {})
             if keyed_dir is not None:
+                # an actor that died mid-write in the stage (its work redone by another) left its temporary file
+                remove_dead_tmp(Path(keyed_dir).rglob(".*.tmp"))
                 write_run_key(keyed_dir, key)
             if own_run:
                 info["run_id"] = run_id

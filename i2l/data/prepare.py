@@ -84,7 +84,11 @@ def _check_out_dir(out: Path, fingerprint: str, force: bool) -> None:
         for name in OUTPUT_NAMES:  # only what prepare writes: never the rest of a user's folder
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    # leftovers of a killed run (or a full disk); another live run's in-flight files stay
+    _remove_dead_tmp(out)  # leftovers of a killed run (or a full disk)
+
+
+def _remove_dead_tmp(out: Path) -> None:
+    """Delete the half-written files of writers that are gone; another live run's in-flight files stay."""
     remove_dead_tmp(p for d in ("train", "val", WORK, f"{WORK}/units", f"{WORK}/quarantine", ".")
                     for p in (out / d).glob(".*.tmp"))
 
@@ -171,8 +175,11 @@ def prepare(cfg: Config, input_dir: str | os.PathLike, out_dir: str | os.PathLik
         timings["ray_start"] = time.perf_counter() - t
     t1 = time.perf_counter()
     if todo:
-        for rec in _run_units(todo, plan, input_dir, out, dcfg, progress):
-            done[rec["unit"]] = rec
+        try:
+            for rec in _run_units(todo, plan, input_dir, out, dcfg, progress):
+                done[rec["unit"]] = rec
+        finally:  # an actor that died mid-shard left its temporary file; its unit ran again on another
+            _remove_dead_tmp(out)
     timings["units"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     records = [done[u.index] for u in plan.units]

@@ -113,6 +113,10 @@ def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: st
             if full is None or full is e:
                 raise
             raise full from e
+        finally:
+            # an actor that died mid-write (killed, OOM, node lost) left its temporary file; its batch was redone
+            # by another, so the folder holds only finished files once the pool is done
+            remove_leftovers(out)
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -19,8 +19,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from bad_data import check_converted, read_split_images, write_bad_dataset
+from leftovers import dead_writer_tmp
 from PIL import Image
 
+import i2l.data.prepare as prepare_module
 from i2l.config import get_config
 from i2l.data.megastyle import QUARANTINE_SCHEMA
 from i2l.data.plan import make_plan
@@ -125,7 +127,7 @@ def test_bad_rows_through_ray(ray_session, tmp_path):
     assert s.by_reason == dict(Counter(reason for _, reason in rejects))
 
 
-def test_rerun_skips_and_refuses_stale(ray_session, toy_dir, tmp_path):
+def test_rerun_skips_and_refuses_stale(ray_session, toy_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     first = prepare(_cfg(), toy_dir, out, progress=False)
     before = _outputs(out)
@@ -134,8 +136,18 @@ def test_rerun_skips_and_refuses_stale(ray_session, toy_dir, tmp_path):
     assert _outputs(out) == before
     victim = out / before["shards"][1][0]
     victim.unlink()  # a lost shard is redone, identically
+    run_units, left = prepare_module._run_units, []
+
+    def actor_died_mid_shard(*args):  # what an actor killed while writing leaves (its unit runs again elsewhere)
+        for rec in run_units(*args):
+            left.append(dead_writer_tmp(victim))
+            yield rec
+
+    monkeypatch.setattr(prepare_module, "_run_units", actor_died_mid_shard)
     redo = prepare(_cfg(), toy_dir, out, progress=False)
     assert redo.units_skipped == first.units - 1 and _outputs(out) == before
+    assert left and not any(p.exists() for p in left), "a dead writer's temporary outlived the run"
+    monkeypatch.undo()
     with pytest.raises(FileExistsError, match="--force"):
         prepare(_cfg(**{"data.resolution": 48}), toy_dir, out, progress=False)
     forced = prepare(_cfg(**{"data.resolution": 48}), toy_dir, out, progress=False, force=True)

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from leftovers import dead_pid, dead_writer_tmp
 from servers import tagged
 
 os.environ.setdefault("I2L_RETRY_DELAY_S", "0")  # read when flows.stages is imported: no waiting in tests
@@ -119,13 +120,11 @@ def test_toy_models_of_another_key_on_disk_are_trained_again(tmp_path, monkeypat
             "pretrain_scorer": lambda cfg: cfg.scorer.pretrain_steps}
     files = {"pretrain_backbone": "pretrain.json", "pretrain_encoder": "encoder.json",
              "pretrain_scorer": SCORER_FILE}
-    crash = []
+    crash, died_mid_write = [], []
 
     from i2l.io import atomic_tmp
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
-    dead_pid = int(gone.stdout)  # a process that has exited: what a kill mid-write leaves as a temporary's writer
+    gone = dead_pid()  # a process that has exited: what a kill mid-write leaves as a temporary's writer
     leftovers = []
 
     def trainer(stage):  # stands in for the trainer: writes what it trained into out_dir, marker last
@@ -134,11 +133,12 @@ def test_toy_models_of_another_key_on_disk_are_trained_again(tmp_path, monkeypat
             (Path(out_dir) / files[stage]).write_text(json.dumps({"tag": tags[stage](cfg)}))
             if crash:  # killed mid-write: a dead writer's temporary, and one of a writer still alive (this test)
                 live = atomic_tmp(Path(out_dir) / "loss_curve.json")
-                dead = live.with_name(live.name.replace(f".{os.getpid()}.", f".{dead_pid}."))
-                for p in (live, dead):
-                    p.write_text("{")
+                live.write_text("{")
+                dead = dead_writer_tmp(live.with_name("loss_curve.json"), gone, b"{")
                 leftovers.append((live, dead))
                 raise RuntimeError("killed before the stage finished")
+            if died_mid_write:  # a worker of a stage that still finishes died mid-write (its work redone)
+                died_mid_write.append(dead_writer_tmp(Path(out_dir) / "sub" / "shard.parquet", gone))
             return {}
         return train
 
@@ -164,7 +164,10 @@ def test_toy_models_of_another_key_on_disk_are_trained_again(tmp_path, monkeypat
         return {stage: (False, steps) for stage in dirs}
 
     assert run(2) == ran(2)
+    died_mid_write.append(True)
     assert run(3) == ran(3)
+    assert len(died_mid_write) == 4 and not any(p.exists() for p in died_mid_write[1:]), "a finished stage kept one"
+    died_mid_write.clear()
     assert run(2) == ran(2)  # A is marked done, but its folders held B's models: trained again
     assert run(2) == {stage: (True, 2) for stage in dirs}
     crash.append(True)

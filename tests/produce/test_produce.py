@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+from leftovers import dead_writer_tmp
 
 from i2l.cli import main as cli
 from i2l.data.shards import iter_rows
@@ -148,6 +149,7 @@ def test_killed_actor_is_retried_and_every_lora_exists_once(debug_run, tmp_path,
         if not killed:  # its next batch is submitted after this hook: it must be redone elsewhere
             ray.kill(actor)
             killed.append(actor)
+            dead_writer_tmp(out / "styles" / "style3.safetensors")  # the kill can land mid-write: made sure of
 
     out, db = tmp_path / "loras", tmp_path / "results.duckdb"
     s = produce(debug_run.run_dir, jobs, out, Store(db), workers=2, batch_size=1, progress=False,
