@@ -134,7 +134,7 @@ def test_toy_models_of_another_key_on_disk_are_trained_again(tmp_path, monkeypat
             if crash:  # killed mid-write: a dead writer's temporary, and one of a writer still alive (this test)
                 live = atomic_tmp(Path(out_dir) / "loss_curve.json")
                 live.write_text("{")
-                dead = dead_writer_tmp(live.with_name("loss_curve.json"), gone, b"{")
+                dead = dead_writer_tmp(Path(out_dir) / "loss_curve.json", gone, b"{")
                 leftovers.append((live, dead))
                 raise RuntimeError("killed before the stage finished")
             if died_mid_write:  # a worker of a stage that still finishes died mid-write (its work redone)
