@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A suite started in the background by a script (`make test &`, nohup) inherits SIGINT ignored, and so would every
+# process the tests start: the Ctrl-C tests would then test nothing (the signal never arrives) and fail. The tests
+# play an interactive user, whose Ctrl-C is delivered; a child that inherits SIG_IGN keeps it across exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from conftest_ray import ray_session  # noqa: F401  (one Ray cluster for the whole session)
 from servers import prefect_env, start_prefect_server
