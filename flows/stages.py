@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,15 @@ class StageTerminated(TerminationSignal, SystemExit):
     def __init__(self, sig: int):
         TerminationSignal.__init__(self, sig)
         SystemExit.__init__(self, 128 + sig)  # set explicitly: an uncaught SystemExit without a code exits 0
+
+
+def mark_failed(store_path: str | os.PathLike, run_id: str) -> None:
+    """A stage's store run marked failed at its SIGTERM, from the signal handler: a store instance of its own, no
+    migration and a short lock wait. A run not started yet (the signal came first) has nothing to mark."""
+    try:
+        Store(store_path, lock_timeout_s=2.0, auto_migrate=False).finish_run(run_id, "failed")
+    except ValueError:  # unknown run: start_run has not run yet
+        pass
 
 
 @contextmanager
@@ -198,8 +208,12 @@ class StageContext:
             # The pipeline's run is recorded once there is work to record under it (a re-run that skips every
             # stage leaves the store unchanged); starting a known run again just sets it running.
             self.store.start_run("pipeline", self.cfg.name, self.keyed, run_id=self.parent_run_id)
-        # a SIGTERM ends the stage's Ray waits too (training, actors), and comes out as Prefect's TerminationSignal
-        with terminable(raise_as=StageTerminated, on_signal=stop_ray) as handler, prefect_bridge_is(handler), \
+        # a SIGTERM ends the stage's Ray waits too (training, actors), and comes out as Prefect's TerminationSignal.
+        # The run is marked failed as the signal arrives: a worker's cancel SIGTERMs the whole process group, Ray's
+        # daemons stop with it, and the driver was seen to die before its unwinding reached the store (CI, 12-05).
+        on_receipt = partial(mark_failed, self.store.path, run_id) if own_run else None
+        with terminable(raise_as=StageTerminated, on_signal=stop_ray, on_receipt=on_receipt) as handler, \
+                prefect_bridge_is(handler), \
                 self.store.run(stage, self.cfg.name, self.keyed, run_id=run_id, parent_id=self.parent_run_id) \
                 if own_run else nullcontext():
             if keyed_dir is not None:

@@ -78,14 +78,18 @@ class Terminated(SystemExit):
 
 @contextlib.contextmanager
 def terminable(raise_as: Callable[[int], BaseException] = Terminated,
-               on_signal: Callable[[], None] | None = None) -> Iterator[Callable | None]:
+               on_signal: Callable[[], None] | None = None,
+               on_receipt: Callable[[], None] | None = None) -> Iterator[Callable | None]:
     """While in the block, a SIGTERM raises `raise_as(SIGTERM)` in the main thread, and ends a Ray wait too.
 
     raise_as must make a SystemExit or KeyboardInterrupt (what Ray's wait ends for). Ray raises an exception of its
     own from the ended wait (a new SystemExit): whatever leaves the block after a SIGTERM arrived is replaced by
     `raise_as(SIGTERM)`, so the caller sees one kind (flows: Prefect's TerminationSignal, which Prefect's engine
-    records as a crash or a cancellation). `on_signal()` runs first (e.g. `i2l.cluster.stop_ray`). Yields the
-    handler it installed. The previous handler is back after the block. Outside the main thread (where Python runs
+    records as a crash or a cancellation). `on_signal()` runs first (e.g. `i2l.cluster.stop_ray`). `on_receipt()`
+    runs in the handler itself, at the first signal, before anything unwinds: for what must be on record even if
+    the process dies while it unwinds (a SIGTERM sent to the whole process group stops Ray's daemons at the same
+    moment, and the driver may not outlive them); its errors are printed, not raised. Yields the handler it
+    installed. The previous handler is back after the block. Outside the main thread (where Python runs
     no signal handler) the block changes nothing and yields None."""
     if threading.current_thread() is not threading.main_thread():
         yield None
@@ -93,7 +97,13 @@ def terminable(raise_as: Callable[[int], BaseException] = Terminated,
     received: list[int] = []
 
     def handler(sig: int, frame) -> None:
+        first = not received
         received.append(sig)
+        if first and on_receipt is not None:
+            try:
+                on_receipt()
+            except Exception as e:  # noqa: BLE001 - the signal still ends the block
+                print(f"on {signal.Signals(sig).name}: {type(e).__name__}: {e}", file=sys.stderr)
         raise raise_as(sig)
 
     def after_signal() -> None:
