@@ -98,7 +98,7 @@ def terminable(raise_as: Callable[[int], BaseException] = Terminated,
 
     def handler(sig: int, frame) -> None:
         first = not received
-        received.append(sig)
+        received.append(sig)  # before on_receipt: a second signal landing inside it must not run it again
         if first and on_receipt is not None:
             try:
                 on_receipt()
