@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,30 +116,27 @@ def ray_head(tmp_path):
         yield url, env
     finally:
         stop_group(proc, wait_s=60)  # --block ties the head's processes to this one (they die with it)
+        shutil.rmtree(temp, ignore_errors=True)  # outside tmp_path (socket path length): left behind otherwise
 
 
 @pytest.mark.slow
-def test_ray_job_submit_produce(ray_head, debug_run, tmp_path):
+def test_ray_job_submit_produce(ray_head, debug_run, prefect_server, tmp_path):
     """The documented produce entry point (`i2l run --flow produce`) submitted as a Ray job: it joins the
     cluster through RAY_ADDRESS (no local Ray of its own), produces every LoRA and records them in the store."""
-    from prefect.testing.utilities import prefect_test_harness
-
     url, env = ray_head
     root = tmp_path / "data"  # the i2l layout (i2l/layout.py) around the session's debug world
     for link, target in (("prepared/debug", debug_run.prepared_dir), ("toy", debug_run.data_root / "toy"),
                          ("runs/debug/train", debug_run.run_dir)):
         (root / link).parent.mkdir(parents=True, exist_ok=True)
         (root / link).symlink_to(target)
-    with prefect_test_harness(server_startup_timeout=180):
-        from prefect.settings import PREFECT_API_URL
-
-        job_env = {"PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
-                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        entry = [sys.executable, "-m", "i2l.cli", "run", "--flow", "produce", "--preset", "debug", "--data-root",
-                 str(root), "--no-progress", "--set", "produce.workers=1"]
-        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--runtime-env-json",
-                            json.dumps({"env_vars": job_env}), "--", *entry],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    # the job's own environment: the session's Prefect API and a Prefect home of its own
+    job_env = {"PREFECT_API_URL": prefect_server.api_url, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+               "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    entry = [sys.executable, "-m", "i2l.cli", "run", "--flow", "produce", "--preset", "debug", "--data-root",
+             str(root), "--no-progress", "--set", "produce.workers=1"]
+    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--runtime-env-json",
+                        json.dumps({"env_vars": job_env}), "--", *entry],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
     logs = r.stdout + r.stderr
     assert r.returncode == 0 and "succeeded" in logs, logs[-4000:]
     assert "Connecting to existing Ray cluster" in logs and "Started a local Ray instance" not in logs
