@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from i2l.cluster.signals import signals_end_the_run, terminable
 from i2l.config import Config, get_config
 from i2l.io import json_digest, remove_dead_tmp
 from i2l.layout import Paths, paths_for, resolve_paths
-from i2l.store import Store, StoreBusyError
+from i2l.store import Store, StoreBusyError, fail_open_runs
 from i2l.train.run_key import forget_run_key, json_field, read_run_key, write_run_key
 
 STAGES = ("toyworld", "prepare", "pretrain_backbone", "pretrain_encoder", "pretrain_scorer", "train", "produce",
@@ -96,15 +95,6 @@ class StageTerminated(TerminationSignal, SystemExit):
     def __init__(self, sig: int):
         TerminationSignal.__init__(self, sig)
         SystemExit.__init__(self, 128 + sig)  # set explicitly: an uncaught SystemExit without a code exits 0
-
-
-def mark_failed(store_path: str | os.PathLike, run_id: str) -> None:
-    """A stage's store run marked failed at its SIGTERM, from the signal handler: a store instance of its own, no
-    migration and a short lock wait. A run not started yet (the signal came first) has nothing to mark."""
-    try:
-        Store(store_path, lock_timeout_s=2.0, auto_migrate=False).finish_run(run_id, "failed")
-    except ValueError:  # unknown run: start_run has not run yet
-        pass
 
 
 @contextmanager
@@ -209,10 +199,10 @@ class StageContext:
             # stage leaves the store unchanged); starting a known run again just sets it running.
             self.store.start_run("pipeline", self.cfg.name, self.keyed, run_id=self.parent_run_id)
         # a SIGTERM ends the stage's Ray waits too (training, actors), and comes out as Prefect's TerminationSignal.
-        # The run is marked failed as the signal arrives: a worker's cancel SIGTERMs the whole process group, Ray's
-        # daemons stop with it, and the driver was seen to die before its unwinding reached the store (CI, 12-05).
-        on_receipt = partial(mark_failed, self.store.path, run_id) if own_run else None
-        with terminable(raise_as=StageTerminated, on_signal=stop_ray, on_receipt=on_receipt) as handler, \
+        # The stage's run (its own, or the one its work records) and the pipeline's are marked failed as the signal
+        # arrives: a worker's cancel SIGTERMs the whole process group, Ray's daemons stop with it, and the driver
+        # was seen to die before its unwinding reached the store (CI, 12-05).
+        with terminable(raise_as=StageTerminated, on_signal=stop_ray, on_receipt=fail_open_runs) as handler, \
                 prefect_bridge_is(handler), \
                 self.store.run(stage, self.cfg.name, self.keyed, run_id=run_id, parent_id=self.parent_run_id) \
                 if own_run else nullcontext():

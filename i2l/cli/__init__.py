@@ -130,6 +130,14 @@ def explain(e: BaseException) -> tuple[int, str]:
     return 1, f"{type(e).__name__}: {msg} (rerun with --debug for the traceback)"
 
 
+def _fail_open_runs() -> None:
+    """`i2l.store.fail_open_runs`, when the command has used the store: a command that never did (most of the
+    plain ones) has no run to mark, and a signal handler is no place to import DuckDB."""
+    results = sys.modules.get("i2l.store.results")
+    if results is not None:
+        results.fail_open_runs()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -144,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # the library's warnings (a broken checkpoint skipped, ...) reach the user as `i2l CMD: warning: ...`
         # terminable: a SIGTERM unwinds the command (files closed, actors stopped), even from inside a Ray wait
-        with echo_warnings(args.command), terminable(on_signal=stop_ray):
+        # on_receipt: the command's store runs are on record as failed even if the process dies while it unwinds
+        with echo_warnings(args.command), terminable(on_signal=stop_ray, on_receipt=_fail_open_runs):
             return int(args._run(args) or 0)
     except Terminated as e:
         if args.debug:

@@ -8,6 +8,7 @@ Contract:
     run_id = store.start_run(kind, preset, config, run_id=None, parent_id=None)
     store.finish_run(run_id, status)         # status: ok | failed | cancelled
     with store.run(kind, preset, config) as run_id: ...   # ok on exit, failed on exception
+    fail_open_runs()                         # at a termination signal: this process's unfinished runs -> failed
     store.record_checkpoint(run_id, path, step, backbone, sha256, meta) -> checkpoint_id
     store.record_dataset(out_dir, run_id=None) -> dataset_id      # manifest.json + quarantine.parquet
     store.record_styles(rows)        # style_id, split, description, dataset_id, ref_paths
@@ -41,6 +42,7 @@ from i2l.store.results import (
     RUN_STATUSES,
     Store,
     StoreBusyError,
+    fail_open_runs,
     now_utc,
     store_path,
 )
@@ -53,6 +55,7 @@ __all__ = [
            "RUN_STATUSES",
            "Store",
            "StoreBusyError",
+           "fail_open_runs",
            "method_sort_key",
            "now_utc",
            "parse_method",

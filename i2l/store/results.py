@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -39,6 +40,29 @@ _MIGRATE_LOCK = threading.Lock()  # threads of one process migrate one at a time
 # SQL a person typed runs without access to anything but the store file (no COPY TO, read_csv, ATTACH,
 # INSTALL/LOAD), and locked so that the SQL cannot SET the access back on.
 USER_SQL_CONFIG = {"enable_external_access": False, "lock_configuration": True}
+
+
+# Runs this process started and has not finished: run id -> store path (see `fail_open_runs`).
+_OPEN_RUNS: dict[str, Path] = {}
+
+
+def fail_open_runs() -> list[str]:
+    """Mark failed every run this process started (start_run / run) and has not finished; returns their ids.
+
+    For a termination signal's handler, before anything unwinds: a SIGTERM sent to a whole process group stops
+    Ray's daemons at the same moment, and a driver was seen to die before its unwinding reached the store's own
+    failure record, which then said 'running' for ever (CI, 2026-12-05). Each mark uses a store instance of its
+    own, without migration and with a short lock wait; a run that cannot be marked is left to the unwinding."""
+    failed = []
+    for run_id, path in list(_OPEN_RUNS.items()):
+        try:
+            Store(path, lock_timeout_s=2.0, auto_migrate=False).finish_run(run_id, "failed")
+            failed.append(run_id)
+        except ValueError:  # no longer in the file (another process rebuilt it): nothing to mark
+            _OPEN_RUNS.pop(run_id, None)
+        except Exception as e:  # noqa: BLE001 - busy or broken: the others are still marked
+            print(f"could not mark run {run_id} failed: {type(e).__name__}: {e}", file=sys.stderr)
+    return failed
 
 
 class StoreBusyError(RuntimeError):
@@ -211,6 +235,7 @@ class Store:
                 "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'running', ?, NULL, ?) "
                 "ON CONFLICT (run_id) DO UPDATE SET status = 'running', finished_at = NULL",
                 [run_id, parent_id, kind, preset, to_json(config), now_utc(), socket.gethostname()]).fetchall()
+        _OPEN_RUNS[run_id] = self.path
         return run_id
 
     def finish_run(self, run_id: str, status: str = "ok") -> None:
@@ -219,6 +244,7 @@ class Store:
         with self.transaction() as con:
             n = con.execute("UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?",
                             [status, now_utc(), run_id]).fetchall()[0][0]
+        _OPEN_RUNS.pop(run_id, None)
         if n == 0:
             raise ValueError(f"unknown run {run_id!r}; start it with start_run() first")
 

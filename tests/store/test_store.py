@@ -265,6 +265,32 @@ def test_runs_and_stages(tmp_path):
     assert store.rows("SELECT loss, lr, extra->>'gn' FROM train_curves") == [(0.4, 0.1, "2")]
 
 
+def test_fail_open_runs_marks_only_what_this_process_left_unfinished(tmp_path, monkeypatch):
+    """At a termination signal: every run this process started and has not finished, in whichever store file it
+    lives, is marked failed; finished runs and runs of other processes are left as they are."""
+    from i2l.store import fail_open_runs, results
+
+    monkeypatch.setattr(results, "_OPEN_RUNS", {})  # not the runs earlier tests of this process left open
+
+    a, b = Store(tmp_path / "a.duckdb"), Store(tmp_path / "b.duckdb")
+    with a.run("train", "debug", None, run_id="done"):
+        pass
+    with pytest.raises(RuntimeError), a.run("eval", "debug", None, run_id="raised"):
+        raise RuntimeError
+    a.start_run("pipeline", "debug", None, run_id="parent")
+    with a.run("train", "debug", None, run_id="inner"):
+        b.start_run("produce", "debug", None, run_id="other-file")
+        # another process's run in the same file: never this process's to mark
+        theirs = "import sys; from i2l.store import Store; Store(sys.argv[1]).start_run('x', None, None, run_id='theirs')"
+        subprocess.run([sys.executable, "-c", theirs, str(a.path)], cwd=REPO,
+                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, check=True)
+        assert sorted(fail_open_runs()) == ["inner", "other-file", "parent"]
+        assert fail_open_runs() == []  # marked once: no longer open
+    status = dict(a.rows("SELECT run_id, status FROM runs"))
+    assert status == {"done": "ok", "raised": "failed", "parent": "failed", "inner": "ok", "theirs": "running"}
+    assert b.rows("SELECT status FROM runs") == [("failed",)]
+
+
 def test_read_only_store_refuses_writes(fixture_store):
     store, _ = fixture_store
     reader = Store(store.path, read_only=True)
