@@ -55,6 +55,9 @@ def fail_open_runs() -> list[str]:
     own, without migration and with a short lock wait; a run that cannot be marked is left to the unwinding."""
     failed = []
     for run_id, path in list(_OPEN_RUNS.items()):
+        if not path.is_file():  # removed since (a temporary store): never create an empty one here
+            _OPEN_RUNS.pop(run_id, None)
+            continue
         try:
             Store(path, lock_timeout_s=2.0, auto_migrate=False).finish_run(run_id, "failed")
             failed.append(run_id)

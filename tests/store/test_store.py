@@ -284,7 +284,11 @@ def test_fail_open_runs_marks_only_what_this_process_left_unfinished(tmp_path, m
         theirs = "import sys; from i2l.store import Store; Store(sys.argv[1]).start_run('x', None, None, run_id='theirs')"
         subprocess.run([sys.executable, "-c", theirs, str(a.path)], cwd=REPO,
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, check=True)
+        gone = Store(tmp_path / "gone" / "c.duckdb")
+        gone.start_run("eval", "debug", None, run_id="store-removed")
+        gone.path.unlink()
         assert sorted(fail_open_runs()) == ["inner", "other-file", "parent"]
+        assert not gone.path.exists()  # no empty store made where one was removed
         assert fail_open_runs() == []  # marked once: no longer open
     status = dict(a.rows("SELECT run_id, status FROM runs"))
     assert status == {"done": "ok", "raised": "failed", "parent": "failed", "inner": "ok", "theirs": "running"}
