@@ -20,7 +20,7 @@ from i2l.config import Config
 from i2l.infer.guidance import sample
 from i2l.io import atomic_path, write_text_atomic
 from i2l.model.flow_matching import fm_loss, mixed_precision
-from i2l.train.step import TrainStep, WarmupCosine, step_generator
+from i2l.train.step import TrainStep, WarmupCosine, step_generator, timestep_sampler
 
 WEIGHTS_FILE = "adapter.safetensors"
 INFO_FILE = "adapter.json"
@@ -147,6 +147,7 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
                               targets_per_lora=cfg.train.targets_per_lora))
     caches = FrozenCaches.build(cfg, backbone, encoder) if cfg.train.cache_frozen else None
     bs, t0 = cfg.train.batch_size, time.time()
+    timesteps = timestep_sampler(cfg, backbone)  # the predictor's law
     bar = tqdm(range(steps), desc="train adapter", disable=not progress)
     for step in bar:
         targets, prompts, sets, owner = collate_group_sets(list(itertools.islice(stream, bs)),
@@ -159,7 +160,7 @@ def train_adapter(cfg: Config, data_dir: str | Path, out_dir: str | Path, steps:
                 tokens, keep, ref_index = reference_tokens(cfg, encoder, sets, device, caches.refs if caches else None)
             extra = adapter(tokens.to(dtype), keep, ref_index)  # (U, M, E), one per reference set
             cond = with_context(cond, extra[owner.to(device)])  # (B, L + M, E)
-            loss = fm_loss(backbone, x1, cond, generator=g)
+            loss = fm_loss(backbone, x1, cond, generator=g, timesteps=timesteps)
         trainer.backward(loss)  # outside autocast, as PyTorch's AMP recipe has it
         rec = trainer.step(loss)
         bar.set_postfix(loss=f"{rec['loss']:.4f}")

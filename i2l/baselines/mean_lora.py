@@ -16,7 +16,7 @@ from i2l.config import Config
 from i2l.io import write_text_atomic
 from i2l.model.flow_matching import fm_backward, mixed_precision
 from i2l.model.lora import LoRA, zero_lora
-from i2l.train.step import TrainStep, WarmupCosine, step_generator
+from i2l.train.step import TrainStep, WarmupCosine, step_generator, timestep_sampler
 
 LORA_FILE = "mean_lora.safetensors"
 INFO_FILE = "mean_lora.json"
@@ -42,6 +42,7 @@ def train_mean_lora(cfg: Config, data_dir: str | Path, out_dir: str | Path, step
     trainer = TrainStep(opt, schedule=WarmupCosine(opt, steps, cfg.train.warmup))  # no clipping
     stream = iter(TupleStream(data_dir, "train", cfg.predictor.max_refs, cfg.train.seed))
     bs, t0 = cfg.train.batch_size, time.time()
+    timesteps = timestep_sampler(cfg, backbone)  # the predictor's law
     bar = tqdm(range(steps), desc="train mean-LoRA", disable=not progress)
     for step in bar:
         targets, prompts, _, _ = collate(list(itertools.islice(stream, bs)), cfg.backbone.image_size,
@@ -51,7 +52,7 @@ def train_mean_lora(cfg: Config, data_dir: str | Path, out_dir: str | Path, step
         with mixed_precision(device, cfg.backbone.dtype), torch.no_grad():
             cond = backbone.encode_prompts(prompts)  # (B, L, E)
             x1 = backbone.encode_images(targets.to(device))
-        loss = fm_backward(backbone, x1, cond, lora, opt, generator=g)  # one LoRA shared by the batch
+        loss = fm_backward(backbone, x1, cond, lora, opt, generator=g, timesteps=timesteps)  # one LoRA for the batch
         rec = trainer.step(loss)
         bar.set_postfix(loss=f"{rec['loss']:.4f}")
     secs = time.time() - t0

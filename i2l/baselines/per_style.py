@@ -12,21 +12,22 @@ from collections.abc import Callable
 import torch
 
 from i2l.backbones.base import Backbone, Cond
-from i2l.model.flow_matching import fm_backward
+from i2l.model.flow_matching import TimestepSampler, fm_backward
 from i2l.model.lora import LoRA, zero_lora
 
 
 def optimize_loras(backbone: Backbone, images: torch.Tensor, prompts: list[list[str]], rank: int, steps: int,
                    *, lr: float, seed: int = 0, snapshots: tuple[int, ...] = (), rows: int = 16,
                    stop: Callable[[dict], bool] | None = None, keep_loras: bool = True,
-                   progress: bool = False) -> tuple[LoRA, list[dict]]:
+                   progress: bool = False, timesteps: TimestepSampler | None = None) -> tuple[LoRA, list[dict]]:
     """Optimise one LoRA per style on (images (S, N, 3, H, W), prompts S x N), `rows` of each style's references
     per step. Each style's loss is its own mean, so Adam moves each LoRA as if it were optimised alone.
     Returns the final batched LoRA (S) and, for each step count in `snapshots`, {steps, wall_s, loss, lora (S)}
     measured on the same run (cumulative wall time, not re-runs; loss: mean over styles of this step's loss).
     stop(snapshot) -> True ends the run at that snapshot; the time spent in it is not counted in wall_s.
     keep_loras=False: a snapshot's LoRA is only lent to `stop`, then dropped (a check at every step of a
-    real-size LoRA would otherwise keep hundreds of copies)."""
+    real-size LoRA would otherwise keep hundreds of copies). timesteps: how t is drawn (the run's law,
+    `i2l.train.step.timestep_sampler`; None: logit-normal)."""
     from tqdm import tqdm
 
     S, N = images.shape[:2]
@@ -52,7 +53,8 @@ def optimize_loras(backbone: Backbone, images: torch.Tensor, prompts: list[list[
         pick = torch.randint(N, (S, rows), generator=g)
         idx = (torch.arange(S)[:, None] * N + pick).flatten()  # (S·k,)
         loss = fm_backward(backbone, x_all[idx], cond_all.index(idx), _rows_lora(A, B, rows, backbone), opt, g,
-                           reduce=lambda per: per.view(S, rows).mean(1).sum())  # no style's step depends on S
+                           reduce=lambda per: per.view(S, rows).mean(1).sum(),  # no style's step depends on S
+                           timesteps=timesteps)
         opt.step()
         done_steps = step
         if step in snapshots:
@@ -79,11 +81,12 @@ def _rows_lora(A: dict, B: dict, rows: int, backbone: Backbone) -> LoRA:
 
 def optimize_lora(backbone: Backbone, images: torch.Tensor, prompts: list[str], rank: int, steps: int,
                   *, lr: float, seed: int = 0, snapshots: tuple[int, ...] = (), batch_size: int = 16,
-                  stop: Callable[[dict], bool] | None = None, keep_loras: bool = True) -> tuple[LoRA, list[dict]]:
+                  stop: Callable[[dict], bool] | None = None, keep_loras: bool = True,
+                  timesteps: TimestepSampler | None = None) -> tuple[LoRA, list[dict]]:
     """One style: optimize_loras on a batch of one, with images (N, 3, H, W) and `batch_size` rows per step.
     Returns the final LoRA and the snapshots (as optimize_loras), their LoRAs unbatched."""
     final, out = optimize_loras(backbone, images[None], [list(prompts)], rank, steps, lr=lr, seed=seed,
-                                snapshots=snapshots, rows=batch_size, keep_loras=keep_loras,
+                                snapshots=snapshots, rows=batch_size, keep_loras=keep_loras, timesteps=timesteps,
                                 stop=None if stop is None else lambda snap: stop(_first(snap)))
     return final[0], [_first(s) for s in out]
 

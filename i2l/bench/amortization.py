@@ -169,9 +169,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     from i2l.data.images import to_tensor
     from i2l.eval.heldout_loss import heldout_loss, load_val_samples
     from i2l.infer.api import I2L
+    from i2l.train.step import timestep_sampler
 
     model = I2L.load(args.checkpoint, data_root=args.data_root)
     cfg, bb = model.cfg, model.backbone
+    timesteps = timestep_sampler(cfg, bb)  # the per-style LoRAs train on the predictor's law, as in evaluation
     ev = _eval_settings(cfg.name, args.overrides)
     size, T, S = cfg.backbone.image_size, ev.fm_timesteps, ev.fm_noise_seeds
     samples = load_val_samples(args.data, limit=args.styles)
@@ -201,7 +203,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 return hit[-1]
 
             _, curve = optimize_lora(bb, images, s.ref_prompts, cfg.predictor.rank, args.max_steps, lr=lr,
-                                     seed=i, snapshots=snaps, batch_size=b, stop=reached, keep_loras=False)
+                                     seed=i, snapshots=snaps, batch_size=b, stop=reached, keep_loras=False,
+                                     timesteps=timesteps)
             last, ok = curve[-1], hit[-1]
             step_s[b].append(last["wall_s"] / last["steps"])
             setup = f"rows{b}/lr{lr:g}"

@@ -40,7 +40,8 @@ def _measure(args: argparse.Namespace) -> list[dict]:
     from i2l.data.tuples import TupleStream
     from i2l.model.flow_matching import fm_backward
     from i2l.toy.world import write_toyworld
-    from i2l.train.loop import FrozenCaches, _batches, conditioned_batch, timestep_sampler
+    from i2l.train.loop import FrozenCaches, _batches, conditioned_batch
+    from i2l.train.step import timestep_sampler
 
     st = Steps.build(args.preset, args.device, args.overrides)
     cfg = st.cfg

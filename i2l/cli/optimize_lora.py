@@ -24,6 +24,7 @@ def main(args):
     from i2l.backbones import load_backbone
     from i2l.baselines.per_style import optimize_lora
     from i2l.data.images import load_image_file, to_tensor
+    from i2l.train.step import timestep_sampler
 
     cfg = config_from_args(args)
     if args.style_id:
@@ -44,7 +45,8 @@ def main(args):
     backbone = load_backbone(cfg)
     t0 = time.perf_counter()
     lora, _ = optimize_lora(backbone, to_tensor(images, cfg.backbone.image_size), prompts, cfg.predictor.rank,
-                            args.steps, lr=cfg.eval.lora_lr if args.lr is None else args.lr, seed=cfg.train.seed)
+                            args.steps, lr=cfg.eval.lora_lr if args.lr is None else args.lr, seed=cfg.train.seed,
+                            timesteps=timestep_sampler(cfg, backbone))  # t drawn by the preset's train.timesteps
     secs = time.perf_counter() - t0
     lora.meta.update({"wall_s": secs, "n_images": len(images)})
     path = lora.save(args.out, prefix=backbone.lora_prefix)

@@ -17,7 +17,9 @@ from i2l.baselines.per_style import optimize_loras
 from i2l.config import EvalConfig
 from i2l.data.images import to_tensor
 from i2l.eval.heldout_loss import ValSample, heldout_loss
+from i2l.model.flow_matching import TimestepSampler
 from i2l.model.lora import LoRA
+from i2l.train.step import timestep_sampler
 
 FAMILIES = ("base", "mean_lora", "per_style", "i2l", "adapter")  # the method families, in table order
 
@@ -79,8 +81,8 @@ def i2l_conditionings(model, samples: list[ValSample], ref_counts: tuple[int, ..
 
 
 def per_style_conditionings(backbone: Backbone, samples: list[ValSample], budgets: tuple[int, ...], rank: int,
-                            image_size: int, lr: float, rows: int, seed: int = 0,
-                            progress: bool = False) -> list[Conditioning]:
+                            image_size: int, lr: float, rows: int, seed: int = 0, progress: bool = False,
+                            timesteps: TimestepSampler | None = None) -> list[Conditioning]:
     """Per-style LoRAs at each step budget, optimised on each sample's references (prompts = their contents).
     Quality: all styles side by side (i2l.baselines.per_style.optimize_loras). Wall time: the first style
     optimised alone (a batch of one, same rows per step), as one user would wait for it, at each budget."""
@@ -91,9 +93,9 @@ def per_style_conditionings(backbone: Backbone, samples: list[ValSample], budget
     images = torch.stack([to_tensor(s.refs[:N], image_size) for s in samples])  # (S, N, 3, H, W)
     prompts = [s.ref_prompts[:N] for s in samples]
     _, snaps = optimize_loras(backbone, images, prompts, rank, budgets[-1], lr=lr, seed=seed, snapshots=budgets,
-                              rows=rows, progress=progress)
+                              rows=rows, progress=progress, timesteps=timesteps)
     _, timed = optimize_loras(backbone, images[:1], prompts[:1], rank, budgets[-1], lr=lr, seed=seed,
-                              snapshots=budgets, rows=rows, keep_loras=False)
+                              snapshots=budgets, rows=rows, keep_loras=False, timesteps=timesteps)
     lora = {t["steps"]: t["lora"] for t in snaps}
     wall = {t["steps"]: t["wall_s"] for t in timed}
     return [Conditioning(f"per_style@{b}", loras=[lo.detach().to("cpu") for lo in lora[b].unbind()],
@@ -169,8 +171,10 @@ def make_conditionings(model, samples: list[ValSample], families: tuple[str, ...
         lora, info = baseline("mean_lora")
         conds.append(mean_lora_conditioning(lora, n, info["seconds"]))
     if "per_style" in families:
+        # t drawn by the predictor's law (train.timesteps): every method trains on the same timesteps
         conds += per_style_conditionings(model.backbone, samples, ev.optimize_budgets, cfg.predictor.rank,
-                                         cfg.backbone.image_size, ev.lora_lr, ev.per_style_rows, ev.seed, progress)
+                                         cfg.backbone.image_size, ev.lora_lr, ev.per_style_rows, ev.seed, progress,
+                                         timestep_sampler(cfg, model.backbone))
     if "i2l" in families:
         conds += i2l_conditionings(model, samples, i2l_ref_counts(samples), progress)
     if "adapter" in families:

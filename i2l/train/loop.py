@@ -19,7 +19,7 @@ from i2l.config import Config
 from i2l.data.images import decode, to_tensor
 from i2l.data.tuples import StyleTuple, TupleStream, collate_group_sets, collate_groups
 from i2l.model.encoder import FrozenCache, load_encoder
-from i2l.model.flow_matching import TimestepSampler, fm_backward, mixed_precision
+from i2l.model.flow_matching import fm_backward, mixed_precision
 from i2l.model.predictor import I2LPredictor, lora_from_tokens, predict_lora
 from i2l.train.checkpoint import (
     latest_checkpoint,
@@ -29,7 +29,7 @@ from i2l.train.checkpoint import (
     save_checkpoint,
 )
 from i2l.train.curve import loss_summary
-from i2l.train.step import TrainStep, WarmupCosine, step_generator
+from i2l.train.step import TrainStep, WarmupCosine, step_generator, timestep_sampler
 
 
 @dataclass
@@ -44,15 +44,6 @@ class World:
 def build_predictor(cfg: Config, backbone, encoder) -> I2LPredictor:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every fresh run
     return I2LPredictor(cfg.predictor, backbone.lora_targets(), encoder.dim, backbone.backbone_id)
-
-
-def timestep_sampler(cfg: Config, backbone) -> TimestepSampler:
-    """How this run draws t (train.timesteps, train.loss_weighting): "backbone" takes the backbone's own training
-    grid for latents of the run's image size (FLUX.2 / Z-Image: their shifted schedules; toy: logit-normal)."""
-    grid = None
-    if cfg.train.timesteps == "backbone":
-        grid = backbone.training_timesteps(backbone.latent_shape(cfg.backbone.image_size))
-    return TimestepSampler.build(cfg.train.timesteps, cfg.train.loss_weighting, grid)
 
 
 def train_predictor(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
