@@ -157,7 +157,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # how training draws t: logit_normal | uniform (continuous), or backbone = uniformly from the backbone's own
     # shifted training grid as the authors train (FLUX.2: mu 0.8; Z-Image: its scheduler's shift 3; toy: none,
-    # so logit-normal, as it was pretrained)
+    # so logit-normal, as it was pretrained). The predictor, mean-LoRA, adapter and per-style LoRAs all draw by it
     timesteps: str = "logit_normal"
     loss_weighting: str = "none"  # none | gaussian: the authors' Gaussian loss weight over the grid's t
     ckpt_every: int = 200

@@ -56,6 +56,10 @@ def baseline_budget(ecfg: Config, ck: Path, dataset_id: str, kind: str) -> dict:
            "encoder": state["encoder_id"], "encoder_path": ecfg.encoder.path, "data": dataset_id,
            "steps": ecfg.eval.baseline_steps or t.steps, "batch_size": t.batch_size, "warmup": t.warmup,
            "seed": t.seed, "rank": ecfg.predictor.rank, "max_refs": ecfg.predictor.max_refs}
+    if (t.timesteps, t.loss_weighting) != ("logit_normal", "none"):
+        # the baselines draw t by the run's law (since 80e15f6); before, always logit-normal: keys recorded then
+        # stand for that law, so it adds nothing to the key and those baselines stay valid
+        out.update(timesteps=t.timesteps, loss_weighting=t.loss_weighting)
     if kind == "mean_lora":
         out["lr"] = ecfg.eval.mean_lora_lr
     else:

@@ -72,3 +72,18 @@ def test_the_evaluations_per_style_loras_follow_the_checkpoints_law(debug_run):
     name = got.loras[0].names[0]
     assert torch.equal(got.loras[0].delta(name), uniform.loras[0].delta(name))
     assert not torch.allclose(got.loras[0].delta(name), default.loras[0].delta(name))
+
+
+def test_a_baselines_key_names_its_law_so_another_law_trains_it_again(debug_run):
+    """An evaluation of a uniform-law checkpoint must not reuse mean-LoRA / adapter files trained by logit-normal
+    (seen: a `make run --set train.timesteps=uniform` evaluated in 44 s on the earlier run's baselines). Keys of
+    the default law stay as they were recorded before baselines followed the law."""
+    from i2l.eval.identity import baseline_budget
+    from i2l.train.checkpoint import require_checkpoint
+
+    ck = require_checkpoint(debug_run.run_dir)
+    for kind in ("mean_lora", "adapter"):
+        keys = {law: baseline_budget(_cfg(debug_run, **{"train.timesteps": law}), ck, "data", kind)
+                for law in ("logit_normal", "uniform")}
+        assert keys["logit_normal"] != keys["uniform"]
+        assert "timesteps" not in keys["logit_normal"] and keys["uniform"]["timesteps"] == "uniform"
