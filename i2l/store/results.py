@@ -61,8 +61,8 @@ def fail_open_runs() -> list[str]:
         try:
             Store(path, lock_timeout_s=2.0, auto_migrate=False).finish_run(run_id, "failed")
             failed.append(run_id)
-        except ValueError:  # no longer in the file (another process rebuilt it): nothing to mark
-            _OPEN_RUNS.pop(run_id, None)
+        except ValueError:  # no longer in the file (another process rebuilt it): finish_run forgot it
+            pass
         except Exception as e:  # noqa: BLE001 - busy or broken: the others are still marked
             print(f"could not mark run {run_id} failed: {type(e).__name__}: {e}", file=sys.stderr)
     return failed

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from i2l.config import Config
 from i2l.model.flow_matching import TimestepSampler
 from i2l.train.curve import loss_summary
 
@@ -87,7 +88,7 @@ class TrainStep:
         return loss_summary(self.curve, first, last)
 
 
-def timestep_sampler(cfg, backbone) -> TimestepSampler:
+def timestep_sampler(cfg: Config, backbone) -> TimestepSampler:
     """How this run draws t (train.timesteps, train.loss_weighting), in every loop that trains through its backbone
     (the predictor, the mean-LoRA, the adapter, the per-style LoRAs): "backbone" takes the backbone's own training
     grid for latents of the run's image size (FLUX.2 / Z-Image: their shifted schedules; toy: logit-normal)."""
