@@ -350,6 +350,21 @@ def test_report_flow_alone_rebuilds_when_forced(pipeline_world):
     assert not r["skipped"] and Path(r["info"]["index"]) == index and index.stat().st_mtime_ns > mtime
 
 
+@pytest.mark.slow
+def test_a_forced_stage_rebuilds_the_pipelines_report(pipeline_world):
+    """Forcing a stage redoes it under the same key, so the report's key (made of the stages' keys) is unchanged:
+    the report must still be rebuilt, not kept from the run before."""
+    from flows.pipeline import pipeline
+
+    index = Path(pipeline_world["result"]["report"])
+    mtime = index.stat().st_mtime_ns
+    again = pipeline(preset="debug", overrides=OVERRIDES, data_root=str(pipeline_world["root"]),
+                     reports_dir=str(pipeline_world["reports"]), progress=False, force=["produce"])
+    ran = [s["stage"] for s in again["stages"] if not s["skipped"]]
+    assert ran == ["produce", "report"]
+    assert again["report"] == str(index) and index.stat().st_mtime_ns > mtime
+
+
 # ---------- a killed train flow resumes ----------
 
 @pytest.mark.slow
