@@ -43,10 +43,10 @@ def pipeline(preset: str = "toy", overrides: list[str] | None = None, data_root:
     # Report the pipeline run the evaluation was recorded under (this one, or an earlier one whose stages this
     # run reused), rebuilt only when one of the stages it shows has changed: its key changed, or it ran again
     # under the same key (forced, or its outputs were gone), which leaves the keys as they were.
-    redone = ["report"] if any(not s["skipped"] for s in stages) else []
+    if any(not s["skipped"] for s in stages):
+        force = [*(force or []), "report"]
     stages += report(preset, overrides, data_root, run_id=stages[-1]["info"]["report_run"],
-                     after=[s["key"] for s in stages], reports_dir=reports_dir, progress=progress,
-                     force=list(dict.fromkeys([*(force or []), *redone])))
+                     after=[s["key"] for s in stages], reports_dir=reports_dir, progress=progress, force=force)
     index = stages[-1]["info"]["index"]
     get_run_logger().info(f"pipeline {run_id}: report at {index}")
     return {"run_id": run_id, "report": index, "stages": stages}

@@ -60,8 +60,8 @@ def _toy() -> Config:
     # lr 8e-3: over the same 800 steps its loss ends 15 % lower than at 2e-3 (4e-3: 12 %, 1.6e-2: 8 %), and for
     # 1200 steps (12 % lower again): it draws the prompted figures and their outlines instead of blobs
     # (docs/results.md, "How fast does the toy backbone learn?"). Every trainer draws t uniformly: the held-out FM
-    # loss averages a uniform grid of t, and each method does better on it by that law than by logit-normal (i2L
-    # -10.0 vs -8.7 %, per-style@25 -20.5 vs -18.0 %; docs/results.md, "Which law of timesteps should training draw?").
+    # loss averages a uniform grid of t, and each method does better on it by that law than by logit-normal (on one
+    # host and toy backbone: i2L -10.4 vs -9.7 %, per-style@25 -20.7 vs -18.1 %; docs/results.md, the make-run section).
     return Config(name="toy", toyworld=ToyWorldConfig(styles=2000),
                   backbone=BackboneConfig(targets=FLUX2_TARGETS, max_text_tokens=24, text_context_tokens=12,
                                           position_channels=True),
