@@ -1,7 +1,8 @@
 """The results store: one DuckDB file (default `<data_root>/results.duckdb`) holding every run's results.
 
 Contract:
-    store = Store(path)                      # creates/migrates (schema_version + ordered MIGRATIONS)
+    store = Store(path)                      # creates/migrates (schema_version + ordered MIGRATIONS), then
+                                             # fail_orphaned_runs(): runs whose process was killed -> failed
     with store.transaction() as con: ...     # commit on success, rollback on exception; the writer
                                              # helpers called inside join it, so a stage's results
                                              # land whole or not at all

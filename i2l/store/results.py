@@ -4,6 +4,7 @@ free between writes and readers in other processes can open it), retrying while 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import threading
@@ -17,6 +18,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from i2l.store.owner import owner_gone, owner_token
 from i2l.store.rows import (
     COLUMNS,
     benchmark_rows,
@@ -95,6 +97,7 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if auto_migrate:
                 self.migrate()
+                self.fail_orphaned_runs()
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, read_only={self.read_only})"
@@ -234,10 +237,13 @@ class Store:
         """Record a run as 'running' and return its id; a known id (a resumed run) is set running again."""
         run_id = run_id or f"{kind}-{now_utc():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         with self.transaction() as con:
+            # the owner: this process, so that a later writer can tell the run was orphaned (fail_orphaned_runs)
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'running', ?, NULL, ?) "
-                "ON CONFLICT (run_id) DO UPDATE SET status = 'running', finished_at = NULL",
-                [run_id, parent_id, kind, preset, to_json(config), now_utc(), socket.gethostname()]).fetchall()
+                "INSERT INTO runs (run_id, parent_id, kind, preset, config, status, started_at, host, owner) "
+                "VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET status = 'running', "
+                "finished_at = NULL, host = excluded.host, owner = excluded.owner, note = NULL",
+                [run_id, parent_id, kind, preset, to_json(config), now_utc(), socket.gethostname(),
+                 owner_token()]).fetchall()
         _OPEN_RUNS[run_id] = self.path
         return run_id
 
@@ -250,6 +256,29 @@ class Store:
         _OPEN_RUNS.pop(run_id, None)
         if n == 0:
             raise ValueError(f"unknown run {run_id!r}; start it with start_run() first")
+
+    def fail_orphaned_runs(self) -> list[str]:
+        """Mark failed, with a note, the runs still 'running' whose process has ended without finishing them (killed
+        outright: SIGKILL, the OOM killer); returns their ids. Only runs started on this machine and pid namespace
+        are judged (i2l.store.owner); runs of live processes, of other machines and of older i2l are left alone.
+        Every store opened for writing does this once (Store(..., auto_migrate=True))."""
+        host = socket.gethostname()
+        candidates = self.rows("SELECT run_id, owner FROM runs WHERE status = 'running' AND host = ? "
+                               "AND owner IS NOT NULL", [host])
+        gone = [(run_id, owner) for run_id, owner in candidates if owner_gone(owner)]
+        if not gone:
+            return []
+        me = owner_token()
+        with self.transaction() as con:
+            for run_id, owner in gone:
+                pid = owner.split(":")[3]
+                note = (f"its process (pid {pid} on {host}) ended without finishing it: killed outright? "
+                        f"(marked failed by {me or 'pid ' + str(os.getpid())} at {now_utc():%Y-%m-%d %H:%M:%S} UTC)")
+                # the status is checked again: the owner may have finished the run since the read above
+                con.execute("UPDATE runs SET status = 'failed', finished_at = ?, note = ? "
+                            "WHERE run_id = ? AND status = 'running' AND owner = ?",
+                            [now_utc(), note, run_id, owner]).fetchall()
+        return [run_id for run_id, _ in gone]
 
     @contextmanager
     def run(self, kind: str, preset: str | None, config: dict | None, run_id: str | None = None,

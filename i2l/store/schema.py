@@ -234,6 +234,9 @@ MIGRATIONS: list[tuple[str, Any]] = [
     ("sanity_family", _SANITY_FAMILY),
     # samples on styles from outside the training family (i2l/eval/out_of_family.py)
     ("out_of_family", _OUT_OF_FAMILY),
+    # who runs a run (i2l/store/owner.py), and why a run ended as it did when its own process did not say
+    ("runs_owner", ("ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner VARCHAR; "
+                    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS note VARCHAR")),
 ]
 
 # Canonical method order for tables and grids (names used across the project).

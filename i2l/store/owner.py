@@ -1,0 +1,68 @@
+"""Which process owns a run, told apart from a later process that got the same pid.
+
+A run is 'running' in the store until its process finishes it. A process killed outright (SIGKILL, the kernel's
+OOM killer, a worker's kill 30 s after its SIGTERM) finishes nothing, and the store said 'running' for ever (CI,
+2026-12-05: a cancelled deployment run's train run). So each run records its owner, and a later writer on the same
+machine marks failed the runs whose owner is gone (`Store.fail_orphaned_runs`).
+
+The owner token is `linux:<boot id>:<pid namespace>:<pid>:<start time>`. The start time (in clock ticks since boot,
+/proc/<pid>/stat) tells a reused pid apart; the boot id and the pid namespace say whether this process can see the
+owner at all: another machine that shares the store file (NFS) or a container with its own pids cannot, and its runs
+are left alone. Without /proc (not Linux) there is no token, and no run is judged.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+_PREFIX = "linux"
+
+
+def _start_ticks(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # the command name (field 2) is in parentheses and may hold spaces or ')': split after its last ')'
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):  # field 3, the state: a zombie has ended, only its parent has not reaped it yet
+        return None
+    return fields[19]
+
+
+@lru_cache(maxsize=1)
+def _machine() -> tuple[str, str] | None:
+    """(boot id, pid namespace) of this process, or None where /proc does not tell them."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ns = os.readlink("/proc/self/ns/pid")  # 'pid:[4026531836]'
+    except OSError:
+        return None
+    return boot, ns.removeprefix("pid:").strip("[]")
+
+
+def owner_token(pid: int | None = None) -> str | None:
+    """This process's owner token (or `pid`'s, same machine and namespace); None where it cannot be made."""
+    machine = _machine()
+    pid = os.getpid() if pid is None else pid
+    ticks = _start_ticks(pid) if machine else None
+    if machine is None or ticks is None:
+        return None
+    return ":".join((_PREFIX, *machine, str(pid), ticks))
+
+
+def owner_gone(token: str | None) -> bool | None:
+    """True: the token's process has ended. False: it still runs. None: this process cannot tell (no token, an
+    unknown form, another machine or pid namespace)."""
+    parts = (token or "").split(":")
+    machine = _machine()
+    if len(parts) != 5 or parts[0] != _PREFIX or machine is None or tuple(parts[1:3]) != machine:
+        return None
+    try:
+        pid = int(parts[3])
+    except ValueError:
+        return None
+    return _start_ticks(pid) != parts[4]
