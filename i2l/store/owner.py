@@ -3,7 +3,7 @@
 A run is 'running' in the store until its process finishes it. A process killed outright (SIGKILL, the kernel's
 OOM killer, a worker's kill 30 s after its SIGTERM) finishes nothing, and the store said 'running' for ever (CI,
 2026-12-05: a cancelled deployment run's train run). So each run records its owner, and a later writer on the same
-machine marks failed the runs whose owner is gone (`Store.fail_orphaned_runs`).
+machine marks failed the runs whose owner is gone (`fail_orphaned_runs`).
 
 The owner token is `linux:<boot id>:<pid namespace>:<pid>:<start time>`. The start time (in clock ticks since boot,
 /proc/<pid>/stat) tells a reused pid apart; the boot id and the pid namespace say whether this process can see the
@@ -14,8 +14,15 @@ are left alone. Without /proc (not Linux) there is no token, and no run is judge
 from __future__ import annotations
 
 import os
+import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from i2l.store.rows import now_utc
+
+if TYPE_CHECKING:
+    from i2l.store.results import Store
 
 _PREFIX = "linux"
 
@@ -66,3 +73,26 @@ def owner_gone(token: str | None) -> bool | None:
     except ValueError:
         return None
     return _start_ticks(pid) != parts[4]
+
+
+def fail_orphaned_runs(store: Store) -> list[str]:
+    """Mark failed, with a note, the runs still 'running' whose process has ended without finishing them (killed
+    outright: SIGKILL, the OOM killer); returns their ids. Only runs started on this machine and pid namespace are
+    judged; runs of live processes, of other machines and of older i2l are left alone. Every store opened for
+    writing does this once (Store(..., auto_migrate=True))."""
+    host = socket.gethostname()
+    candidates = store.rows("SELECT run_id, owner FROM runs WHERE status = 'running' AND host = ? "
+                            "AND owner IS NOT NULL", [host])
+    gone = [(run_id, owner) for run_id, owner in candidates if owner_gone(owner)]
+    if not gone:
+        return []
+    me = f"pid {os.getpid()}"
+    with store.transaction() as con:
+        for run_id, owner in gone:
+            note = (f"its process (pid {owner.split(':')[3]} on {host}) ended without finishing it: killed "
+                    f"outright? (marked failed by {me} at {now_utc():%Y-%m-%d %H:%M:%S} UTC)")
+            # the status is checked again: the owner may have finished the run since the read above
+            con.execute("UPDATE runs SET status = 'failed', finished_at = ?, note = ? "
+                        "WHERE run_id = ? AND status = 'running' AND owner = ?",
+                        [now_utc(), note, run_id, owner]).fetchall()
+    return [run_id for run_id, _ in gone]

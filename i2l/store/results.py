@@ -4,7 +4,6 @@ free between writes and readers in other processes can open it), retrying while 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 import threading
@@ -18,7 +17,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from i2l.store.owner import owner_gone, owner_token
+from i2l.store.owner import fail_orphaned_runs, owner_token
 from i2l.store.rows import (
     COLUMNS,
     benchmark_rows,
@@ -258,27 +257,8 @@ class Store:
             raise ValueError(f"unknown run {run_id!r}; start it with start_run() first")
 
     def fail_orphaned_runs(self) -> list[str]:
-        """Mark failed, with a note, the runs still 'running' whose process has ended without finishing them (killed
-        outright: SIGKILL, the OOM killer); returns their ids. Only runs started on this machine and pid namespace
-        are judged (i2l.store.owner); runs of live processes, of other machines and of older i2l are left alone.
-        Every store opened for writing does this once (Store(..., auto_migrate=True))."""
-        host = socket.gethostname()
-        candidates = self.rows("SELECT run_id, owner FROM runs WHERE status = 'running' AND host = ? "
-                               "AND owner IS NOT NULL", [host])
-        gone = [(run_id, owner) for run_id, owner in candidates if owner_gone(owner)]
-        if not gone:
-            return []
-        me = owner_token()
-        with self.transaction() as con:
-            for run_id, owner in gone:
-                pid = owner.split(":")[3]
-                note = (f"its process (pid {pid} on {host}) ended without finishing it: killed outright? "
-                        f"(marked failed by {me or 'pid ' + str(os.getpid())} at {now_utc():%Y-%m-%d %H:%M:%S} UTC)")
-                # the status is checked again: the owner may have finished the run since the read above
-                con.execute("UPDATE runs SET status = 'failed', finished_at = ?, note = ? "
-                            "WHERE run_id = ? AND status = 'running' AND owner = ?",
-                            [now_utc(), note, run_id, owner]).fetchall()
-        return [run_id for run_id, _ in gone]
+        """Mark failed the runs whose process was killed before finishing them (i2l.store.owner); their ids."""
+        return fail_orphaned_runs(self)
 
     @contextmanager
     def run(self, kind: str, preset: str | None, config: dict | None, run_id: str | None = None,
