@@ -67,7 +67,9 @@ def _runs_section(doc: Document, family: pd.DataFrame) -> None:
     rows = []
     for r in family.itertuples():
         secs = (r.finished_at - r.started_at).total_seconds() if pd.notna(r.finished_at) else None
-        rows.append([r.run_id, r.kind, _txt(r.preset), r.status, str(r.started_at)[:19], fmt(secs, 1)])
+        note = getattr(r, "note", None)  # why a run ended when its own process did not say (i2l.store.owner)
+        status = f"{r.status}: {note}" if isinstance(note, str) and note else r.status
+        rows.append([r.run_id, r.kind, _txt(r.preset), status, str(r.started_at)[:19], fmt(secs, 1)])
     columns = ["run", "kind", "preset", "status", "started (UTC)", "duration (s)"]
     doc.table(Table(columns, rows, table_id="runs"))
 

@@ -246,6 +246,25 @@ def test_training_curve_counts_the_steps_each_run_logged(tmp_path):
     assert "- train_adapter-run: 3 steps logged, final loss 0.3333" in md
 
 
+def test_the_runs_table_says_why_a_killed_run_failed(tmp_path):
+    """A run whose process was killed outright is marked failed by the next writer (i2l.store.owner); the report's
+    runs table carries the note, so a reader sees it was killed, not that its code failed."""
+    from i2l.store.owner import owner_token
+
+    store = Store(tmp_path / "results.duckdb")
+    top = store.start_run("pipeline", "debug", {})
+    run = store.start_run("train", "debug", {}, run_id="train-run", parent_id=top)
+    boot, ns, pid, ticks = owner_token().split(":")[1:]
+    with store.transaction() as con:  # owned by this pid at another start time: a process that has ended
+        con.execute("UPDATE runs SET owner = ? WHERE run_id = ?", [f"linux:{boot}:{ns}:{pid}:{int(ticks) + 1}", run])
+    Store(store.path)  # the next command that writes
+    store.finish_run(top, "failed")
+    runs = {r[0]: r[3] for r in _parse(build_report(Store(store.path, read_only=True), top, tmp_path / "rep")
+                                       .read_text()).tables["runs"]}
+    assert runs[top] == "failed"
+    assert runs[run].startswith(f"failed: its process (pid {pid} on ") and "killed outright?" in runs[run]
+
+
 def test_wrong_style_sanity_row_is_not_listed_as_an_i2l_method(tmp_path):
     """i2l_wrong_style is a sanity check: family 'sanity' in the amortization table, also from a store that
     recorded it as 'i2l' (before the 'sanity_family' migration) and is opened read-only, as `i2l report` does."""
