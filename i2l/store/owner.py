@@ -27,16 +27,28 @@ if TYPE_CHECKING:
 _PREFIX = "linux"
 
 
-def _start_ticks(pid: int) -> str | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), or None if there is no such process."""
+_GONE, _HIDDEN = "gone", "hidden"
+
+
+def _start_ticks(pid: int) -> str:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot); _GONE if the process has ended (or is a
+    zombie), _HIDDEN if it may run but its start time cannot be read (another user's, /proc mounted hidepid)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
+    except PermissionError:
+        return _HIDDEN
+    except (FileNotFoundError, ProcessLookupError):
+        try:  # gone, or hidden from /proc (hidepid): the kernel still says whether the pid exists
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return _GONE
+        except PermissionError:
+            return _HIDDEN
+        return _HIDDEN
     # the command name (field 2) is in parentheses and may hold spaces or ')': split after its last ')'
     fields = stat[stat.rindex(")") + 2:].split()
     if fields[0] in ("Z", "X"):  # field 3, the state: a zombie has ended, only its parent has not reaped it yet
-        return None
+        return _GONE
     return fields[19]
 
 
@@ -55,15 +67,15 @@ def owner_token(pid: int | None = None) -> str | None:
     """This process's owner token (or `pid`'s, same machine and namespace); None where it cannot be made."""
     machine = _machine()
     pid = os.getpid() if pid is None else pid
-    ticks = _start_ticks(pid) if machine else None
-    if machine is None or ticks is None:
+    ticks = _start_ticks(pid) if machine else _GONE
+    if machine is None or ticks in (_GONE, _HIDDEN):
         return None
     return ":".join((_PREFIX, *machine, str(pid), ticks))
 
 
 def owner_gone(token: str | None) -> bool | None:
     """True: the token's process has ended. False: it still runs. None: this process cannot tell (no token, an
-    unknown form, another machine or pid namespace)."""
+    unknown form, another machine or pid namespace, a process of that pid whose start time is hidden from us)."""
     parts = (token or "").split(":")
     machine = _machine()
     if len(parts) != 5 or parts[0] != _PREFIX or machine is None or tuple(parts[1:3]) != machine:
@@ -72,7 +84,8 @@ def owner_gone(token: str | None) -> bool | None:
         pid = int(parts[3])
     except ValueError:
         return None
-    return _start_ticks(pid) != parts[4]
+    ticks = _start_ticks(pid)
+    return None if ticks == _HIDDEN else ticks != parts[4]
 
 
 def fail_orphaned_runs(store: Store) -> list[str]:

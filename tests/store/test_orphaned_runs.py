@@ -102,3 +102,23 @@ def test_owner_tokens_tell_a_zombie_and_a_reused_pid_from_a_live_process():
     assert owner_gone(token) is True
     child.wait()
     assert owner_gone(f"linux:{':'.join(owner_token().split(':')[1:4])}:0") is True
+
+
+def test_a_process_hidden_from_proc_is_not_judged(monkeypatch):
+    """/proc mounted hidepid: another user's process has no /proc entry, but the kernel still says it exists (EPERM
+    to signal 0); its run must not be taken for orphaned. A pid the kernel does not know is gone."""
+    from i2l.store import owner
+
+    token = owner_token()
+    real_read = Path.read_text
+
+    def hidden(self, *a, **k):
+        if self.name == "stat" and self.parent.name.isdigit():
+            raise FileNotFoundError(self)
+        return real_read(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", hidden)
+    monkeypatch.setattr(owner.os, "kill", lambda pid, sig: (_ for _ in ()).throw(PermissionError(pid)))
+    assert owner_gone(token) is None
+    monkeypatch.setattr(owner.os, "kill", lambda pid, sig: (_ for _ in ()).throw(ProcessLookupError(pid)))
+    assert owner_gone(token) is True
