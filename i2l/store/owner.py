@@ -25,9 +25,7 @@ if TYPE_CHECKING:
     from i2l.store.results import Store
 
 _PREFIX = "linux"
-
-
-_GONE, _HIDDEN = "gone", "hidden"
+_GONE, _HIDDEN = "gone", "hidden"  # what _start_ticks says instead of a start time
 
 
 def _start_ticks(pid: int) -> str:
@@ -99,13 +97,15 @@ def fail_orphaned_runs(store: Store) -> list[str]:
     gone = [(run_id, owner) for run_id, owner in candidates if owner_gone(owner)]
     if not gone:
         return []
-    me = f"pid {os.getpid()}"
+    marked = []
     with store.transaction() as con:
         for run_id, owner in gone:
             note = (f"its process (pid {owner.split(':')[3]} on {host}) ended without finishing it: killed "
-                    f"outright? (marked failed by {me} at {now_utc():%Y-%m-%d %H:%M:%S} UTC)")
-            # the status is checked again: the owner may have finished the run since the read above
-            con.execute("UPDATE runs SET status = 'failed', finished_at = ?, note = ? "
-                        "WHERE run_id = ? AND status = 'running' AND owner = ?",
-                        [now_utc(), note, run_id, owner]).fetchall()
-    return [run_id for run_id, _ in gone]
+                    f"outright? (marked failed by pid {os.getpid()} at {now_utc():%Y-%m-%d %H:%M:%S} UTC)")
+            # the status and owner are checked again: another writer may have marked it, or a resumed run taken it
+            n = con.execute("UPDATE runs SET status = 'failed', finished_at = ?, note = ? "
+                            "WHERE run_id = ? AND status = 'running' AND owner = ?",
+                            [now_utc(), note, run_id, owner]).fetchall()[0][0]
+            if n:
+                marked.append(run_id)
+    return marked
