@@ -100,6 +100,12 @@ def tmp_writer_alive(tmp: str | os.PathLike) -> bool:
             return time.time() - tmp.stat().st_mtime < FOREIGN_TMP_STALE_S
         except FileNotFoundError:
             return False
+    return pid_exists(pid)
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (another user's counts: the kernel says so even where /proc
+    hides it)."""
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from i2l.io import pid_exists
 from i2l.store.rows import now_utc
 
 if TYPE_CHECKING:
@@ -36,13 +37,8 @@ def _start_ticks(pid: int) -> str:
     except PermissionError:
         return _HIDDEN
     except (FileNotFoundError, ProcessLookupError):
-        try:  # gone, or hidden from /proc (hidepid): the kernel still says whether the pid exists
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return _GONE
-        except PermissionError:
-            return _HIDDEN
-        return _HIDDEN
+        # gone, or hidden from /proc (hidepid): the kernel still says whether the pid exists
+        return _HIDDEN if pid_exists(pid) else _GONE
     # the command name (field 2) is in parentheses and may hold spaces or ')': split after its last ')'
     fields = stat[stat.rindex(")") + 2:].split()
     if fields[0] in ("Z", "X"):  # field 3, the state: a zombie has ended, only its parent has not reaped it yet
@@ -64,11 +60,11 @@ def _machine() -> tuple[str, str] | None:
 def owner_token(pid: int | None = None) -> str | None:
     """This process's owner token (or `pid`'s, same machine and namespace); None where it cannot be made."""
     machine = _machine()
-    pid = os.getpid() if pid is None else pid
-    ticks = _start_ticks(pid) if machine else _GONE
-    if machine is None or ticks in (_GONE, _HIDDEN):
+    if machine is None:
         return None
-    return ":".join((_PREFIX, *machine, str(pid), ticks))
+    pid = os.getpid() if pid is None else pid
+    ticks = _start_ticks(pid)
+    return None if ticks in (_GONE, _HIDDEN) else ":".join((_PREFIX, *machine, str(pid), ticks))
 
 
 def owner_gone(token: str | None) -> bool | None:
