@@ -72,11 +72,10 @@ def optimize_loras(backbone: Backbone, images: torch.Tensor, prompts: list[list[
 
 def _rows_lora(A: dict, B: dict, rows: int, backbone: Backbone) -> LoRA:
     """The LoRA of each of the S·k rows: one style's LoRA shared by its whole batch when S = 1 (the layers'
-    plain matmul), else each style's LoRA repeated over its rows (per-sample)."""
+    plain matmul), else each style's LoRA over its k consecutive rows (`repeat_each`)."""
     if next(iter(A.values())).shape[0] == 1:
         return LoRA({k: v[0] for k, v in A.items()}, {k: v[0] for k, v in B.items()}, backbone.backbone_id)
-    return LoRA({k: v.repeat_interleave(rows, 0) for k, v in A.items()},  # (S·k, r, in)
-                {k: v.repeat_interleave(rows, 0) for k, v in B.items()}, backbone.backbone_id)  # (S·k, out, r)
+    return LoRA(A, B, backbone.backbone_id).repeat_each(rows)  # (S, r, in), (S, out, r), each for its k rows
 
 
 def optimize_lora(backbone: Backbone, images: torch.Tensor, prompts: list[str], rank: int, steps: int,

@@ -122,7 +122,7 @@ class Steps:
         B = data["x1"].shape[0]
         owner = torch.arange(B, device=self.device) // group  # (B,) which predicted LoRA each target uses
         with self.autocast():
-            lora = predict_lora(self.pred, self.enc, data["refs"][: int(owner[-1]) + 1]).take(owner)
+            lora = predict_lora(self.pred, self.enc, data["refs"][: int(owner[-1]) + 1]).per_sample(owner)
         return self._descend(lora, data, opt)
 
     def lora_step(self, data: dict, A: dict, Bm: dict, opt) -> float:

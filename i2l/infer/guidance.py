@@ -60,7 +60,7 @@ def denoise_steps(steps: int, denoise: float) -> int:
 
 def _per_row(lora: LoRA | None, n: int) -> LoRA | None:
     """`lora` as a forward over n rows takes it: per-sample (n), or unbatched (one matrix shared by every row)."""
-    if lora is not None and lora.batched and lora.batch_size != n:
+    if lora is not None and lora.batched and lora.samples != n:
         return lora.expand(n)
     return lora
 

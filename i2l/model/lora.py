@@ -35,6 +35,9 @@ class LoRA:
     B: dict[str, torch.Tensor]
     backbone: str = ""  # backbone id the LoRA was made for (checked on load)
     meta: dict = field(default_factory=dict)
+    # batched: each LoRA serves this many consecutive samples (`repeat_each`): the hooks apply it to its samples
+    # as one matmul, without a copy per sample
+    rows_per_lora: int = 1
 
     def __post_init__(self):
         if set(self.A) != set(self.B):
@@ -53,12 +56,17 @@ class LoRA:
         return next(iter(self.A.values())).shape[0] if self.batched else 1
 
     @property
+    def samples(self) -> int:
+        """How many samples a batched LoRA serves: batch_size, times rows_per_lora after `repeat_each`."""
+        return self.batch_size * self.rows_per_lora
+
+    @property
     def rank(self) -> int:
         return next(iter(self.A.values())).shape[-2]
 
     def to(self, device=None, dtype=None) -> LoRA:
         f = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}
-        return LoRA(f(self.A), f(self.B), self.backbone, dict(self.meta))
+        return LoRA(f(self.A), f(self.B), self.backbone, dict(self.meta), self.rows_per_lora)
 
     def to_host(self, dtype: torch.dtype = torch.float32) -> LoRA:
         """This LoRA on the CPU in `dtype` (fp32: what files and mixing use), moved in one copy.
@@ -74,11 +82,12 @@ class LoRA:
             return self.to("cpu", dtype)
         host = _host_copy(src, dtype, pin=src[0].device.type == "cuda")
         n = len(names)
-        return LoRA(dict(zip(names, host[:n])), dict(zip(names, host[n:])), self.backbone, dict(self.meta))
+        return LoRA(dict(zip(names, host[:n])), dict(zip(names, host[n:])), self.backbone, dict(self.meta),
+                    self.rows_per_lora)
 
     def detach(self) -> LoRA:
         return LoRA({k: v.detach() for k, v in self.A.items()}, {k: v.detach() for k, v in self.B.items()},
-                    self.backbone, dict(self.meta))
+                    self.backbone, dict(self.meta), self.rows_per_lora)
 
     def check_finite(self, source: str = "LoRA", bound: float | None = None) -> LoRA:
         """This LoRA, or a ValueError naming `source` and the first matrix holding NaN/Inf (or |w| > bound)."""
@@ -89,7 +98,8 @@ class LoRA:
     def scaled(self, strength: float) -> LoRA:
         """Strength control: ΔW -> strength·ΔW."""
         require_finite(strength, "LoRA strength")
-        return LoRA(dict(self.A), {k: v * strength for k, v in self.B.items()}, self.backbone, dict(self.meta))
+        return LoRA(dict(self.A), {k: v * strength for k, v in self.B.items()}, self.backbone, dict(self.meta),
+                    self.rows_per_lora)
 
     def __getitem__(self, i: int) -> LoRA:
         if not self.batched:
@@ -98,14 +108,36 @@ class LoRA:
                     dict(self.meta))
 
     def take(self, index: torch.Tensor) -> LoRA:
-        """Rows of a batched LoRA by index (B',) -> a batch of B' (differentiable): one LoRA serving many samples."""
+        """Rows of a batched LoRA by index (B',) -> a batch of B' (differentiable): one LoRA serving many samples.
+        On a `repeat_each` LoRA the index counts samples, as its hooks do."""
         if not self.batched:
             raise IndexError("an unbatched LoRA has no items")
+        if self.rows_per_lora > 1:
+            index = torch.div(index, self.rows_per_lora, rounding_mode="floor")
         return LoRA({k: v[index] for k, v in self.A.items()}, {k: v[index] for k, v in self.B.items()},
                     self.backbone, dict(self.meta))
 
     def unbind(self) -> list[LoRA]:
         return [self[i] for i in range(self.batch_size)]
+
+    def per_sample(self, owner: torch.Tensor) -> LoRA:
+        """The LoRA of each sample, owner (B,) = which of this batch's LoRAs each sample uses: `repeat_each` where
+        the samples come as consecutive groups of one size (owner = arange(B) // n), else `take(owner)`."""
+        U, B = self.batch_size, owner.shape[0]
+        if B % U == 0 and torch.equal(owner, torch.arange(B, device=owner.device) // (B // U)):
+            return self.repeat_each(B // U)
+        return self.take(owner)
+
+    def repeat_each(self, n: int) -> LoRA:
+        """This batch of U LoRAs for U·n samples, LoRA i serving samples i·n .. i·n+n-1: what `take` with
+        arange(U·n) // n gives, but the hooks apply each LoRA to its n samples as one matmul instead of copying
+        it n times (G targets sharing one predicted LoRA in training, a style's rows in per-style optimisation:
+        ~7 % of a toy training step, docs/results.md). Differentiable; the same outputs as `take`."""
+        if not self.batched:
+            raise ValueError("repeat_each needs a batched LoRA (one per group); use expand for one LoRA")
+        if n < 1:
+            raise ValueError(f"repeat_each needs n >= 1, got {n}")
+        return LoRA(self.A, self.B, self.backbone, dict(self.meta), self.rows_per_lora * n)
 
     def expand(self, n: int) -> LoRA:
         """A batch of n copies (for broadcasting one LoRA over a batch)."""
@@ -360,13 +392,15 @@ class BatchedLoRA:
                 return None  # None keeps the layer's own output: exactly the base model
             x = args[0]
             A, B = lora.A[name], lora.B[name]
-            if A.dim() == 3:  # per-sample: x (B, T, in) or (B, in)
-                if x.shape[0] != A.shape[0]:
-                    raise ValueError(f"{name}: batch of {x.shape[0]} inputs but {A.shape[0]} LoRAs")
-                squeeze = x.dim() == 2
-                xb = x.unsqueeze(1) if squeeze else x.reshape(x.shape[0], -1, x.shape[-1])
-                h = torch.bmm(xb, A.transpose(1, 2).to(xb.dtype))  # (B, T, r)
-                d = torch.bmm(h, B.transpose(1, 2).to(xb.dtype))  # (B, T, out)
+            if A.dim() == 3:  # per-sample: x (B, T, in) or (B, in); LoRA i serves samples i·n .. i·n+n-1
+                n = lora.rows_per_lora
+                if x.shape[0] != A.shape[0] * n:
+                    each = f" for {n} samples each" if n > 1 else ""
+                    raise ValueError(f"{name}: batch of {x.shape[0]} inputs but {A.shape[0]} LoRAs{each}")
+                squeeze = x.dim() == 2 and n == 1
+                xb = x.unsqueeze(1) if squeeze else x.reshape(A.shape[0], -1, x.shape[-1])  # (U, n·T, in)
+                h = torch.bmm(xb, A.transpose(1, 2).to(xb.dtype))  # (U, n·T, r)
+                d = torch.bmm(h, B.transpose(1, 2).to(xb.dtype))  # (U, n·T, out)
                 d = d.squeeze(1) if squeeze else d.reshape(*x.shape[:-1], d.shape[-1])
             else:  # one LoRA shared by the batch
                 d = (x @ A.t().to(x.dtype)) @ B.t().to(x.dtype)  # (..., out)

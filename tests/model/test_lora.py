@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import PROMPTS, inputs, partial, random_lora, tiny_toy
+from tiny_models import BUILDERS, PROMPTS, inputs, partial, random_lora, tiny_toy
 from torch import nn
 
 from i2l.model.lora import BatchedLoRA, LoRA, zero_lora
@@ -175,6 +175,55 @@ def test_batched_hooks_equal_merged_weights():
     adapter.remove()
     with pytest.raises(TypeError, match="not nn.Linear"):
         BatchedLoRA(model, ["1"])
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_a_lora_repeated_over_its_samples_equals_its_copies(kind):
+    """repeat_each(n) (each LoRA applied to its n consecutive samples as one matmul) gives the outputs and the
+    gradients of the n-fold copies take(arange // n) makes, on each backbone's own layers."""
+    bb = BUILDERS[kind]()
+    U, n = 2, 3
+    x, t, _ = inputs(bb, U * n)
+    cond = bb.encode_prompts([PROMPTS[i % len(PROMPTS)] for i in range(U * n)])
+    base = random_lora(bb, U)
+    runs = []
+    for make in (lambda lo: lo.take(torch.arange(U * n) // n), lambda lo: lo.repeat_each(n)):
+        lora = LoRA({k: v.clone().requires_grad_() for k, v in base.A.items()},
+                    {k: v.clone().requires_grad_() for k, v in base.B.items()}, base.backbone)
+        v = bb.velocity(x, t, cond, make(lora))
+        v.square().mean().backward()
+        runs.append((v.detach(), {k: lora.A[k].grad for k in lora.names}, {k: lora.B[k].grad for k in lora.names}))
+    (v0, gA0, gB0), (v1, gA1, gB1) = runs
+    assert not torch.allclose(v0, bb.velocity(x, t, cond))  # the LoRA does something
+    assert torch.allclose(v0, v1, atol=1e-6)
+    for k in base.names:
+        assert gB0[k].abs().sum() > 0
+        assert torch.allclose(gA0[k], gA1[k], atol=1e-6) and torch.allclose(gB0[k], gB1[k], atol=1e-6)
+
+
+def test_per_sample_serves_consecutive_groups_without_copies_and_any_other_owner_by_index():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    adapter = BatchedLoRA(nn.Sequential(model), ["0"])
+    lora = LoRA({"0": torch.randn(3, 2, 6)}, {"0": torch.randn(3, 4, 2)})  # 3 LoRAs for the one layer
+    for owner, grouped in ((torch.tensor([0, 0, 1, 1, 2, 2]), True),  # whole groups of 2: one matmul each
+                           (torch.tensor([0, 0, 0, 1, 1, 2]), False),  # groups of 3, 2, 1: by index
+                           (torch.tensor([1, 1, 0, 0, 2, 2]), False)):  # not in order: by index
+        served = lora.per_sample(owner)
+        assert (served.rows_per_lora > 1) == grouped and served.samples == 6
+        for x in (torch.randn(6, 5, 6), torch.randn(6, 6)):  # (B, T, in) and (B, in)
+            with torch.no_grad(), adapter.use(served):
+                got = model(x)
+            want = torch.stack([model(x[i]) + x[i] @ lora.A["0"][o].t() @ lora.B["0"][o].t()
+                                for i, o in enumerate(owner.tolist())])
+            assert torch.allclose(got, want, atol=1e-5)
+    grouped = lora.repeat_each(2)
+    assert torch.equal(grouped.take(torch.tensor([5, 0])).A["0"], lora.A["0"][[2, 0]])  # take counts samples
+    assert grouped.detach().rows_per_lora == grouped.scaled(0.5).rows_per_lora == grouped.to("cpu").rows_per_lora == 2
+    with pytest.raises(ValueError, match="batch of 4 inputs but 3 LoRAs for 2 samples each"), adapter.use(grouped):
+        model(torch.randn(4, 6))
+    with pytest.raises(ValueError, match="batched"):
+        lora[0].repeat_each(2)
 
 
 def test_encode_prompts_batch_matches_singles(toy):
