@@ -83,7 +83,7 @@ def _cat_loras(pos: LoRA | None, neg: LoRA | None, n: int) -> LoRA | None:
     parts = []
     for lo in (pos, neg):
         lo = zero if lo is None else lo
-        parts.append(lo if lo.batched and lo.batch_size == n else lo.expand(n))
+        parts.append(lo if lo.batched and lo.samples == n else lo.expand(n))
     return LoRA.stack(parts)
 
 

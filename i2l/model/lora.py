@@ -132,7 +132,7 @@ class LoRA:
         """This batch of U LoRAs for U·n samples, LoRA i serving samples i·n .. i·n+n-1: what `take` with
         arange(U·n) // n gives, but the hooks apply each LoRA to its n samples as one matmul instead of copying
         it n times (G targets sharing one predicted LoRA in training, a style's rows in per-style optimisation:
-        ~7 % of a toy training step, docs/results.md). Differentiable; the same outputs as `take`."""
+        ~5 % of a toy training step, docs/results.md). Differentiable; the same outputs as `take`."""
         if not self.batched:
             raise ValueError("repeat_each needs a batched LoRA (one per group); use expand for one LoRA")
         if n < 1:
@@ -161,7 +161,8 @@ class LoRA:
     def stack(loras: list[LoRA]) -> LoRA:
         """Batch several LoRAs over the union of their layers. A LoRA without a layer gets a zero one there (adds
         nothing, exactly as its hook would skip the layer); ranks are zero-padded per layer to the largest."""
-        items = [x for lo in loras for x in (lo.unbind() if lo.batched else [lo])]
+        # a `repeat_each` LoRA counts as the samples it serves, as its hooks apply it
+        items = [x for lo in loras for x in (_per_sample_items(lo) if lo.batched else [lo])]
         names = _union_names(items)  # order may differ (files list keys sorted)
         A, B = {}, {}
         for k in names:
@@ -332,6 +333,12 @@ def _alpha_scales(A: dict[str, torch.Tensor], alphas: dict[str, torch.Tensor],
             alpha = _pattern_value(cfg.get("alpha_pattern") or {}, k, cfg.get("lora_alpha", 8))
             scales[k] = scales.get(k, 1.0) * alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
     return {k: s for k, s in scales.items() if s != 1.0}
+
+
+def _per_sample_items(lora: LoRA) -> list[LoRA]:
+    """A batched LoRA as one LoRA per sample it serves (a `repeat_each` LoRA's items repeated)."""
+    items = lora.unbind()
+    return [x for x in items for _ in range(lora.rows_per_lora)]
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -149,6 +149,15 @@ def test_per_sample_loras_in_a_mixed_length_batch_match_one_at_a_time(bb):
             torch.testing.assert_close(v[i:i + 1], one, rtol=1e-5, atol=1e-5)
 
 
+def test_a_lora_repeated_over_a_mixed_length_batch_serves_each_row(bb):
+    x, t, cond = _inputs(bb, 3)  # lengths a, b, a: the prompt-length groups take their rows of the LoRA
+    one = _lora(bb, 6, batch=1)
+    with torch.no_grad():
+        grouped = bb.velocity(x, t, cond, one.repeat_each(3))
+        copies = bb.velocity(x, t, cond, one.take(torch.zeros(3, dtype=torch.long)))
+    torch.testing.assert_close(grouped, copies, rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_reach_the_lora_only(bb):
     x, t, cond = _inputs(bb)
     lora = _lora(bb, 2, batch=2)

@@ -44,6 +44,19 @@ def test_joint_and_split_give_the_same_images(bb, branches):
     assert not torch.allclose(joint, _run(bb, None, None, "joint"), atol=1e-4)  # the LoRAs were applied
 
 
+def test_a_lora_repeated_over_the_rows_samples_as_its_copies(bb):
+    """A batched LoRA that serves its rows in groups (`repeat_each`, as training builds them) samples as the
+    per-row copies `take` makes, on either branch and in either arrangement."""
+    one = random_lora(bb, 1, seed=2)
+    grouped, copies = one.repeat_each(N), one.take(torch.zeros(N, dtype=torch.long))
+    pos = random_lora(bb, N, seed=1)
+    for passes in ("joint", "split"):
+        want = _run(bb, pos, copies, passes)
+        assert torch.allclose(_run(bb, pos, grouped, passes), want, atol=1e-5)
+        assert torch.allclose(_run(bb, grouped, pos, passes), _run(bb, copies, pos, passes), atol=1e-5)
+    assert not torch.allclose(want, _run(bb, pos, None, "joint"), atol=1e-4)  # the grouped LoRA was applied
+
+
 def test_joint_and_split_agree_for_inpainting_and_img2img(bb):
     pos, neg = random_lora(bb, N, seed=1), random_lora(bb, None, seed=3)
     x1, _, _ = inputs(bb, N, seed=7)
