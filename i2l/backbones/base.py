@@ -15,7 +15,8 @@ from torch import nn
 
 from i2l.backbones import schedule
 from i2l.config import BackboneConfig
-from i2l.model.lora import BatchedLoRA, LoRA
+from i2l.model.batched_lora import BatchedLoRA
+from i2l.model.lora import LoRA
 from i2l.model.lora_formats import check_format
 
 

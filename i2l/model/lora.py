@@ -1,4 +1,5 @@
-"""LoRA weights and their batched application: each sample of a batch may carry its own LoRA.
+"""LoRA weights: one LoRA or a batch of them (one per sample), their files and their combinations.
+Applied to a model by `i2l.model.batched_lora.BatchedLoRA`.
 
 Vocabulary as in PEFT: `lora_A` is [r, in], `lora_B` is [out, r]; the layer computes y = W·x + s·B·A·x with
 the per-layer scale α already folded into B (ΔW = B·A, as the authors' release), so files load in diffusers
@@ -7,7 +8,6 @@ with scaling 1. Shapes: B batch, T tokens, r rank, `in`/`out` the linear layer's
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from i2l.io import atomic_path
 from i2l.model.finite import MAX_ABS_WEIGHT, check_weights, require_finite
@@ -375,59 +374,6 @@ def check_compatible(lora: LoRA, backbone, source: str = "LoRA") -> None:
                                 f"layer is in={d_in} out={d_out}")
     if problems:
         raise ValueError(f"{source} does not fit backbone {backbone.backbone_id}: " + "; ".join(problems[:6]))
-
-
-class BatchedLoRA:
-    """Applies (per-sample) LoRAs to named nn.Linear layers through forward hooks: no weight merging, no module
-    replacement, so the model's state dict and diffusers layout stay untouched, and no LoRA = bit-identical outputs."""
-
-    def __init__(self, model: nn.Module, names: list[str]):
-        self.layers: dict[str, nn.Linear] = {}
-        for n in names:
-            m = model.get_submodule(n)
-            if not isinstance(m, nn.Linear):
-                raise TypeError(f"{n} is {type(m).__name__}, not nn.Linear")
-            self.layers[n] = m
-        self.active: LoRA | None = None
-        self.strength = 1.0
-        self._handles = [m.register_forward_hook(self._make_hook(n)) for n, m in self.layers.items()]
-
-    def _make_hook(self, name: str):
-        def hook(module, args, out):
-            lora = self.active
-            if lora is None or name not in lora.A:
-                return None  # None keeps the layer's own output: exactly the base model
-            x = args[0]
-            A, B = lora.A[name], lora.B[name]
-            if A.dim() == 3:  # per-sample: x (B, T, in) or (B, in); LoRA i serves samples i·n .. i·n+n-1
-                n = lora.rows_per_lora
-                if x.shape[0] != A.shape[0] * n:
-                    each = f" for {n} samples each" if n > 1 else ""
-                    raise ValueError(f"{name}: batch of {x.shape[0]} inputs but {A.shape[0]} LoRAs{each}")
-                squeeze = x.dim() == 2 and n == 1
-                xb = x.unsqueeze(1) if squeeze else x.reshape(A.shape[0], -1, x.shape[-1])  # (U, n·T, in)
-                h = torch.bmm(xb, A.transpose(1, 2).to(xb.dtype))  # (U, n·T, r)
-                d = torch.bmm(h, B.transpose(1, 2).to(xb.dtype))  # (U, n·T, out)
-                d = d.squeeze(1) if squeeze else d.reshape(*x.shape[:-1], d.shape[-1])
-            else:  # one LoRA shared by the batch
-                d = (x @ A.t().to(x.dtype)) @ B.t().to(x.dtype)  # (..., out)
-            return out + d * self.strength if self.strength != 1.0 else out + d
-        return hook
-
-    @contextlib.contextmanager
-    def use(self, lora: LoRA | None, strength: float = 1.0):
-        """Within the block, the model runs with `lora` (batched: one per sample); None = base model."""
-        prev, prev_s = self.active, self.strength
-        self.active, self.strength = lora, strength
-        try:
-            yield
-        finally:
-            self.active, self.strength = prev, prev_s
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 def zero_lora(targets: dict[str, tuple[int, int]], rank: int, backbone: str = "") -> LoRA:

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from tiny_models import BUILDERS, PROMPTS, inputs, partial, random_lora, tiny_toy
 from torch import nn
 
-from i2l.model.lora import BatchedLoRA, LoRA, zero_lora
+from i2l.model.batched_lora import BatchedLoRA
+from i2l.model.lora import LoRA, zero_lora
 
 
 @pytest.fixture(scope="module")
