@@ -120,7 +120,7 @@ class Steps:
         from i2l.model.predictor import predict_lora
 
         B = data["x1"].shape[0]
-        owner = torch.arange(B, device=self.device) // group  # (B,) which predicted LoRA each target uses
+        owner = torch.arange(B) // group  # (B,) which predicted LoRA each target uses (CPU, as in training)
         with self.autocast():
             lora = predict_lora(self.pred, self.enc, data["refs"][: int(owner[-1]) + 1]).per_sample(owner)
         return self._descend(lora, data, opt)

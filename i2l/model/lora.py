@@ -121,11 +121,12 @@ class LoRA:
 
     def per_sample(self, owner: torch.Tensor) -> LoRA:
         """The LoRA of each sample, owner (B,) = which of this batch's LoRAs each sample uses: `repeat_each` where
-        the samples come as consecutive groups of one size (owner = arange(B) // n), else `take(owner)`."""
+        the samples come as consecutive groups of one size (owner = arange(B) // n), else `take(owner)`. Give
+        owner on the CPU, as collation builds it: the check then costs no wait on the LoRA's device."""
         U, B = self.batch_size, owner.shape[0]
-        if B % U == 0 and torch.equal(owner, torch.arange(B, device=owner.device) // (B // U)):
+        if B % U == 0 and torch.equal(owner.cpu(), torch.arange(B) // (B // U)):
             return self.repeat_each(B // U)
-        return self.take(owner)
+        return self.take(owner.to(next(iter(self.A.values())).device))
 
     def repeat_each(self, n: int) -> LoRA:
         """This batch of U LoRAs for U·n samples, LoRA i serving samples i·n .. i·n+n-1: what `take` with

@@ -162,7 +162,7 @@ def conditioned_batch(cfg: Config, tuples: list[StyleTuple], backbone, encoder, 
             tokens = reference_tokens(cfg, encoder, sets, device, caches.refs)
             n_refs = torch.tensor([len(s) for s in sets])
             lora = lora_from_tokens(model, *tokens)
-    return x1, cond, lora.per_sample(owner.to(device)), n_refs  # (U) -> (B)
+    return x1, cond, lora.per_sample(owner), n_refs  # (U) -> (B); owner stays on the CPU
 
 
 def reference_tokens(cfg: Config, encoder, sets: list[list[tuple]], device: torch.device, cache: FrozenCache | None):
