@@ -30,6 +30,7 @@ def main(args):
     from i2l.eval.methods import heldout_losses, make_conditionings
     from i2l.eval.stage import held_out_samples
     from i2l.infer.api import I2L
+    from i2l.store.noise_levels import format_gains_by_noise_level, gains_by_noise_level
     from i2l.train.checkpoint import require_checkpoint
 
     cfg = config_from_args(args)  # an unknown preset or field is refused here, before anything loads
@@ -43,6 +44,7 @@ def main(args):
     conds = make_conditionings(model, samples, LOSS_FAMILIES, ev, progress=True)
     rows = heldout_losses(model, samples, conds, ev, progress=True)
     print(format_loss_table(mean_loss_by_method(rows)))
+    print(format_gains_by_noise_level(gains_by_noise_level(rows)))
     if not args.no_store:
         from i2l.store import Store, store_path
 

@@ -53,10 +53,17 @@ def load_val_samples(data_dir: str | Path, limit: int | None = None, one_per_sty
                       [rows[i]["content"] for i in e["reference_ids"]]) for e in entries]
 
 
-@torch.no_grad()
 def heldout_loss(backbone: Backbone, sample: ValSample, lora: LoRA | None, image_size: int, timesteps: int,
                  noise_seeds: int, index: int = 0) -> float:
     """Mean FM loss over a fixed (noise seed x timestep) grid; the grid depends only on the sample index."""
+    return heldout_loss_by_t(backbone, sample, lora, image_size, timesteps, noise_seeds, index)[0]
+
+
+@torch.no_grad()
+def heldout_loss_by_t(backbone: Backbone, sample: ValSample, lora: LoRA | None, image_size: int, timesteps: int,
+                      noise_seeds: int, index: int = 0) -> tuple[float, list[float]]:
+    """`heldout_loss` and the loss at each t of its grid, t_k = (k + 0.5) / timesteps ascending (t = 0 is pure
+    noise, t = 1 the image), averaged over the noise seeds: where along the noise levels a method gains."""
     x1 = backbone.encode_images(to_tensor([sample.target], image_size).to(backbone.device))  # (1, *latent)
     n = timesteps * noise_seeds
     t = ((torch.arange(timesteps) + 0.5) / timesteps).repeat(noise_seeds).to(backbone.device)  # (n,)
@@ -65,7 +72,9 @@ def heldout_loss(backbone: Backbone, sample: ValSample, lora: LoRA | None, image
     cond = backbone.encode_prompts([sample.prompt] * n)
     if lora is not None and not lora.batched:
         lora = lora.to(backbone.device).expand(n)
-    return float(fm_loss(backbone, x1.expand(n, *x1.shape[1:]), cond, lora, t=t, noise=noise))
+    per = fm_loss(backbone, x1.expand(n, *x1.shape[1:]), cond, lora, t=t, noise=noise, reduce=False)  # (n,)
+    # the mean as fm_loss reduces it (the figures recorded before the breakdown are unchanged to the bit)
+    return float(per.mean()), per.float().view(noise_seeds, timesteps).mean(0).tolist()
 
 
 def mean_loss_by_method(rows: list[dict]) -> list[dict]:

@@ -16,7 +16,7 @@ from i2l.backbones.base import Backbone
 from i2l.baselines.per_style import optimize_loras
 from i2l.config import EvalConfig
 from i2l.data.images import to_tensor
-from i2l.eval.heldout_loss import ValSample, heldout_loss
+from i2l.eval.heldout_loss import ValSample, heldout_loss_by_t
 from i2l.model.flow_matching import TimestepSampler
 from i2l.model.lora import LoRA
 from i2l.train.step import timestep_sampler
@@ -126,8 +126,8 @@ def adapter_conditioning(adapter, encoder, samples: list[ValSample], n_refs: int
 
 def heldout_losses(model, samples: list[ValSample], conds: list[Conditioning], ev: EvalConfig,
                    progress: bool = False) -> list[dict]:
-    """Rows {method, style_id, n_refs, steps, wall_s, loss} on i2l.eval.heldout_loss's fixed grid (ev.fm_timesteps
-    x ev.fm_noise_seeds), for each method's own conditioning (CFG plays no part, so asym variants are left out),
+    """Rows {method, style_id, n_refs, steps, wall_s, loss, loss_by_t} on i2l.eval.heldout_loss's fixed grid
+    (ev.fm_timesteps x ev.fm_noise_seeds; loss_by_t: the mean at each timestep of the grid), for each method's own conditioning (CFG plays no part, so asym variants are left out),
     plus the gray-image LoRA and a wrong style's i2L LoRA as sanity checks."""
     from tqdm import tqdm
 
@@ -139,8 +139,9 @@ def heldout_losses(model, samples: list[ValSample], conds: list[Conditioning], e
     rows = []
     for i, s in enumerate(tqdm(samples, desc="held-out FM loss", disable=not progress)):
         def add(method, n_refs, steps, wall, lora=None, backbone=bb, s=s, i=i):
+            loss, by_t = heldout_loss_by_t(backbone, s, lora, size, T, S, i)
             rows.append({"method": method, "style_id": s.style_id, "n_refs": n_refs, "steps": steps,
-                         "wall_s": wall, "loss": heldout_loss(backbone, s, lora, size, T, S, i)})
+                         "wall_s": wall, "loss": loss, "loss_by_t": by_t})
 
         for c in conds:
             if c.asym:

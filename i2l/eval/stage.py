@@ -83,6 +83,9 @@ def evaluate(cfg: Config, prepared_dir: str | Path, run_dir: str | Path, store: 
             store.mark_stage_done("eval", key, {k: v for k, v in info.items() if k != "summary"})
     if progress:
         print(format_table1(summary))
+        from i2l.store.noise_levels import format_gains_by_noise_level, gains_by_noise_level
+
+        print(format_gains_by_noise_level(gains_by_noise_level(losses)))
         print(f"evaluated {len(samples)} held-out samples x {len(conds)} methods in {info['seconds']:.0f}s "
               f"-> run {run_id} in {store.path}")
     return info

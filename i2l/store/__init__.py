@@ -20,7 +20,7 @@ Contract:
     store.record_scores(rows)        # sample_id, metric, value|None, scorer, scorer_version, status, reason
     store.record_benchmark(name, rows, device, run_id=None)   # rows {case, metric, value, unit} (or wide)
     store.record_curve(run_id, rows)                          # step, loss, lr, extras
-    store.record_eval_loss(run_id, rows)                      # method, style_id, n_refs, steps, wall_s, loss
+    store.record_eval_loss(run_id, rows)                      # method, style_id, n_refs, steps, wall_s, loss[, loss_by_t]
     store.is_stage_done(stage, key); store.mark_stage_done(stage, key, info)
     Store(path, read_only=True).query(sql, params) -> pandas.DataFrame
     i2l.store.rows: one row builder per table (e.g. lora_row), which the writers above store

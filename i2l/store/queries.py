@@ -75,6 +75,15 @@ def amortization(store: Store, run_id: str) -> pd.DataFrame:
     return store.query("SELECT * FROM v_amortization WHERE run_id = ?", [run_id])
 
 
+def gains_by_noise_level(store: Store, run_id: str, bands: int = 4) -> list[dict]:
+    """An evaluation run's held-out gain over the base model per band of t (i2l.store.noise_levels)."""
+    from i2l.store.noise_levels import gains_by_noise_level as gains
+
+    rows = store.rows("SELECT method, style_id, loss_by_t FROM eval_losses WHERE run_id = ? AND loss_by_t IS NOT NULL "
+                      "ORDER BY method, style_id", [run_id])
+    return gains([{"method": m, "style_id": s, "loss_by_t": v} for m, s, v in rows], bands)
+
+
 def grid_samples(store: Store, run_id: str) -> pd.DataFrame:
     """An evaluation run's samples with their style's reference paths: style_id, prompt, seed, method,
     image_path, settings (JSON), ref_paths (JSON)."""

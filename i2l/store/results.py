@@ -375,7 +375,7 @@ class Store:
         return self._insert("out_of_family", cols, dedupe(out, "sample_id"), replace=True)
 
     def record_eval_loss(self, run_id: str, rows: Iterable[dict]) -> int:
-        """Held-out loss rows: method, style_id, n_refs, steps (per-style budget), wall_s, loss."""
+        """Held-out loss rows: method, style_id, n_refs, steps (per-style budget), wall_s, loss, loss_by_t."""
         out = [eval_loss_row(run_id, r) for r in rows]
         with self.transaction():
             self._ensure_methods({(run_id, r["method"]) for r in out})

@@ -26,7 +26,7 @@ COLUMNS: dict[str, list[str]] = {
     "scores": ["sample_id", "metric", "value", "scorer", "scorer_version", "status", "reason"],
     "benchmarks": ["bench", "case_name", "metric", "value", "unit", "device", "time", "run_id", "extra"],
     "train_curves": ["run_id", "step", "loss", "lr", "extra", "time"],
-    "eval_losses": ["run_id", "method", "style_id", "n_refs", "steps", "wall_s", "loss"],
+    "eval_losses": ["run_id", "method", "style_id", "n_refs", "steps", "wall_s", "loss", "loss_by_t"],
 }
 
 
@@ -142,8 +142,9 @@ def curve_rows(run_id: str, rows: Iterable[dict]) -> list[dict]:
 
 
 def eval_loss_row(run_id: str, r: dict) -> dict:
-    """r: method, style_id, n_refs, steps (per-style budget), wall_s, loss."""
-    return {**r, "run_id": run_id}
+    """r: method, style_id, n_refs, steps (per-style budget), wall_s, loss, optional loss_by_t (the loss at each t
+    of the fixed grid, ascending)."""
+    return {"loss_by_t": None, **r, "run_id": run_id}
 
 
 def dedupe(rows: list[dict], key: str | tuple[str, ...]) -> list[dict]:

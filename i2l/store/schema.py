@@ -237,6 +237,8 @@ MIGRATIONS: list[tuple[str, Any]] = [
     # who runs a run (i2l/store/owner.py), and why a run ended as it did when its own process did not say
     ("runs_owner", ("ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner VARCHAR; "
                     "ALTER TABLE runs ADD COLUMN IF NOT EXISTS note VARCHAR")),
+    # the held-out loss at each timestep of its fixed grid (t_k = (k + 0.5) / K ascending; NULL in older rows)
+    ("eval_losses_by_t", "ALTER TABLE eval_losses ADD COLUMN IF NOT EXISTS loss_by_t DOUBLE[]"),
 ]
 
 # Canonical method order for tables and grids (names used across the project).

@@ -62,7 +62,7 @@ def test_every_method_has_samples_images_and_scores(evaluated):
 
 
 def test_methods_wall_times_losses_and_loras_are_recorded(evaluated):
-    store, info, _ = evaluated
+    store, info, cfg = evaluated
     run = info["run_id"]
     m = store.query("SELECT * FROM methods WHERE run_id = ?", [run]).set_index("method")
     assert m.loc["per_style@5", "wall_s"] > m.loc["per_style@2", "wall_s"] > 0
@@ -72,6 +72,11 @@ def test_methods_wall_times_losses_and_loras_are_recorded(evaluated):
     asym = {"i2l_1ref_asym", "i2l_4ref_asym"}
     assert set(losses.method) == METHODS - asym | {"gray_lora", "i2l_wrong_style"}  # CFG plays no part in FM
     assert losses.loss.gt(0).all() and losses.groupby("method").size().eq(info["samples"]).all()
+    # each row also holds the loss at each timestep of the grid, whose mean is the row's loss
+    T = cfg.eval.fm_timesteps
+    by_t = [list(v) for v in losses.loss_by_t]
+    assert all(len(v) == T for v in by_t)
+    assert [sum(v) / T for v in by_t] == pytest.approx(losses.loss.tolist(), rel=1e-5)
     loras = store.query("SELECT * FROM loras")
     assert {"mean_lora", "per_style@2", "per_style@5", "i2l_1ref", "i2l_4ref"} <= set(loras.method)
     assert all(Path(p).is_file() for p in loras.path)

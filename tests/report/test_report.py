@@ -280,3 +280,25 @@ def test_wrong_style_sanity_row_is_not_listed_as_an_i2l_method(tmp_path):
         assert families["i2l_wrong_style"] == "sanity" and families["gray_lora"] == "gray_lora", label
         assert {m for m, f in families.items() if f == "i2l"} == {"i2l_1ref", "i2l_4ref", "i2l_1ref_asym",
                                                                   "i2l_4ref_asym"}, label
+
+
+def test_report_shows_the_held_out_gain_by_noise_level(tmp_path):
+    """The breakdown's table per method (sanity checks left out) and the i2L-vs-per-style finding; a run
+    recorded before the breakdown says it has none instead."""
+    store, _ = make_fixture_store(tmp_path / "run")
+    before = build_report(store, EVAL_RUN, tmp_path / "before").read_text()
+    assert "noise-levels" not in _parse(before).tables and "no held-out loss per timestep" in before
+    # base 1.0 at each of 8 timesteps; a method's per-t loss m gives band b 100 * sum(1 - m) / 8 over its two
+    curves = {"base": [1.0] * 8, "per_style@25": [0.6, 0.6, 0.9, 0.9, 0.9, 0.9, 0.8, 0.8],
+              "i2l_4ref": [0.7, 0.7, 1.0, 1.0, 1.0, 1.0, 0.94, 0.94], "i2l_wrong_style": [1.5] * 8}
+    with store.transaction() as con:
+        con.execute("DELETE FROM eval_losses WHERE run_id = ?", [EVAL_RUN]).fetchall()
+    store.record_eval_loss(EVAL_RUN, [{"method": m, "style_id": s, "n_refs": 4, "steps": 0, "wall_s": 0.0,
+                                       "loss": sum(c) / 8, "loss_by_t": c}
+                                      for m, c in curves.items() for s in ("s000001", "s000002")])
+    html = build_report(store, EVAL_RUN, tmp_path / "after").read_text()
+    table = {r[0]: r[1:] for r in _parse(html).tables["noise-levels"]}
+    assert list(table) == ["per_style@25", "i2l_4ref"]  # METHOD_ORDER; no base row, no sanity check
+    assert table["per_style@25"] == ["10.0", "2.5", "2.5", "5.0", "20.0"]
+    assert table["i2l_4ref"] == ["7.5", "0.0", "0.0", "1.5", "9.0"]
+    assert "i2l_4ref against per_style@25: 7.5 against 10.0 in t &lt; 0.25; 1.5 against 5.0 in t ≥ 0.75" in html
