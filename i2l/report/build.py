@@ -259,7 +259,7 @@ def _noise_level_section(doc: Document, gains: list[dict], bands: int = 4) -> No
              "Near t = 0 a model settles the layout and colours, near t = 1 only fine detail is left (patterns, "
              "outlines, texture).")
     doc.table(Table(["method", *labels, "all"],
-                    [[g["method"], *[fmt(v, 1) for v in g["bands"]], fmt(g["gain"], 1)] for g in gains],
+                    [[g["method"], *[_pct(v) for v in g["bands"]], _pct(g["gain"])] for g in gains],
                     table_id="noise-levels"))
     doc.bullets(noise_level_findings(gains, labels))
 
@@ -274,12 +274,17 @@ def noise_level_findings(gains: list[dict], labels: list[str]) -> list[str]:
     best = max(i2l, key=lambda g: info[g["method"]]["n_refs"] or 0)
     out = []
     for p in (g for g in gains if info[g["method"]]["family"] == "per_style"):
-        parts = [f"{fmt(best['bands'][b], 1)} against {fmt(p['bands'][b], 1)} in {labels[b]}"
+        what = {0: " (layout, colours)", len(labels) - 1: " (fine detail)"} if len(labels) > 1 else {}
+        parts = [f"{_pct(best['bands'][b])} against {_pct(p['bands'][b])} points in {labels[b]}{what.get(b, '')}"
                  for b in dict.fromkeys((0, len(labels) - 1))
                  if best["bands"][b] is not None and p["bands"][b] is not None]
         if parts:
             out.append(f"{best['method']} against {p['method']}: " + "; ".join(parts))
     return out
+
+
+def _pct(v: float | None) -> str:
+    return fmt(None if v is None else round(v, 1) + 0.0, 1)  # + 0.0: -0.04 reads 0.0, not -0.0
 
 
 def _ablation_section(doc: Document, amort: pd.DataFrame) -> None:

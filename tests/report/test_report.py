@@ -301,4 +301,5 @@ def test_report_shows_the_held_out_gain_by_noise_level(tmp_path):
     assert list(table) == ["per_style@25", "i2l_4ref"]  # METHOD_ORDER; no base row, no sanity check
     assert table["per_style@25"] == ["10.0", "2.5", "2.5", "5.0", "20.0"]
     assert table["i2l_4ref"] == ["7.5", "0.0", "0.0", "1.5", "9.0"]
-    assert "i2l_4ref against per_style@25: 7.5 against 10.0 in t &lt; 0.25; 1.5 against 5.0 in t ≥ 0.75" in html
+    assert ("i2l_4ref against per_style@25: 7.5 against 10.0 points in t &lt; 0.25 (layout, colours); 1.5 against "
+            "5.0 points in t ≥ 0.75 (fine detail)") in html

@@ -88,3 +88,9 @@ def test_the_store_keeps_per_t_losses_and_reads_rows_from_before_them(tmp_path):
     v = store.rows("SELECT loss_by_t FROM eval_losses WHERE run_id = 'e1' AND method = 'base' "
                    "AND style_id = 's2'")[0][0]
     assert v == next(r["loss_by_t"] for r in rows if r["method"] == "base" and r["style_id"] == "s2")
+
+
+def test_the_text_table_shows_a_tiny_loss_as_zero_not_minus_zero():
+    text = format_gains_by_noise_level([{"method": "mean_lora", "styles": 1, "bands": [-0.04, 0.2, None, 0.0],
+                                         "gain": -0.04}])
+    assert text.splitlines()[-1].split() == ["mean_lora", "0.0", "0.2", "–", "0.0", "0.0"]
