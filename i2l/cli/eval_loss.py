@@ -3,8 +3,10 @@
 Methods: base (no LoRA), gray-image LoRA, i2L with 1 and with 4 references, a wrong-style i2L LoRA (sanity),
 and per-style LoRAs optimised at several step budgets (eval.optimize_budgets, eval.per_style_rows rows per
 step) with the wall time of one style, so the table shows where one i2L forward falls on the per-style
-optimisation curve. As for `i2l evaluate`, the model comes from the checkpoint and the `eval` settings and
-data root from --preset / --set / --data-root, so both give the same held-out losses for the same settings.
+optimisation curve. A second table splits each method's gain over the base by bands of t (t = 0 noise: layout
+and colours; t = 1 the image: fine detail). As for `i2l evaluate`, the model comes from the checkpoint and the
+`eval` settings and data root from --preset / --set / --data-root, so both give the same held-out losses for the
+same settings.
 """
 
 from i2l.cli import add_preset_args, config_from_args
