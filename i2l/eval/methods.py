@@ -127,8 +127,9 @@ def adapter_conditioning(adapter, encoder, samples: list[ValSample], n_refs: int
 def heldout_losses(model, samples: list[ValSample], conds: list[Conditioning], ev: EvalConfig,
                    progress: bool = False) -> list[dict]:
     """Rows {method, style_id, n_refs, steps, wall_s, loss, loss_by_t} on i2l.eval.heldout_loss's fixed grid
-    (ev.fm_timesteps x ev.fm_noise_seeds; loss_by_t: the mean at each timestep of the grid), for each method's own conditioning (CFG plays no part, so asym variants are left out),
-    plus the gray-image LoRA and a wrong style's i2L LoRA as sanity checks."""
+    (ev.fm_timesteps x ev.fm_noise_seeds; loss_by_t: the mean at each timestep of the grid), for each method's own
+    conditioning (CFG plays no part, so asym variants are left out), plus the gray-image LoRA and a wrong style's
+    i2L LoRA as sanity checks."""
     from tqdm import tqdm
 
     from i2l.baselines.adapter import ConditionedBackbone

@@ -1,5 +1,6 @@
 """`build_report(store, run_id)`: reports/<run>/index.html (self-contained) and report.md from the results
-store: Table 1, sample grid, amortization plot, held-out gain by noise level, ablations, training curve, benchmarks, data summary."""
+store: Table 1, sample grid, amortization plot, held-out gain by noise level, ablations, training curve,
+benchmarks, data summary."""
 
 from __future__ import annotations
 

@@ -17,8 +17,10 @@ import math
 def band_labels(bands: int = 4) -> list[str]:
     """'t < 0.25', '0.25 ≤ t < 0.5', ..., 't ≥ 0.75' for 4 bands."""
     edges = [f"{b / bands:.3g}" for b in range(1, bands)]
-    return ([f"t < {edges[0]}"] + [f"{lo} ≤ t < {hi}" for lo, hi in itertools.pairwise(edges)] + [f"t ≥ {edges[-1]}"]
-            if bands > 1 else ["all t"])
+    if bands == 1:
+        return ["all t"]
+    inner = [f"{lo} ≤ t < {hi}" for lo, hi in itertools.pairwise(edges)]
+    return [f"t < {edges[0]}", *inner, f"t ≥ {edges[-1]}"]
 
 
 def gains_by_noise_level(rows: list[dict], bands: int = 4, base: str = "base") -> list[dict]:
