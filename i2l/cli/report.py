@@ -1,7 +1,8 @@
 """Build a run's report: reports/<run>/index.html (self-contained) and report.md.
 
 Table 1 (best bold, second underlined), a grid of references and each method's output, the amortization
-plot, ablations (number of references, asymmetric CFG), training curve, benchmarks and the data summary.
+plot, the held-out gain by noise level, ablations (number of references, asymmetric CFG), training curve,
+benchmarks and the data summary.
 Without --run: the latest top-level run that has evaluation samples.
 """
 
