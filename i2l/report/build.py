@@ -14,7 +14,7 @@ from i2l.layout import report_dir
 from i2l.report.figures import ablation_plot, amortization_plot, curve_plot, sample_grid
 from i2l.report.render import Document, Table, fmt, rank_marks
 from i2l.store import METRICS, Store, method_sort_key, parse_method, queries
-from i2l.store.noise_levels import band_labels
+from i2l.store.noise_levels import band_labels, percent
 
 OVERALL_NOTE = ("Overall: for each metric, the methods' means are min-max normalised over the methods "
                 "compared in this run (lower-is-better metrics inverted, so 1 = best, 0 = worst), then "
@@ -260,7 +260,7 @@ def _noise_level_section(doc: Document, gains: list[dict], bands: int = 4) -> No
              "Near t = 0 a model settles the layout and colours, near t = 1 only fine detail is left (patterns, "
              "outlines, texture).")
     doc.table(Table(["method", *labels, "all"],
-                    [[g["method"], *[_pct(v) for v in g["bands"]], _pct(g["gain"])] for g in gains],
+                    [[g["method"], *[percent(v) for v in g["bands"]], percent(g["gain"])] for g in gains],
                     table_id="noise-levels"))
     doc.bullets(noise_level_findings(gains, labels))
 
@@ -273,19 +273,15 @@ def noise_level_findings(gains: list[dict], labels: list[str]) -> list[str]:
     if not i2l:
         return []
     best = max(i2l, key=lambda g: info[g["method"]]["n_refs"] or 0)
+    what = {0: " (layout, colours)", len(labels) - 1: " (fine detail)"} if len(labels) > 1 else {}
     out = []
     for p in (g for g in gains if info[g["method"]]["family"] == "per_style"):
-        what = {0: " (layout, colours)", len(labels) - 1: " (fine detail)"} if len(labels) > 1 else {}
-        parts = [f"{_pct(best['bands'][b])} against {_pct(p['bands'][b])} points in {labels[b]}{what.get(b, '')}"
+        parts = [f"{percent(best['bands'][b])} against {percent(p['bands'][b])} points in {labels[b]}{what.get(b, '')}"
                  for b in dict.fromkeys((0, len(labels) - 1))
                  if best["bands"][b] is not None and p["bands"][b] is not None]
         if parts:
             out.append(f"{best['method']} against {p['method']}: " + "; ".join(parts))
     return out
-
-
-def _pct(v: float | None) -> str:
-    return fmt(None if v is None else round(v, 1) + 0.0, 1)  # + 0.0: -0.04 reads 0.0, not -0.0
 
 
 def _ablation_section(doc: Document, amort: pd.DataFrame) -> None:

@@ -52,6 +52,11 @@ def gains_by_noise_level(rows: list[dict], bands: int = 4, base: str = "base") -
     return out
 
 
+def percent(v: float | None) -> str:
+    """A band's figure as tables show it: one decimal, '–' for an empty band, 0.0 rather than -0.0."""
+    return "–" if v is None else f"{round(v, 1) + 0.0:.1f}"
+
+
 def format_gains_by_noise_level(gains: list[dict], bands: int = 4) -> str:
     """gains_by_noise_level as a text table (the command line's)."""
     labels = band_labels(bands)
@@ -59,6 +64,6 @@ def format_gains_by_noise_level(gains: list[dict], bands: int = 4) -> str:
     lines = ["held-out gain over the base by noise level (% of the base's loss; t = 0 noise, t = 1 the image)",
              f"{'method':<22}" + "".join(f"{x:>{width}}" for x in labels) + f"{'all':>8}"]
     for g in gains:
-        cells = "".join(f"{'–' if v is None else f'{round(v, 1) + 0.0:.1f}':>{width}}" for v in g["bands"])
-        lines.append(f"{g['method']:<22}{cells}{round(g['gain'], 1) + 0.0:>8.1f}")  # + 0.0: no "-0.0"
+        cells = "".join(f"{percent(v):>{width}}" for v in g["bands"])
+        lines.append(f"{g['method']:<22}{cells}{percent(g['gain']):>8}")
     return "\n".join(lines)

@@ -79,9 +79,7 @@ def gains_by_noise_level(store: Store, run_id: str, bands: int = 4) -> list[dict
     """An evaluation run's held-out gain over the base model per band of t (i2l.store.noise_levels)."""
     from i2l.store.noise_levels import gains_by_noise_level as gains
 
-    # a store written before the column, opened read-only (as `i2l report` opens it), is not migrated: no breakdown
-    if not store.rows("SELECT count(*) FROM duckdb_columns() WHERE table_name = 'eval_losses' "
-                      "AND column_name = 'loss_by_t'")[0][0]:
+    if not store.has_migration("eval_losses_by_t"):  # written before the column, opened read-only: no breakdown
         return []
     rows = store.rows("SELECT method, style_id, loss_by_t FROM eval_losses WHERE run_id = ? AND loss_by_t IS NOT NULL "
                       "ORDER BY method, style_id", [run_id])

@@ -195,6 +195,11 @@ class Store:
         except duckdb.CatalogException:
             return 0
 
+    def has_migration(self, name: str) -> bool:
+        """Whether the named migration (schema.MIGRATIONS) is applied: a store opened read-only is not migrated,
+        so readers of a newer column ask this before selecting it."""
+        return self.version > [n for n, _ in MIGRATIONS].index(name)
+
     def migrate(self, upto: int | None = None) -> int:
         """Apply the pending migrations in one transaction; return the resulting schema version."""
         target = len(MIGRATIONS) if upto is None else upto
