@@ -185,8 +185,10 @@ class ActorPool:
                 ray.kill(self._actors[slot])
                 self._actors[slot] = None
 
-        for slot in range(self.workers):
-            for _ in range(o.queue_depth):
+        # one call per actor before any actor gets a second: filled actor by actor, two calls on two actors
+        # (queue_depth 2) both went to the first, which ran them in turn while the other sat idle
+        for _ in range(o.queue_depth):
+            for slot in range(self.workers):
                 submit(slot)
         while inflight:
             ref = self._wait(ray, list(inflight), 1)[0]

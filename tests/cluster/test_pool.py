@@ -159,6 +159,17 @@ def test_pools_side_by_side_run_at_once_only_when_asked(ray_session, tmp_path, a
     assert len(met) == 2 and all(met) == (at_once == 2)
 
 
+def test_as_many_calls_as_actors_run_at_once_one_per_actor(ray_session, tmp_path):
+    # two calls that each wait for the other: they meet only if the two actors run them at the same time (with
+    # queue_depth 2 they once both went to the first actor, in turn, and the second actor sat idle)
+    a, b = (tmp_path / "a.here", tmp_path / "b.here")
+    (tmp_path / "pids").mkdir()
+    with ActorPool(Sleeper, (str(tmp_path / "pids"),), options(workers=2, queue_depth=2)) as pool:
+        met = [d.value for d in pool.map([Call("meet", (str(a), str(b), 20.0)), Call("meet", (str(b), str(a), 20.0))])]
+    assert met == [True, True]
+    assert pool.workers == 2
+
+
 def test_an_error_in_one_pool_stops_the_others_and_kills_their_actors(ray_session, tmp_path):
     (tmp_path / "bad").mkdir()
     bad = ActorPool(Squarer, (str(tmp_path / "bad"),), options(workers=1, name="bad"))
