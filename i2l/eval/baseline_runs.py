@@ -1,12 +1,15 @@
 """The trained baselines an evaluation compares with (mean-LoRA, adapter): reused when the results store says
 their budget was trained and the files are there, else trained now, each as its own store run with its loss
-curve, marked done as soon as it is saved. With eval.baseline_workers > 1 the missing ones train side by side,
-each in its own Ray worker process (one CPU each): their small steps gain little from a second thread, so two
-processes finish the pair in about the time of one (i2l/cluster/pool.py runs them; a dead worker is retried)."""
+curve, marked done as soon as it is saved. With eval.baseline_workers > 1 the missing ones train side by side on
+one CPU each: their small steps gain little from a second thread, so two finish in about the time of one. The
+first trains in this process, which would otherwise only wait, the others in Ray worker processes
+(i2l/cluster/pool.py runs them; a dead worker is retried): a worker of its own for each would add ~1.2 GB
+(its torch and diffusers) to the machine's peak, which on 2 CPUs took `make run` past 4 GiB."""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from i2l.config import Config, config_from_dict
@@ -33,8 +36,11 @@ class BaselineTrainer:
         torch.set_num_threads(max(1, threads))
 
     def train(self, kind: str, cfg: dict, prepared_dir: str, out: str) -> tuple[str, dict]:
-        info = _train_fn(kind)(config_from_dict(cfg), prepared_dir, out, progress=False, device="cpu")
-        return kind, info
+        return kind, self.train_here(kind, config_from_dict(cfg), prepared_dir, out)
+
+    @staticmethod
+    def train_here(kind: str, cfg: Config, prepared_dir, out) -> dict:
+        return _train_fn(kind)(cfg, prepared_dir, out, progress=False, device="cpu")
 
 
 class Baselines:
@@ -86,32 +92,61 @@ class Baselines:
         return self.load(kind)
 
     def prepare(self, kinds) -> list[str]:
-        """Train the missing ones of `kinds` side by side on Ray CPU workers when eval.baseline_workers > 1 and
-        the evaluation runs on the CPU (on a GPU they train one after another in this process, in `get`).
-        Each is recorded as it finishes. -> the kinds trained here."""
+        """Train the missing ones of `kinds` side by side on one CPU each when eval.baseline_workers > 1 and the
+        evaluation runs on the CPU (on a GPU they train one after another in this process, in `get`): the first
+        here, in a thread, the others on Ray CPU workers. Each is recorded as it finishes. -> the kinds trained."""
         missing = [k for k in kinds if k in KINDS and not self.ready(k)]
         workers = self.ecfg.eval.baseline_workers
         if workers < 2 or len(missing) < 2 or str(self.model.encoder.device) != "cpu":
             return []
         from i2l.cluster.pool import ActorPool, Call, PoolOptions
+        from i2l.train.threads import torch_threads
 
         runs = {k: self.store.start_run(f"train_{k}", self.ecfg.name, self.ecfg.to_dict(), parent_id=self.parent_id)
                 for k in missing}  # one store run per baseline, open while it trains
+        here, elsewhere = missing[0], missing[1:]
         calls = [Call("train", (k, self.ecfg.to_dict(), str(self.prepared_dir), str(self.out(k))))
-                 for k in missing]
-        options = PoolOptions(workers=workers, name="train baselines", unit="baseline", progress=self.progress,
+                 for k in elsewhere]
+        options = PoolOptions(workers=workers - 1, name="train baselines", unit="baseline", progress=self.progress,
                               start_hint="every node must read the prepared data and the toy models' folders")
-        try:
-            with ActorPool(BaselineTrainer, (1,), options) as pool:
-                for fin in pool.map(calls):
-                    kind, info = fin.value
-                    self._record(kind, runs[kind], info)  # kept at once, whatever happens to the other one
-                    self.store.finish_run(runs.pop(kind), "ok")
-        except BaseException:
-            for run_id in runs.values():  # the ones still training failed with the pool
-                self.store.finish_run(run_id, "failed")
-            raise
+        local: dict = {}
+
+        def train_here() -> None:
+            try:
+                local["info"] = BaselineTrainer.train_here(here, self.ecfg, self.prepared_dir, self.out(here))
+            except BaseException as e:  # noqa: BLE001 - raised in the calling thread
+                local["error"] = e
+
+        # one thread, as in a worker: this thread only waits on Ray meanwhile (and gets the same weights)
+        with torch_threads(1):
+            thread = threading.Thread(target=train_here, name=f"train {here}", daemon=True)
+            thread.start()
+            try:
+                with ActorPool(BaselineTrainer, (1,), options) as pool:
+                    for fin in pool.map(calls):
+                        kind, info = fin.value
+                        self._record(kind, runs[kind], info)  # kept at once, whatever happens to the other one
+                        self.store.finish_run(runs.pop(kind), "ok")
+                while thread.is_alive():
+                    thread.join(0.25)  # in slices: a signal's exception must reach this thread
+            except Exception:
+                thread.join()  # a failed pool: let the one here finish (a retry must not train beside it)
+                self._fail(runs)
+                raise
+            except BaseException:  # a signal ends the process: the daemon thread with it
+                self._fail(runs)
+                raise
+        if "error" in local:
+            self._fail(runs)
+            raise local["error"]
+        self._record(here, runs[here], local["info"])
+        self.store.finish_run(runs.pop(here), "ok")
         return missing
+
+    def _fail(self, runs: dict) -> None:
+        for run_id in runs.values():  # the ones still training failed with the pool
+            self.store.finish_run(run_id, "failed")
+        runs.clear()
 
     def _record(self, kind: str, run_id: str, info: dict) -> None:
         out = self.out(kind)

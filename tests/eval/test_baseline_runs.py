@@ -1,13 +1,13 @@
-"""The mean-LoRA and adapter baselines trained side by side on Ray workers (eval.baseline_workers = 2): each in a
-process of its own, each recorded as its own store run with its curve and done-mark, the same weights as training
-them one after another in this process, and reused by a later evaluation."""
+"""The mean-LoRA and adapter baselines trained side by side (eval.baseline_workers = 2): the first in this process,
+the other on a Ray worker, each recorded as its own store run with its curve and done-mark, the same weights as
+training them one after another in this process, and reused by a later evaluation."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from i2l.config import get_config
-from i2l.eval.baseline_runs import Baselines
+from i2l.eval.baseline_runs import Baselines, BaselineTrainer
 from i2l.infer.api import I2L
 from i2l.model.lora import LoRA
 from i2l.store import Store
@@ -35,9 +35,16 @@ def _weights(b, kind):
 
 
 @pytest.mark.slow
-def test_baselines_side_by_side_equal_one_after_another(debug_run, scorer_dir, tmp_path, ray_session):
+def test_baselines_side_by_side_equal_one_after_another(debug_run, scorer_dir, tmp_path, ray_session, monkeypatch):
+    here = []  # what trained in this process (a Ray worker imports the module afresh: its calls are not seen)
+    original = BaselineTrainer.train_here
+    monkeypatch.setattr(BaselineTrainer, "train_here",
+                        staticmethod(lambda kind, *a: here.append(kind) or original(kind, *a)))
+    threads = torch.get_num_threads()
     side, side_store = _baselines(debug_run, scorer_dir, tmp_path / "side", workers=2)
     assert side.prepare(("base", "mean_lora", "adapter")) == ["mean_lora", "adapter"]
+    assert here == ["mean_lora"]  # one worker process, not two: each would add its torch to the machine's peak
+    assert torch.get_num_threads() == threads  # the one thread it trained on is not left set here
     for kind in ("mean_lora", "adapter"):
         assert side.ready(kind)
         runs = side_store.query("SELECT run_id, status FROM runs WHERE kind = ?", [f"train_{kind}"])
