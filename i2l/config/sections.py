@@ -217,8 +217,9 @@ class EvalConfig:
     mean_lora_lr: float = 1e-2
     per_style_rows: int = 4  # rows per style per per-style optimisation step (its references, fresh noise)
     baseline_steps: int = 0  # mean-LoRA / adapter training steps; 0 = the predictor's train.steps (fair budget)
-    # > 1: the missing mean-LoRA and adapter baselines train side by side, each in a Ray worker process with one CPU
-    # (CPU evaluations only; on a GPU, and with 1, they train one after another in the evaluating process)
+    # > 1: the missing mean-LoRA and adapter baselines train side by side on one CPU each, the first in the
+    # evaluating process and the other in a Ray worker process (CPU evaluations only; on a GPU, and with 1, they
+    # train one after another in the evaluating process)
     baseline_workers: int = 1
     gen_batch: int = 64  # images per batched sampling call (each runs 2 CFG rows per image)
     save_loras: bool = True  # write every evaluated LoRA as a safetensors file (off for 1,000-style evals)
