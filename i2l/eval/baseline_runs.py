@@ -130,7 +130,8 @@ class Baselines:
                 while thread.is_alive():
                     thread.join(0.25)  # in slices: a signal's exception must reach this thread
             except Exception:
-                thread.join()  # a failed pool: let the one here finish (a retry must not train beside it)
+                thread.join()  # a worker failed: the one here finishes and is kept (no retry trains beside it)
+                self._keep(here, runs, local)
                 self._fail(runs)
                 raise
             except BaseException:  # a signal ends the process: the daemon thread with it
@@ -139,9 +140,14 @@ class Baselines:
         if "error" in local:
             self._fail(runs)
             raise local["error"]
-        self._record(here, runs[here], local["info"])
-        self.store.finish_run(runs.pop(here), "ok")
+        self._keep(here, runs, local)
         return missing
+
+    def _keep(self, kind: str, runs: dict, local: dict) -> None:
+        """Record the baseline trained in this process, if it finished."""
+        if "info" in local:
+            self._record(kind, runs[kind], local["info"])
+            self.store.finish_run(runs.pop(kind), "ok")
 
     def _fail(self, runs: dict) -> None:
         for run_id in runs.values():  # the ones still training failed with the pool

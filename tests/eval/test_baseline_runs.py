@@ -64,6 +64,20 @@ def test_baselines_side_by_side_equal_one_after_another(debug_run, scorer_dir, t
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_failed_worker_keeps_the_baseline_trained_here(debug_run, scorer_dir, tmp_path, ray_session):
+    side, store = _baselines(debug_run, scorer_dir, tmp_path, workers=2)
+    side.out("adapter").parent.mkdir(parents=True)
+    side.out("adapter").write_text("not a folder")  # the worker's adapter cannot be saved there
+    threads = torch.get_num_threads()
+    with pytest.raises(Exception, match=side.out("adapter").name):
+        side.prepare(("mean_lora", "adapter"))
+    status = dict(store.rows("SELECT kind, status FROM runs"))
+    assert status == {"train_mean_lora": "ok", "train_adapter": "failed"}
+    assert side.ready("mean_lora") and not side.ready("adapter")  # finished work is kept, the failure is not hidden
+    assert torch.get_num_threads() == threads
+
+
 def test_one_worker_trains_in_this_process(debug_run, scorer_dir, tmp_path):
     serial, store = _baselines(debug_run, scorer_dir, tmp_path, workers=1)
     lora, info = serial.get("mean_lora")
