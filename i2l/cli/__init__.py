@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from i2l.cli._warnings import echo_warnings
-    from i2l.cluster import stop_ray
+    from i2l.cluster import spin_briefly, stop_ray
+
+    spin_briefly()  # before torch loads: this process's CPU threads and its stages' children's
     from i2l.cluster.signals import Terminated, exit_by, signals_end_the_run, terminable
 
     signals_end_the_run()  # a SIGTERM / Ctrl-C that lands in a finalizer still ends the command

@@ -11,6 +11,19 @@ from i2l.cluster.signals import sigterm_kept
 
 _INIT_LOCK = threading.Lock()
 
+# How long libgomp's threads (torch's CPU ops) spin waiting for work before they sleep. Its default spins through
+# a whole descheduling whenever another process holds a core: on 2 cores with one held by a busy loop, the toy i2L
+# training step on two threads took 1696 ms at the default and 664 ms at 10 000 (on one thread: 470 ms); idle,
+# 264 against 262 ms (docs/results.md, "How do the stages fare on a busy machine?"). It sets no thread count and
+# changes no result.
+OPENMP_SPINCOUNT = "10000"
+
+
+def spin_briefly() -> None:
+    """GOMP_SPINCOUNT for the processes started from here on (and for this one, if torch is not loaded yet).
+    A user's own setting wins."""
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPINCOUNT)
+
 
 def ensure_ray(num_cpus: int | None = None):
     """Connect to Ray once per process and return the `ray` module.
@@ -46,6 +59,7 @@ def ensure_ray(num_cpus: int | None = None):
             # own arena. On 2 cores the training worker's peak RSS fell 83 MB at the same speed
             # (docs/results.md). A user's own setting wins.
             os.environ.setdefault("MALLOC_ARENA_MAX", str(max(2, num_cpus or os.cpu_count() or 2)))
+            spin_briefly()  # the training, production and evaluation workers share the machine's cores
             # address="local": never silently join a cluster a `ray start` left behind on this machine.
             # log_to_driver=False: workers' stdout would interleave with our progress bars.
             kwargs = {"address": "local", "num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False}

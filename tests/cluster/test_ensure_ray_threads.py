@@ -27,6 +27,7 @@ print("preemption watcher", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 print("worker arenas", ray.get(ray.remote(lambda: __import__("os").environ.get("MALLOC_ARENA_MAX")).remote()))
 print("train looks every", ray.get(ray.remote(
     lambda: __import__("os").environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")).remote()))
+print("worker spins", ray.get(ray.remote(lambda: __import__("os").environ.get("GOMP_SPINCOUNT")).remote()))
 ray.shutdown()
 """
 
@@ -42,4 +43,6 @@ def test_two_threads_start_one_ray_without_error():
     assert "worker arenas 2" in out.stdout, out.stdout[-2000:]
     # Ray Train's controller (an actor: the same environment) looks at its workers every 0.25 s, not every 2 s
     assert "train looks every 0.25" in out.stdout, out.stdout[-2000:]
+    # its torch threads spin briefly before they sleep: a core held by another process does not stall them
+    assert "worker spins 10000" in out.stdout, out.stdout[-2000:]
     assert "task after the threads 42" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
