@@ -146,10 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from i2l.cli._warnings import echo_warnings
     from i2l.cluster import spin_briefly, stop_ray
-
-    spin_briefly()  # before torch loads: this process's CPU threads and its stages' children's
     from i2l.cluster.signals import Terminated, exit_by, signals_end_the_run, terminable
 
+    spin_briefly()  # before torch loads: this process's CPU threads and its stages' children's
     signals_end_the_run()  # a SIGTERM / Ctrl-C that lands in a finalizer still ends the command
     try:
         # the library's warnings (a broken checkpoint skipped, ...) reach the user as `i2l CMD: warning: ...`

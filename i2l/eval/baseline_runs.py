@@ -124,14 +124,13 @@ class Baselines:
             try:
                 with ActorPool(BaselineTrainer, (1,), options) as pool:
                     for fin in pool.map(calls):
-                        kind, info = fin.value
-                        self._record(kind, runs[kind], info)  # kept at once, whatever happens to the other one
-                        self.store.finish_run(runs.pop(kind), "ok")
+                        self._ok(*fin.value, runs)  # kept at once, whatever happens to the other one
                 while thread.is_alive():
                     thread.join(0.25)  # in slices: a signal's exception must reach this thread
             except Exception:
                 thread.join()  # a worker failed: the one here finishes and is kept (no retry trains beside it)
-                self._keep(here, runs, local)
+                if "info" in local:
+                    self._ok(here, local["info"], runs)
                 self._fail(runs)
                 raise
             except BaseException:  # a signal ends the process: the daemon thread with it
@@ -140,14 +139,13 @@ class Baselines:
         if "error" in local:
             self._fail(runs)
             raise local["error"]
-        self._keep(here, runs, local)
+        self._ok(here, local["info"], runs)
         return missing
 
-    def _keep(self, kind: str, runs: dict, local: dict) -> None:
-        """Record the baseline trained in this process, if it finished."""
-        if "info" in local:
-            self._record(kind, runs[kind], local["info"])
-            self.store.finish_run(runs.pop(kind), "ok")
+    def _ok(self, kind: str, info: dict, runs: dict) -> None:
+        """A baseline that finished: recorded, and its store run closed."""
+        self._record(kind, runs[kind], info)
+        self.store.finish_run(runs.pop(kind), "ok")
 
     def _fail(self, runs: dict) -> None:
         for run_id in runs.values():  # the ones still training failed with the pool

@@ -15,10 +15,11 @@ print("rc", rc, "spin", os.environ.get("GOMP_SPINCOUNT"), "torch loaded", "torch
 """
 
 
-def _run(extra: dict) -> str:
+def _run(extra: dict, script: str = SCRIPT) -> str:
+    """`script` in a fresh Python, without the caller's GOMP_SPINCOUNT unless `extra` sets one."""
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | extra
     env["PYTHONPATH"] = str(Path(__file__).parents[2])
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
                          check=False)
     return out.stdout + out.stderr
 
@@ -36,8 +37,5 @@ def test_the_spin_count_is_set_before_torch_loads():
               "orig = c.spin_briefly\n"
               "c.spin_briefly = lambda: (print('torch already loaded', 'torch' in sys.modules), orig())\n"
               "from i2l.cli import main\nmain(['info', '--preset', 'debug'])\n")
-    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-    env["PYTHONPATH"] = str(Path(__file__).parents[2])
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                         check=False)
-    assert "torch already loaded False" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    got = _run({}, script)
+    assert "torch already loaded False" in got, got[-2000:]
