@@ -117,7 +117,10 @@ class ImageEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self._resize(images.to(self.device, self.dtype))  # (B, 3, S, S)
+        # one memory layout whatever the caller built (to_tensor gives a channels-last view, a zero-padded batch a
+        # contiguous one): conv kernels pick their algorithm by layout and batch, and on some CPUs (AVX2 without
+        # AVX-512) those round differently, so a cached token would not equal a fresh one (tests/train)
+        x = self._resize(images.to(self.device, self.dtype)).contiguous()  # (B, 3, S, S)
         if not self.siglip2:
             return self.model(pixel_values=x).last_hidden_state  # (B, P, D)
         # Siglip2 takes pre-patchified pixels: (B, P, p·p·3) in (row, col, channel) order + mask + grid shape

@@ -80,6 +80,37 @@ def test_cached_tokens_equal_encode_refs_and_only_misses_are_encoded():
     assert cache.calls == 1 and cache.hits == 9  # the second call: all 3 x 3 slots (padding too) hit
 
 
+def test_an_image_gives_the_same_tokens_whatever_its_memory_layout_and_batch(debug_run):
+    """The data path hands the encoder channels-last views (`to_tensor`), a zero-padded batch hands it contiguous
+    copies, and a cache encodes each image in whatever batch first needed it. The vision tower always sees one
+    layout, so a token never depends on how or beside what its image was encoded (on an AVX2-only CPU the conv
+    kernels of the two layouts rounded differently: cached training drifted from uncached, a resume from a straight
+    run)."""
+    import numpy as np
+    from PIL import Image
+
+    from i2l.data.images import to_tensor
+    from i2l.model.encoder import load_encoder
+
+    enc = load_encoder(debug_run.cfg.encoder)  # trained weights: on the AVX2 host random ones rounded alike
+    g = np.random.default_rng(0)
+    pil = [Image.fromarray(g.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(7)]
+    x = to_tensor(pil, 32)  # (7, 3, 32, 32), as training loads references
+    assert not x.is_contiguous()  # the case under test: otherwise this checks nothing
+    seen = []
+    hook = enc.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["pixel_values"]).is_contiguous()),
+        with_kwargs=True)
+    try:
+        got = enc(x)  # (7, P, D)
+    finally:
+        hook.remove()
+    assert seen == [True]
+    assert torch.equal(got, enc(x.contiguous()))
+    assert torch.equal(got[2:5], enc(x[2:5]))  # a batch of its own
+    assert torch.equal(got[[6, 0]], enc(torch.cat([x[6:], x[:1], torch.zeros(1, 3, 32, 32)]))[:2])  # others beside
+
+
 def test_the_cache_serves_no_tokens_of_other_weights():
     enc = _encoder(0)
     imgs, sets = _sets()
