@@ -172,6 +172,31 @@ class StageContext:
         """The info recorded when `stage` finished under `key`, or None if the store has no such mark."""
         return self.store.stage_info(stage, key)
 
+    def finished(self, stage: str, key: str, outputs_exist: Callable[[], bool],
+                 keyed_dir: str | os.PathLike | None = None, say=None) -> dict | None:
+        """The info of (stage, key) when it is done and its outputs are there, so that `run_stage` skips it; else
+        None (and `say`, a logger, hears why a stage the store marks done runs again)."""
+        info = self.done(stage, key)
+        if info is None or stage in self.force:
+            return None
+        ours = keyed_dir is None or read_run_key(keyed_dir) == key
+        if ours and outputs_exist():
+            return info
+        if say is not None:
+            why = "its outputs are gone" if ours else f"{keyed_dir} holds another key's outputs (or unfinished ones)"
+            say.warning(f"{stage}: the store marks it done but {why}; running it again")
+        return None
+
+    def start_early(self, stage: str, key: str, outputs_exist: Callable[[], bool], keyed_dir: str | os.PathLike,
+                    start: Callable[[], Any]) -> Any:
+        """Start a stage's work ahead of its turn, beside another stage, when it will run: returns `start()`'s
+        handle, or None when the stage is done. Its folder is cleared as `run_stage` clears it (first, so that a
+        kill while it works leaves no key there); its turn then waits for the handle inside `run_stage`."""
+        if self.finished(stage, key, outputs_exist, keyed_dir) is not None:
+            return None
+        _clear_for_work(keyed_dir)
+        return start()
+
     def run_stage(self, stage: str, key: str, outputs_exist: Callable[[], bool], work: Callable[[str], dict],
                   record: Callable[[str, dict], None] | None = None, own_run: bool = True,
                   keyed_dir: str | os.PathLike | None = None) -> StageResult:
@@ -184,14 +209,10 @@ class StageContext:
         work starts and written once the work has finished, so a kill mid-write leaves no key. The temporaries a
         killed writer left there (`i2l.io.atomic_tmp` names whose process is gone) are removed as the work starts."""
         log = get_run_logger()
-        info = self.done(stage, key)
-        if info is not None and stage not in self.force:
-            ours = keyed_dir is None or read_run_key(keyed_dir) == key
-            if ours and outputs_exist():
-                log.info(f"{stage}: done earlier (key {key}), skipped")
-                return StageResult(stage, key, True, 0.0, info)
-            why = "its outputs are gone" if ours else f"{keyed_dir} holds another key's outputs (or unfinished ones)"
-            log.warning(f"{stage}: the store marks it done but {why}; running it again")
+        info = self.finished(stage, key, outputs_exist, keyed_dir, say=log)
+        if info is not None:
+            log.info(f"{stage}: done earlier (key {key}), skipped")
+            return StageResult(stage, key, True, 0.0, info)
         t0 = time.perf_counter()
         run_id = f"{stage}-{self.cfg.name}-{key}"
         if self.parent_run_id:
@@ -207,8 +228,7 @@ class StageContext:
                 self.store.run(stage, self.cfg.name, self.keyed, run_id=run_id, parent_id=self.parent_run_id) \
                 if own_run else nullcontext():
             if keyed_dir is not None:
-                forget_run_key(keyed_dir)
-                remove_dead_tmp(Path(keyed_dir).rglob(".*.tmp"))  # a killed run's half-written files
+                _clear_for_work(keyed_dir)
             info = dict(work(run_id) or {})
             if keyed_dir is not None:
                 # an actor that died mid-write in the stage (its work redone by another) left its temporary file
@@ -226,6 +246,13 @@ class StageContext:
         release_freed_memory()
         log.info(f"{stage}: finished in {seconds:.1f} s (key {key})")
         return StageResult(stage, key, False, seconds, info)
+
+
+def _clear_for_work(keyed_dir: str | os.PathLike) -> None:
+    """Before a stage's work writes into its folder: drop the key recorded there (until the work has finished) and
+    the files a killed run half-wrote."""
+    forget_run_key(keyed_dir)
+    remove_dead_tmp(Path(keyed_dir).rglob(".*.tmp"))
 
 
 def prepared_key(prepared_dir: Path) -> str | None:

@@ -67,7 +67,10 @@ def print_summary(stages: list[dict], wall_s: float) -> None:
     print(f"\n{'stage':<20}{'status':<10}{'seconds':>9}")
     for s in stages:
         status, secs = ("skipped", "-") if s["skipped"] else ("ran", f"{s['seconds']:.1f}")
-        print(f"{s['stage']:<20}{status:<10}{secs:>9}")
+        # a stage that trained beside another: the table's seconds are its wait after that one, not its own
+        beside = s["info"].get("trained_beside") if not s["skipped"] else None
+        note = f"  (trained beside {beside}: {s['info'].get('seconds', 0):.1f} s of its own)" if beside else ""
+        print(f"{s['stage']:<20}{status:<10}{secs:>9}{note}")
     print(f"{'stages':<30}{sum(s['seconds'] for s in stages):>9.1f}")
     print(f"{'wall (with start-up)':<30}{wall_s:>9.1f}")
 

@@ -33,38 +33,75 @@ def call_in_child(target: str, /, *args, **kwargs) -> Any:
     result. An exception raised there is raised here (with the child's traceback as a note); a child that dies
     without an answer raises ChildProcessDied with its exit code. The child inherits stdout and stderr (its
     progress bars draw as the caller's would) and dies with its caller (SIGTERM on the caller's death)."""
+    return start_in_child(target, *args, **kwargs).result()
+
+
+def start_in_child(target: str, /, *args, **kwargs) -> ChildCall:
+    """`call_in_child` without the wait: the child starts now and works while the caller goes on; its answer comes
+    from `.result()`. A caller that leaves early (an error, a signal) stops it with `.terminate()`."""
     _resolve(target)  # a malformed target fails here, before a process starts
     call = pickle.dumps((target, args, kwargs, os.getpid()))
     read_fd, write_fd = os.pipe()  # the child's answer; its stdout stays the user's terminal
     try:
         proc = subprocess.Popen([sys.executable, "-c", _BOOT, json.dumps(sys.path), str(write_fd)],
                                 stdin=subprocess.PIPE, pass_fds=(write_fd,), close_fds=True)
+    except BaseException:
+        os.close(read_fd)
+        raise
     finally:
         os.close(write_fd)  # only the child holds the writing end now: its exit gives EOF here
+    child = ChildCall(target, proc, read_fd)
     try:
-        proc.stdin.write(call)
+        proc.stdin.write(call)  # the child reads it first thing
         proc.stdin.close()
-        with os.fdopen(read_fd, "rb") as answer:
-            read_fd = None
-            reply = answer.read()  # until the child exits (or closes the pipe having answered)
-        code = proc.wait()
-    finally:
-        if read_fd is not None:
-            os.close(read_fd)
-        if proc.poll() is None:  # the caller was interrupted (Ctrl-C, an error while sending the call)
-            proc.terminate()
+    except BaseException:
+        child.terminate()
+        raise
+    return child
+
+
+class ChildCall:
+    """One call running in a child process (`start_in_child`)."""
+
+    def __init__(self, target: str, proc: subprocess.Popen, read_fd: int):
+        self.target, self._proc, self._read_fd = target, proc, read_fd
+        self._outcome: tuple[str, Any] | None = None
+
+    def result(self) -> Any:
+        """Wait for the child's answer: its return value, or its exception raised here (see `call_in_child`)."""
+        if self._outcome is None:
+            reply = b""  # none, once terminated
             try:
-                proc.wait(10)
+                if self._read_fd is not None:
+                    with os.fdopen(self._read_fd, "rb", closefd=False) as answer:
+                        reply = answer.read()  # until the child exits (or closes the pipe having answered)
+                code = self._proc.wait()
+            finally:
+                self.terminate()  # interrupted here (Ctrl-C, a signal's exception): the child goes too
+            if not reply:
+                why = f"{self.target} ended without a result (exit code {code}{_signal_name(code)})"
+                self._outcome = ("died", f"{why}: see its output above")
+            else:
+                self._outcome = pickle.loads(reply)  # our own child wrote it, over our own pipe
+        status, payload = self._outcome
+        if status == "ok":
+            return payload
+        if status == "died":
+            raise ChildProcessDied(payload)
+        raise _rebuilt(self.target, payload)
+
+    def terminate(self, wait_s: float = 10.0) -> None:
+        """Stop the child if it still runs (SIGTERM, then SIGKILL after wait_s) and release its pipe."""
+        if self._read_fd is not None:
+            os.close(self._read_fd)
+            self._read_fd = None
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(wait_s)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    if not reply:
-        raise ChildProcessDied(f"{target} ended without a result (exit code {code}{_signal_name(code)}): "
-                               f"see its output above")
-    status, payload = pickle.loads(reply)  # our own child wrote it, over our own pipe
-    if status == "ok":
-        return payload
-    raise _rebuilt(target, payload)
+                self._proc.kill()
+                self._proc.wait()
 
 
 def _resolve(target: str) -> tuple[str, str]:

@@ -119,6 +119,9 @@ class EncoderConfig:
     layers: int = 2
     heads: int = 2
     pretrain_steps: int = 2000  # toy only: sigmoid image<->style-description training (docs/results.md)
+    # toy only: torch threads while pretraining (0 = torch's default). One: its matmuls are too small for a second
+    # (2000 steps took ~8 % longer on one thread), and pretrain_toy trains the one-thread scorer beside it
+    pretrain_threads: int = 1
 
     def __post_init__(self):
         if self.kind not in ("toy", "siglip2", "siglip"):

@@ -21,6 +21,7 @@ from i2l.model.encoder import ImageEncoder
 from i2l.toy.backbone import tokenize_words
 from i2l.toy.encoder import new_toy_encoder
 from i2l.train.step import TrainStep
+from i2l.train.threads import torch_threads
 
 
 class BagOfWords(nn.Module):
@@ -62,22 +63,23 @@ def pretrain_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path, ste
     trainer = TrainStep(opt)  # constant lr, no clipping
     g = torch.Generator().manual_seed(cfg.train.seed)
     t0 = time.time()
-    bar = tqdm(range(steps), desc="pretrain encoder", disable=not progress)
-    for step in bar:
-        idx = torch.randint(len(images), (64,), generator=g)
-        x = images[idx]
-        # light augmentation: flips keep style and change layout, so the encoder cannot key on content
-        flip = torch.rand(len(idx), generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        img = F.normalize(vision(pixel_values=x).pooler_output, dim=-1)  # (B, D)
-        txt = F.normalize(text([styles[i] for i in idx.tolist()]), dim=-1)  # (B, D)
-        logits = img @ txt.t() * t_scale.exp() + t_bias  # (B, B)
-        same = labels[idx][:, None] == labels[idx][None, :]
-        loss = -F.logsigmoid(torch.where(same, logits, -logits)).mean()
-        trainer.backward(loss)
-        rec = trainer.step(loss)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+    with torch_threads(cfg.encoder.pretrain_threads):
+        bar = tqdm(range(steps), desc="pretrain encoder", disable=not progress)
+        for step in bar:
+            idx = torch.randint(len(images), (64,), generator=g)
+            x = images[idx]
+            # light augmentation: flips keep style and change layout, so the encoder cannot key on content
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            img = F.normalize(vision(pixel_values=x).pooler_output, dim=-1)  # (B, D)
+            txt = F.normalize(text([styles[i] for i in idx.tolist()]), dim=-1)  # (B, D)
+            logits = img @ txt.t() * t_scale.exp() + t_bias  # (B, B)
+            same = labels[idx][:, None] == labels[idx][None, :]
+            loss = -F.logsigmoid(torch.where(same, logits, -logits)).mean()
+            trainer.backward(loss)
+            rec = trainer.step(loss)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
     vision.eval()
     out = Path(out_dir)
     info = {"steps": steps, "seconds": time.time() - t0, **trainer.summary(10, 10)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from i2l.cluster.child import ChildProcessDied, call_in_child
+from i2l.cluster.child import ChildProcessDied, call_in_child, start_in_child
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,6 +36,27 @@ def test_the_childs_exception_is_raised_here_with_its_type_and_traceback():
 def test_a_child_that_dies_without_an_answer_is_an_error_naming_the_signal():
     with pytest.raises(ChildProcessDied, match="signal:raise_signal.*SIGKILL"):
         call_in_child("signal:raise_signal", signal.SIGKILL)  # as the kernel's OOM killer would
+
+
+def test_a_started_child_works_while_its_caller_goes_on(tmp_path):
+    """start_in_child returns at once: the child does its work before anyone asks for its result."""
+    made = tmp_path / "made"
+    child = start_in_child("os:mkdir", str(made))
+    deadline = time.monotonic() + 60
+    while not made.exists():  # the caller waits on the work itself, not on the result
+        assert time.monotonic() < deadline, "the child never did its work"
+        time.sleep(0.05)
+    assert child.result() is None
+    assert child.result() is None  # asked again: the same answer
+
+
+def test_a_terminated_child_is_gone_and_its_result_says_so():
+    child = start_in_child("time:sleep", 300)
+    pid = child._proc.pid
+    child.terminate()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(ChildProcessDied, match="time:sleep.*SIGTERM"):
+        child.result()
 
 
 @pytest.mark.parametrize("target", ["os.getpid", "os:", ":getpid", "os:get pid"])

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from leftovers import dead_pid, dead_writer_tmp
@@ -128,7 +129,9 @@ def test_toy_models_of_another_key_on_disk_are_trained_again(tmp_path, monkeypat
     leftovers = []
 
     def trainer(stage):  # stands in for the trainer: writes what it trained into out_dir, marker last
-        def train(cfg, data_dir, out_dir, progress):
+        def train(cfg, data_dir, out_dir, progress, started=None):
+            if started is not None:  # the scorer, started beside the encoder (tests/flows/test_pretrain_toy.py)
+                return started.result()
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / files[stage]).write_text(json.dumps({"tag": tags[stage](cfg)}))
             if crash:  # killed mid-write: a dead writer's temporary, and one of a writer still alive (this test)
@@ -145,6 +148,8 @@ def test_toy_models_of_another_key_on_disk_are_trained_again(tmp_path, monkeypat
     for stage, task in [("pretrain_backbone", "backbone_task"), ("pretrain_encoder", "encoder_task"),
                         ("pretrain_scorer", "scorer_task")]:
         monkeypatch.setattr(pretrain_toy, task, trainer(stage))
+    monkeypatch.setattr(pretrain_toy, "start_scorer", lambda cfg, data_dir, out_dir: SimpleNamespace(
+        result=lambda: trainer("pretrain_scorer")(cfg, data_dir, out_dir, False), terminate=lambda: None))
     prepared = tmp_path / "prepared" / "debug"
     prepared.mkdir(parents=True)
     (prepared / "manifest.json").write_text(json.dumps({"fingerprint": "data"}))
