@@ -10,7 +10,7 @@ import csv
 import io
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,9 @@ from i2l.config import ToyWorldConfig
 from i2l.io import atomic_path, atomic_tmp, replace_durably
 
 ROWS_PER_STYLE = 8  # as in MegaStyle: 8 contents per style, consecutive rows
+# A writer process of its own pays ~2 s to start (numpy, PIL, pyarrow) and writes ~500 rows/s on a core: worth it
+# from a few thousand rows (make run's 16 000 rows: ~30 s on one core)
+ROWS_PER_WRITER = 4000
 
 COLORS = {
     "red": (214, 48, 49), "orange": (240, 140, 30), "yellow": (246, 214, 60), "lime": (150, 220, 60),
@@ -208,10 +211,13 @@ def generate_styles(cfg: ToyWorldConfig) -> list[ToyStyle]:
     return styles
 
 
-def generate_rows(cfg: ToyWorldConfig):
-    """Yield MegaStyle rows style by style (8 consecutive rows per style) with their ToyStyle."""
-    for si, style in enumerate(generate_styles(cfg)):
-        rng = np.random.default_rng([cfg.seed, si])
+def generate_rows(cfg: ToyWorldConfig, start: int = 0, stop: int | None = None):
+    """Yield MegaStyle rows `start` .. `stop` - 1 (all by default), style by style (8 consecutive rows per style),
+    with their ToyStyle. Each style draws from its own seed: a row is the same whatever range it is yielded in."""
+    styles = generate_styles(cfg)
+    stop = len(styles) * ROWS_PER_STYLE if stop is None else stop
+    for si in range(start // ROWS_PER_STYLE, -(-stop // ROWS_PER_STYLE)):
+        style, rng = styles[si], np.random.default_rng([cfg.seed, si])
         contents, seen = [], set()
         while len(contents) < ROWS_PER_STYLE:
             c = sample_content(rng)
@@ -219,47 +225,49 @@ def generate_rows(cfg: ToyWorldConfig):
                 seen.add(c)
                 contents.append(c)
         for ci, content in enumerate(contents):
-            rid = f"s{si:06d}_c{ci:02d}"
-            image = render(style, content, cfg.size, rng)
-            yield {"id": rid, "image": {"bytes": png_bytes(image), "path": f"images/{rid}.png"},
-                   "content": content.describe(), "style": style.describe()}, style
+            image = render(style, content, cfg.size, rng)  # rendered even if not yielded: it advances the style's rng
+            if start <= si * ROWS_PER_STYLE + ci < stop:
+                rid = f"s{si:06d}_c{ci:02d}"
+                yield {"id": rid, "image": {"bytes": png_bytes(image), "path": f"images/{rid}.png"},
+                       "content": content.describe(), "style": style.describe()}, style
 
 
 _SHARD_NAME = re.compile(r"train-\d{5,}-of-\d{5,}\.parquet(\.tmp)?")  # as `write_toyworld` names its shards
 
 
-def write_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
+def write_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike, progress: bool = True,
+                   writers: int | None = None) -> dict:
     """Write parquet shards + metadata.csv under `out_dir`, which then holds exactly this world: the toy world's
-    shards of an earlier write there are removed. Returns a summary."""
-    from tqdm import tqdm
+    shards of an earlier write there are removed. Returns a summary.
+
+    writers: processes that write the shards, each a block of them (None: one per core, for a world of at least
+    ROWS_PER_WRITER rows each). This one writes the first block; the others run in children of their own (not
+    multiprocessing's spawn, which re-runs a caller's script). Every writer's shards are the bytes one writer writes."""
+    from i2l.cluster.child import start_in_child
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     total = cfg.styles * ROWS_PER_STYLE
     n_shards = -(-total // cfg.rows_per_shard)
-    rows, meta, shard_idx, written = [], {}, 0, []
-
-    def flush():
-        nonlocal rows, shard_idx
-        path = out / f"train-{shard_idx:05d}-of-{n_shards:05d}.parquet"
-        with atomic_path(path) as tmp:  # a reader never sees half a shard
-            pq.write_table(pa.Table.from_pylist(rows, schema=MEGASTYLE_SCHEMA), tmp, compression="zstd")
-        written.append(path.name)
-        rows, shard_idx = [], shard_idx + 1
-
-    for row, style in tqdm(generate_rows(cfg), total=total, desc="toyworld", unit="img", disable=not progress):
-        rows.append(row)
-        meta.setdefault(row["id"].split("_")[0], style)
-        if len(rows) == cfg.rows_per_shard:
-            flush()
-    if rows:
-        flush()
+    if writers is None:
+        writers = min(os.cpu_count() or 1, total // ROWS_PER_WRITER)
+    writers = max(1, min(writers, n_shards))
+    blocks = [(n_shards * k // writers, n_shards * (k + 1) // writers) for k in range(writers)]
+    others = []
+    try:
+        others = [start_in_child("i2l.toy.world:write_shards", cfg, str(out), *b, progress=False) for b in blocks[1:]]
+        written = write_shards(cfg, out, *blocks[0], progress=progress)
+        for child in others:
+            written += child.result()
+    finally:
+        for child in others:
+            child.terminate()  # done already, or this writer failed: the others stop too
     tmp = atomic_tmp(out / "metadata.csv")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        fields = list(asdict(next(iter(meta.values()))))
-        w.writerow(["style_id", *fields, "brushwork", "light"])
-        for sid, st in meta.items():
+        w.writerow(["style_id", *(f.name for f in fields(ToyStyle)), "brushwork", "light"])
+        for si, st in enumerate(generate_styles(cfg)):
+            sid = f"s{si:06d}"
             # MegaStyle's metadata has attributes the toy world lacks: they read N/A, as there.
             w.writerow([sid, *asdict(st).values(), "N/A", "N/A"])
     replace_durably(tmp, out / "metadata.csv")
@@ -269,3 +277,26 @@ def write_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike, progress: bo
         if _SHARD_NAME.fullmatch(p.name) and p.name not in written:
             p.unlink()
     return {"dir": str(out), "rows": total, "styles": cfg.styles, "shards": written}
+
+
+def write_shards(cfg: ToyWorldConfig, out_dir: str | os.PathLike, first: int, stop: int,
+                 progress: bool = True) -> list[str]:
+    """Write shards `first` .. `stop` - 1 of the toy world (shard k: rows k·R .. (k+1)·R - 1, R = rows_per_shard);
+    returns their file names."""
+    from tqdm import tqdm
+
+    out, per = Path(out_dir), cfg.rows_per_shard
+    total = cfg.styles * ROWS_PER_STYLE
+    n_shards = -(-total // per)
+    start, end = first * per, min(stop * per, total)
+    rows, written = [], []
+    for row, _ in tqdm(generate_rows(cfg, start, end), total=end - start, desc="toyworld", unit="img",
+                       disable=not progress):
+        rows.append(row)
+        if len(rows) == per or start + len(written) * per + len(rows) == end:
+            path = out / f"train-{first + len(written):05d}-of-{n_shards:05d}.parquet"
+            with atomic_path(path) as tmp:  # a reader never sees half a shard
+                pq.write_table(pa.Table.from_pylist(rows, schema=MEGASTYLE_SCHEMA), tmp, compression="zstd")
+            written.append(path.name)
+            rows = []
+    return written

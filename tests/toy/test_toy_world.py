@@ -31,6 +31,18 @@ def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
     assert _digest(d) != _digest(tmp_path / "other")
 
 
+@pytest.mark.parametrize("writers", [2, 3])
+def test_several_writer_processes_write_the_bytes_of_one(world, tmp_path, writers):
+    """Shards split into blocks, each written by a process of its own (20 rows a shard cuts styles in two), come out
+    byte for byte as one writer writes them; shards of an earlier world there go."""
+    cfg, d = world
+    out = tmp_path / "w"
+    write_toyworld(ToyWorldConfig(styles=9, seed=3, size=32, rows_per_shard=10), out, progress=False, writers=writers)
+    summary = write_toyworld(cfg, out, progress=False, writers=writers)
+    assert summary["shards"] == sorted(p.name for p in d.glob("*.parquet"))
+    assert _digest(out) == _digest(d)
+
+
 def test_megastyle_schema_and_layout(world):
     cfg, d = world
     shards = sorted(d.glob("train-*-of-*.parquet"))
