@@ -276,7 +276,7 @@ def write_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike, progress: bo
     for p in out.iterdir():
         if _SHARD_NAME.fullmatch(p.name) and p.name not in written:
             p.unlink()
-    return {"dir": str(out), "rows": total, "styles": cfg.styles, "shards": written}
+    return {"dir": str(out), "rows": total, "styles": cfg.styles, "shards": written, "writers": writers}
 
 
 def write_shards(cfg: ToyWorldConfig, out_dir: str | os.PathLike, first: int, stop: int,

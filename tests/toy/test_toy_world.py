@@ -39,7 +39,7 @@ def test_several_writer_processes_write_the_bytes_of_one(world, tmp_path, writer
     out = tmp_path / "w"
     write_toyworld(ToyWorldConfig(styles=9, seed=3, size=32, rows_per_shard=10), out, progress=False, writers=writers)
     summary = write_toyworld(cfg, out, progress=False, writers=writers)
-    assert summary["shards"] == sorted(p.name for p in d.glob("*.parquet"))
+    assert summary["writers"] == writers and summary["shards"] == sorted(p.name for p in d.glob("*.parquet"))
     assert _digest(out) == _digest(d)
 
 
