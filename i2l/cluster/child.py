@@ -80,15 +80,14 @@ class ChildCall:
                 self.terminate()  # interrupted here (Ctrl-C, a signal's exception): the child goes too
             if not reply:
                 why = f"{self.target} ended without a result (exit code {code}{_signal_name(code)})"
-                self._outcome = ("died", f"{why}: see its output above")
+                self._outcome = ("error", ChildProcessDied(f"{why}: see its output above"))
             else:
-                self._outcome = pickle.loads(reply)  # our own child wrote it, over our own pipe
+                status, payload = pickle.loads(reply)  # our own child wrote it, over our own pipe
+                self._outcome = (status, payload if status == "ok" else _rebuilt(self.target, payload))
         status, payload = self._outcome
         if status == "ok":
             return payload
-        if status == "died":
-            raise ChildProcessDied(payload)
-        raise _rebuilt(self.target, payload)
+        raise payload
 
     def terminate(self, wait_s: float = 10.0) -> None:
         """Stop the child if it still runs (SIGTERM, then SIGKILL after wait_s) and release its pipe."""

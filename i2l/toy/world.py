@@ -247,8 +247,7 @@ def write_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike, progress: bo
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    total = cfg.styles * ROWS_PER_STYLE
-    n_shards = -(-total // cfg.rows_per_shard)
+    total, n_shards = _rows_and_shards(cfg)
     if writers is None:
         writers = min(os.cpu_count() or 1, total // ROWS_PER_WRITER)
     writers = max(1, min(writers, n_shards))
@@ -286,17 +285,21 @@ def write_shards(cfg: ToyWorldConfig, out_dir: str | os.PathLike, first: int, st
     from tqdm import tqdm
 
     out, per = Path(out_dir), cfg.rows_per_shard
-    total = cfg.styles * ROWS_PER_STYLE
-    n_shards = -(-total // per)
+    total, n_shards = _rows_and_shards(cfg)
     start, end = first * per, min(stop * per, total)
     rows, written = [], []
-    for row, _ in tqdm(generate_rows(cfg, start, end), total=end - start, desc="toyworld", unit="img",
-                       disable=not progress):
+    bar = tqdm(generate_rows(cfg, start, end), total=end - start, desc="toyworld", unit="img", disable=not progress)
+    for n, (row, _) in enumerate(bar, start=start + 1):  # n: rows of the world up to this one
         rows.append(row)
-        if len(rows) == per or start + len(written) * per + len(rows) == end:
+        if len(rows) == per or n == end:
             path = out / f"train-{first + len(written):05d}-of-{n_shards:05d}.parquet"
             with atomic_path(path) as tmp:  # a reader never sees half a shard
                 pq.write_table(pa.Table.from_pylist(rows, schema=MEGASTYLE_SCHEMA), tmp, compression="zstd")
             written.append(path.name)
             rows = []
     return written
+
+
+def _rows_and_shards(cfg: ToyWorldConfig) -> tuple[int, int]:
+    total = cfg.styles * ROWS_PER_STYLE
+    return total, -(-total // cfg.rows_per_shard)
