@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -99,3 +100,40 @@ def test_rewriting_a_folder_leaves_exactly_the_new_world(world, tmp_path):
     assert _digest(out) == _digest(d)  # the same bytes as a write into an empty folder
     assert sum(s.rows for s in find_shards(out)) == cfg.styles * ROWS_PER_STYLE
     assert len((out / "metadata.csv").read_text().splitlines()) == 1 + cfg.styles
+
+
+def test_every_pattern_shows_on_its_ground_and_no_other_style_moves(monkeypatch):
+    """A pattern colour close to its ground (cream on white: 5-45 levels, invisible) is swapped for the next light
+    colour that shows. The swap draws nothing from the rng: the world is the rng's draws with those colours swapped
+    (and, as before, a draw that repeats an earlier style's look left out)."""
+    import math
+
+    from i2l.toy import world as tw
+
+    cfg = ToyWorldConfig(styles=3000)
+    styles = tw.generate_styles(cfg)
+    patterned = [s for s in styles if s.pattern != "plain"]
+    assert min(math.dist(tw.COLORS[s.background], tw.COLORS[s.pattern_color]) for s in patterned) \
+        >= tw.MIN_PATTERN_CONTRAST
+    rng = np.random.default_rng(cfg.seed)
+    with monkeypatch.context() as m:
+        m.setattr(tw, "visible_pattern_color", lambda background, pattern_color: pattern_color)
+        drawn = [tw.sample_style(rng) for _ in range(cfg.styles + 100)]  # the colours as the rng drew them
+    close = [d for d in drawn if {d.background, d.pattern_color} == {"cream", "white"}]
+    assert len(close) > 50 and any(d.pattern == "plain" for d in close)  # ~3 % of draws; plain ones kept
+    expected, seen = [], set()
+    for d in drawn:
+        if d in close and d.pattern != "plain":
+            d = dataclasses.replace(d, pattern_color=tw.visible_pattern_color(d.background, d.pattern_color))
+        key = (d.background, d.pattern_color, d.foreground, d.pattern, d.frequency, d.outline, d.finish)
+        if key not in seen:
+            seen.add(key)
+            expected.append(d)
+    assert styles == expected[:cfg.styles]
+    # the swapped pattern is drawn: its pixels differ from the ground's
+    st = next(s for s in styles if {s.background, s.pattern_color} & {"cream", "white"} == {s.background}
+              and s.pattern_color == "gray" and s.finish == "flat" and s.pattern == "polka dots")
+    img = np.asarray(tw.render(st, tw.Content("circle", 1, "small", "at the top left"), 32,
+                               np.random.default_rng(0)), np.float32)
+    corner = img[20:, 20:].reshape(-1, 3)  # away from the figure: ground and dots only
+    assert np.ptp(corner, axis=0).max() >= 60
