@@ -7,7 +7,6 @@ Shapes: B batch, T = (H/p)·(W/p) image tokens of C = 3·p² channels, L text to
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -19,12 +18,7 @@ from torch import nn
 from i2l.backbones.base import Backbone, Cond
 from i2l.config import BackboneConfig
 from i2l.io import atomic_files
-
-PAD, UNK = "<pad>", "<unk>"
-
-
-def tokenize_words(text: str) -> list[str]:
-    return re.findall(r"[a-z]+", text.lower())
+from i2l.toy.words import PAD, UNK, build_vocab, tokenize_words  # noqa: F401 - build_vocab: re-exported
 
 
 class ToyTextEncoder(nn.Module):
@@ -181,11 +175,6 @@ class ToyBackbone(Backbone):
             (tmp / "backbone.json").write_text(json.dumps({"kind": "toy", "backbone_id": self.backbone_id, **meta},
                                                           indent=2))
         return out
-
-
-def build_vocab(prompts) -> list[str]:
-    words = sorted({w for p in prompts for w in tokenize_words(p)})
-    return [PAD, UNK, *words]
 
 
 def new_toy_backbone(cfg: BackboneConfig, vocab: list[str], seed: int = 0) -> ToyBackbone:

@@ -16,7 +16,8 @@ from i2l.data.images import to_tensor
 from i2l.data.shards import load_split
 from i2l.io import write_text_atomic
 from i2l.model.flow_matching import fm_loss
-from i2l.toy.backbone import ToyBackbone, build_vocab, new_toy_backbone, tokenize_words
+from i2l.toy.backbone import ToyBackbone, new_toy_backbone
+from i2l.toy.words import build_vocab, tokenize_words
 from i2l.toy.world import MEDIA, MOODS
 from i2l.train.step import TrainStep, WarmupCosine
 

@@ -18,8 +18,8 @@ from i2l.data.images import to_tensor
 from i2l.data.shards import load_split
 from i2l.io import atomic_files
 from i2l.model.encoder import ImageEncoder
-from i2l.toy.backbone import tokenize_words
 from i2l.toy.encoder import new_toy_encoder
+from i2l.toy.words import tokenize_words
 from i2l.train.step import TrainStep
 from i2l.train.threads import torch_threads
 
