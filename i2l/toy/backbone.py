@@ -18,7 +18,7 @@ from torch import nn
 from i2l.backbones.base import Backbone, Cond
 from i2l.config import BackboneConfig
 from i2l.io import atomic_files
-from i2l.toy.words import PAD, UNK, build_vocab, tokenize_words  # noqa: F401 - build_vocab: re-exported
+from i2l.toy.words import build_vocab, tokenize_words
 
 
 class ToyTextEncoder(nn.Module):

@@ -38,7 +38,7 @@ COLORS = {
 # foreground and background drawn from one palette the mean image given a prompt was flat, and the toy backbone
 # learned to ignore its prompt.
 _LUMA = {k: 0.299 * r + 0.587 * g + 0.114 * b for k, (r, g, b) in COLORS.items()}
-LIGHT = tuple(k for k in COLORS if _LUMA[k] >= 130)  # cream, white, yellow, lime, sky blue, pink, orange, gray
+LIGHT = tuple(k for k in COLORS if _LUMA[k] >= 130)  # orange, yellow, lime, sky blue, pink, cream, white, gray
 DARK = tuple(k for k in COLORS if _LUMA[k] < 130)
 # A pattern must show on its ground. Cream and white are 48 apart in RGB (the next closest light pair, orange and
 # yellow, 80): cream dots on white were 5-45 levels from their ground, which a viewer barely sees and a per-pixel
