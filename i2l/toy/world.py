@@ -74,6 +74,11 @@ class ToyStyle:
     mood: str
     medium: str
 
+    def look(self) -> tuple:
+        """What `generate_styles` keeps distinct between a world's styles (mood and medium only name them)."""
+        return (self.background, self.pattern_color, self.foreground, self.pattern, self.frequency, self.outline,
+                self.finish)
+
     def describe(self) -> str:
         """MegaStyle-like style description ("In the style of ...")."""
         if self.pattern == "plain":
@@ -224,9 +229,8 @@ def generate_styles(cfg: ToyWorldConfig) -> list[ToyStyle]:
     styles, seen = [], set()
     while len(styles) < cfg.styles:
         st = sample_style(rng)
-        key = (st.background, st.pattern_color, st.foreground, st.pattern, st.frequency, st.outline, st.finish)
-        if key not in seen:
-            seen.add(key)
+        if st.look() not in seen:
+            seen.add(st.look())
             styles.append(st)
     return styles
 
