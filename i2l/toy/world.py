@@ -43,12 +43,16 @@ DARK = tuple(k for k in COLORS if _LUMA[k] < 130)
 # A pattern must show on its ground. Cream and white are 48 apart in RGB (the next closest light pair, orange and
 # yellow, 80): cream dots on white were 5-45 levels from their ground, which a viewer barely sees and a per-pixel
 # loss barely weighs, so no model trained on them drew them (docs/results.md, "Can the toy backbone render every
-# held-out style?"). Such a pair gets the next light colour that shows instead.
-MIN_PATTERN_CONTRAST = 64.0  # Euclidean distance in RGB
+# held-out style?"). Such a pair gets the next light colour that shows instead. An outline must show on its ground
+# too: a thick white ring on a white ground is not there at all, on cream 48 levels faint (107 of make run's 2000
+# styles had one); it is drawn black instead, at its width.
+MIN_CONTRAST = 64.0  # Euclidean distance in RGB
 PATTERNS = ("plain", "horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard",
             "polka dots", "grid lines")
 FREQUENCIES = ("wide", "fine")
 OUTLINES = ("no", "thin black", "thick black", "thick white")
+OUTLINE_WIDTH = {"no": 0.0, "thin black": 0.025, "thick black": 0.055, "thick white": 0.055}  # of the image side
+OUTLINE_RGB = {"thin black": (15, 15, 15), "thick black": (15, 15, 15), "thick white": COLORS["white"]}
 FINISHES = ("flat", "grainy", "vignette", "glossy gradient")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = ("small", "large")
@@ -115,9 +119,9 @@ def sample_style(rng: np.random.Generator) -> ToyStyle:
         finish=FINISHES[rng.integers(len(FINISHES))], mood=MOODS[rng.integers(len(MOODS))],
         medium=MEDIA[rng.integers(len(MEDIA))],
     )
-    if style.pattern == "plain":  # no pattern drawn: its colour does not matter
-        return style
-    return replace(style, pattern_color=visible_pattern_color(style.background, style.pattern_color))
+    if style.pattern != "plain":  # a plain ground draws no pattern: its colour does not matter
+        style = replace(style, pattern_color=visible_pattern_color(style.background, style.pattern_color))
+    return replace(style, outline=visible_outline(style.background, style.outline))
 
 
 def visible_pattern_color(background: str, pattern_color: str) -> str:
@@ -126,9 +130,21 @@ def visible_pattern_color(background: str, pattern_color: str) -> str:
     first = LIGHT.index(pattern_color)
     for k in range(len(LIGHT)):
         c = LIGHT[(first + k) % len(LIGHT)]
-        if c != background and math.dist(COLORS[c], COLORS[background]) >= MIN_PATTERN_CONTRAST:
+        if c != background and math.dist(COLORS[c], COLORS[background]) >= MIN_CONTRAST:
             return c
     raise ValueError(f"no light colour shows on {background!r}")  # not with COLORS as they are
+
+
+def visible_outline(background: str, outline: str) -> str:
+    """`outline`, or the first outline of its width (in OUTLINES' order) whose colour shows on `background`; as
+    `visible_pattern_color`, without drawing from the rng."""
+    if outline == "no":
+        return outline
+    for o in (outline, *OUTLINES):
+        if (o != "no" and OUTLINE_WIDTH[o] == OUTLINE_WIDTH[outline]
+                and math.dist(OUTLINE_RGB[o], COLORS[background]) >= MIN_CONTRAST):
+            return o
+    raise ValueError(f"no {outline!r}-wide outline shows on {background!r}")  # not with COLORS as they are
 
 
 def sample_content(rng: np.random.Generator) -> Content:
@@ -189,8 +205,8 @@ def render(style: ToyStyle, content: Content, size: int, rng: np.random.Generato
     img = np.where(pat[..., None], col[style.pattern_color], col[style.background])
 
     r = {"small": 0.13, "large": 0.21}[content.size]
-    width = {"no": 0.0, "thin black": 0.025, "thick black": 0.055, "thick white": 0.055}[style.outline]
-    ocol = col["white"] if style.outline == "thick white" else np.array([15, 15, 15], np.float32)
+    width = OUTLINE_WIDTH[style.outline]
+    ocol = np.array(OUTLINE_RGB.get(style.outline, (0, 0, 0)), np.float32)
     for cx, cy in _centers(content):
         if width:
             outer = _shape_mask(content.shape, x, y, cx, cy, r + width)

@@ -102,10 +102,11 @@ def test_rewriting_a_folder_leaves_exactly_the_new_world(world, tmp_path):
     assert len((out / "metadata.csv").read_text().splitlines()) == 1 + cfg.styles
 
 
-def test_every_pattern_shows_on_its_ground_and_no_other_style_moves(monkeypatch):
+def test_every_pattern_and_outline_shows_on_its_ground_and_no_other_style_moves(monkeypatch):
     """A pattern colour close to its ground (cream on white: 5-45 levels, invisible) is swapped for the next light
-    colour that shows. The swap draws nothing from the rng: the world is the rng's draws with those colours swapped
-    (and, as before, a draw that repeats an earlier style's look left out)."""
+    colour that shows; a white outline on a white or cream ground is drawn black. The swaps draw nothing from the
+    rng: the world is the rng's draws with those colours swapped (and, as before, a draw that repeats an earlier
+    style's look left out)."""
     import math
 
     from i2l.toy import world as tw
@@ -114,18 +115,25 @@ def test_every_pattern_shows_on_its_ground_and_no_other_style_moves(monkeypatch)
     styles = tw.generate_styles(cfg)
     patterned = [s for s in styles if s.pattern != "plain"]
     assert min(math.dist(tw.COLORS[s.background], tw.COLORS[s.pattern_color]) for s in patterned) \
-        >= tw.MIN_PATTERN_CONTRAST
+        >= tw.MIN_CONTRAST
+    outlined = [s for s in styles if s.outline != "no"]
+    assert min(math.dist(tw.COLORS[s.background], tw.OUTLINE_RGB[s.outline]) for s in outlined) >= tw.MIN_CONTRAST
     rng = np.random.default_rng(cfg.seed)
     with monkeypatch.context() as m:
         m.setattr(tw, "visible_pattern_color", lambda background, pattern_color: pattern_color)
-        drawn = [tw.sample_style(rng) for _ in range(cfg.styles + 100)]  # the colours as the rng drew them
+        m.setattr(tw, "visible_outline", lambda background, outline: outline)
+        drawn = [tw.sample_style(rng) for _ in range(cfg.styles + 200)]  # the colours as the rng drew them
     close = [{d.background, d.pattern_color} == {"cream", "white"} for d in drawn]
     assert sum(close) > 50 and any(c and d.pattern == "plain" for c, d in zip(close, drawn))  # ~3 %; plain kept
+    faint = [d.outline == "thick white" and d.background in ("cream", "white") for d in drawn]
+    assert sum(faint) > 100 and any(f and d.pattern == "plain" for f, d in zip(faint, drawn))  # ~6 %
     expected, seen, swapped = [], set(), []
-    for d, c in zip(drawn, close):
+    for d, c, f in zip(drawn, close, faint):
         if c and d.pattern != "plain":
             d = dataclasses.replace(d, pattern_color=tw.visible_pattern_color(d.background, d.pattern_color))
             swapped.append(d)
+        if f:
+            d = dataclasses.replace(d, outline="thick black")
         if d.look() not in seen:
             seen.add(d.look())
             expected.append(d)
@@ -136,3 +144,9 @@ def test_every_pattern_shows_on_its_ground_and_no_other_style_moves(monkeypatch)
                                np.random.default_rng(0)), np.float32)
     corner = img[20:, 20:].reshape(-1, 3)  # away from the figure: ground and dots only
     assert np.ptp(corner, axis=0).max() >= 60
+    # every outline on a plain ground is drawn: its ring differs from the same image without it (flat finish)
+    content = tw.Content("circle", 1, "large", "in the center")
+    for st in (dataclasses.replace(s, finish="flat") for s in outlined if s.pattern == "plain"):
+        with_ring, without = (np.asarray(tw.render(x, content, 32, np.random.default_rng(0)), np.float32)
+                              for x in (st, dataclasses.replace(st, outline="no")))
+        assert np.abs(with_ring - without).max() >= 60, st
