@@ -21,6 +21,10 @@ class ToyWorldConfig:
     seed: int = 0  # same seed => same bytes
     size: int = 32  # image side in pixels
     rows_per_shard: int = 1024  # parquet shard size (MegaStyle ships many shards)
+    # Each image draws its style's background pattern at an offset of its own, as a texture sits differently in each
+    # of a real style's images; False draws every image of a style at one offset, pixel for pixel (the world before
+    # 2026-12-06 night, kept byte for byte).
+    pattern_offset: bool = True
 
     def __post_init__(self):
         if self.styles < 2:

@@ -181,27 +181,32 @@ def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, 
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(style: ToyStyle, content: Content, size: int, rng: np.random.Generator) -> Image.Image:
-    """Draw one image: supersampled 4x, then box-downsampled so edges are anti-aliased."""
+def render(style: ToyStyle, content: Content, size: int, rng: np.random.Generator,
+           pattern_offset: bool = True) -> Image.Image:
+    """Draw one image: supersampled 4x, then box-downsampled so edges are anti-aliased. With `pattern_offset` the
+    background pattern is shifted by an offset drawn from `rng` (uniform over one period in x and y)."""
     s = size * 4
     y, x = np.mgrid[0:s, 0:s].astype(np.float32) / s  # unit coordinates
     col = {k: np.array(v, np.float32) for k, v in COLORS.items()}
     period = {"wide": 0.25, "fine": 0.125}[style.frequency]
+    # the pattern's coordinates: a style is its pattern's kind, colour and period, not where its dots fall
+    px, py = (x, y) if not pattern_offset else (x + np.float32(rng.uniform(0, period)),
+                                                 y + np.float32(rng.uniform(0, period)))
     if style.pattern == "horizontal stripes":
-        pat = (y % period) < period / 2
+        pat = (py % period) < period / 2
     elif style.pattern == "vertical stripes":
-        pat = (x % period) < period / 2
+        pat = (px % period) < period / 2
     elif style.pattern == "diagonal stripes":
-        u = (x + y) if style.angle == 135 else (x - y + 1.0)
+        u = (px + py) if style.angle == 135 else (px - py + 1.0)
         pat = (u % period) < period / 2
     elif style.pattern == "checkerboard":
-        pat = ((x // (period / 2) + y // (period / 2)) % 2) == 0
+        pat = ((px // (period / 2) + py // (period / 2)) % 2) == 0
     elif style.pattern == "polka dots":
-        pat = ((x % period - period / 2) ** 2 + (y % period - period / 2) ** 2) <= (period * 0.28) ** 2
+        pat = ((px % period - period / 2) ** 2 + (py % period - period / 2) ** 2) <= (period * 0.28) ** 2
     elif style.pattern == "grid lines":
-        pat = ((x % period) < period * 0.18) | ((y % period) < period * 0.18)
+        pat = ((px % period) < period * 0.18) | ((py % period) < period * 0.18)
     else:
-        pat = np.zeros_like(x, dtype=bool)
+        pat = np.zeros_like(px, dtype=bool)
     img = np.where(pat[..., None], col[style.pattern_color], col[style.background])
 
     r = {"small": 0.13, "large": 0.21}[content.size]
@@ -265,7 +270,7 @@ def generate_rows(cfg: ToyWorldConfig, start: int = 0, stop: int | None = None):
                 seen.add(c)
                 contents.append(c)
         for ci, content in enumerate(contents):
-            image = render(style, content, cfg.size, rng)  # rendered even if not yielded: it advances the style's rng
+            image = render(style, content, cfg.size, rng, cfg.pattern_offset)  # even if not yielded: it advances the rng
             if start <= si * ROWS_PER_STYLE + ci < stop:
                 rid = f"s{si:06d}_c{ci:02d}"
                 yield {"id": rid, "image": {"bytes": png_bytes(image), "path": f"images/{rid}.png"},

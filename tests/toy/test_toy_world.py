@@ -150,3 +150,32 @@ def test_every_pattern_and_outline_shows_on_its_ground_and_no_other_style_moves(
         with_ring, without = (np.asarray(tw.render(x, content, 32, np.random.default_rng(0)), np.float32)
                               for x in (st, dataclasses.replace(st, outline="no")))
         assert np.abs(with_ring - without).max() >= 60, st
+
+
+def test_each_image_draws_its_styles_pattern_at_its_own_offset():
+    """A style's images share its pattern's kind, colour and period, each at an offset of its own (as a texture sits
+    in a real style's images); `pattern_offset=False` draws them all at one offset, as the world before did."""
+    import dataclasses as dc
+
+    from i2l.toy import world as tw
+
+    base = tw.ToyStyle("white", "sky blue", "navy", "vertical stripes", "wide", 45, "no", "flat", "calm", "card")
+    content = tw.Content("circle", 1, "small", "at the top left")
+    rng = np.random.default_rng(0)
+    for pattern in ("vertical stripes", "polka dots", "checkerboard"):
+        st = dc.replace(base, pattern=pattern)
+        shifted = [np.asarray(tw.render(st, content, 32, rng), np.float32)[16:, 16:] for _ in range(4)]
+        fixed = [np.asarray(tw.render(st, content, 32, rng, pattern_offset=False), np.float32)[16:, 16:]
+                 for _ in range(2)]
+        assert np.array_equal(*fixed)  # away from the figure: the same pixels
+        gaps = [np.abs(a - b).max() for i, a in enumerate(shifted) for b in shifted[i + 1:]]
+        assert min(gaps) > 0 and max(gaps) >= 60  # every image at its own offset, some far apart
+        # the same pattern: both colours in the same shares (the window holds whole periods), so the same mean
+        means = [float(a.mean()) for a in shifted + fixed]
+        assert max(means) - min(means) <= 3, (pattern, means)
+    # the world's switch: the same styles, other pixels
+    cfg = ToyWorldConfig(styles=3, seed=1, size=32)
+    rows = [r for r, _ in tw.generate_rows(cfg)]
+    old = [r for r, _ in tw.generate_rows(dataclasses.replace(cfg, pattern_offset=False))]
+    assert [r["style"] for r in rows] == [r["style"] for r in old]
+    assert [r["image"]["bytes"] for r in rows] != [r["image"]["bytes"] for r in old]
