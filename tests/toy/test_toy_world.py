@@ -155,15 +155,13 @@ def test_every_pattern_and_outline_shows_on_its_ground_and_no_other_style_moves(
 def test_each_image_draws_its_styles_pattern_at_its_own_offset():
     """A style's images share its pattern's kind, colour and period, each at an offset of its own (as a texture sits
     in a real style's images); `pattern_offset=False` draws them all at one offset, as the world before did."""
-    import dataclasses as dc
-
     from i2l.toy import world as tw
 
     base = tw.ToyStyle("white", "sky blue", "navy", "vertical stripes", "wide", 45, "no", "flat", "calm", "card")
     content = tw.Content("circle", 1, "small", "at the top left")
     rng = np.random.default_rng(0)
     for pattern in ("vertical stripes", "polka dots", "checkerboard"):
-        st = dc.replace(base, pattern=pattern)
+        st = dataclasses.replace(base, pattern=pattern)
         shifted = [np.asarray(tw.render(st, content, 32, rng), np.float32)[16:, 16:] for _ in range(4)]
         fixed = [np.asarray(tw.render(st, content, 32, rng, pattern_offset=False), np.float32)[16:, 16:]
                  for _ in range(2)]
