@@ -16,13 +16,8 @@ $(STAMP): pyproject.toml
 	@# the venv holds PyTorch's CUDA build (~5.6 GB): say so up front rather than fail in pip's OSError later
 	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); if [ "$$free_kb" -lt 7340032 ]; then \
 	  echo "warning: $$((free_kb / 1048576)) GiB free here; setting up .venv needs about 7 GiB" >&2; fi
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	@# pip byte-compiles the venv's ~26 000 modules on one core (~80 of its ~170 s on 2 cores); compileall writes the
-	@# same .pyc files on every core. A few shipped files do not compile (pip skips them too): its status and warnings
-	@# are not errors here, and whatever is left uncompiled Python compiles on import
-	$(BIN)/pip install --quiet --no-compile -e '.[dev]'
-	@$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib 2> /dev/null || true
+	@# uv installs (pip where uv cannot): infra/setup-venv.sh says how and why
+	infra/setup-venv.sh $(PY) $(VENV)
 	@touch $(STAMP)
 
 run: $(STAMP)

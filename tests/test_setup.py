@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(Path(sys.prefix).resolve() != (REPO / ".venv").resolve(),
                     reason="the suite runs outside the .venv that `make setup` builds")
 def test_the_venvs_modules_are_byte_compiled():
-    """The Makefile installs with `pip --no-compile` and compiles on every core itself (pip compiles on one, ~80 s of
-    the set-up on 2 cores). Without the .pyc files every process would compile torch & co. again on import where
+    """The set-up compiles on every core (uv's --compile-bytecode, or pip --no-compile and then compileall: pip's own
+    compile runs on one, ~80 s of its set-up on 2 cores). Without the .pyc files every process would compile torch & co. again on import where
     PYTHONDONTWRITEBYTECODE is set (~2.5 s per process), and `make run` and the suite start many."""
     for name in ("torch", "torch.nn.modules.linear", "transformers.modeling_utils", "diffusers", "prefect.flows",
                  "ray.actor", "open_clip"):

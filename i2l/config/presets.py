@@ -49,11 +49,12 @@ HIDREAM_O1_TARGETS = (
 def _toy() -> Config:
     # What `make run` trains, sized from measurements on 2 CPU cores (docs/results.md, "Which training recipe does
     # `make run` use, and why?"): i2L's held-out loss is limited by gradient noise, so the batch is what buys quality
-    # — 64 targets (16 styles) per step on 2000 styles, 500 steps. One Ray Train worker of two threads, not two DDP
-    # workers of one: two 1-thread processes do ~1.2x the work, but each carries its own torch, and make run's
+    # — 64 targets (16 styles) per step on 2000 styles, 600 steps (against 500: −10.7 against −10.2 % held-out on
+    # two seeds, both gaining; docs/results.md, make-run section, 2026-12-07). One Ray Train worker of two threads,
+    # not two DDP workers of one: two 1-thread processes do ~1.2x the work, but each carries its own torch, and make run's
     # peak memory (PSS summed over all processes) fell from 4.5 to 3.9 GB for 39 s more training. The mean-LoRA
     # and adapter baselines train side by side (one in the evaluating process, one on a Ray worker) for 100 steps
-    # at the predictor's batch: at its 500 they would cost more than the predictor, for a held-out loss that moved
+    # at the predictor's batch: at its 600 they would cost more than the predictor, for a held-out loss that moved
     # < 1 % of base between 100 and 250 steps.
     # The toy backbone learns styles as a text-to-image model does: half its pretraining prompts also name the
     # style's look (train.backbone_styled; its context stays 12 tokens), and its tokens carry their position
@@ -66,7 +67,7 @@ def _toy() -> Config:
     return Config(name="toy", toyworld=ToyWorldConfig(styles=2000),
                   backbone=BackboneConfig(targets=FLUX2_TARGETS, max_text_tokens=24, text_context_tokens=12,
                                           position_channels=True),
-                  train=TrainConfig(steps=500, batch_size=64, num_workers=1, backbone_styled=0.5, backbone_lr=8e-3,
+                  train=TrainConfig(steps=600, batch_size=64, num_workers=1, backbone_styled=0.5, backbone_lr=8e-3,
                                     backbone_steps=1200, timesteps="uniform"),
                   eval=EvalConfig(baseline_workers=2, baseline_steps=100))
 
