@@ -24,7 +24,7 @@ with_uv() {
   "$bin/pip" install --quiet "${I2L_UV_PACKAGE:-uv}" || return 1
   local index
   index=${PIP_INDEX_URL:-$("$bin/pip" config get global.index-url 2>/dev/null || true)}
-  "$bin/uv" pip install --python "$bin/python" --compile-bytecode ${index:+--default-index "$index"} \
+  "$bin/uv" pip install --quiet --python "$bin/python" --compile-bytecode ${index:+--default-index "$index"} \
     -e "$project[dev]"
 }
 
