@@ -13,10 +13,6 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@# the venv holds PyTorch's CUDA build (~5.6 GB): say so up front rather than fail in pip's OSError later
-	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); if [ "$$free_kb" -lt 7340032 ]; then \
-	  echo "warning: $$((free_kb / 1048576)) GiB free here; setting up .venv needs about 7 GiB" \
-	    "(uv's cache shares those files on the same disk, else as much again)" >&2; fi
 	@# uv installs (pip where uv cannot): infra/setup-venv.sh says how and why
 	infra/setup-venv.sh $(PY) $(VENV)
 	@touch $(STAMP)

@@ -13,10 +13,18 @@
 # I2L_SETUP_WITH=pip skips uv. I2L_UV_PACKAGE names what pip installs as uv (default: uv; e.g. a pinned uv==X).
 set -euo pipefail
 
-py=${1:?usage: infra/setup-venv.sh PYTHON VENV [PROJECT_DIR]}
-venv=${2:?usage: infra/setup-venv.sh PYTHON VENV [PROJECT_DIR]}
+usage="usage: infra/setup-venv.sh PYTHON VENV [PROJECT_DIR]"
+py=${1:?$usage}
+venv=${2:?$usage}
 project=${3:-.}
 bin=$venv/bin
+
+# the venv holds PyTorch's CUDA build (~5.6 GB): say so up front rather than fail in the installer's OSError later
+free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ "$free_kb" -lt 7340032 ]; then
+  echo "warning: $((free_kb / 1048576)) GiB free here; setting up .venv needs about 7 GiB" \
+    "(uv's cache shares those files on the same disk, else as much again)" >&2
+fi
 
 test -x "$bin/python" || "$py" -m venv "$venv"
 

@@ -52,10 +52,10 @@ def _toy() -> Config:
     # — 64 targets (16 styles) per step on 2000 styles, 600 steps (against 500: −10.7 against −10.2 % held-out on
     # two seeds, both gaining; docs/results.md, make-run section, 2026-12-07). One Ray Train worker of two threads,
     # not two DDP workers of one: two 1-thread processes do ~1.2x the work, but each carries its own torch, and
-    # make run's peak memory (PSS summed over all processes) fell from 4.5 to 3.9 GB for 39 s more training. The mean-LoRA
-    # and adapter baselines train side by side (one in the evaluating process, one on a Ray worker) for 100 steps
-    # at the predictor's batch: at its 600 they would cost more than the predictor, for a held-out loss that moved
-    # < 1 % of base between 100 and 250 steps.
+    # make run's peak memory (PSS summed over all processes) fell from 4.5 to 3.9 GB for 39 s more training. The
+    # mean-LoRA and adapter baselines train side by side (one in the evaluating process, one on a Ray worker) for
+    # 100 steps at the predictor's batch: at its 600 they would cost more than the predictor, for a held-out loss
+    # that moved < 1 % of base between 100 and 250 steps.
     # The toy backbone learns styles as a text-to-image model does: half its pretraining prompts also name the
     # style's look (train.backbone_styled; its context stays 12 tokens), and its tokens carry their position
     # (backbone.position_channels: 5 % lower pretraining loss at the same cost, docs/results.md). It pretrains at
