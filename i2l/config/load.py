@@ -68,6 +68,12 @@ def get_config(preset: str = "toy", overrides: list[str] | dict[str, Any] | None
     for target in {id(t): t for t in touched}.values():  # validate once all overrides are in: order-free
         if hasattr(target, "__post_init__"):
             target.__post_init__()
+    keys = {k for k, _ in items}
+    if "eval.lora_lr" in keys and "eval.lora_lr_by_budget" not in keys and cfg.eval.lora_lr_by_budget:
+        # the table sets every budget's rate: the override would change nothing that the user meant it to
+        raise ValueError(f"eval.lora_lr is overridden, but preset {preset!r} gives the per-style LoRAs a rate per "
+                         f"budget (eval.lora_lr_by_budget={','.join(cfg.eval.lora_lr_by_budget)}), which wins: also "
+                         "set eval.lora_lr_by_budget= (empty) for one rate at every budget, or set that table instead")
     return cfg
 
 

@@ -69,7 +69,9 @@ def _toy() -> Config:
                                           position_channels=True),
                   train=TrainConfig(steps=600, batch_size=64, num_workers=1, backbone_styled=0.5, backbone_lr=8e-3,
                                     backbone_steps=1200, timesteps="uniform"),
-                  eval=EvalConfig(baseline_workers=2, baseline_steps=100))
+                  # per-style LoRAs at each budget's best rate of 2.5e-3 / 5e-3 / 1e-2 / 2e-2 (docs/results.md)
+                  eval=EvalConfig(baseline_workers=2, baseline_steps=100,
+                                  lora_lr_by_budget=("5:1e-2", "25:5e-3", "100:2.5e-3")))
 
 
 def _debug() -> Config:

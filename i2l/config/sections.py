@@ -217,9 +217,14 @@ class EvalConfig:
     fm_noise_seeds: int = 2
     optimize_budgets: tuple[int, ...] = (5, 25, 100)  # per-style LoRA step budgets
     seed: int = 0
-    # Adam lr of the per-style LoRAs: on the toy, the best of a sweep at every budget (docs/results.md); the real
-    # presets set their own.
+    # Adam lr of the per-style LoRAs at every budget unless lora_lr_by_budget says otherwise (also `i2l
+    # optimize-lora`'s default and the centre of `i2l bench amortization`'s sweep); the real presets set their own
     lora_lr: float = 5e-3
+    # per-style lr by step budget, as "steps:lr" pairs: a budget takes the rate of the largest listed step count at
+    # or below it (below them all: the smallest one's); () = lora_lr at every budget. The best fixed rate falls as
+    # the budget grows, so one rate for 5, 25 and 100 steps leaves two of them short of their best (toy: 1e-2, 5e-3
+    # and 2.5e-3; docs/results.md, "Which learning rate do the per-style LoRAs get?")
+    lora_lr_by_budget: tuple[str, ...] = ()
     # Adam lr of the mean-LoRA baseline (batch train.batch_size, the predictor's schedule; swept on the toy)
     mean_lora_lr: float = 1e-2
     per_style_rows: int = 4  # rows per style per per-style optimisation step (its references, fresh noise)
@@ -248,6 +253,30 @@ class EvalConfig:
             raise ValueError(f"eval.gray_negative must be one or per_reference, not {self.gray_negative!r}")
         if any(b < 1 for b in self.optimize_budgets):
             raise ValueError("eval.optimize_budgets must be positive step counts, e.g. 5,25,100")
+        self._lr_steps()  # refuses a malformed eval.lora_lr_by_budget now, not after training
+
+    def _lr_steps(self) -> list[tuple[int, float]]:
+        """eval.lora_lr_by_budget parsed: (steps, lr) pairs, ascending."""
+        pairs = []
+        for item in self.lora_lr_by_budget:
+            steps, _, lr = str(item).partition(":")
+            try:
+                pair = (int(steps), float(lr))
+            except ValueError:
+                pair = (0, 0.0)
+            if pair[0] < 1 or not pair[1] > 0:
+                raise ValueError(f"eval.lora_lr_by_budget takes steps:lr pairs with steps >= 1 and lr > 0, e.g. "
+                                 f"5:1e-2,25:5e-3,100:2.5e-3 (got {item!r})")
+            pairs.append(pair)
+        return sorted(pairs)
+
+    def per_style_lr(self, budget: int) -> float:
+        """The per-style LoRAs' Adam lr at `budget` steps (eval.lora_lr_by_budget, else eval.lora_lr)."""
+        pairs = self._lr_steps()
+        if not pairs:
+            return self.lora_lr
+        below = [lr for steps, lr in pairs if steps <= budget]
+        return below[-1] if below else pairs[0][1]
 
 
 TOY_CLIP_NAME = "i2l-toy-clip"  # the toy world's own open_clip model (i2l.toy.scorer registers it)

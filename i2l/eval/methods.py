@@ -81,27 +81,37 @@ def i2l_conditionings(model, samples: list[ValSample], ref_counts: tuple[int, ..
 
 
 def per_style_conditionings(backbone: Backbone, samples: list[ValSample], budgets: tuple[int, ...], rank: int,
-                            image_size: int, lr: float, rows: int, seed: int = 0, progress: bool = False,
-                            timesteps: TimestepSampler | None = None) -> list[Conditioning]:
+                            image_size: int, lr: float | Callable[[int], float], rows: int, seed: int = 0,
+                            progress: bool = False, timesteps: TimestepSampler | None = None) -> list[Conditioning]:
     """Per-style LoRAs at each step budget, optimised on each sample's references (prompts = their contents).
-    Quality: all styles side by side (i2l.baselines.per_style.optimize_loras). Wall time: the first style
-    optimised alone (a batch of one, same rows per step), as one user would wait for it, at each budget."""
+    lr: one Adam rate for every budget, or budget -> rate (EvalConfig.per_style_lr): budgets of one rate share one
+    run, snapshotted at each of them. Quality: all styles side by side (i2l.baselines.per_style.optimize_loras).
+    Wall time: the first style optimised alone (a batch of one, same rows per step), as one user would wait for
+    it, at each budget."""
     if not budgets:
         return []
-    budgets = tuple(sorted(set(budgets)))
+    rate = lr if callable(lr) else (lambda b: lr)
+    by_rate: dict[float, list[int]] = {}
+    for b in sorted(set(budgets)):
+        by_rate.setdefault(float(rate(b)), []).append(b)
     N = min(len(s.refs) for s in samples)
     images = torch.stack([to_tensor(s.refs[:N], image_size) for s in samples])  # (S, N, 3, H, W)
     prompts = [s.ref_prompts[:N] for s in samples]
-    _, snaps = optimize_loras(backbone, images, prompts, rank, budgets[-1], lr=lr, seed=seed, snapshots=budgets,
-                              rows=rows, progress=progress, timesteps=timesteps)
-    _, timed = optimize_loras(backbone, images[:1], prompts[:1], rank, budgets[-1], lr=lr, seed=seed,
-                              snapshots=budgets, rows=rows, keep_loras=False, timesteps=timesteps)
-    lora = {t["steps"]: t["lora"] for t in snaps}
-    wall = {t["steps"]: t["wall_s"] for t in timed}
-    return [Conditioning(f"per_style@{b}", loras=[lo.detach().to("cpu") for lo in lora[b].unbind()],
-                         wall_s=[wall[b]] * len(samples), n_refs=N, budget=b,
-                         note=f"{b} Adam steps x {rows} rows on the {N} references; time of one style alone")
-            for b in budgets]
+    out = {}
+    for r, group in by_rate.items():  # each run goes as far as its largest budget
+        group = tuple(group)
+        _, snaps = optimize_loras(backbone, images, prompts, rank, group[-1], lr=r, seed=seed, snapshots=group,
+                                  rows=rows, progress=progress, timesteps=timesteps)
+        _, timed = optimize_loras(backbone, images[:1], prompts[:1], rank, group[-1], lr=r, seed=seed,
+                                  snapshots=group, rows=rows, keep_loras=False, timesteps=timesteps)
+        wall = {t["steps"]: t["wall_s"] for t in timed}
+        for t in snaps:
+            b = t["steps"]
+            out[b] = Conditioning(f"per_style@{b}", loras=[lo.detach().to("cpu") for lo in t["lora"].unbind()],
+                                  wall_s=[wall[b]] * len(samples), n_refs=N, budget=b,
+                                  note=f"{b} Adam steps (lr {r:g}) x {rows} rows on the {N} references; time of "
+                                       f"one style alone")
+    return [out[b] for b in sorted(out)]
 
 
 def adapter_conditioning(adapter, encoder, samples: list[ValSample], n_refs: int = 4,
@@ -175,7 +185,7 @@ def make_conditionings(model, samples: list[ValSample], families: tuple[str, ...
     if "per_style" in families:
         # t drawn by the predictor's law (train.timesteps): every method trains on the same timesteps
         conds += per_style_conditionings(model.backbone, samples, ev.optimize_budgets, cfg.predictor.rank,
-                                         cfg.backbone.image_size, ev.lora_lr, ev.per_style_rows, ev.seed, progress,
+                                         cfg.backbone.image_size, ev.per_style_lr, ev.per_style_rows, ev.seed, progress,
                                          timestep_sampler(cfg, model.backbone))
     if "i2l" in families:
         conds += i2l_conditionings(model, samples, i2l_ref_counts(samples), progress)
