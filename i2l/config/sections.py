@@ -261,13 +261,13 @@ class EvalConfig:
         for item in self.lora_lr_by_budget:
             steps, _, lr = str(item).partition(":")
             try:
-                pair = (int(steps), float(lr))
+                pairs.append((int(steps), float(lr)))
+                ok = pairs[-1][0] >= 1 and pairs[-1][1] > 0
             except ValueError:
-                pair = (0, 0.0)
-            if pair[0] < 1 or not pair[1] > 0:
+                ok = False
+            if not ok:
                 raise ValueError(f"eval.lora_lr_by_budget takes steps:lr pairs with steps >= 1 and lr > 0, e.g. "
                                  f"5:1e-2,25:5e-3,100:2.5e-3 (got {item!r})")
-            pairs.append(pair)
         return sorted(pairs)
 
     def per_style_lr(self, budget: int) -> float:
