@@ -90,6 +90,9 @@ class BackboneConfig:
     single_layers: int = 2
     text_dim: int = 64  # toy text encoder width (= joint_attention_dim)
     position_channels: bool = False  # toy: tokens carry their (row, col) as 2 extra input channels
+    # toy, with position_channels: also cos / sin of (row, col) at periods of 2, 4, ... 2^k tokens (k octaves; 4k
+    # input channels in all). RoPE turns at most 1 radian per token, too slow to tell a 2-token period apart.
+    position_octaves: int = 0
     max_text_tokens: int = 12  # words a toy prompt may have
     text_context_tokens: int = 0  # text tokens the backbone attends to (the encoder's first K); 0 = max_text_tokens
     # which linear layers carry LoRA: suffixes of module names (diffusers' spelling)
@@ -104,6 +107,8 @@ class BackboneConfig:
             raise ValueError(f"backbone.kind must be toy, flux2, zimage or hidream_o1, not {self.kind!r}")
         if self.kind == "hidream_o1" and (self.image_size % 32 or self.image_size < 64):
             raise ValueError("backbone.image_size must be a multiple of 32 (HiDream-O1's pixel patch), at least 64")
+        if self.position_octaves < 0 or (self.position_octaves and not self.position_channels):
+            raise ValueError("backbone.position_octaves must be >= 0, and > 0 only with backbone.position_channels")
         if self.kind == "toy" and self.image_size % self.patch:
             raise ValueError("backbone.image_size must be a multiple of backbone.patch")
         if not 0 <= self.text_context_tokens <= self.max_text_tokens:

@@ -68,6 +68,36 @@ def unpatchify(tokens: torch.Tensor, p: int, size: int) -> torch.Tensor:
     return x.reshape(B, 3, size, size)
 
 
+def position_width(channels: bool, octaves: int) -> int:
+    """Input channels a token's place takes (position_features): 0, 2 (row, col), or 4 per octave."""
+    return 0 if not channels else 4 * octaves if octaves else 2
+
+
+def position_features(n: int, octaves: int) -> torch.Tensor:
+    """What each token of an n x n grid carries about its place, row-major: (T, position_width(True, octaves)).
+    Its (row, col) in [-1, 1], then per octave k a period of 2^(k+1) tokens: cos of row and col (k = 0: a token's
+    parity, whose sine is 0 at every token), cos and sin of both (k > 0). A wide toy pattern repeats every 2
+    tokens, which RoPE (at most 1 radian per token) does not tell apart from its neighbours."""
+    rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    r, c = rows.flatten().float(), cols.flatten().float()  # (T,)
+    feats = [torch.stack([r, c], -1) / max(n - 1, 1) * 2 - 1]  # (T, 2)
+    for k in range(octaves):
+        w = torch.pi / 2**k  # radians per token
+        feats += [torch.cos(w * r), torch.cos(w * c)] + ([torch.sin(w * r), torch.sin(w * c)] if k else [])
+    return torch.cat([f if f.dim() == 2 else f[:, None] for f in feats], -1)
+
+
+def octaves_of(extra: int) -> int | None:
+    """The octaves of a saved transformer whose inputs have `extra` channels beyond the pixels' (None: no
+    position channels; a count position_width cannot give raises)."""
+    if extra == 0:
+        return None
+    if extra == 2 or (extra > 0 and extra % 4 == 0):
+        return extra // 4
+    raise ValueError(f"the toy transformer takes {extra} input channels beyond its pixels; position channels take "
+                     "2, or 4 per octave: not a toy backbone that i2l wrote")
+
+
 def text_ids(L: int, device) -> torch.Tensor:
     """Rope ids (0, 0, 0, i) of L text tokens: per call, so contexts of any length work."""
     z = torch.zeros(L, dtype=torch.long, device=device)
@@ -80,9 +110,9 @@ def transformer_config(cfg: BackboneConfig) -> dict:
     if head_dim % 4:
         raise ValueError("backbone.dim / backbone.heads must be divisible by 4 (4 rope axes)")
     return {
-        # position_channels: each token also carries its (row, col) in [-1, 1] as 2 input channels; the output
+        # position channels: each token also carries its place (position_features) as input channels; the output
         # stays the 3·p² pixel channels (out_channels)
-        "patch_size": 1, "in_channels": 3 * cfg.patch**2 + (2 if cfg.position_channels else 0),
+        "patch_size": 1, "in_channels": 3 * cfg.patch**2 + position_width(cfg.position_channels, cfg.position_octaves),
         "out_channels": 3 * cfg.patch**2, "num_layers": cfg.double_layers,
         "num_single_layers": cfg.single_layers, "attention_head_dim": head_dim, "num_attention_heads": cfg.heads,
         "joint_attention_dim": cfg.text_dim, "timestep_guidance_channels": 64, "mlp_ratio": 3.0,
@@ -113,8 +143,8 @@ class ToyBackbone(Backbone):
         self.img_ids = torch.stack([zeros, rows.flatten(), cols.flatten(), zeros], -1)  # (T, 4)
         # RoPE gives attention relative positions only; with position channels a token also knows where it is, so
         # "at the top left" and a pattern's phase need not be inferred from the grid's edges (None: saved without)
-        grid = torch.stack([rows.flatten(), cols.flatten()], -1).float() / max(n - 1, 1) * 2 - 1  # (T, 2)
-        self.positions = grid if c.in_channels == 3 * cfg.patch**2 + 2 else None
+        octaves = octaves_of(c.in_channels - c.out_channels)
+        self.positions = None if octaves is None else position_features(n, octaves)  # (T, 2 or 4·octaves)
 
     @classmethod
     def architecture(cls, cfg: BackboneConfig) -> dict:
@@ -146,8 +176,8 @@ class ToyBackbone(Backbone):
     def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         tokens = patchify(x_t, self.cfg.patch)  # (B, T, C) in the backbone's dtype
         if self.positions is not None:
-            pos = self.positions.to(tokens).expand(tokens.shape[0], -1, -1)  # (B, T, 2)
-            tokens = torch.cat([tokens, pos], -1)  # (B, T, C + 2)
+            pos = self.positions.to(tokens).expand(tokens.shape[0], -1, -1)  # (B, T, P)
+            tokens = torch.cat([tokens, pos], -1)  # (B, T, C + P)
         out = self.transformer(
             hidden_states=tokens, encoder_hidden_states=cond.embeds,
             # diffusers' Flux2 takes sigma = 1 - t (1 = pure noise) and predicts noise - data = -(x1 - x0)
@@ -193,7 +223,11 @@ def load_toy_backbone(cfg: BackboneConfig) -> ToyBackbone:
         setattr(cfg, k, meta[k])  # the saved model decides its architecture
     cfg.text_context_tokens = meta.get("text_context_tokens", 0)  # absent: saved before it existed (= all)
     transformer = Flux2Transformer2DModel.from_pretrained(path / "transformer")
-    cfg.position_channels = transformer.config.in_channels == 3 * cfg.patch**2 + 2
+    try:
+        octaves = octaves_of(transformer.config.in_channels - transformer.config.out_channels)
+    except ValueError as e:
+        raise ValueError(f"{path / 'transformer'}: {e}") from None
+    cfg.position_channels, cfg.position_octaves = octaves is not None, octaves or 0
     te_cfg = json.loads((path / "text_encoder" / "config.json").read_text())
     te = ToyTextEncoder(te_cfg["vocab"], te_cfg["dim"], te_cfg["max_tokens"], te_cfg.get("out_tokens"))
     te.load_state_dict(load_file(str(path / "text_encoder" / "model.safetensors")))

@@ -7,7 +7,14 @@ import torch
 from diffusers import Flux2Transformer2DModel
 
 from i2l.config import get_config
-from i2l.toy.backbone import build_vocab, load_toy_backbone, new_toy_backbone
+from i2l.toy.backbone import (
+    build_vocab,
+    load_toy_backbone,
+    new_toy_backbone,
+    position_features,
+    position_width,
+    transformer_config,
+)
 from i2l.toy.backbone_pretrain import pretrain_backbone, style_words
 from i2l.train.step import lr_at
 
@@ -22,12 +29,13 @@ def test_pretraining_loss_falls(debug_run, tmp_path):
     assert info["first_loss"] == sum(r["loss"] for r in curve[:20]) / 20
 
 
-@pytest.mark.parametrize("positions", [False, True])
-def test_save_then_load_reproduces_outputs_exactly(tmp_path, positions):
-    cfg = get_config("debug", {"backbone.position_channels": positions})
+@pytest.mark.parametrize(("positions", "octaves", "extra"), [(False, 0, 0), (True, 0, 2), (True, 3, 12)])
+def test_save_then_load_reproduces_outputs_exactly(tmp_path, positions, octaves, extra):
+    cfg = get_config("debug", {"backbone.position_channels": positions, "backbone.position_octaves": octaves})
     bb = new_toy_backbone(cfg.backbone, build_vocab(["one small circle at the top left"]), seed=3).freeze()
     bb.save(tmp_path / "bb")
     Flux2Transformer2DModel.from_pretrained(tmp_path / "bb" / "transformer")  # diffusers' own layout
+    cfg = get_config("debug")  # the saved model decides its position channels, not the config that loads it
     cfg.backbone.path = str(tmp_path / "bb")
     again = load_toy_backbone(cfg.backbone).freeze()
     x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
@@ -36,14 +44,50 @@ def test_save_then_load_reproduces_outputs_exactly(tmp_path, positions):
         b = again.velocity(x, t, again.encode_prompts(["one small circle at the top left", ""]))
     assert torch.equal(a, b)
     assert again.backbone_id == bb.backbone_id
-    # position channels: 2 more inputs (row, col) than the 3·p² pixel outputs, decided by the saved model
+    # position channels: (row, col), plus 4 per octave, more inputs than the 3·p² pixel outputs
     c = again.transformer.config
-    assert (c.in_channels - c.out_channels, again.cfg.position_channels) == ((2, True) if positions else (0, False))
+    assert c.in_channels - c.out_channels == extra
+    assert (again.cfg.position_channels, again.cfg.position_octaves) == (positions, octaves)
     if positions:  # the channels carry each token's own place: a token's output changes with them
         again.positions = again.positions.flip(0)
         with torch.no_grad():
             flipped = again.velocity(x, t, again.encode_prompts(["one small circle at the top left", ""]))
         assert not torch.allclose(flipped, b)
+
+
+def test_position_octaves_tell_apart_tokens_at_their_periods():
+    """Octave k repeats every 2^(k+1) tokens: tokens that far apart in a row carry its features alike, tokens half
+    that far apart do not. The (row, col) channels alone tell no two tokens alike."""
+    n = 16  # a grid twice the longest period: every octave's pairs at a whole period exist
+    f = position_features(n, 3).reshape(n, n, -1)  # (row, col, P)
+    assert f.shape[-1] == position_width(True, 3) == 12
+    assert torch.equal(f[..., :2], position_features(n, 0).reshape(n, n, 2))
+    octave_cols = {0: [2, 3], 1: [4, 5, 6, 7], 2: [8, 9, 10, 11]}  # each octave's channels
+    for k, cols in octave_cols.items():
+        period = 2 ** (k + 1)
+        same = f[:n - period, :, cols] - f[period:, :, cols]  # rows `period` apart
+        assert same.abs().max() < 1e-5, k
+        half = f[:n - period // 2, :, cols] - f[period // 2:, :, cols]  # rows half a period apart
+        assert half.abs().amax(-1).min() > 0.5, k  # every such pair differs
+    assert position_width(False, 0) == 0 and position_width(True, 0) == 2 and position_width(True, 1) == 4
+
+
+def test_a_transformer_with_position_channels_i2l_never_writes_is_refused(tmp_path):
+    cfg = get_config("debug", {"backbone.position_channels": True})
+    bb = new_toy_backbone(cfg.backbone, build_vocab(["one small circle"]), seed=0)
+    bb.save(tmp_path / "bb")
+    odd = Flux2Transformer2DModel(**{**transformer_config(cfg.backbone), "in_channels": 3 * 4**2 + 3})
+    odd.save_pretrained(tmp_path / "bb" / "transformer", safe_serialization=True)  # another writer's model
+    cfg.backbone.path = str(tmp_path / "bb")
+    with pytest.raises(ValueError, match="3 input channels beyond its pixels"):
+        load_toy_backbone(cfg.backbone)
+
+
+def test_position_octaves_need_position_channels():
+    with pytest.raises(ValueError, match="position_octaves"):
+        get_config("debug", {"backbone.position_octaves": 2})
+    with pytest.raises(ValueError, match="position_octaves"):
+        get_config("debug", {"backbone.position_channels": True, "backbone.position_octaves": -1})
 
 
 def _darkness_by_quadrant(x: torch.Tensor) -> torch.Tensor:
