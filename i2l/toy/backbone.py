@@ -77,7 +77,7 @@ def position_features(n: int, octaves: int) -> torch.Tensor:
     """What each token of an n x n grid carries about its place, row-major: (T, position_width(True, octaves)).
     Its (row, col) in [-1, 1], then per octave k a period of 2^(k+1) tokens: cos of row and col (k = 0: a token's
     parity, whose sine is 0 at every token), cos and sin of both (k > 0). A wide toy pattern repeats every 2
-    tokens, which RoPE (at most 1 radian per token) does not tell apart from its neighbours."""
+    tokens; RoPE turns at most 1 radian per token, too slow to make tokens 2 apart alike and the one between unlike."""
     rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     r, c = rows.flatten().float(), cols.flatten().float()  # (T,)
     feats = [torch.stack([r, c], -1) / max(n - 1, 1) * 2 - 1]  # (T, 2)
