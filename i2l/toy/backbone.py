@@ -70,7 +70,9 @@ def unpatchify(tokens: torch.Tensor, p: int, size: int) -> torch.Tensor:
 
 def position_width(channels: bool, octaves: int) -> int:
     """Input channels a token's place takes (position_features): 0, 2 (row, col), or 4 per octave."""
-    return 0 if not channels else 4 * octaves if octaves else 2
+    if not channels:
+        return 0
+    return 4 * octaves if octaves else 2
 
 
 def position_features(n: int, octaves: int) -> torch.Tensor:
@@ -80,11 +82,11 @@ def position_features(n: int, octaves: int) -> torch.Tensor:
     tokens; RoPE turns at most 1 radian per token, too slow to make tokens 2 apart alike and the one between unlike."""
     rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     r, c = rows.flatten().float(), cols.flatten().float()  # (T,)
-    feats = [torch.stack([r, c], -1) / max(n - 1, 1) * 2 - 1]  # (T, 2)
+    feats = [r / max(n - 1, 1) * 2 - 1, c / max(n - 1, 1) * 2 - 1]  # (T,) each
     for k in range(octaves):
         w = torch.pi / 2**k  # radians per token
         feats += [torch.cos(w * r), torch.cos(w * c)] + ([torch.sin(w * r), torch.sin(w * c)] if k else [])
-    return torch.cat([f if f.dim() == 2 else f[:, None] for f in feats], -1)
+    return torch.stack(feats, -1)  # (T, P)
 
 
 def octaves_of(extra: int) -> int | None:
