@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -59,4 +60,10 @@ def backbone_class(kind: str) -> type[Backbone]:
 
 
 def backbone_loader(kind: str) -> Callable[[BackboneConfig], Backbone]:
-    return resolve(backbone_spec(kind).load)
+    load = resolve(backbone_spec(kind).load)
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in ("1", "ON", "YES", "TRUE"):
+        # diffusers' bars ("Loading checkpoint shards") do not read the Hub's setting, which `--no-progress` sets
+        from diffusers.utils import logging
+
+        logging.disable_progress_bar()
+    return load

@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     from i2l.cluster.signals import Terminated, exit_by, signals_end_the_run, terminable
 
     spin_briefly()  # before torch loads: this process's CPU threads and its stages' children's
+    if getattr(args, "no_progress", False):
+        # the libraries' own bars too (transformers' "Loading weights", the Hub's), here and in the stages' child
+        # processes, which inherit it; read when they are imported, which none is yet
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     signals_end_the_run()  # a SIGTERM / Ctrl-C that lands in a finalizer still ends the command
     try:
         # the library's warnings (a broken checkpoint skipped, ...) reach the user as `i2l CMD: warning: ...`
