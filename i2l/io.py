@@ -192,6 +192,16 @@ def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 1, sort
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys))
 
 
+def require_regular_file(path: str | os.PathLike, what: str) -> None:
+    """FileNotFoundError naming `what` when nothing is at `path`; ValueError when it is a pipe, socket or device
+    (/dev/zero): reading one would block or never end. Callers word the directory case themselves, before this."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is not a regular file (a pipe, socket or device): give a file")
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from i2l.data.validate import ALLOWED_FORMATS, REASONS, Rejected, decode_image, to_rgb
+from i2l.io import require_regular_file
 
 if TYPE_CHECKING:  # torch only where tensors are made: decoding and checking images need none (flows/__init__)
     import torch
@@ -66,8 +67,7 @@ def _require_file(path: Path) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"reference image {path} is a directory, give an image file (or a glob like "
                                 f"'{path}/*.png')")
-    if not path.is_file():
-        raise FileNotFoundError(f"reference image not found: {path}")
+    require_regular_file(path, "reference image")
 
 
 def check_image_file(path: str | Path) -> None:

@@ -138,13 +138,13 @@ def check_image_paths(patterns: list[str]) -> list[str]:
 def check_lora_file(path: str | os.PathLike) -> None:
     """Refuse, before any model loads, a --lora that is missing, a directory or not a whole safetensors file (its
     keys and shapes are checked against the backbone once that is loaded)."""
+    from i2l.io import require_regular_file
     from i2l.train.checkpoint import safetensors_problem
 
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"--lora {path} is a directory, give a .safetensors LoRA file")
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path}")
+    require_regular_file(path, "LoRA file")
     why = safetensors_problem(path)
     if why:
         raise ValueError(f"--lora {path}: {why}; pass a LoRA file written by i2l or diffusers")

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from i2l.io import atomic_path
+from i2l.io import atomic_path, require_regular_file
 from i2l.model.finite import MAX_ABS_WEIGHT, check_weights, require_finite
 from i2l.model.lora_formats import FIXED_PREFIX, check_format, from_file_layers, to_file_layers
 
@@ -238,8 +238,9 @@ class LoRA:
         diffusers' `lora_adapter_metadata`) are folded into lora_B, so the LoRA changes the model as diffusers'
         `load_lora_weights` makes that file change it."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"LoRA file not found: {path}")
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory: give a .safetensors LoRA file")
+        require_regular_file(path, "LoRA file")
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             # LoRA pieces only: a model file passed by mistake fails fast instead of being read whole

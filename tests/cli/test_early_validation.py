@@ -4,6 +4,8 @@ line. Each instrument is shown to be reached when the inputs are good, so its si
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from PIL import Image
 
@@ -65,6 +67,11 @@ def test_predict_checks_images_and_out_before_loading(debug_run, calls, paths, c
     _fails_early(predict + [str(paths / "missing.png")], calls, capsys, "not found", "missing.png")
     _fails_early(predict + [str(paths / "notes.txt")], calls, capsys, "cannot read image", "notes.txt")
     _fails_early(predict + [str(paths / "nothing*.png")], calls, capsys, "no image matches")
+    # a pipe or a device named as an image: refused without reading it (it would block, or never end)
+    os.mkfifo(paths / "pipe.png")
+    (paths / "zero.png").symlink_to("/dev/zero")
+    for odd in ("pipe.png", "zero.png"):
+        _fails_early(predict + [ok, str(paths / odd)], calls, capsys, "not a regular file", odd)
     _fails_early(["predict", "--checkpoint", ck, "--images", ok, "--out", str(paths / "adir")], calls, capsys,
                  "--out", "is a directory")
     _fails_early(["predict", "--checkpoint", ck, "--images", ok, "--out", str(paths / "notes.txt" / "s.safetensors")],
@@ -83,6 +90,10 @@ def test_generate_checks_loras_images_masks_and_out_before_loading(debug_run, ca
     _fails_early(gen + ["--lora", str(paths / "notes.txt")], calls, capsys, "--lora", "not a safetensors file")
     _fails_early(gen + ["--lora", str(paths / "adir")], calls, capsys, "--lora", "is a directory")
     _fails_early(gen + ["--lora", str(paths / "gone.safetensors")], calls, capsys, "LoRA file not found")
+    os.mkfifo(paths / "pipe.safetensors")
+    (paths / "zero.safetensors").symlink_to("/dev/zero")
+    for odd in ("pipe.safetensors", "zero.safetensors"):
+        _fails_early(gen + ["--lora", str(paths / odd)], calls, capsys, "not a regular file", odd)
     _fails_early(gen + ["--images", ok, "--inpaint", ok, "--mask", str(paths / "adir")], calls, capsys,
                  "is a directory")
     _fails_early(["generate", "--checkpoint", ck, "--prompt", "x", "--images", ok, "--out", str(paths / "notes.txt")],

@@ -160,3 +160,18 @@ def test_ai_toolkit_flux2_file_with_bfl_names_loads_as_diffusers_loads_it(tmp_pa
     save_file(tensors, str(tmp_path / "ai-toolkit.safetensors"))
     assert_loads_as_diffusers_loads("flux2", tmp_path / "ai-toolkit.safetensors", ours, client)
     assert set(LoRA.load(tmp_path / "ai-toolkit.safetensors", ours).names) == set(ours.lora_targets())
+
+
+def test_a_pipe_a_device_or_a_directory_is_refused_without_reading_it(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.safetensors")  # opening it to read would block until a writer comes
+    (tmp_path / "zero.safetensors").symlink_to("/dev/zero")  # reading it would never end
+    for odd in ("pipe.safetensors", "zero.safetensors"):
+        with pytest.raises(ValueError, match="not a regular file"):
+            LoRA.load(tmp_path / odd)
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        LoRA.load(tmp_path / "adir")
+    with pytest.raises(FileNotFoundError, match="LoRA file not found"):
+        LoRA.load(tmp_path / "gone.safetensors")
