@@ -4,6 +4,7 @@ a docstring (its help), `add_arguments(parser)` and `main(args) -> int`."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -138,6 +139,24 @@ def _fail_open_runs() -> None:
         results.fail_open_runs()
 
 
+@contextlib.contextmanager
+def _library_bars(on: bool):
+    """With on=False (`--no-progress`), the libraries' own bars are off too (transformers' "Loading weights", the
+    Hub's), here and in the stages' child processes, which inherit the variable; they read it when imported, which
+    none is yet. Put back afterwards: `main` also runs in-process (tests, notebooks)."""
+    key, before = "HF_HUB_DISABLE_PROGRESS_BARS", os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    if not on:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if not on:
+            if before is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = before
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -149,16 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     from i2l.cluster.signals import Terminated, exit_by, signals_end_the_run, terminable
 
     spin_briefly()  # before torch loads: this process's CPU threads and its stages' children's
-    if getattr(args, "no_progress", False):
-        # the libraries' own bars too (transformers' "Loading weights", the Hub's), here and in the stages' child
-        # processes, which inherit it; read when they are imported, which none is yet
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     signals_end_the_run()  # a SIGTERM / Ctrl-C that lands in a finalizer still ends the command
     try:
         # the library's warnings (a broken checkpoint skipped, ...) reach the user as `i2l CMD: warning: ...`
         # terminable: a SIGTERM unwinds the command (files closed, actors stopped), even from inside a Ray wait
         # on_receipt: the command's store runs are on record as failed even if the process dies while it unwinds
-        with echo_warnings(args.command), terminable(on_signal=stop_ray, on_receipt=_fail_open_runs):
+        with _library_bars(not getattr(args, "no_progress", False)), echo_warnings(args.command), \
+                terminable(on_signal=stop_ray, on_receipt=_fail_open_runs):
             return int(args._run(args) or 0)
     except Terminated as e:
         if args.debug:

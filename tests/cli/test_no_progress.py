@@ -43,6 +43,7 @@ def test_backbone_loading_quiets_diffusers_bars_when_the_hub_is_quiet(monkeypatc
     from i2l.backbones.registry import backbone_loader
 
     try:
+        logging.enable_progress_bar()  # diffusers' switch is process-wide: an earlier test may have turned it off
         monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
         backbone_loader("toy")
         assert logging.is_progress_bar_enabled()  # a plain run keeps diffusers' bars
@@ -51,3 +52,15 @@ def test_backbone_loading_quiets_diffusers_bars_when_the_hub_is_quiet(monkeypatc
         assert not logging.is_progress_bar_enabled()
     finally:
         logging.enable_progress_bar()
+
+
+
+def test_an_in_process_command_puts_the_setting_back(monkeypatch):
+    from i2l.cli import main
+
+    key, seen = "HF_HUB_DISABLE_PROGRESS_BARS", []
+    monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr("i2l.cli.prepare.main", lambda args: seen.append(os.environ.get(key)))
+    assert main(["prepare", "--no-progress"]) == 0 and main(["prepare"]) == 0
+    assert seen == ["1", None]  # set for the command that asked, and only for it
+    assert key not in os.environ
