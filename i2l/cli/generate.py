@@ -86,8 +86,11 @@ def _check_before_load(args) -> tuple[list[list[str]], list[float] | None]:
     for f in args.lora:
         check_lora_file(f)
     groups = [check_image_paths(group) for group in args.images]
-    for image in filter(None, (args.inpaint, args.mask, *args.init_image)):
-        check_image_file(image)
+    named = [(args.inpaint, "--inpaint image"), (args.mask, "--mask image")]
+    named += [(image, "--init-image") for image in args.init_image]
+    for image, what in named:
+        if image:
+            check_image_file(image, what)
     check_output(args.out, directory=True)
     return groups, weights
 

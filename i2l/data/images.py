@@ -54,6 +54,9 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a, "RGB") for a in arr]
 
 
+REFERENCE = "reference image"  # what a user image file is called in errors unless the caller says otherwise
+
+
 def decode(data: bytes, name: str = "image") -> Image.Image:
     """Encoded bytes -> 8-bit RGB exactly as `prepare` decodes training rows (format allowlist, pixel limit before
     any pixel is read, EXIF rotation, alpha over white, 16-bit scaled); a refusal is a ValueError naming `name`."""
@@ -63,18 +66,19 @@ def decode(data: bytes, name: str = "image") -> Image.Image:
         raise ValueError(f"cannot read image {name}: {REASONS[e.reason]} ({e.detail})") from None
 
 
-def _require_file(path: Path) -> None:
+def _require_file(path: Path, what: str) -> None:
     if path.is_dir():
-        raise IsADirectoryError(f"reference image {path} is a directory, give an image file (or a glob like "
-                                f"'{path}/*.png')")
-    require_regular_file(path, "reference image")
+        glob = f" (or a glob like '{path}/*.png')" if what == REFERENCE else ""  # several references, one flag
+        raise IsADirectoryError(f"{what} {path} is a directory, give an image file{glob}")
+    require_regular_file(path, what)
 
 
-def check_image_file(path: str | Path) -> None:
+def check_image_file(path: str | Path, what: str = REFERENCE) -> None:
     """Refuse, before any model loads, what `load_image_file` would refuse later and can be told from the header:
-    missing, a directory, not an image of an allowed format, too many pixels. No pixel is decoded."""
+    missing, a directory, not an image of an allowed format, too many pixels. No pixel is decoded. `what` names the
+    image in the messages (a reference, the --mask image, ...)."""
     path = Path(path)
-    _require_file(path)
+    _require_file(path, what)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
         try:
@@ -88,10 +92,10 @@ def check_image_file(path: str | Path) -> None:
                          f"limit {MAX_PIXELS})")
 
 
-def load_image_file(path: str | Path) -> Image.Image:
-    """Read a user image file with a clear error for missing/unreadable files."""
+def load_image_file(path: str | Path, what: str = REFERENCE) -> Image.Image:
+    """Read a user image file with a clear error for missing/unreadable files (naming it as `what`)."""
     path = Path(path)
-    _require_file(path)
+    _require_file(path, what)
     return decode(path.read_bytes(), name=str(path))
 
 

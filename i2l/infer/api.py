@@ -131,7 +131,7 @@ class I2L:
         of the model's size (backbone.image_size, square) is resized to it, with a warning saying so."""
         if isinstance(init_images, (str, Path, Image.Image)):
             init_images = [init_images]
-        pil = [im if isinstance(im, Image.Image) else load_image_file(im) for im in init_images]
+        pil = [im if isinstance(im, Image.Image) else load_image_file(im, "init image") for im in init_images]
         if not pil:
             raise ValueError("init_images is empty: give one init image, or one per prompt")
         size = self.cfg.backbone.image_size

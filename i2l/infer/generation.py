@@ -185,8 +185,9 @@ def load_inpaint(backbone, image_path, mask_path, image_size: int) -> tuple[torc
     the mask file). A latent cell is regenerated if any of its pixels is."""
     from i2l.data.images import load_image_file, to_tensor
 
-    known = backbone.encode_images(to_tensor([load_image_file(image_path)], image_size).to(backbone.device))
-    m = load_image_file(mask_path).convert("L").resize((image_size, image_size), Image.NEAREST)
+    known = backbone.encode_images(to_tensor([load_image_file(image_path, "--inpaint image")],
+                                             image_size).to(backbone.device))
+    m = load_image_file(mask_path, "--mask image").convert("L").resize((image_size, image_size), Image.NEAREST)
     mask = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]  # (1, 1, S, S)
     h, w = known.shape[-2:]
     mask = (torch.nn.functional.adaptive_max_pool2d(mask, (h, w)) > 0.5).to(known.dtype)  # (1, 1, h, w)

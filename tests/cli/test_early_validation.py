@@ -95,7 +95,12 @@ def test_generate_checks_loras_images_masks_and_out_before_loading(debug_run, ca
     for odd in ("pipe.safetensors", "zero.safetensors"):
         _fails_early(gen + ["--lora", str(paths / odd)], calls, capsys, "not a regular file", odd)
     _fails_early(gen + ["--images", ok, "--inpaint", ok, "--mask", str(paths / "adir")], calls, capsys,
-                 "is a directory")
+                 "--mask image", "is a directory")
+    _fails_early(gen + ["--images", ok, "--init-image", str(paths / "gone.png")], calls, capsys,
+                 "--init-image", "not found", "gone.png")
+    (paths / "zero.png").symlink_to("/dev/zero")
+    _fails_early(gen + ["--images", ok, "--inpaint", str(paths / "zero.png"), "--mask", ok], calls, capsys,
+                 "--inpaint image", "not a regular file")
     _fails_early(["generate", "--checkpoint", ck, "--prompt", "x", "--images", ok, "--out", str(paths / "notes.txt")],
                  calls, capsys, "--out", "is a file")
     with pytest.raises(Reached):
