@@ -192,10 +192,13 @@ def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 1, sort
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys))
 
 
-def require_regular_file(path: str | os.PathLike, what: str) -> None:
-    """FileNotFoundError naming `what` when nothing is at `path`; ValueError when it is a pipe, socket or device
-    (/dev/zero): reading one would block or never end. Callers word the directory case themselves, before this."""
+def require_regular_file(path: str | os.PathLike, what: str, give: str = "a file") -> None:
+    """Refuse, naming `what`, anything at `path` but a regular file: nothing (FileNotFoundError), a directory
+    (IsADirectoryError, saying to give `give`), a pipe, socket or device such as /dev/zero (ValueError: reading one
+    would block or never end). Only `stat` is used: nothing is opened."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory, give {give}")
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
     if not path.is_file():

@@ -140,21 +140,21 @@ def _fail_open_runs() -> None:
 
 
 @contextlib.contextmanager
-def _library_bars(on: bool):
-    """With on=False (`--no-progress`), the libraries' own bars are off too (transformers' "Loading weights", the
-    Hub's), here and in the stages' child processes, which inherit the variable; they read it when imported, which
-    none is yet. Put back afterwards: `main` also runs in-process (tests, notebooks)."""
-    key, before = "HF_HUB_DISABLE_PROGRESS_BARS", os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
-    if not on:
+def _library_bars_off(off: bool):
+    """`--no-progress`: the libraries' own bars off too (transformers' "Loading weights", the Hub's), here and in
+    the stages' child processes, which inherit the variable; they read it when imported, which none is yet. Put
+    back afterwards: `main` also runs in-process (tests, notebooks)."""
+    key = "HF_HUB_DISABLE_PROGRESS_BARS"
+    before = os.environ.get(key)
+    if off:
         os.environ[key] = "1"
     try:
         yield
     finally:
-        if not on:
-            if before is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = before
+        if off and before is None:
+            os.environ.pop(key, None)
+        elif off:
+            os.environ[key] = before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         # the library's warnings (a broken checkpoint skipped, ...) reach the user as `i2l CMD: warning: ...`
         # terminable: a SIGTERM unwinds the command (files closed, actors stopped), even from inside a Ray wait
         # on_receipt: the command's store runs are on record as failed even if the process dies while it unwinds
-        with _library_bars(not getattr(args, "no_progress", False)), echo_warnings(args.command), \
+        with _library_bars_off(getattr(args, "no_progress", False)), echo_warnings(args.command), \
                 terminable(on_signal=stop_ray, on_receipt=_fail_open_runs):
             return int(args._run(args) or 0)
     except Terminated as e:

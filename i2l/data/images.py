@@ -67,10 +67,8 @@ def decode(data: bytes, name: str = "image") -> Image.Image:
 
 
 def _require_file(path: Path, what: str) -> None:
-    if path.is_dir():
-        glob = f" (or a glob like '{path}/*.png')" if what == REFERENCE else ""  # several references, one flag
-        raise IsADirectoryError(f"{what} {path} is a directory, give an image file{glob}")
-    require_regular_file(path, what)
+    glob = f" (or a glob like '{path}/*.png')" if what == REFERENCE else ""  # several references, one flag
+    require_regular_file(path, what, give=f"an image file{glob}")
 
 
 def check_image_file(path: str | Path, what: str = REFERENCE) -> None:

@@ -238,9 +238,7 @@ class LoRA:
         diffusers' `lora_adapter_metadata`) are folded into lora_B, so the LoRA changes the model as diffusers'
         `load_lora_weights` makes that file change it."""
         path = Path(path)
-        if path.is_dir():
-            raise IsADirectoryError(f"{path} is a directory: give a .safetensors LoRA file")
-        require_regular_file(path, "LoRA file")
+        require_regular_file(path, "LoRA file", give="a .safetensors LoRA file")
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             # LoRA pieces only: a model file passed by mistake fails fast instead of being read whole

@@ -54,7 +54,6 @@ def test_backbone_loading_quiets_diffusers_bars_when_the_hub_is_quiet(monkeypatc
         logging.enable_progress_bar()
 
 
-
 def test_an_in_process_command_puts_the_setting_back(monkeypatch):
     from i2l.cli import main
 
