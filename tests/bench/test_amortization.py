@@ -133,13 +133,18 @@ def test_bench_amortization_counts_the_fastest_per_style_setup(debug_run, capsys
         setups = {}
         for b, lr in [(2, "0.005"), (2, "0.02"), (4, "0.005"), (4, "0.02")]:  # every batch x learning rate
             case = f"{s}/rows{b}/lr{lr}"
-            hit = (case, "per_style_s_to_match") in by
-            wall = by[(case, "per_style_s_to_match" if hit else "per_style_s_not_reached")]
-            steps = by[(case, "per_style_steps_to_match" if hit else "per_style_steps_not_reached")]
-            assert wall > 0 and 1 <= steps <= 3 and (hit or steps == 3)
-            setups[(b, lr)] = (hit, wall)
+            (tail,) = [t for t in ("to_match", "not_reached", "outpaced") if (case, f"per_style_s_{t}") in by]
+            wall, steps = by[(case, f"per_style_s_{tail}")], by[(case, f"per_style_steps_{tail}")]
+            assert wall > 0 and 1 <= steps <= 3 and (tail != "not_reached" or steps == 3)
+            # priced at the median step time of its rows, not by its own clock (one slow moment of a shared
+            # machine would decide the style)
+            assert math.isclose(wall, steps * by[(f"rows{b}", "per_style_step_s")])
+            setups[(b, lr)] = (tail, wall)
         # a set-up that reached i2L's loss wins over one that did not, then the faster one
-        hit, wall = max(setups.values(), key=lambda hw: (hw[0], -hw[1]))
+        hit, wall = max(((t == "to_match", w) for t, w in setups.values()), key=lambda hw: (hw[0], -hw[1]))
+        # a set-up is only stopped early as outpaced once an earlier one has reached, and only past its time
+        for t, w in setups.values():
+            assert t != "outpaced" or (hit and w >= wall)
         ratio = by[(s, "amortization" if hit else "amortization_lower_bound")]
         assert math.isclose(ratio, wall / by[(s, "i2l_forward_s")])
     t_alone = sorted(by[(s, "i2l_forward_s")] for s in styles)
@@ -230,3 +235,38 @@ def test_eval_loss_command_takes_eval_settings_from_the_command_line(debug_run, 
         assert cli(args + bad) == 2
         assert why in capsys.readouterr().err
     assert seeds == [7]  # nothing ran for the refused ones
+
+
+def test_bench_amortization_stops_setups_that_can_no_longer_win(debug_run, monkeypatch):
+    """Once one per-style set-up has reached i2L's loss, a slower one cannot count: each later set-up is stopped
+    when its price (steps x its rows' step time) passes the winner's, long before --max-steps, and recorded as
+    outpaced, not as reached."""
+    import i2l.eval.heldout_loss
+    from i2l.bench.amortization import add_arguments, run
+
+    real, checks = i2l.eval.heldout_loss.heldout_loss, []
+
+    def loss(bb, sample, lora, *a, **k):  # i2L's and the base's losses are real; the per-style checks scripted
+        if lora is None or "checkpoint" in lora.meta:
+            return real(bb, sample, lora, *a, **k)
+        checks.append(lora)
+        return -1.0 if len(checks) == 1 else 1e9  # the first check of the first set-up reaches, no other does
+
+    monkeypatch.setattr(i2l.eval.heldout_loss, "heldout_loss", loss)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    rows = run(p.parse_args(["--checkpoint", str(debug_run.run_dir), "--data", str(debug_run.prepared_dir),
+                             "--data-root", str(debug_run.data_root), "--styles", "1", "--max-steps", "40",
+                             "--per-style-batches", "2,4", "--per-style-lrs", "5e-3,2e-2"]))
+    by = {(r["case"].split("/", 1)[-1], r["metric"]): r["value"] for r in rows}
+    assert by[("rows2/lr0.005", "per_style_steps_to_match")] == 1
+    won = by[("rows2/lr0.005", "per_style_s_to_match")]
+    for setup in ("rows2/lr0.02", "rows4/lr0.005", "rows4/lr0.02"):
+        assert (setup, "per_style_steps_not_reached") not in by  # without the stop: 40 steps, not reached
+        t_step = by[(setup.split("/")[0], "per_style_step_s")]
+        steps = by[(setup, "per_style_steps_outpaced")]  # stopped at the first step priced at the winner's or more
+        assert steps < 40 and steps * t_step >= won > (steps - 1) * t_step
+        assert math.isclose(by[(setup, "per_style_s_outpaced")], steps * t_step)
+    (ratio,) = [r["value"] for r in rows if r["metric"] == "amortization" and r["case"] != "median"]
+    (fwd,) = [r["value"] for r in rows if r["metric"] == "i2l_forward_s"]
+    assert math.isclose(ratio, won / fwd)
