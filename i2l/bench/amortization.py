@@ -6,8 +6,8 @@ one batched forward, time per style). The per-style baseline is given its best s
 size in --per-style-batches and each Adam learning rate in --per-style-lrs, and the fastest to reach i2L's loss
 counts (few rows per step are cheap but noisy); its held-out loss is checked after every step, off the clock.
 A set-up's time is its steps priced at the median time of one step of its rows, timed in interleaved rounds before
-the runs: the runs' own clocks would let one slow moment of a shared machine decide a style (measured: 5 s for a
-run of 15 steps that takes 1.4 s). Once one set-up has reached i2L's loss, the others stop when their price passes
+the runs: the runs' own clocks would let one slow moment of a shared machine decide a style (measured: 5.2 s for
+15 steps of 16 rows that take ~1 s). Once one set-up has reached i2L's loss, the others stop when their price passes
 its price ("outpaced": they could no longer count), which changes no figure and saves most of the time spent on
 styles that a per-style LoRA reaches.
 The table also says what the goal asks of i2L's quality on this machine: at t_step seconds per per-style step
