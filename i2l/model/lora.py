@@ -259,6 +259,7 @@ class LoRA:
                                                            for k in tensors)
                     else " in a layout i2l reads; kohya-style keys are converted when the backbone is given")
             raise ValueError(f"{path}: not a LoRA file (no matching lora_A/lora_B pairs{hint})")
+        _check_pairs(A, B, str(path))
         # i2l's files have the scale folded in already; other trainers' files scale by alpha/r at run time
         for k, s in _alpha_scales(A, alphas, meta.get("lora_adapter_metadata")).items():
             if not math.isfinite(s) or abs(s) > MAX_ABS_WEIGHT:  # json reads NaN/Infinity in adapter metadata
@@ -276,6 +277,17 @@ _PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.")
 def _union_names(loras: list[LoRA]) -> list[str]:
     """Every layer any of the LoRAs adapts, in order of first appearance."""
     return list(dict.fromkeys(k for lo in loras for k in lo.names))
+
+
+def _check_pairs(A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], source: str) -> None:
+    """Each layer of a file: lora_A (r, in) and lora_B (out, r), r, in, out >= 1. Checked with or without a
+    backbone: a rank-0 pair reads as a LoRA that silently changes nothing (PEFT refuses r = 0 too), and a pair of
+    the wrong shape would only fail at sampling, far from the file that caused it."""
+    bad = [f"{k}: lora_A {tuple(A[k].shape)}, lora_B {tuple(B[k].shape)}" for k in A
+           if A[k].dim() != 2 or B[k].dim() != 2 or A[k].shape[0] != B[k].shape[1] or 0 in (*A[k].shape, *B[k].shape)]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} layer(s) are not a LoRA pair lora_A (r, in), lora_B (out, r) with "
+                         f"rank r >= 1: {'; '.join(bad[:3])}")
 
 
 def _pad_rank(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:

@@ -56,6 +56,24 @@ def test_other_key_formats_load(toy, tmp_path):
         assert_same(LoRA.load(tmp_path / "f.safetensors", toy), lora)
 
 
+def test_load_refuses_pairs_that_are_no_lora_with_or_without_a_backbone(toy, tmp_path):
+    """A rank-0 layer (a LoRA that would silently change nothing), mismatched ranks or a matrix that is not 2-D:
+    refused on reading, naming the layer, whether or not a backbone is given to check against."""
+    lora = random_lora(toy, None, rank=2)
+    k = lora.names[1]
+    cases = {"rank0": (lora.A[k][:0], lora.B[k][:, :0]),
+             "ranks": (lora.A[k], lora.B[k][:, :1]),
+             "flat": (lora.A[k].reshape(-1), lora.B[k])}
+    for name, (a, b) in cases.items():
+        t = {f"{n}.lora_{m}.weight": getattr(lora, m)[n].contiguous() for n in lora.names for m in "AB"}
+        t[f"{k}.lora_A.weight"], t[f"{k}.lora_B.weight"] = a.contiguous(), b.contiguous()
+        save_file(t, str(tmp_path / f"{name}.safetensors"))
+        for bb in (None, toy):
+            with pytest.raises(ValueError, match=rf"1 layer\(s\) are not a LoRA pair .* rank r >= 1: {k}: lora_A"):
+                LoRA.load(tmp_path / f"{name}.safetensors", bb)
+    assert_same(LoRA.load(lora.save(tmp_path / "ok.safetensors")), lora)  # the same layers whole: read as saved
+
+
 def test_load_refuses_what_does_not_fit(toy, tmp_path):
     lora = random_lora(toy, None)
     k = "transformer_blocks.0.attn.to_q"
