@@ -280,14 +280,18 @@ def _union_names(loras: list[LoRA]) -> list[str]:
 
 
 def _check_pairs(A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], source: str) -> None:
-    """Each layer of a file: lora_A (r, in) and lora_B (out, r), r, in, out >= 1. Checked with or without a
-    backbone: a rank-0 pair reads as a LoRA that silently changes nothing (PEFT refuses r = 0 too), and a pair of
-    the wrong shape would only fail at sampling, far from the file that caused it."""
+    """Each layer of a file: lora_A (r, in), lora_B (out, r), r, in, out >= 1, with or without a backbone: rank 0
+    would silently change nothing (PEFT refuses it too), a wrong shape fail only at sampling, far from the file."""
     bad = [f"{k}: lora_A {tuple(A[k].shape)}, lora_B {tuple(B[k].shape)}" for k in A
-           if A[k].dim() != 2 or B[k].dim() != 2 or A[k].shape[0] != B[k].shape[1] or 0 in (*A[k].shape, *B[k].shape)]
+           if not _makes_product(A[k], B[k], dims=(2,)) or 0 in (*A[k].shape, *B[k].shape)]
     if bad:
         raise ValueError(f"{source}: {len(bad)} layer(s) are not a LoRA pair lora_A (r, in), lora_B (out, r) with "
                          f"rank r >= 1: {'; '.join(bad[:3])}")
+
+
+def _makes_product(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...] = (2, 3)) -> bool:
+    """Whether lora_A a ([B,] r, in) and lora_B b ([B,] out, r) make B·A: one rank, `dims` dimensions each."""
+    return a.dim() == b.dim() and a.dim() in dims and a.shape[-2] == b.shape[-1]
 
 
 def _pad_rank(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
@@ -376,7 +380,7 @@ def check_compatible(lora: LoRA, backbone, source: str = "LoRA") -> None:
                         f"(it adapts {len(targets)} layers: backbone.targets)")
     for k in lora.names:
         a, b = lora.A[k], lora.B[k]
-        if a.dim() != b.dim() or a.dim() not in (2, 3) or a.shape[-2] != b.shape[-1]:
+        if not _makes_product(a, b):
             problems.append(f"{k}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not make B·A "
                             f"(A is [r, in], B is [out, r], with one rank r)")
         elif k in targets:
