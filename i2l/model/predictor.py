@@ -33,6 +33,8 @@ class I2LPredictor(nn.Module):
         if not 1 <= cfg.max_refs <= MAX_REFS:
             raise ValueError(f"predictor.max_refs must be in [1, {MAX_REFS}], got {cfg.max_refs}")
         self.trained_refs = cfg.max_refs  # training draws 1..max_refs references: rows beyond never get a gradient
+        if cfg.depth < 1:
+            raise ValueError(f"predictor.depth must be >= 1 (its last block decodes the queries), got {cfg.depth}")
         self.ref_embed = nn.Embedding(MAX_REFS, H)  # which reference a token came from
         # small like the other learned embeddings: N copies of one reference then fuse to ~its own LoRA
         nn.init.normal_(self.ref_embed.weight, std=0.02)
@@ -83,16 +85,29 @@ class I2LPredictor(nn.Module):
         # PyTorch's fused inference kernel reads a float key mask as a boolean one (any non-zero = masked)
         torch.backends.mha.set_fastpath_enabled(fast and bool((n == 1).all()))
         try:
-            for blk in self.blocks:
+            for blk in self.blocks[:-1]:
                 x = blk(x, src_key_padding_mask=bias)  # (B, Q+S, H)
+            x = query_rows(self.blocks[-1], x, bias, q.shape[1])  # (B, Q, H)
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)
-        h = self.norm(x[:, : q.shape[1]]).reshape(Bsz, L, 2, k, H)  # only query states are decoded
+        h = self.norm(x).reshape(Bsz, L, 2, k, H)
         rows_A = self.head_A(h[:, :, 0], self.a_scale)  # L x (B, k, d_in)
         cols_B = self.head_B(h[:, :, 1], self.log_alpha.exp())  # L x (B, k, d_out)
         A = dict(zip(self.names, rows_A))  # (B, k, in)
         Bm = {n: c.transpose(1, 2) for n, c in zip(self.names, cols_B)}  # (B, out, k)
         return LoRA(A, Bm, self.backbone_id)
+
+
+def query_rows(blk: nn.TransformerEncoderLayer, x: torch.Tensor, bias: torch.Tensor, n_q: int) -> torch.Tensor:
+    """The last block on the query rows alone: x (B, Q+S, H) -> (B, Q, H), equal to blk(x)[:, :Q] (pre-norm).
+
+    Only query states are decoded, so the image tokens' own outputs of the last block were computed to be thrown
+    away: they attend as keys and values, never as queries. At 4 references (Q = 128, S = 64 on the toy world) the
+    block does a third less work: the toy predictor (one block) ran 1.26-1.56x faster side by side (docs/results.md)."""
+    h = blk.norm1(x)
+    att = blk.self_attn(h[:, :n_q], h, h, key_padding_mask=bias, need_weights=False)[0]  # (B, Q, H)
+    x = x[:, :n_q] + blk.dropout1(att)
+    return x + blk.dropout2(blk.linear2(blk.dropout(blk.activation(blk.linear1(blk.norm2(x))))))
 
 
 def predict_lora(predictor: I2LPredictor, encoder, refs: torch.Tensor, n_refs: torch.Tensor | None = None) -> LoRA:

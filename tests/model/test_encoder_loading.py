@@ -86,3 +86,21 @@ def test_what_is_not_a_siglip_checkpoint_is_refused_by_name(ckpts, tmp_path):
         load_encoder(_cfg(holed))
     with pytest.raises(FileNotFoundError, match="no image encoder"):
         load_encoder(_cfg(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("naflex", [False, True], ids=["fixres", "naflex"])
+def test_the_pooling_head_is_skipped_for_tokens_and_kept_in_the_model(ckpts, naflex):
+    """i2L reads patch tokens only: the attention-pooling head (pooler_output) is not run by the encoder's forward,
+    the tokens are the tower's own last_hidden_state, and the model keeps its head for whoever asks for it (the
+    toy encoder's pretraining trains through pooler_output)."""
+    enc = load_encoder(_cfg(ckpts[naflex, False]))
+    head = enc.model.head
+    runs = []
+    head.register_forward_hook(lambda *a: runs.append(1))
+    x = torch.rand(2, 3, SIDE, SIDE) * 2 - 1
+    tokens = enc(x)
+    assert not runs and enc.model.use_head  # skipped for the forward, still on in the model
+    if not naflex:  # (the NaFlex tokens are checked against transformers' own processor above)
+        out = enc.model(pixel_values=x)
+        assert runs and out.pooler_output is not None
+        assert torch.equal(tokens, out.last_hidden_state)

@@ -90,3 +90,37 @@ def test_zero_pretraining_steps_write_the_frozen_random_encoder(debug_run, tmp_p
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         assert torch.allclose(loaded(x), fresh(x), atol=1e-6)
+
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_the_last_block_on_the_query_rows_alone_gives_what_the_whole_block_gives(encoder, depth, monkeypatch):
+    """Only query states are decoded, so the last block computes their rows only (`query_rows`): the LoRAs must be
+    those of the whole last block run on every row and then sliced, at any depth and mix of reference counts."""
+    from dataclasses import replace
+
+    import i2l.model.predictor as predictor
+
+    bb = _toy()
+    pred = I2LPredictor(replace(get_config("debug").predictor, depth=depth), bb.lora_targets(), encoder.dim,
+                        bb.backbone_id).eval()
+    with torch.no_grad():
+        for p in pred.parameters():
+            p.normal_(0, 0.2)  # every weight non-trivial: a dropped residual, norm or MLP shows
+    refs = torch.rand(3, 3, 3, 32, 32) * 2 - 1
+    for n in (torch.tensor([1, 3, 2]), torch.tensor([1, 1, 1])):  # the float key bias; the fused kernel's case
+        fast = predict_lora(pred, encoder, refs, n)
+        with monkeypatch.context() as m:
+            m.setattr(predictor, "query_rows", lambda blk, x, bias, q: blk(x, src_key_padding_mask=bias)[:, :q])
+            whole = predict_lora(pred, encoder, refs, n)
+        for name in fast.names:
+            assert torch.allclose(fast.A[name], whole.A[name], atol=1e-5)
+            assert torch.allclose(fast.B[name], whole.B[name], atol=1e-5)
+            assert whole.B[name].abs().max() > 1e-2  # a LoRA worth comparing
+
+
+def test_a_predictor_without_blocks_is_refused():
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        I2LPredictor(replace(get_config("debug").predictor, depth=0), {"l": (4, 4)}, 8)
