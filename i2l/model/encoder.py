@@ -13,8 +13,8 @@ import hashlib
 import json
 import math
 from collections import OrderedDict
-from contextlib import contextmanager
 from collections.abc import Callable, Hashable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -99,7 +99,7 @@ def test_the_last_block_on_the_query_rows_alone_gives_what_the_whole_block_gives
     those of the whole last block run on every row and then sliced, at any depth and mix of reference counts."""
     from dataclasses import replace
 
-    import i2l.model.predictor as predictor
+    from i2l.model import predictor
 
     bb = _toy()
     pred = I2LPredictor(replace(get_config("debug").predictor, depth=depth), bb.lora_targets(), encoder.dim,
