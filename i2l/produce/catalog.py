@@ -8,7 +8,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from i2l.io import atomic_path, file_sha256, remove_dead_tmp, write_json_atomic
@@ -87,10 +87,14 @@ def catalog_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def merge_catalog(out: Path, rows: dict[str, dict]) -> dict[str, dict]:
+def merge_catalog(out: Path, rows: dict[str, dict],
+                  then: Callable[[dict[str, dict]], None] | None = None) -> dict[str, dict]:
     """Write the union of the catalog on disk and `rows` (by lora_id), under the lock; returns the union, which
     `rows` is updated to. When both hold a row for one file with different hashes (two producers made the same
-    style), the row whose hash is the file's wins: files are renamed into place, the last rename is what is there."""
+    style), the row whose hash is the file's wins: files are renamed into place, the last rename is what is there.
+    `then(union)` runs before the lock is released: the results store is written there, so that the last writer of
+    a row in the store is the last in the catalog (written after the lock, another producer's newer row could land
+    in the catalog between one producer's merge and its store write, and that older row would win the store)."""
     with catalog_lock(out):
         merged = {r["lora_id"]: r for r in read_catalog(out)}
         for k, mine in rows.items():
@@ -100,6 +104,8 @@ def merge_catalog(out: Path, rows: dict[str, dict]) -> dict[str, dict]:
             elif (out / mine["path"]).is_file() and file_sha256(out / mine["path"]) == mine["sha256"]:
                 merged[k] = mine  # else theirs: the file is theirs, or a third writer's, who will merge its row
         write_catalog(out, list(merged.values()))
+        if then is not None:
+            then(merged)
     rows.clear()
     rows.update(merged)
     return merged

@@ -156,8 +156,9 @@ def _run_pool(pool: ActorPool, calls: list[Call], out: Path, store: Store, catal
     last_flush = time.perf_counter()
 
     def flush() -> None:
-        merge_catalog(out, catalog)  # the catalog decides what a re-run skips; other producers' rows are kept
-        _record(store, out, [catalog[r["lora_id"]] for r in unrecorded])  # the row the catalog kept
+        # the catalog decides what a re-run skips; other producers' rows are kept; the store gets the row the
+        # catalog kept, under the same lock
+        merge_catalog(out, catalog, then=lambda kept: _record(store, out, [kept[r["lora_id"]] for r in unrecorded]))
 
     with pool:
         try:

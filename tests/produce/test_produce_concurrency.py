@@ -89,3 +89,26 @@ def test_clean_up_removes_only_dead_writers_leftovers(tmp_path):
         live.send_signal(signal.SIGKILL)
         live.wait()
     assert remove_leftovers(out) == [live_tmp] and not list(out.rglob("*.tmp"))
+
+
+def test_the_store_is_written_under_the_catalog_lock(tmp_path):
+    """A producer writes the results store inside its catalog merge's lock: written after it, another producer's
+    newer row for the same style could land in the catalog between the merge and the store write, and the older row
+    would then win the store (seen once in CI: store and catalog disagreeing on one style's hash)."""
+    import fcntl
+
+    from i2l.produce.catalog import LOCK_FILE, merge_catalog
+
+    out = tmp_path / "loras"
+    out.mkdir()
+    seen = []
+
+    def then(kept):
+        # another open file: its flock conflicts with the merge's
+        with open(out / LOCK_FILE, "a") as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.append(dict(kept))
+
+    assert merge_catalog(out, {}, then=then) == {} and seen == [{}]
+    with open(out / LOCK_FILE, "a") as f:  # released after
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
