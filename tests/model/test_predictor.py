@@ -1,5 +1,7 @@
 """The i2L predictor: shapes for every backbone, an untrained predictor is a no-op, variable N references."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny_models import tiny_flux2, tiny_zimage
@@ -77,8 +79,6 @@ def test_no_references_is_a_clear_error(encoder):
 
 def test_zero_pretraining_steps_write_the_frozen_random_encoder(debug_run, tmp_path):
     """`i2l pretrain-encoder --steps 0`: the ablation baseline is exactly the seeded random initialisation."""
-    from dataclasses import replace
-
     from i2l.model.encoder import load_encoder
     from i2l.toy.encoder_pretrain import pretrain_encoder
 
@@ -92,13 +92,10 @@ def test_zero_pretraining_steps_write_the_frozen_random_encoder(debug_run, tmp_p
         assert torch.allclose(loaded(x), fresh(x), atol=1e-6)
 
 
-
 @pytest.mark.parametrize("depth", [1, 2])
 def test_the_last_block_on_the_query_rows_alone_gives_what_the_whole_block_gives(encoder, depth, monkeypatch):
     """Only query states are decoded, so the last block computes their rows only (`query_rows`): the LoRAs must be
     those of the whole last block run on every row and then sliced, at any depth and mix of reference counts."""
-    from dataclasses import replace
-
     from i2l.model import predictor
 
     bb = _toy()
@@ -120,7 +117,5 @@ def test_the_last_block_on_the_query_rows_alone_gives_what_the_whole_block_gives
 
 
 def test_a_predictor_without_blocks_is_refused():
-    from dataclasses import replace
-
     with pytest.raises(ValueError, match="depth must be >= 1"):
         I2LPredictor(replace(get_config("debug").predictor, depth=0), {"l": (4, 4)}, 8)
