@@ -23,9 +23,11 @@ from i2l.cluster.pool import ActorPool, Call, PoolOptions
 from i2l.io import as_disk_full, file_sha256
 from i2l.model.lora_formats import check_format
 from i2l.produce.catalog import (
+    CATALOG_FILE,
     GRAY_FILE,
     adopt,
     bind_checkpoint,
+    catalog_lock,
     check_binding,
     lora_id,
     merge_catalog,
@@ -90,11 +92,7 @@ def produce(checkpoint_dir: str | os.PathLike, jobs: list[StyleJob], out_dir: st
     catalog = _catalog_with_adopted(out, jobs, sha, fmt)
     todo = [j for j in jobs if not _done(out, catalog, j.style_id, j.ref_ids, sha)]
     need_gray = not _done(out, catalog, None, ["gray"], sha)
-    redo = {lora_id(j.style_id, sha) for j in todo}
-    in_store = lora_ids_ending(store, f"@{sha[:12]}")
-    missing = [r for k, r in catalog.items() if k not in redo and k not in in_store]
-    if missing:  # catalogued here (or adopted) but not in this store: another --db, or a kill between writes
-        _record(store, out, missing)
+    _record_missing(store, out, {lora_id(j.style_id, sha) for j in todo}, sha)
     summary = ProduceSummary(out, checkpoint_id, len(jobs), 0, len(jobs) - len(todo), 0, 0, 0.0, 0.0)
     if not (todo or need_gray):
         bind()  # nothing to load: every LoRA here is already this checkpoint's
@@ -142,6 +140,20 @@ def _catalog_with_adopted(out: Path, jobs: list[StyleJob], sha: str, fmt: str) -
     if adopted:
         merge_catalog(out, catalog)
     return catalog
+
+
+def _record_missing(store: Store, out: Path, redo: set[str], sha: str) -> None:
+    """Record the LoRAs catalogued here (or adopted) that this store lacks (another --db, or a kill between
+    writes), except those about to be redone. Under the catalog lock, from the catalog as it is then: another
+    producer flushing one of these styles meanwhile writes its store row under that lock too, and an older row
+    read before it must not replace it in the store."""
+    if not (out / CATALOG_FILE).is_file():
+        return  # nothing catalogued (yet): rows catalogued from now on are recorded by their producer
+    with catalog_lock(out):
+        in_store = lora_ids_ending(store, f"@{sha[:12]}")
+        missing = [r for r in read_catalog(out) if r["lora_id"] not in redo and r["lora_id"] not in in_store]
+        if missing:
+            _record(store, out, missing)
 
 
 def _record(store: Store, out: Path, rows: list[dict]) -> None:

@@ -112,3 +112,46 @@ def test_the_store_is_written_under_the_catalog_lock(tmp_path):
     assert merge_catalog(out, {}, then=then) == {} and seen == [{}]
     with open(out / LOCK_FILE, "a") as f:  # released after
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_catalogued_loras_the_store_lacks_are_recorded_under_the_catalog_lock(tmp_path):
+    """At start-up a producer records the catalogued LoRAs its store lacks. It reads the catalog and the store and
+    writes the rows under the catalog lock: read before it, a row that another producer has since replaced (catalog
+    and store, under the lock) would be written back over the newer one in the store."""
+    import fcntl
+
+    from i2l.produce.catalog import LOCK_FILE, write_catalog
+    from i2l.produce.stage import _record_missing
+
+    out, sha = tmp_path / "loras", "ab" * 32
+    (out / "styles").mkdir(parents=True)
+    store = Store(tmp_path / "results.duckdb")
+    _record_missing(store, out, set(), sha)  # no catalog yet: nothing to record, and no lock file made
+    assert not (out / LOCK_FILE).exists() and store.rows("SELECT count(*) FROM loras") == [(0,)]
+
+    def row(style: str, digest: str) -> dict:
+        (out / "styles" / f"{style}.safetensors").write_bytes(digest.encode())
+        return {"lora_id": f"{style}@{sha[:12]}", "style_id": style, "method": "i2l", "checkpoint_id": "run/step_1",
+                "checkpoint_sha256": sha, "ref_ids": ["r1", "r2"], "n_refs": 2, "rank": 4,
+                "path": f"styles/{style}.safetensors", "sha256": digest * 8, "bytes": 8, "norms": {"l": 1.0},
+                "format": "diffusers"}
+
+    write_catalog(out, [row("s1", "11111111"), row("s2", "22222222"), row("s3", "33333333")])
+    store.record_loras([{**row("s2", "22222222"), "path": str(out / "styles/s2.safetensors")}])  # already there
+    write_catalog(out, [row("s1", "aaaaaaaa"), row("s2", "22222222"), row("s3", "33333333")])  # s1 replaced since
+    held = []
+    record = store.record_loras
+
+    def spy(rows):
+        with open(out / LOCK_FILE, "a") as f, pytest.raises(BlockingIOError):  # another open file: conflicts
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append([r["lora_id"] for r in rows])
+        return record(rows)
+
+    store.record_loras = spy
+    _record_missing(store, out, {f"s3@{sha[:12]}"}, sha)  # s3 is about to be made again: not recorded now
+    assert held == [[f"s1@{sha[:12]}"]]
+    assert store.rows("SELECT style_id, sha256 FROM loras ORDER BY 1") == [("s1", "aaaaaaaa" * 8),
+                                                                          ("s2", "22222222" * 8)]
+    with open(out / LOCK_FILE, "a") as f:  # released after
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
