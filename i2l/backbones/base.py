@@ -8,16 +8,15 @@ u = x1 - x0. Each adapter maps this onto its diffusers model's own time/sign con
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from i2l.backbones import schedule
+from i2l.backbones.registry import lora_naming
 from i2l.config import BackboneConfig
 from i2l.model.batched_lora import BatchedLoRA
 from i2l.model.lora import LoRA
-from i2l.model.lora_formats import check_format
 
 
 @dataclass
@@ -57,21 +56,24 @@ class Backbone:
     """A frozen text-to-image transformer seen through i2l's interface."""
 
     kind: str = ""
-    lora_prefix: str = "transformer"  # key prefix of diffusers LoRA files for this pipeline
+    lora_prefix: str = "transformer"  # key prefix of diffusers LoRA files: its kind's (set below)
     transformer: nn.Module
     backbone_id: str = ""  # names the architecture; LoRA files record it and loading checks it
     chat_thinking: bool = False  # enable_thinking of the pipeline's chat template (`prompt_text`)
     # diffusers' LoRA loader for this transformer: its lora_state_dict knows the other trainers' key layouts
     lora_loader: type | None = None
-    # How other programs name the adapted layers, per LoRA file format (i2l.model.lora_formats): (regex on the
-    # diffusers module name, that program's name as a `re` template) pairs; modules several pairs send to one name
-    # are one fused layer there, in pair order. A format not listed keeps diffusers' names (prefix aside).
-    lora_file_names: ClassVar[dict[str, tuple[tuple[str, str], ...]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # how a kind's LoRA files name its layers lives in the registry, where writing a file reads it without
+        # importing this class (and diffusers): i2l.backbones.lora_naming
+        if cls.kind:
+            cls.lora_prefix = lora_naming(cls.kind).lora_prefix
 
     @classmethod
     def lora_names(cls, format: str) -> tuple[tuple[str, str], ...]:
         """The renaming table `LoRA.save(..., format=format, backbone=cls)` writes this backbone's layers with."""
-        return tuple(cls.lora_file_names.get(check_format(format), ()))
+        return lora_naming(cls.kind).lora_names(format)
 
     def __init__(self, targets: tuple[str, ...]):
         self.target_suffixes = tuple(targets)

@@ -7,8 +7,6 @@ Shapes: B batch, C = transformer in_channels (4 × VAE latent channels: 2×2-pat
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 from diffusers.loaders import Flux2LoraLoaderMixin
@@ -28,28 +26,6 @@ KLEIN4B_TRANSFORMER = {
     "rope_theta": 2000, "guidance_embeds": False,
 }
 
-# ComfyUI's FLUX.2 model keeps BFL's checkpoint names, so its LoRA keys are `diffusion_model.<BFL name>` (comfy/lora.py
-# maps every `diffusion_model.<key>` of the model onto itself). The BFL <-> diffusers names are diffusers' own
-# (`_convert_non_diffusers_flux2_lora_to_diffusers`, which tests/interop reads the comfyui files back with): q, k, v
-# are one fused qkv there, in that order. DiffSynth's Flux2DiT uses diffusers' names (tests/interop checks them).
-FLUX2_BFL_NAMES = (
-    (r"transformer_blocks\.(\d+)\.attn\.to_q", r"double_blocks.\1.img_attn.qkv"),
-    (r"transformer_blocks\.(\d+)\.attn\.to_k", r"double_blocks.\1.img_attn.qkv"),
-    (r"transformer_blocks\.(\d+)\.attn\.to_v", r"double_blocks.\1.img_attn.qkv"),
-    (r"transformer_blocks\.(\d+)\.attn\.add_q_proj", r"double_blocks.\1.txt_attn.qkv"),
-    (r"transformer_blocks\.(\d+)\.attn\.add_k_proj", r"double_blocks.\1.txt_attn.qkv"),
-    (r"transformer_blocks\.(\d+)\.attn\.add_v_proj", r"double_blocks.\1.txt_attn.qkv"),
-    (r"transformer_blocks\.(\d+)\.attn\.to_out\.0", r"double_blocks.\1.img_attn.proj"),
-    (r"transformer_blocks\.(\d+)\.attn\.to_add_out", r"double_blocks.\1.txt_attn.proj"),
-    (r"transformer_blocks\.(\d+)\.ff\.linear_in", r"double_blocks.\1.img_mlp.0"),
-    (r"transformer_blocks\.(\d+)\.ff\.linear_out", r"double_blocks.\1.img_mlp.2"),
-    (r"transformer_blocks\.(\d+)\.ff_context\.linear_in", r"double_blocks.\1.txt_mlp.0"),
-    (r"transformer_blocks\.(\d+)\.ff_context\.linear_out", r"double_blocks.\1.txt_mlp.2"),
-    (r"single_transformer_blocks\.(\d+)\.attn\.to_qkv_mlp_proj", r"single_blocks.\1.linear1"),
-    (r"single_transformer_blocks\.(\d+)\.attn\.to_out", r"single_blocks.\1.linear2"),
-)
-
-
 class Flux2Backbone(DiffusersBackbone):
     """FLUX.2-klein seen through i2l: x_t latents (B, C, h, w) in the pipeline's normalised, patchified space."""
 
@@ -60,7 +36,6 @@ class Flux2Backbone(DiffusersBackbone):
     default_targets = FLUX2_TARGETS
     published_config = KLEIN4B_TRANSFORMER
     lora_loader = Flux2LoraLoaderMixin
-    lora_file_names: ClassVar[dict] = {"comfyui": FLUX2_BFL_NAMES}  # DiffSynth: diffusers' names
     chat_thinking = False  # Flux2KleinPipeline's chat template: thinking off (Qwen3 then adds an empty think block)
 
     def __init__(self, pipe: Flux2KleinPipeline, targets: tuple[str, ...] = FLUX2_TARGETS,

@@ -111,10 +111,7 @@ class HiDreamO1Backbone(Backbone):
     kind = "hidream_o1"
     model_name, path_env = "HiDream-O1-Image", "I2L_HIDREAM_O1_DIR"
     default_targets = HIDREAM_O1_TARGETS
-    # no diffusers pipeline reads HiDream-O1: the default file has DiffSynth's keys (`<module>.lora_A.weight`,
-    # no prefix), which its GeneralLoRALoader and LoRA.load both read
-    lora_prefix = ""
-    # lora_file_names: none. DiffSynth's class is the model, so its module names are i2l's in every format.
+    # its LoRA files' names (no key prefix: DiffSynth's keys): the registry's (i2l.backbones.registry)
 
     def __init__(self, transformer, processor=None, targets: tuple[str, ...] = HIDREAM_O1_TARGETS,
                  noise_scale: float = NOISE_SCALE, shift: float = SHIFT):

@@ -36,10 +36,6 @@ class ZImageBackbone(DiffusersBackbone):
     default_targets = ZIMAGE_TARGETS
     published_config = ZIMAGE_TRANSFORMER
     lora_loader = ZImageLoraLoaderMixin
-    # lora_file_names: none to rename for any format. DiffSynth's ZImageDiT names its layers as diffusers does
-    # (tests/interop), and ComfyUI's Z-Image loader reads `diffusion_model.<diffusers name>` itself, onto its fused
-    # attention.qkv / attention.out (comfy/lora.py model_lora_keys_unet, Lumina2 branch: comfy/utils.py
-    # z_image_to_diffusers, which maps layers, noise_refiner and context_refiner).
     chat_thinking = True  # ZImagePipeline's chat template: thinking on (no empty think block)
 
     def __init__(self, pipe: ZImagePipeline, targets: tuple[str, ...] = ZIMAGE_TARGETS,

@@ -23,7 +23,7 @@ def add_arguments(p):
 
 
 def main(args):
-    from i2l.backbones.registry import backbone_class
+    from i2l.backbones.registry import lora_naming
     from i2l.infer.api import I2L
     from i2l.infer.generation import check_image_paths, check_output
     from i2l.model.finite import MAX_ABS_WEIGHT, require_finite
@@ -41,9 +41,9 @@ def main(args):
         lora = lora.scaled(args.strength)
         # never write a file that LoRA.load would refuse
         lora.check_finite(f"LoRA at --strength {args.strength:g}", bound=MAX_ABS_WEIGHT)
-    # the layer names each program uses are the backbone class's (no backbone weights loaded)
-    path = lora.save(args.out, prefix=model.lora_prefix, format=args.format,
-                     backbone=backbone_class(model.cfg.backbone.kind))
+    # the layer names each program uses are the backbone kind's (neither its weights nor its class loaded)
+    naming = lora_naming(model.cfg.backbone.kind)
+    path = lora.save(args.out, prefix=naming.lora_prefix, format=args.format, backbone=naming)
     print(f"LoRA from {len(images)} reference(s): rank {lora.rank}, {len(lora.names)} layers -> {path} "
           f"({args.format} format)")
     return 0

@@ -18,7 +18,7 @@ from PIL import Image
 
 from i2l.backbones import load_backbone
 from i2l.backbones.base import Backbone
-from i2l.backbones.registry import backbone_class
+from i2l.backbones.registry import lora_naming
 from i2l.config import Config
 from i2l.data.images import gray_image, load_image_file, to_pil, to_tensor
 from i2l.infer.guidance import DEFAULT_DENOISE, NEGATIVES, denoise_steps, sample, stack_rows
@@ -78,7 +78,7 @@ class I2L:
         """Key prefix of this backbone's diffusers LoRA files (`LoRA.save(path, prefix=...)`)."""
         if self.backbone is not None:
             return self.backbone.lora_prefix
-        return backbone_class(self.cfg.backbone.kind).lora_prefix  # read off the class: no backbone to load
+        return lora_naming(self.cfg.backbone.kind).lora_prefix  # the registry's: no backbone (nor its class) to load
 
     def _images(self, images) -> torch.Tensor:
         pil = [im if isinstance(im, Image.Image) else load_image_file(im) for im in images]

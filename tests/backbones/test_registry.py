@@ -8,7 +8,7 @@ import pytest
 
 from i2l.backbones import BACKBONES, load_backbone
 from i2l.backbones.base import Backbone
-from i2l.backbones.registry import backbone_class, backbone_loader, backbone_spec
+from i2l.backbones.registry import backbone_class, backbone_loader, backbone_spec, lora_naming
 from i2l.config import get_config
 
 
@@ -17,6 +17,19 @@ def test_every_kind_resolves_to_its_adapter_and_loader(kind):
     cls = backbone_class(kind)
     assert issubclass(cls, Backbone) and cls.kind == kind
     assert callable(backbone_loader(kind)) and callable(cls.architecture) and callable(cls.random)
+
+
+@pytest.mark.parametrize("kind", ["toy", "flux2", "zimage", "hidream_o1"])
+def test_each_class_names_its_lora_files_as_the_registry_says(kind):
+    """Writers that do not import the class (produce actors, `i2l predict`) read the registry: the class agrees."""
+    cls, naming = backbone_class(kind), lora_naming(kind)
+    assert cls.lora_prefix == naming.lora_prefix
+    for fmt in ("diffusers", "diffsynth", "comfyui"):
+        assert cls.lora_names(fmt) == naming.lora_names(fmt)
+    assert bool(naming.lora_names("comfyui")) == (kind == "flux2")  # ComfyUI renames FLUX.2's layers (BFL names)
+    assert naming.lora_prefix == ("" if kind == "hidream_o1" else "transformer")
+    with pytest.raises(ValueError, match="unknown LoRA file format"):
+        naming.lora_names("kohya")
 
 
 def test_an_unknown_kind_names_the_known_ones():

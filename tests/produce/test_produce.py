@@ -100,6 +100,31 @@ def test_produce_manifest_catalog_and_reruns(debug_run, model, tmp_path, ray_ses
     assert Store(tmp_path / "fresh.duckdb", read_only=True).rows("SELECT count(*) FROM loras")[0][0] == len(catalog)
 
 
+def test_a_producer_and_i2l_predict_write_their_files_without_importing_diffusers(debug_run, tmp_path):
+    """Writing a LoRA file needs the backbone kind's layer names, not its class: a produce actor (and `i2l predict`)
+    starts ~0.9 s sooner on a CPU without diffusers. Checked in a fresh process, with a file written by each."""
+    import subprocess
+    import sys
+
+    ck, img = debug_run.checkpoint_dir, tmp_path / "ref.png"
+    img.write_bytes(next(iter_rows(debug_run.prepared_dir, "val", ("image",)))["image"])
+    code = f"""if True:
+        import sys
+        from pathlib import Path
+        from i2l.produce.producer import LoRAProducer
+        from i2l.produce.jobs import StyleJob
+        from i2l.cli import main
+        p = LoRAProducer({str(ck)!r}, {str(tmp_path / "loras")!r}, "cpu", "test", "0" * 64, "comfyui")
+        [row] = p.make([StyleJob("s", ["a"], [Path({str(img)!r}).read_bytes()])])
+        assert main(["predict", "--checkpoint", {str(ck)!r}, "--images", {str(img)!r},
+                     "--out", {str(tmp_path / "one.safetensors")!r}]) == 0
+        print(row["path"], sorted(m for m in sys.modules if m.split(".")[0] == "diffusers"))"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[-2] == "styles/s.safetensors []", out.stdout[-2000:]
+    assert LoRA.load(tmp_path / "one.safetensors").rank == LoRA.load(tmp_path / "loras/styles/s.safetensors").rank
+
+
 def test_produced_files_load_with_diffusers(debug_run, model, tmp_path):
     """The toy backbone is diffusers' Flux2Transformer2DModel: a file written by the producer (the actor's class,
     run in this process) loads with `load_lora_weights` into a tiny Flux2KleinPipeline around it and gives the same
