@@ -7,9 +7,11 @@ size in --per-style-batches and each Adam learning rate in --per-style-lrs, and 
 counts (few rows per step are cheap but noisy); its held-out loss is checked after every step, off the clock.
 A set-up's time is its steps priced at the median time of one step of its rows, timed in interleaved rounds before
 the runs: the runs' own clocks would let one slow moment of a shared machine decide a style (measured: 5.2 s for
-15 steps of 16 rows that take ~1 s). Once one set-up has reached i2L's loss, the others stop when their price passes
-its price ("outpaced": they could no longer count), which changes no figure and saves most of the time spent on
-styles that a per-style LoRA reaches.
+15 steps of 16 rows that take ~1 s). i2L's forwards (alone and batched) are timed in the same rounds, beside the
+steps, so that the ratio compares two prices of one moment (timed ~20 minutes after the steps, as before, the
+batched forward of one architecture came out at 0.80 and 1.20 ms per style in two runs on one host). Once one
+set-up has reached i2L's loss, the others stop when their price passes its price ("outpaced": they could no longer
+count), which changes no figure and saves most of the time spent on styles that a per-style LoRA reaches.
 The table also says what the goal asks of i2L's quality on this machine: at t_step seconds per per-style step
 and t_fwd per forward, 1000x needs i2L to match per-style optimisation after 1000 * t_fwd / t_step steps.
 
@@ -26,6 +28,8 @@ import argparse
 import itertools
 import math
 import statistics
+import time
+from collections.abc import Callable
 
 from i2l.bench import judged
 
@@ -53,12 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one config field (repeatable); with a trained checkpoint only eval.* fields "
                         "(the model is the checkpoint's)")
-
-
-def _median_time(fn, rounds: int = 5, warmup: bool = True) -> float:
-    from i2l.bench._timing import interleaved
-
-    return statistics.median(interleaved({"fn": fn}, rounds, warmup=int(warmup))["fn"])
 
 
 def _goal_rows(case: str, t_step: float, forwards: dict[str, float]) -> list[dict]:
@@ -154,20 +152,42 @@ def check_steps(max_steps: int) -> tuple[int, ...]:
     return tuple(range(1, max_steps + 1))
 
 
-def step_times(bb, images, prompts: list[str], rank: int, batches: list[int], timesteps, rounds: int = 5,
-               steps: int = 6) -> dict[int, float]:
-    """Seconds per per-style step at each rows-per-step: short runs of each, in turn, round after round (after an
-    untimed one), each timed from its first step to its last (no set-up, no first-step warm-up); the medians."""
+def side_by_side(cases: dict[str, Callable[[int], float]], rounds: int = 5) -> dict[str, float]:
+    """Prices timed side by side: each case measures one unit in round r and returns its seconds; the cases run in
+    turn, round after round (after an untimed one), so a machine that speeds up or slows down moves every price
+    alike; the medians."""
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(rounds + 1):
+        for k, case in cases.items():
+            t = case(r)
+            if r:
+                times[k].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step_case(bb, images, prompts: list[str], rank: int, b: int, timesteps, steps: int = 6) -> Callable[[int], float]:
+    """Seconds per per-style step of b rows: a short run timed from its first step to its last (no set-up, no
+    first-step warm-up)."""
     from i2l.baselines.per_style import optimize_lora
 
-    times: dict[int, list[float]] = {b: [] for b in batches}
-    for r in range(rounds + 1):
-        for b in batches:
-            _, curve = optimize_lora(bb, images, prompts, rank, steps, lr=1e-3, seed=r, snapshots=(1, steps),
-                                     batch_size=b, keep_loras=False, timesteps=timesteps)
-            if r:
-                times[b].append((curve[-1]["wall_s"] - curve[0]["wall_s"]) / (steps - 1))
-    return {b: statistics.median(v) for b, v in times.items()}
+    def case(r: int) -> float:
+        _, curve = optimize_lora(bb, images, prompts, rank, steps, lr=1e-3, seed=r, snapshots=(1, steps),
+                                 batch_size=b, keep_loras=False, timesteps=timesteps)
+        return (curve[-1]["wall_s"] - curve[0]["wall_s"]) / (steps - 1)
+
+    return case
+
+
+def call_case(fn: Callable[[], object], calls: int) -> Callable[[int], float]:
+    """Seconds per call of fn, over `calls` calls in a row."""
+
+    def case(r: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) / calls
+
+    return case
 
 
 def median_rows(walls: list[tuple[float, bool]], fwd_s: list[float], t_batched: float) -> list[dict]:
@@ -201,21 +221,26 @@ def run(args: argparse.Namespace) -> list[dict]:
     batches = _parse_batches(args.per_style_batches)
     lrs = _parse_lrs(args.per_style_lrs, ev.lora_lr)
     snaps = check_steps(args.max_steps)
-    rows, best_walls, fwd_s = [], [], []
-    t_step = step_times(bb, to_tensor(samples[0].refs, size), samples[0].ref_prompts, cfg.predictor.rank, batches,
-                        timesteps)
+    rows, best_walls = [], []
+    # the prices, side by side up front: a per-style step of each rows-per-step, i2L's forward alone (one style's
+    # references) and batched (every style's, as mass production runs it)
+    images0 = to_tensor(samples[0].refs, size)
+    prices = side_by_side({
+        **{f"rows{b}": step_case(bb, images0, samples[0].ref_prompts, cfg.predictor.rank, b, timesteps)
+           for b in batches},
+        "alone": call_case(lambda: model.predict_lora(samples[0].refs), 5),
+        "batched": call_case(lambda: model.predict_loras([s.refs for s in samples]), 2)})
+    t_step = {b: prices[f"rows{b}"] for b in batches}
+    t_alone, t_batched = prices["alone"], prices["batched"] / len(samples)
     from tqdm import tqdm
 
     # one bar over every (style, set-up) run: at real size each is minutes of optimisation plus its checks
     bar = tqdm(total=len(samples) * len(batches) * len(lrs), desc="per-style runs to i2L's loss", unit="run")
     for i, s in enumerate(samples):
-        lora = model.predict_lora(s.refs)  # also the warm-up of its timing
-        t_fwd = _median_time(lambda s=s: model.predict_lora(s.refs), warmup=False)
-        fwd_s.append(t_fwd)
+        lora = model.predict_lora(s.refs)
         target = heldout_loss(bb, s, lora, size, T, S, i)
         base = heldout_loss(bb, s, None, size, T, S, i)
-        rows += [{"case": s.style_id, "metric": "i2l_forward_s", "value": t_fwd, "unit": "s"},
-                 {"case": s.style_id, "metric": "i2l_loss", "value": target, "unit": "fm"},
+        rows += [{"case": s.style_id, "metric": "i2l_loss", "value": target, "unit": "fm"},
                  {"case": s.style_id, "metric": "base_loss", "value": base, "unit": "fm"}]
         best, images = None, to_tensor(s.refs, size)  # best: (seconds, set-up, reached)
         for b, lr in itertools.product(batches, lrs):
@@ -250,13 +275,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         wall, setup, ok = best
         best_walls.append((wall, ok))
         rows.append({"case": s.style_id, "metric": "amortization" if ok else "amortization_lower_bound",
-                     "value": wall / t_fwd, "unit": f"x (per-style {setup})"})
+                     "value": wall / t_alone, "unit": f"x (per-style {setup})"})
     bar.close()
-    t_batched = _median_time(lambda: model.predict_loras([s.refs for s in samples])) / len(samples)
-    t_alone = statistics.median(fwd_s)
-    rows.append({"case": "all", "metric": "i2l_forward_batched_s", "value": t_batched, "unit": "s per style"})
+    rows += [{"case": "all", "metric": "i2l_forward_alone_s", "value": t_alone,
+              "unit": "s (one style, timed beside the per-style steps)"},
+             {"case": "all", "metric": "i2l_forward_batched_s", "value": t_batched,
+              "unit": f"s per style ({len(samples)} styles, timed beside the per-style steps)"}]
     for b in batches:  # what the goal asks of i2L's quality at this machine's per-style step cost
         rows.append({"case": f"rows{b}", "metric": "per_style_step_s", "value": t_step[b], "unit": "s"})
         rows += _goal_rows(f"rows{b}", t_step[b], {"alone": t_alone, "batched": t_batched})
-    rows += median_rows(best_walls, fwd_s, t_batched)
+    rows += median_rows(best_walls, [t_alone] * len(best_walls), t_batched)
     return rows

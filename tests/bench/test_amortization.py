@@ -127,8 +127,11 @@ def test_bench_amortization_counts_the_fastest_per_style_setup(debug_run, capsys
     rows = run(args)
     assert "per-style runs to i2L's loss" in capsys.readouterr().err  # progress: 2 styles x 4 set-ups
     by = {(r["case"], r["metric"]): r["value"] for r in rows}
-    styles = [c for c, m in by if m == "i2l_forward_s"]
+    styles = [c for c, m in by if m == "i2l_loss"]
     assert len(styles) == 2
+    # the forwards are priced once, beside the per-style steps: every style's ratio divides by that one price
+    t_alone, t_batched = by[("all", "i2l_forward_alone_s")], by[("all", "i2l_forward_batched_s")]
+    assert 0 < t_batched and 0 < t_alone and not any(m == "i2l_forward_s" for _, m in by)
     for s in styles:
         setups = {}
         for b, lr in [(2, "0.005"), (2, "0.02"), (4, "0.005"), (4, "0.02")]:  # every batch x learning rate
@@ -146,17 +149,35 @@ def test_bench_amortization_counts_the_fastest_per_style_setup(debug_run, capsys
         for t, w in setups.values():
             assert t != "outpaced" or (hit and w >= wall)
         ratio = by[(s, "amortization" if hit else "amortization_lower_bound")]
-        assert math.isclose(ratio, wall / by[(s, "i2l_forward_s")])
-    t_alone = sorted(by[(s, "i2l_forward_s")] for s in styles)
+        assert math.isclose(ratio, wall / t_alone)
     for b in (2, 4):
         t_step = by[(f"rows{b}", "per_style_step_s")]
-        assert by[(f"rows{b}/alone", "goal_needs_steps")] == math.ceil(GOAL * sum(t_alone) / 2 / t_step)
-        assert by[(f"rows{b}/batched", "goal_needs_steps")] == math.ceil(
-            GOAL * by[("all", "i2l_forward_batched_s")] / t_step)
+        assert by[(f"rows{b}/alone", "goal_needs_steps")] == math.ceil(GOAL * t_alone / t_step)
+        assert by[(f"rows{b}/batched", "goal_needs_steps")] == math.ceil(GOAL * t_batched / t_step)
     med = next(r for r in rows if r["case"] == "median" and r["metric"] == "amortization")
     assert med["value"] == pytest.approx(sum(  # the median of the 2 styles' ratios (goal_met: the next test)
         v for (c, m), v in by.items() if c in styles and m.startswith("amortization")) / 2)
     assert "goal" in format_rows(rows)
+
+
+def test_bench_amortization_prices_every_case_in_the_same_rounds():
+    """The per-style steps and i2L's forwards are timed in turn, round after round: on a machine whose speed drifts
+    the whole time, each median is taken over the same moments, so their ratio is the ratio of the work (timed one
+    after the other, the drift between them would enter it)."""
+    from i2l.bench.amortization import side_by_side
+
+    calls, speed = [], iter(1.0 + 0.02 * k for k in range(1000))  # the machine slows by 2 % per call
+
+    def case(name: str, work: float):
+        def run(r: int) -> float:
+            calls.append((r, name))
+            return work * next(speed)
+        return run
+
+    prices = side_by_side({"step": case("step", 10.0), "forward": case("forward", 1.0)}, rounds=5)
+    assert calls == [(r, n) for r in range(6) for n in ("step", "forward")]  # one untimed round, then 5
+    # 9.82: within 2 %; priced one after the other (every step round, then every forward round) it would be 8.98
+    assert prices["step"] / prices["forward"] == pytest.approx(10.0, rel=0.02)
 
 
 def test_bench_amortization_median_of_lower_bounds_meets_the_goal_only_at_or_above_it():
@@ -268,5 +289,5 @@ def test_bench_amortization_stops_setups_that_can_no_longer_win(debug_run, monke
         assert steps < 40 and steps * t_step >= won > (steps - 1) * t_step
         assert math.isclose(by[(setup, "per_style_s_outpaced")], steps * t_step)
     (ratio,) = [r["value"] for r in rows if r["metric"] == "amortization" and r["case"] != "median"]
-    (fwd,) = [r["value"] for r in rows if r["metric"] == "i2l_forward_s"]
+    (fwd,) = [r["value"] for r in rows if r["metric"] == "i2l_forward_alone_s"]
     assert math.isclose(ratio, won / fwd)
