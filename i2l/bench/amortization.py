@@ -190,6 +190,21 @@ def call_case(fn: Callable[[], object], calls: int) -> Callable[[int], float]:
     return case
 
 
+def prices(model, samples, batches: list[int], timesteps) -> tuple[dict[int, float], float, float]:
+    """Side by side, up front: seconds per per-style step of each rows-per-step (on the first style), per i2L forward
+    alone (one style's references) and per style of the batched forward (every style's, as mass production runs it)."""
+    from i2l.data.images import to_tensor
+
+    s0 = samples[0]
+    images = to_tensor(s0.refs, model.cfg.backbone.image_size)
+    got = side_by_side({
+        **{f"rows{b}": step_case(model.backbone, images, s0.ref_prompts, model.cfg.predictor.rank, b, timesteps)
+           for b in batches},
+        "alone": call_case(lambda: model.predict_lora(s0.refs), 5),
+        "batched": call_case(lambda: model.predict_loras([s.refs for s in samples]), 2)})
+    return {b: got[f"rows{b}"] for b in batches}, got["alone"], got["batched"] / len(samples)
+
+
 def median_rows(walls: list[tuple[float, bool]], fwd_s: list[float], t_batched: float) -> list[dict]:
     """The two judged medians over styles: per-style wall / i2L forward alone, and median wall / batched forward.
 
@@ -222,16 +237,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     lrs = _parse_lrs(args.per_style_lrs, ev.lora_lr)
     snaps = check_steps(args.max_steps)
     rows, best_walls = [], []
-    # the prices, side by side up front: a per-style step of each rows-per-step, i2L's forward alone (one style's
-    # references) and batched (every style's, as mass production runs it)
-    images0 = to_tensor(samples[0].refs, size)
-    prices = side_by_side({
-        **{f"rows{b}": step_case(bb, images0, samples[0].ref_prompts, cfg.predictor.rank, b, timesteps)
-           for b in batches},
-        "alone": call_case(lambda: model.predict_lora(samples[0].refs), 5),
-        "batched": call_case(lambda: model.predict_loras([s.refs for s in samples]), 2)})
-    t_step = {b: prices[f"rows{b}"] for b in batches}
-    t_alone, t_batched = prices["alone"], prices["batched"] / len(samples)
+    t_step, t_alone, t_batched = prices(model, samples, batches, timesteps)
     from tqdm import tqdm
 
     # one bar over every (style, set-up) run: at real size each is minutes of optimisation plus its checks
