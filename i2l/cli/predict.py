@@ -42,8 +42,7 @@ def main(args):
         # never write a file that LoRA.load would refuse
         lora.check_finite(f"LoRA at --strength {args.strength:g}", bound=MAX_ABS_WEIGHT)
     # the layer names each program uses are the backbone kind's (neither its weights nor its class loaded)
-    naming = lora_naming(model.cfg.backbone.kind)
-    path = lora.save(args.out, prefix=naming.lora_prefix, format=args.format, backbone=naming)
+    path = lora.save(args.out, format=args.format, backbone=lora_naming(model.cfg.backbone.kind))
     print(f"LoRA from {len(images)} reference(s): rank {lora.rank}, {len(lora.names)} layers -> {path} "
           f"({args.format} format)")
     return 0

@@ -56,5 +56,5 @@ class LoRAProducer:
         lora.meta.update({"style_id": style_id or "", "ref_ids": json.dumps(ref_ids), "checkpoint_sha256": self.sha,
                           "checkpoint_id": self.checkpoint_id, "method": method})
         # atomic (temporary name, then rename)
-        lora.save(path, prefix=self.naming.lora_prefix, format=self.fmt, backbone=self.naming)
+        lora.save(path, format=self.fmt, backbone=self.naming)  # the kind's prefix and layer names
         return catalog_row(out or self.out, path, lora, self.fmt)
