@@ -10,14 +10,17 @@ from collections.abc import Callable
 
 def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int,
                 peaks: dict[str, float] | None = None, before: Callable[[str], None] | None = None,
-                rotate: bool = False, cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+                rotate: bool = False, cpu: dict[str, list[float]] | None = None,
+                self_timed: bool = False) -> dict[str, list[float]]:
     """Wall seconds per call of each case over `rounds` timed rounds after `warmup` untimed ones.
 
     rotate: start each round at the next case, so no case always runs first (or right after the same one).
     cpu: filled with each case's process CPU seconds per call, beside the wall times returned.
     peaks (a GPU run: `Steps.peaks`): each case's peak allocated memory in GiB over all its calls; the allocator's
     peak is reset before every call, so a case is charged for its own memory only, never for an earlier case's
-    (or a failed, out-of-memory attempt's). before(name) runs untimed before each call."""
+    (or a failed, out-of-memory attempt's). before(name) runs untimed before each call.
+    self_timed: each case returns its own seconds (of a span it timed inside a call, leaving out its set-up), which
+    are kept instead of the call's wall time."""
     names = list(cases)
     times: dict[str, list[float]] = {k: [] for k in names}
     if cpu is not None:
@@ -32,8 +35,10 @@ def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int
 
                 torch.cuda.reset_peak_memory_stats()  # outside the timed span: it is the allocator's bookkeeping
             t0, c0 = time.perf_counter(), time.process_time()
-            cases[name]()
+            got = cases[name]()
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if self_timed:
+                dt = float(got)
             if r >= warmup:
                 times[name].append(dt)
                 if cpu is not None:

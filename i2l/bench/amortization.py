@@ -152,36 +152,35 @@ def check_steps(max_steps: int) -> tuple[int, ...]:
     return tuple(range(1, max_steps + 1))
 
 
-def side_by_side(cases: dict[str, Callable[[int], float]], rounds: int = 5) -> dict[str, float]:
-    """Prices timed side by side: each case measures one unit in round r and returns its seconds; the cases run in
+def side_by_side(cases: dict[str, Callable[[], float]], rounds: int = 5) -> dict[str, float]:
+    """Prices timed side by side: each call of a case measures one unit and returns its seconds; the cases run in
     turn, round after round (after an untimed one), so a machine that speeds up or slows down moves every price
     alike; the medians."""
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for r in range(rounds + 1):
-        for k, case in cases.items():
-            t = case(r)
-            if r:
-                times[k].append(t)
+    from i2l.bench._timing import interleaved
+
+    times = interleaved(cases, rounds, warmup=1, self_timed=True)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def step_case(bb, images, prompts: list[str], rank: int, b: int, timesteps, steps: int = 6) -> Callable[[int], float]:
+def step_case(bb, images, prompts: list[str], rank: int, b: int, timesteps, steps: int = 6) -> Callable[[], float]:
     """Seconds per per-style step of b rows: a short run timed from its first step to its last (no set-up, no
-    first-step warm-up)."""
+    first-step warm-up), each run drawing its own rows and noise."""
     from i2l.baselines.per_style import optimize_lora
 
-    def case(r: int) -> float:
-        _, curve = optimize_lora(bb, images, prompts, rank, steps, lr=1e-3, seed=r, snapshots=(1, steps),
+    seeds = itertools.count()
+
+    def case() -> float:
+        _, curve = optimize_lora(bb, images, prompts, rank, steps, lr=1e-3, seed=next(seeds), snapshots=(1, steps),
                                  batch_size=b, keep_loras=False, timesteps=timesteps)
         return (curve[-1]["wall_s"] - curve[0]["wall_s"]) / (steps - 1)
 
     return case
 
 
-def call_case(fn: Callable[[], object], calls: int) -> Callable[[int], float]:
+def call_case(fn: Callable[[], object], calls: int) -> Callable[[], float]:
     """Seconds per call of fn, over `calls` calls in a row."""
 
-    def case(r: int) -> float:
+    def case() -> float:
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
