@@ -90,8 +90,11 @@ def catalog_lock(out: Path) -> Iterator[None]:
 def merge_catalog(out: Path, rows: dict[str, dict],
                   then: Callable[[dict[str, dict]], None] | None = None) -> dict[str, dict]:
     """Write the union of the catalog on disk and `rows` (by lora_id), under the lock; returns the union, which
-    `rows` is updated to. When both hold a row for one file with different hashes (two producers made the same
-    style), the row whose hash is the file's wins: files are renamed into place, the last rename is what is there.
+    `rows` is updated to. A row joins it only as the catalog's own (the same hash) or when its file on disk has its
+    hash: files are renamed into place, and the last rename is what is there. So when two producers made the same
+    style, the row whose hash is the file's wins; a row whose file another writer has replaced since, or that is
+    gone, is left out (that writer merges its own row; if it died, the next run adopts the file with a row of its
+    true hash), so the catalog never names a hash its file does not have.
     `then(union)` runs before the lock is released: the results store is written there, so that the last writer of
     a row in the store is the last in the catalog (written after the lock, another producer's newer row could land
     in the catalog between one producer's merge and its store write, and that older row would win the store)."""
@@ -99,10 +102,10 @@ def merge_catalog(out: Path, rows: dict[str, dict],
         merged = {r["lora_id"]: r for r in read_catalog(out)}
         for k, mine in rows.items():
             theirs = merged.get(k)
-            if theirs is None or theirs["sha256"] == mine["sha256"]:
+            if theirs is not None and theirs["sha256"] == mine["sha256"]:
                 merged[k] = mine
             elif (out / mine["path"]).is_file() and file_sha256(out / mine["path"]) == mine["sha256"]:
-                merged[k] = mine  # else theirs: the file is theirs, or a third writer's, who will merge its row
+                merged[k] = mine  # else theirs, or none: the file is another writer's, who will merge its row
         write_catalog(out, list(merged.values()))
         if then is not None:
             then(merged)

@@ -170,7 +170,9 @@ def _run_pool(pool: ActorPool, calls: list[Call], out: Path, store: Store, catal
     def flush() -> None:
         # the catalog decides what a re-run skips; other producers' rows are kept; the store gets the row the
         # catalog kept, under the same lock
-        merge_catalog(out, catalog, then=lambda kept: _record(store, out, [kept[r["lora_id"]] for r in unrecorded]))
+        # (a row the merge left out, its file replaced by another writer's since, is that writer's to record)
+        merge_catalog(out, catalog, then=lambda kept: _record(store, out, [kept[r["lora_id"]] for r in unrecorded
+                                                                          if r["lora_id"] in kept]))
 
     with pool:
         try:

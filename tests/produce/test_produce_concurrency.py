@@ -155,3 +155,33 @@ def test_catalogued_loras_the_store_lacks_are_recorded_under_the_catalog_lock(tm
                                                                           ("s2", "22222222" * 8)]
     with open(out / LOCK_FILE, "a") as f:  # released after
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_row_joins_the_catalog_only_while_its_file_is_the_one_it_hashed(tmp_path):
+    """A producer hashes its file when it writes it and merges the row later. Another producer of the same style may
+    have renamed its own file over it in between: a row new to the catalog must then be left out (the file's writer
+    merges its own row), or the catalog would name a hash its file does not have, for good if that writer died."""
+    import hashlib
+
+    from i2l.produce.catalog import merge_catalog
+
+    out = tmp_path / "loras"
+    (out / "styles").mkdir(parents=True)
+    sha = lambda b: hashlib.sha256(b).hexdigest()
+
+    def row(style: str, data: bytes) -> dict:
+        return {"lora_id": f"i2l:{style}@abc", "path": f"styles/{style}.safetensors", "sha256": sha(data),
+                "norms": {}}
+
+    (out / "styles" / "a.safetensors").write_bytes(b"their LoRA")  # renamed over mine after I hashed mine
+    (out / "styles" / "b.safetensors").write_bytes(b"my LoRA")
+    mine = {r["lora_id"]: r for r in (row("a", b"my LoRA"), row("b", b"my LoRA"), row("gone", b"my LoRA"))}
+    kept = merge_catalog(out, mine)
+    assert sorted(kept) == ["i2l:b@abc"] and sorted(mine) == ["i2l:b@abc"]  # a: not my file; gone: no file
+    assert [r["lora_id"] for r in read_catalog(out)] == ["i2l:b@abc"]
+    theirs = row("a", b"their LoRA")  # the writer of the file on disk merges its row: it joins
+    assert sorted(merge_catalog(out, {theirs["lora_id"]: theirs})) == ["i2l:a@abc", "i2l:b@abc"]
+    assert {r["lora_id"]: r["sha256"] for r in read_catalog(out)} == {"i2l:a@abc": sha(b"their LoRA"),
+                                                                       "i2l:b@abc": sha(b"my LoRA")}
+    (out / "styles" / "b.safetensors").write_bytes(b"a third LoRA")  # a catalogued row merged again, same hash:
+    assert "i2l:b@abc" in merge_catalog(out, {"i2l:b@abc": row("b", b"my LoRA")})  # the catalog's own, kept
