@@ -69,16 +69,27 @@ def jobs_from_images(folder: str | os.PathLike) -> list[StyleJob]:
     groups += [(d.name, images_in(d)) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
     empty = [name for name, files in groups if not files]
     if empty:
-        raise ValueError(f"style folder(s) without images ({', '.join(IMAGE_SUFFIXES)}): {empty[:5]}")
+        raise ValueError(f"{len(empty)} style folder(s) without images ({', '.join(IMAGE_SUFFIXES)}): "
+                         f"{_listed(empty)}")
     if not groups:
         raise ValueError(f"no reference images in {root}: put one image per style there, or one folder per style")
-    jobs = []
-    for name, files in groups:
+    bad = []
+    for _, files in groups:
         for f in files:
-            load_image_file(f)  # raises naming the file: unreadable, truncated, too many pixels
-        jobs.append(StyleJob(re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "style",
-                             [f.name for f in files], [f.read_bytes() for f in files]))
-    return jobs
+            try:
+                load_image_file(f)  # raises naming the file: unreadable, truncated, too many pixels
+            except (ValueError, OSError) as e:
+                bad.append(str(e))
+    if bad:  # every one at once: a folder of many styles is not fixed one rerun per bad file
+        raise ValueError(f"{len(bad)} reference image(s) cannot be used; fix or remove them and run again: "
+                         + _listed(bad, "; "))
+    return [StyleJob(re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "style", [f.name for f in files],
+                     [f.read_bytes() for f in files]) for name, files in groups]
+
+
+def _listed(items: list[str], sep: str = ", ", most: int = 20) -> str:
+    more = f"{sep}... and {len(items) - most} more" if len(items) > most else ""
+    return sep.join(items[:most]) + more
 
 
 def check_jobs(jobs: list[StyleJob]) -> None:

@@ -212,9 +212,12 @@ def test_bad_inputs_are_refused_before_any_work(debug_run, tmp_path):
     row = next(iter_rows(debug_run.prepared_dir, "val", ("id", "image")))
     (folder / "good" / "a.png").write_bytes(row["image"])
     (folder / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    with pytest.raises(ValueError, match="cannot read image .*bad.jpg"):
+    (folder / "good" / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="2 reference image.*cannot be used") as e:  # every bad file, in one error
         jobs_from_images(folder)
+    assert "bad.jpg" in str(e.value) and "empty.png" in str(e.value) and "a.png" not in str(e.value)
     (folder / "bad.jpg").unlink()
+    (folder / "good" / "empty.png").unlink()
     (folder / "empty").mkdir()
     with pytest.raises(ValueError, match="without images.*empty"):
         jobs_from_images(folder)
