@@ -55,7 +55,7 @@ def jobs_from_manifest(manifest_path: str | os.PathLike, limit: int | None = Non
 def jobs_from_images(folder: str | os.PathLike) -> list[StyleJob]:
     """User images: each subfolder of `folder` is one style (its images fused into one LoRA); each image file directly
     in `folder` is a style of its own. Every image is decoded here, so a bad file fails the run before any work."""
-    from i2l.data.images import load_image_file
+    from i2l.data.images import decode
 
     root = Path(folder)
     if not root.is_dir():
@@ -73,18 +73,19 @@ def jobs_from_images(folder: str | os.PathLike) -> list[StyleJob]:
                          f"{_listed(empty)}")
     if not groups:
         raise ValueError(f"no reference images in {root}: put one image per style there, or one folder per style")
-    bad = []
+    data, bad = {}, []
     for _, files in groups:
         for f in files:
-            try:
-                load_image_file(f)  # raises naming the file: unreadable, truncated, too many pixels
+            try:  # each file read once: its bytes are decoded here and travel in the job
+                data[f] = f.read_bytes()
+                decode(data[f], name=str(f))  # raises naming the file: unreadable, truncated, too many pixels
             except (ValueError, OSError) as e:
-                bad.append(str(e))
+                bad.append(str(e) if isinstance(e, ValueError) else f"cannot read image {f}: {e}")
     if bad:  # every one at once: a folder of many styles is not fixed one rerun per bad file
         raise ValueError(f"{len(bad)} reference image(s) cannot be used; fix or remove them and run again: "
                          + _listed(bad, "; "))
     return [StyleJob(re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "style", [f.name for f in files],
-                     [f.read_bytes() for f in files]) for name, files in groups]
+                     [data[f] for f in files]) for name, files in groups]
 
 
 def _listed(items: list[str], sep: str = ", ", most: int = 20) -> str:
